@@ -1,0 +1,208 @@
+"""Typed configs for every stage, loaded from YAML.
+
+One YAML file holds one section per stage (``simulate:``, ``vocab:``, ...); every section has defaults
+that run on a 2-core laptop, so an empty file is a valid config. Unknown keys and wrong types are errors
+that name the file and the key::
+
+    configs/demo.yaml: simulate.n_items: Input should be a valid integer (got 'many')
+
+Presets shipped with the package (``ray_mgdspr/presets/*.yaml``) list only what differs from these
+defaults, with a reason per line.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the file and the key."""
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# simulate
+
+
+class QuerySignals(StrictModel):
+    """How queries are worded; the noise the 1-gram/2-gram granularities and the Trm exist for."""
+
+    synonym_rate: float = Field(0.4, ge=0, le=1, description="P(a leaf's synonym replaces its head term)")
+    drop_term_rate: float = Field(0.25, ge=0, le=1, description="P(an attribute/brand term is left out)")
+    shuffle_rate: float = Field(0.3, ge=0, le=1, description="P(the query's word order is shuffled)")
+    typo_rate: float = Field(0.08, ge=0, le=1, description="P(a word gets a typo: swap, drop or doubling)")
+    truncate_rate: float = Field(0.06, ge=0, le=1, description="P(a word is typed partially)")
+    zh_space_rate: float = Field(0.3, ge=0, le=1, description="zh: P(spaces are kept between words)")
+    attr_rate: float = Field(0.35, ge=0, le=1, description="P(an intent states an attribute slot)")
+    own_taste_rate: float = Field(0.7, ge=0, le=1, description="P(a stated attribute is the user's taste)")
+    brand_rate: float = Field(0.2, ge=0, le=1, description="P(an intent names a brand)")
+    favourite_brand_rate: float = Field(0.8, ge=0, le=1, description="P(a named brand is a favourite)")
+
+
+class SessionSignals(StrictModel):
+    """Follow-up queries: ambiguous alone, clear from the user's recent queries and clicks."""
+
+    followup_rate: float = Field(0.45, ge=0, le=1, description="P(another query follows in a session)")
+    max_queries: int = Field(4, ge=1, le=20, description="queries per session at most")
+
+
+class ChoiceSignals(StrictModel):
+    """Click / buy / collect choice model. Click logit on an examined item at rank r:
+    a*relevance + b*brand_pref + c*shop_pref + d*price_fit + e*quality + f*discount + bias + N(0, noise).
+    Examination falls like 1/log2(r+1) (position bias)."""
+
+    page_size: int = Field(20, ge=4, le=200, description="items on a result page")
+    relevant_share: float = Field(0.6, ge=0, le=1, description="share of the page that matches the leaf")
+    attractive_share: float = Field(0.25, ge=0, le=1, description="share of popular/discounted off-leaf items")
+    rank_noise: float = Field(1.0, ge=0, description="std of the noise in the engine's page ordering")
+    a_relevance: float = Field(2.0, description="weight of graded relevance (0, 1, 2)")
+    b_brand: float = Field(1.5, description="weight of the user's brand preference")
+    c_shop: float = Field(0.8, description="weight of the user's shop preference")
+    d_price: float = Field(1.0, description="weight of price fit (0 best, negative further away)")
+    e_quality: float = Field(0.4, description="weight of latent quality")
+    f_discount: float = Field(1.2, description="pull of discounted items: click noise on irrelevant items")
+    bias: float = Field(-3.5, description="click logit intercept")
+    noise: float = Field(1.0, ge=0, description="std of per-impression logit noise")
+    buy_bias: float = Field(-3.0, description="buy-after-click logit intercept")
+    buy_relevance: float = Field(1.5, description="buy-after-click weight of relevance")
+    buy_price: float = Field(1.5, description="buy-after-click weight of price fit")
+    buy_long_term: float = Field(1.0, description="buy-after-click weight of long-term category preference")
+    collect_bias: float = Field(-3.0, description="collect-after-click logit intercept")
+    collect_taste: float = Field(1.5, description="collect-after-click weight of brand + attribute taste")
+
+
+class UserSignals(StrictModel):
+    """Latent preferences and how they drift; the signal for personalisation and the three sequences."""
+
+    cate_concentration: float = Field(0.3, gt=0, description="Dirichlet alpha over first-level categories")
+    fav_brands: int = Field(3, ge=1, description="favourite brands per user")
+    fav_shops: int = Field(3, ge=1, description="favourite shops per user")
+    price_pref_std: float = Field(0.8, ge=0, description="std of the preferred log-price offset (z units)")
+    brand_drift: float = Field(0.02, ge=0, le=1, description="daily P(a favourite brand is replaced)")
+    interest_burst_rate: float = Field(0.15, ge=0, le=1, description="daily P(a new short-lived interest)")
+    interest_burst_days: int = Field(3, ge=1, description="how long a burst lasts")
+    interest_burst_weight: float = Field(0.6, ge=0, le=1, description="share of activity a burst takes")
+    activity_zipf: float = Field(1.1, gt=0, description="Zipf exponent of user activity (power users)")
+
+
+class SimulateConfig(StrictModel):
+    """A seeded Taobao-like world. Output is synthetic and labelled so wherever it is reported."""
+
+    lang: Literal["en", "zh"] = "en"
+    seed: int = 0
+    n_items: int = Field(2_000, ge=50, description="catalogue size")
+    n_users: int = Field(500, ge=1)
+    n_brands: int = Field(200, ge=5)
+    n_shops: int = Field(400, ge=5)
+    leaves_per_category: int | None = Field(
+        None, ge=1, description="cap on leaves per first-level category (None: all in the lexicon)"
+    )
+    warmup_days: int = Field(30, ge=0, description="history-only days before day 1 (long-term sequences)")
+    train_days: int = Field(7, ge=1)
+    test_days: int = Field(1, ge=1)
+    base_date: dt.date = Field(dt.date(2020, 12, 1), description="calendar date of day 1")
+    searches_per_day: float = Field(1.2, ge=0, description="mean search sessions per user-day (x activity)")
+    browses_per_day: float = Field(3.0, ge=0, description="mean browsing clicks per user-day (x activity)")
+    users_per_chunk: int = Field(20_000, ge=1, description="users simulated at once (bounds memory)")
+    item_zipf: float = Field(1.05, gt=0, description="Zipf exponent of item popularity within a leaf")
+    queries: QuerySignals = QuerySignals()
+    sessions: SessionSignals = SessionSignals()
+    choice: ChoiceSignals = ChoiceSignals()
+    users: UserSignals = UserSignals()
+
+    @model_validator(mode="after")
+    def _page_mix(self) -> SimulateConfig:
+        if self.choice.relevant_share + self.choice.attractive_share > 1:
+            raise ValueError(
+                "choice.relevant_share + choice.attractive_share must be <= 1 "
+                f"(got {self.choice.relevant_share} + {self.choice.attractive_share}); lower one of them"
+            )
+        return self
+
+
+# --------------------------------------------------------------------------------------------------
+# vocab
+
+
+class VocabConfig(StrictModel):
+    """Vocabularies for the model's granularities (characters, character bigrams, words)."""
+
+    min_count: int = Field(2, ge=1, description="tokens seen fewer times go to the hashed OOV buckets")
+    max_words: int = Field(200_000, ge=1)
+    max_chars: int = Field(20_000, ge=1)
+    max_bigrams: int = Field(200_000, ge=1, description="most frequent bigrams get their own id")
+    oov_buckets: int = Field(1_000, ge=1, description="hashing buckets for out-of-vocabulary tokens")
+
+
+# --------------------------------------------------------------------------------------------------
+# the file
+
+
+class ProjectConfig(StrictModel):
+    """Everything one YAML file can configure; later stages add their sections here."""
+
+    simulate: SimulateConfig = SimulateConfig()
+    vocab: VocabConfig = VocabConfig()
+
+
+def _format_error(source: str, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see the defaults with `mgdspr config show`)"
+        got = "" if e["type"] == "extra_forbidden" else f" (got {e.get('input')!r})"
+        lines.append(f"{source}: {key}: {msg}{got}")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict[str, Any] | None, source: str = "<config>") -> ProjectConfig:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of stage sections, got {type(data).__name__}")
+    try:
+        return ProjectConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_error(source, e)) from None
+
+
+def load_config(path: str | Path) -> ProjectConfig:
+    """Load a YAML config; a ``preset:NAME`` path loads a preset shipped with the package."""
+    source = str(path)
+    if source.startswith("preset:"):
+        return load_preset(source.removeprefix("preset:"))
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    return parse_config(data, str(p))
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name.removesuffix(".yaml") for p in resources.files("ray_mgdspr.presets").iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def load_preset(name: str) -> ProjectConfig:
+    if name not in preset_names():
+        raise ConfigError(f"unknown preset {name!r}; choose one of {preset_names()}")
+    text = resources.files("ray_mgdspr.presets").joinpath(f"{name}.yaml").read_text()
+    return parse_config(yaml.safe_load(text), f"preset:{name}")
+
+
+def config_to_yaml(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
