@@ -37,7 +37,7 @@ class QuerySignals(StrictModel):
     """How queries are worded; the noise the 1-gram/2-gram granularities and the Trm exist for."""
 
     synonym_rate: float = Field(0.4, ge=0, le=1, description="P(a leaf's synonym replaces its head term)")
-    drop_term_rate: float = Field(0.25, ge=0, le=1, description="P(an attribute/brand term is left out)")
+    partial_rate: float = Field(0.1, ge=0, le=1, description="P(a first query leaves out the leaf term)")
     shuffle_rate: float = Field(0.3, ge=0, le=1, description="P(the query's word order is shuffled)")
     typo_rate: float = Field(0.08, ge=0, le=1, description="P(a word gets a typo: swap, drop or doubling)")
     truncate_rate: float = Field(0.06, ge=0, le=1, description="P(a word is typed partially)")
@@ -52,12 +52,13 @@ class SessionSignals(StrictModel):
     """Follow-up queries: ambiguous alone, clear from the user's recent queries and clicks."""
 
     followup_rate: float = Field(0.45, ge=0, le=1, description="P(another query follows in a session)")
+    short_followup_rate: float = Field(0.6, ge=0, le=1, description="P(a follow-up is the new term alone)")
     max_queries: int = Field(4, ge=1, le=20, description="queries per session at most")
 
 
 class ChoiceSignals(StrictModel):
     """Click / buy / collect choice model. Click logit on an examined item at rank r:
-    a*relevance + b*brand_pref + c*shop_pref + d*price_fit + e*quality + f*discount + bias + N(0, noise).
+    a*grade + b*brand_pref + c*shop_pref + d*price_fit + e*quality + f*discount + g*taste + bias + N(0, noise).
     Examination falls like 1/log2(r+1) (position bias)."""
 
     page_size: int = Field(20, ge=4, le=200, description="items on a result page")
@@ -70,6 +71,7 @@ class ChoiceSignals(StrictModel):
     d_price: float = Field(1.0, description="weight of price fit (0 best, negative further away)")
     e_quality: float = Field(0.4, description="weight of latent quality")
     f_discount: float = Field(1.2, description="pull of discounted items: click noise on irrelevant items")
+    g_taste: float = Field(1.0, description="weight of the share of wanted attribute values the item has")
     bias: float = Field(-3.5, description="click logit intercept")
     noise: float = Field(1.0, ge=0, description="std of per-impression logit noise")
     buy_bias: float = Field(-3.0, description="buy-after-click logit intercept")
@@ -113,7 +115,8 @@ class SimulateConfig(StrictModel):
     searches_per_day: float = Field(1.2, ge=0, description="mean search sessions per user-day (x activity)")
     browses_per_day: float = Field(3.0, ge=0, description="mean browsing clicks per user-day (x activity)")
     users_per_chunk: int = Field(20_000, ge=1, description="users simulated at once (bounds memory)")
-    item_zipf: float = Field(1.05, gt=0, description="Zipf exponent of item popularity within a leaf")
+    item_popularity_sigma: float = Field(1.2, ge=0, description="log-normal sigma of item popularity")
+    title_synonym_rate: float = Field(0.3, ge=0, le=1, description="P(a title uses a synonym of the leaf)")
     queries: QuerySignals = QuerySignals()
     sessions: SessionSignals = SessionSignals()
     choice: ChoiceSignals = ChoiceSignals()

@@ -39,7 +39,8 @@ ACTIONS = ("click", "cart", "buy", "collect")
 which are the paper's click / buy / collect (add to favourites)."""
 
 SOURCES = ("search", "browse")
-TIMESTAMP = pa.timestamp("s", tz="UTC")
+TIMESTAMP = pa.timestamp("ms", tz="UTC")
+"""Parquet has no seconds unit; the simulator writes whole seconds in milliseconds."""
 NO_ID = -1
 """Stands for "none" in an int id column where the schema forbids nulls (e.g. a query without brand)."""
 

@@ -44,6 +44,7 @@ class WorldManifest(BaseModel):
     test_days: list[int] = Field(default_factory=list)
     tables: dict[str, int] = Field(default_factory=dict, description="table name -> row count")
     config: dict[str, Any] = Field(default_factory=dict, description="the config that produced it")
+    stats: dict[str, float] = Field(default_factory=dict, description="summary statistics of the content")
     licence: str | None = None
     notes: str | None = None
     created_at: dt.datetime = Field(default_factory=lambda: dt.datetime.now(dt.UTC))
