@@ -79,7 +79,8 @@ def validate_world(world: str | Path) -> ValidationReport:
         report.rows[name] = rows
         declared = manifest.tables.get(name)
         if files and declared is not None and declared != rows:
-            report.add(str(world / MANIFEST), None, None, declared, f"declares {declared} rows for {name}, found {rows}")
+            report.add(str(world / MANIFEST), None, None, declared,
+                       f"declares {declared} rows for {name}, found {rows}")
     if report.problems:  # references are only meaningful on tables that fit their schemas
         return report
     for name, files in present.items():

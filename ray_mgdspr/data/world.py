@@ -7,7 +7,6 @@ when every table and the manifest are written, so a crash never leaves a half-wr
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import os
 import shutil

@@ -1,0 +1,247 @@
+"""The ``mgdspr`` command: a thin wrapper over typed functions that the tests call directly."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ray_mgdspr.config import ConfigError, ProjectConfig, config_to_yaml, load_config, load_preset, preset_names
+from ray_mgdspr.data.schema import describe_tables
+from ray_mgdspr.data.world import WorldManifest
+
+app = typer.Typer(help="MGDSPR personalised embedding-based product retrieval on Ray.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+config_app = typer.Typer(help="Inspect and check config files.", no_args_is_help=True)
+vocab_app = typer.Typer(help="Vocabularies for characters, bigrams and words.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(vocab_app, name="vocab")
+
+console = Console()
+err = Console(stderr=True)
+
+ConfigOpt = Annotated[str | None, typer.Option("--config", "-c", help="YAML config, or preset:NAME")]
+PresetOpt = Annotated[str | None, typer.Option(help=f"packaged preset: {', '.join(preset_names())}")]
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def _config(config: str | None, preset: str | None) -> ProjectConfig:
+    if config and preset:
+        raise _fail("give --config or --preset, not both")
+    try:
+        if config:
+            return load_config(config)
+        return load_preset(preset or "demo")
+    except ConfigError as e:
+        raise _fail(str(e)) from None
+
+
+@contextmanager
+def _progress() -> Iterator[callable]:
+    """A rich progress display driven by ``progress(what, done, total)`` callbacks."""
+    with Progress(TextColumn("{task.description:>10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=False) as bar:
+        tasks: dict[str, int] = {}
+
+        def update(what: str, done: int, total: int) -> None:
+            if what not in tasks:
+                tasks[what] = bar.add_task(what, total=total)
+            bar.update(tasks[what], completed=done, total=total)
+
+        yield update
+
+
+def _world_summary(m: WorldManifest, title: str) -> Table:
+    t = Table(title=f"{title} [{m.label}]", title_justify="left")
+    t.add_column("table")
+    t.add_column("rows", justify="right")
+    for name, rows in m.tables.items():
+        t.add_row(name, f"{rows:,}")
+    return t
+
+
+def _signal_summary(m: WorldManifest) -> Table:
+    s = m.stats
+    t = Table(title="signals in the log (synthetic)", title_justify="left")
+    t.add_column("what")
+    t.add_column("value", justify="right")
+    rows = [
+        ("click-through, exact-relevant items", s.get("ctr_grade2")),
+        ("click-through, leaf-only (partial) items", s.get("ctr_grade1")),
+        ("click-through, irrelevant items", s.get("ctr_grade0")),
+        ("share of clicks on irrelevant items (click noise)", s.get("irrelevant_click_share")),
+        ("buys per click", s.get("buy_per_click")),
+        ("follow-up queries", s.get("followup_share")),
+        ("query words with a typo / truncated", f"{s.get('typo_word_share')} / {s.get('truncated_word_share')}"),
+    ]
+    for name, value in rows:
+        t.add_row(name, str(value))
+    return t
+
+
+# ------------------------------------------------------------------------------------------ commands
+
+
+@app.command()
+def simulate(
+    out: Annotated[Path, typer.Option("--out", "-o", help="world directory to write")] = Path("runs/world"),
+    config: ConfigOpt = None,
+    preset: PresetOpt = None,
+    lang: Annotated[str | None, typer.Option(help="en or zh (overrides the config)")] = None,
+    seed: Annotated[int | None, typer.Option(help="overrides the config")] = None,
+    items: Annotated[int | None, typer.Option(help="catalogue size (overrides the config)")] = None,
+    users: Annotated[int | None, typer.Option(help="number of users (overrides the config)")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing world at --out")] = False,
+) -> None:
+    """Simulate a Taobao-like world (synthetic) and write it as Parquet tables."""
+    from ray_mgdspr.data.simulator.simulate import simulate as run
+
+    cfg = _config(config, preset).simulate
+    overrides = {k: v for k, v in {"lang": lang, "seed": seed, "n_items": items, "n_users": users}.items()
+                 if v is not None}
+    try:
+        cfg = cfg.model_validate({**cfg.model_dump(), **overrides})
+    except ValueError as e:
+        raise _fail(f"command-line override: {e}") from None
+    t0 = time.perf_counter()
+    try:
+        with _progress() as progress:
+            m = run(cfg, out, overwrite=overwrite, progress=progress)
+    except FileExistsError as e:
+        raise _fail(str(e)) from None
+    console.print(_world_summary(m, f"world {out}"))
+    console.print(_signal_summary(m))
+    console.print(f"simulated {m.tables['items']:,} items, {m.tables['users']:,} users, "
+                  f"{m.tables['behaviours']:,} behaviours, {m.tables['search_events']:,} search events "
+                  f"({cfg.lang}, seed {cfg.seed}) into {out} in {time.perf_counter() - t0:.1f}s [SYNTHETIC]")
+
+
+@app.command()
+def validate(world: Annotated[Path, typer.Argument(help="world directory")]) -> None:
+    """Check every table of a world against its schema, references and declared days."""
+    from ray_mgdspr.data.validate import validate_world
+
+    report = validate_world(world)
+    for p in report.problems:
+        err.print(f"[red]✗[/] {p}", highlight=False)
+    if not report.ok:
+        raise _fail(f"{world}: {len(report.problems)} problem(s) found; nothing was modified", code=1)
+    label = report.manifest.label if report.manifest else ""
+    total = sum(report.rows.values())
+    console.print(f"{world}: valid, {len(report.rows)} tables, {total:,} rows [{label}]")
+
+
+@app.command()
+def load(
+    dataset: Annotated[str, typer.Argument(help="esci, wands or jdsearch")],
+    src: Annotated[Path, typer.Argument(help="file or directory of the source data")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="world directory to write")],
+    overwrite: Annotated[bool, typer.Option(help="replace an existing world at --out")] = False,
+) -> None:
+    """Map a real public data set into a world (real data, not synthetic)."""
+    from ray_mgdspr.data.loaders import load as run
+
+    try:
+        m = run(dataset, src, out, overwrite=overwrite)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        raise _fail(str(e)) from None
+    console.print(_world_summary(m, f"world {out}"))
+    console.print(f"loaded {dataset} from {src} into {out}: "
+                  + ", ".join(f"{k} {v:,}" for k, v in m.tables.items()) + f" [{m.label}]")
+
+
+@app.command()
+def schema() -> None:
+    """Print the tables of a world, their columns and meaning (Markdown)."""
+    console.print(describe_tables(), markup=False, highlight=False)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="where the demo writes its artifacts")] = Path("runs/demo"),
+    config: ConfigOpt = None,
+) -> None:
+    """Run the main job end to end on the embedded demo world (synthetic)."""
+    from ray_mgdspr.demo import DemoError, run_demo
+
+    cfg = _config(config, None)
+    t0 = time.perf_counter()
+    try:
+        with _progress() as progress:
+            result = run_demo(cfg, out, progress=progress)
+    except DemoError as e:
+        raise _fail(str(e), code=1) from None
+    m = result.manifest
+    console.print(_world_summary(m, "demo world"))
+    console.print(_signal_summary(m))
+    v = result.vocab
+    console.print(f"vocabulary {result.vocab_path}: " + ", ".join(
+        f"{kind} {v.num_ids(kind):,} ids" for kind in ("words", "chars", "bigrams")))
+    console.print(f"demo done in {time.perf_counter() - t0:.1f}s: world {result.world} (valid), "
+                  f"vocabulary {result.vocab_path} [SYNTHETIC data]")
+
+
+@vocab_app.command("build")
+def vocab_build(
+    world: Annotated[Path, typer.Argument(help="world directory")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="vocabulary file to write (JSON)")],
+    config: ConfigOpt = None,
+) -> None:
+    """Build character, bigram and word vocabularies from a world's catalogue and training days."""
+    from ray_mgdspr.data.vocab import build_vocab_from_world
+
+    cfg = _config(config, None)
+    try:
+        vocab = build_vocab_from_world(world, cfg.vocab)
+    except (FileNotFoundError, ValueError) as e:
+        raise _fail(str(e)) from None
+    vocab.save(out)
+    console.print(f"vocabulary {out}: " + ", ".join(
+        f"{kind} {vocab.num_ids(kind):,} ids" for kind in ("words", "chars", "bigrams")))
+
+
+@config_app.command("show")
+def config_show(
+    config: ConfigOpt = None,
+    preset: PresetOpt = None,
+) -> None:
+    """Print a config with every default filled in (the defaults when no file is given)."""
+    cfg = _config(config, preset) if (config or preset) else ProjectConfig()
+    console.print(config_to_yaml(cfg), markup=False, highlight=False)
+
+
+@config_app.command("check")
+def config_check(files: Annotated[list[Path], typer.Argument(help="YAML config files")]) -> None:
+    """Check config files: unknown keys and wrong types are reported with the file and key."""
+    failed = 0
+    for f in files:
+        try:
+            load_config(f)
+            console.print(f"{f}: ok")
+        except ConfigError as e:
+            err.print(str(e), highlight=False)
+            failed += 1
+    if failed:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

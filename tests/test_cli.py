@@ -1,0 +1,86 @@
+"""The `mgdspr` command as a user runs it: real subprocesses, exit codes and messages."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+MGDSPR = [sys.executable, "-m", "ray_mgdspr.cli"]
+SMALL = ["--items", "300", "--users", "60"]
+
+
+def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
+    return subprocess.run([*MGDSPR, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+
+
+def test_simulate_then_validate(tmp_path: Path) -> None:
+    out = tmp_path / "w"
+    r = run("simulate", "--out", str(out), *SMALL, "--lang", "zh", "--seed", "3")
+    assert r.returncode == 0, r.stderr
+    last = r.stdout.strip().splitlines()[-1]
+    assert last.startswith("simulated 300 items, 60 users,") and "(zh, seed 3)" in last and "[SYNTHETIC]" in last
+    r = run("validate", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "valid" in r.stdout and "SYNTHETIC" in r.stdout
+
+
+def test_simulate_refuses_to_clobber_without_overwrite(tmp_path: Path) -> None:
+    out = tmp_path / "w"
+    assert run("simulate", "--out", str(out), *SMALL).returncode == 0
+    r = run("simulate", "--out", str(out), *SMALL)
+    assert r.returncode == 2 and "already exists; pass --overwrite" in r.stderr
+    assert run("simulate", "--out", str(out), *SMALL, "--overwrite").returncode == 0
+
+
+def test_validate_reports_broken_file_and_exits_1(world_en: Path, tmp_path: Path) -> None:
+    w = tmp_path / "w"
+    shutil.copytree(world_en, w)
+    (w / "items.parquet").unlink()
+    r = run("validate", str(w))
+    assert r.returncode == 1
+    assert "items.parquet: required table is missing" in r.stderr
+    assert "nothing was modified" in r.stderr
+
+
+def test_config_errors_name_file_and_key(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("simulate:\n  n_items: lots\n  langg: en\n")
+    r = run("simulate", "--config", str(cfg), "--out", str(tmp_path / "w"))
+    assert r.returncode == 2
+    assert f"{cfg}: simulate.n_items: Input should be a valid integer" in r.stderr
+    assert f"{cfg}: simulate.langg: unknown key" in r.stderr
+    assert not (tmp_path / "w").exists()
+    r = run("config", "check", str(cfg))
+    assert r.returncode == 1 and "simulate.langg" in r.stderr
+
+
+def test_bad_override_is_an_error(tmp_path: Path) -> None:
+    r = run("simulate", "--out", str(tmp_path / "w"), "--lang", "fr")
+    assert r.returncode == 2 and "lang" in r.stderr
+
+
+def test_load_real_data(tmp_path: Path) -> None:
+    src = Path(__file__).resolve().parents[2] / "shared" / "data" / "wands_queries"
+    if not src.exists():
+        src = Path("/work/shared/data/wands_queries")
+    r = run("load", "wands", str(src), "--out", str(tmp_path / "wands"))
+    assert r.returncode == 0, r.stderr
+    assert "queries 480" in r.stdout and "real data" in r.stdout
+    assert run("validate", str(tmp_path / "wands")).returncode == 0
+
+
+def test_demo_end_to_end(tmp_path: Path) -> None:
+    r = run("demo", "--out", str(tmp_path / "demo"))
+    assert r.returncode == 0, r.stderr
+    assert "SYNTHETIC" in r.stdout
+    assert r.stdout.strip().splitlines()[-1].startswith("demo done in")
+    assert (tmp_path / "demo" / "vocab.json").is_file()
+
+
+def test_schema_and_config_show() -> None:
+    r = run("schema")
+    assert r.returncode == 0 and "### `search_events`" in r.stdout
+    r = run("config", "show", "--preset", "large")
+    assert r.returncode == 0 and "n_items: 1000000" in r.stdout

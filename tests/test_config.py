@@ -1,0 +1,61 @@
+from pathlib import Path
+
+import pytest
+
+from ray_mgdspr.config import ConfigError, ProjectConfig, load_config, load_preset, preset_names
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "cfg.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_empty_file_gives_laptop_defaults(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, ""))
+    assert cfg == ProjectConfig()
+    assert cfg.simulate.n_items == 2000 and cfg.simulate.lang == "en"
+
+
+def test_unknown_key_names_file_and_key(tmp_path: Path) -> None:
+    p = write(tmp_path, "simulate:\n  n_itemz: 10\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert str(e.value).startswith(f"{p}: simulate.n_itemz: unknown key")
+
+
+def test_unknown_nested_key_and_wrong_type_are_both_reported(tmp_path: Path) -> None:
+    p = write(tmp_path, "simulate:\n  seed: many\n  choice:\n    page_sise: 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert f"{p}: simulate.seed: Input should be a valid integer" in msg and "'many'" in msg
+    assert f"{p}: simulate.choice.page_sise: unknown key" in msg
+
+
+def test_unknown_stage_section(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"cfg.yaml: simulat: unknown key"):
+        load_config(write(tmp_path, "simulat: {}\n"))
+
+
+def test_cross_field_rule_says_how_to_fix(tmp_path: Path) -> None:
+    p = write(tmp_path, "simulate:\n  choice:\n    relevant_share: 0.8\n    attractive_share: 0.5\n")
+    with pytest.raises(ConfigError, match=r"relevant_share \+ choice.attractive_share must be <= 1"):
+        load_config(p)
+
+
+def test_bad_yaml_and_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "simulate: [\n"))
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_presets_load(name: str) -> None:
+    assert load_preset(name) == load_config(f"preset:{name}")
+
+
+def test_presets_scale_up() -> None:
+    sizes = [load_preset(n).simulate.n_items for n in ("demo", "small", "medium", "large")]
+    assert sizes == sorted(sizes) and sizes[-1] >= 1_000_000
