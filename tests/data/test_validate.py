@@ -27,7 +27,7 @@ def rewrite(path: Path, change: Callable[[pa.Table], pa.Table]) -> None:
 def set_value(table: pa.Table, column: str, row: int, value: object) -> pa.Table:
     values = table[column].to_pylist()
     values[row] = value
-    field = table.schema.field(column)
+    field = table.schema.field(column).with_nullable(value is None or table.schema.field(column).nullable)
     return table.set_column(table.schema.get_field_index(column), field, pa.array(values, field.type))
 
 
