@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -34,7 +35,7 @@ PresetOpt = Annotated[str | None, typer.Option(help=f"packaged preset: {', '.joi
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     return typer.Exit(code)
 
 
@@ -65,7 +66,7 @@ def _progress() -> Iterator[callable]:
 
 
 def _world_summary(m: WorldManifest, title: str) -> Table:
-    t = Table(title=f"{title} [{m.label}]", title_justify="left")
+    t = Table(title=escape(f"{title} [{m.label}]"), title_justify="left")
     t.add_column("table")
     t.add_column("rows", justify="right")
     for name, rows in m.tables.items():
@@ -136,12 +137,12 @@ def validate(world: Annotated[Path, typer.Argument(help="world directory")]) -> 
 
     report = validate_world(world)
     for p in report.problems:
-        err.print(f"[red]✗[/] {p}", highlight=False)
+        err.print(f"[red]✗[/] {escape(str(p))}", highlight=False)
     if not report.ok:
         raise _fail(f"{world}: {len(report.problems)} problem(s) found; nothing was modified", code=1)
     label = report.manifest.label if report.manifest else ""
     total = sum(report.rows.values())
-    console.print(f"{world}: valid, {len(report.rows)} tables, {total:,} rows [{label}]")
+    console.print(f"{world}: valid, {len(report.rows)} tables, {total:,} rows " + escape(f"[{label}]"))
 
 
 @app.command()
@@ -160,13 +161,13 @@ def load(
         raise _fail(str(e)) from None
     console.print(_world_summary(m, f"world {out}"))
     console.print(f"loaded {dataset} from {src} into {out}: "
-                  + ", ".join(f"{k} {v:,}" for k, v in m.tables.items()) + f" [{m.label}]")
+                  + ", ".join(f"{k} {v:,}" for k, v in m.tables.items()) + " " + escape(f"[{m.label}]"))
 
 
 @app.command()
 def schema() -> None:
     """Print the tables of a world, their columns and meaning (Markdown)."""
-    console.print(describe_tables(), markup=False, highlight=False)
+    typer.echo(describe_tables())
 
 
 @app.command()

@@ -82,5 +82,7 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
 def test_schema_and_config_show() -> None:
     r = run("schema")
     assert r.returncode == 0 and "### `search_events`" in r.stdout
+    docs = Path(__file__).resolve().parents[1] / "docs" / "data.md"
+    assert r.stdout.strip() in docs.read_text(), "docs/data.md is stale: regenerate it with `mgdspr schema`"
     r = run("config", "show", "--preset", "large")
     assert r.returncode == 0 and "n_items: 1000000" in r.stdout

@@ -172,8 +172,8 @@ USERS = TableSpec(
             _f("cate1_pref", pa.list_(pa.float32()), "long-term preference over first-level categories"),
             _f("price_pref", pa.float32(), "preferred log-price offset from the leaf median (z units)"),
             _f("taste_attr_value_ids", pa.list_(pa.int32()), "preferred attribute value per slot"),
-            _f("fav_brand_ids", pa.list_(pa.int32()), "favourite brands on day 0 (they drift)"),
-            _f("fav_shop_ids", pa.list_(pa.int32()), "favourite shops on day 0"),
+            _f("fav_brand_ids", pa.list_(pa.int32()), "favourite brands when the simulation starts (they drift)"),
+            _f("fav_shop_ids", pa.list_(pa.int32()), "favourite shops when the simulation starts"),
         ]
     ),
     "The simulator's latent user preferences: ground truth for tests and analysis, never a model input.",
@@ -261,7 +261,7 @@ BEHAVIOURS = TableSpec(
             _f("event_id", pa.int64(), "search event that led to it (null when browsing or warm-up)", True),
         ]
     ),
-    "User behaviours, one row per action, in time order within a day file.",
+    "User behaviours, one row per action; a day file promises no global order (sort by user_id, ts).",
     references=(Reference("item_id", "items", "item_id"),),
     partitioned_by_day=True,
     enums={"action": ACTIONS, "source": SOURCES},

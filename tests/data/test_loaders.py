@@ -26,7 +26,8 @@ from ray_mgdspr.data.world import read_manifest, read_table, table_files
 def _shared_data() -> Path | None:
     env = os.environ.get("MGDSPR_SHARED_DATA")
     repo = Path(__file__).resolve().parents[2]
-    for p in ([Path(env)] if env else []) + [repo / "shared" / "data", repo.parent / "shared" / "data"]:
+    candidates = [repo / "tests" / "fixtures" / "real_data", repo.parent / "shared" / "data"]
+    for p in ([Path(env)] if env else []) + candidates:
         if (p / "esci_judgments_subset").is_dir():
             return p
     return None

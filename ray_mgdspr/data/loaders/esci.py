@@ -38,6 +38,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ray_mgdspr.data import schema
+from ray_mgdspr.data.loaders._common import check_columns, real_items_table
 from ray_mgdspr.data.tokenize import Tokenizer
 from ray_mgdspr.data.world import WorldManifest, WorldWriter
 
@@ -161,7 +162,7 @@ def _load_official(
 ) -> WorldManifest:
     version_col = VERSION_COLUMNS[version]
     columns = (*EXAMPLE_COLUMNS, version_col)
-    _check_columns(path, pq.ParquetFile(path).schema_arrow.names, columns)
+    check_columns(path, pq.ParquetFile(path).schema_arrow.names, columns)
     table = pq.read_table(path, columns=list(columns), filters=[("product_locale", "==", locale)])
     keep = pc.equal(pc.cast(table.column(version_col), pa.int8()), 1).fill_null(False)
     df = table.filter(keep).to_pandas()
@@ -246,7 +247,7 @@ def _load_official(
 def _read_products(path: Path, locale: str, asins: np.ndarray) -> pd.DataFrame:
     """The products of ``locale`` whose ASIN is judged, one row per ASIN in ``asins`` order (NaN if none)."""
     pf = pq.ParquetFile(path)
-    _check_columns(path, pf.schema_arrow.names, PRODUCT_COLUMNS)
+    check_columns(path, pf.schema_arrow.names, PRODUCT_COLUMNS)
     wanted = pa.array(asins, pa.string())
     parts = []
     for batch in pf.iter_batches(batch_size=PRODUCT_BATCH_ROWS, columns=list(PRODUCT_COLUMNS)):
@@ -278,15 +279,8 @@ def hash_split(query: str, test_share: float) -> str:
 
 def _read_parquet(path: Path, columns: Iterable[str]) -> pa.Table:
     columns = list(columns)
-    _check_columns(path, pq.ParquetFile(path).schema_arrow.names, columns)
+    check_columns(path, pq.ParquetFile(path).schema_arrow.names, columns)
     return pq.read_table(path, columns=columns)
-
-
-def _check_columns(path: Path, have: Iterable[str], needed: Iterable[str]) -> None:
-    have = list(have)
-    missing = [c for c in needed if c not in have]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {', '.join(map(repr, missing))} (found {have})")
 
 
 def _no_nulls(path: Path, df: pd.DataFrame, columns: Iterable[str]) -> None:
@@ -355,28 +349,14 @@ def _items_table(
     attr_ids: list[int | None] | None,
     tok: Tokenizer,
 ) -> pa.Table:
-    n = len(asins)
-    titles_list = [""] * n if titles is None else [str(t) for t in titles]
-    nulls_i32 = pa.nulls(n, pa.int32())
-    nulls_f32 = pa.nulls(n, pa.float32())
-    return pa.table(
-        {
-            "item_id": np.arange(n, dtype=np.int64),
-            "title": titles_list,
-            "title_words": [tok.words(t) if t else [] for t in titles_list],
-            "leaf_id": nulls_i32,
-            "cate1_id": nulls_i32,
-            "brand_id": nulls_i32 if brand_ids is None else pa.array(brand_ids, pa.int32()),
-            "shop_id": nulls_i32,
-            "price": nulls_f32,
-            "attr_value_ids": pa.array(
-                [[] if a is None else [a] for a in (attr_ids or [None] * n)], pa.list_(pa.int32())
-            ),
-            "quality": nulls_f32,
-            "popularity": nulls_f32,
-            "discount": pa.nulls(n, pa.bool_()),
-            "external_id": pa.array(asins.astype(str), pa.string()),
-        }
+    titles_list = [""] * len(asins) if titles is None else [str(t) for t in titles]
+    return real_items_table(
+        np.arange(len(asins), dtype=np.int64),
+        titles_list,
+        [tok.words(t) if t else [] for t in titles_list],
+        asins.astype(str).tolist(),
+        brand_id=brand_ids,
+        attr_value_ids=None if attr_ids is None else [[] if a is None else [a] for a in attr_ids],
     )
 
 

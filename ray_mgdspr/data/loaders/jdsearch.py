@@ -39,6 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ray_mgdspr.data import schema
+from ray_mgdspr.data.loaders._common import real_items_table
 from ray_mgdspr.data.world import WorldManifest, WorldWriter
 
 log = logging.getLogger(__name__)
@@ -273,22 +274,15 @@ def _catalogue(path: Path, p: dict[str, list[Any]]) -> _Catalogue:
         ),
         (
             schema.ITEMS,
-            pa.table(
-                {
-                    "item_id": pa.array(wids, pa.int64()),
-                    "title": [" ".join(t) for t in title_words],
-                    "title_words": pa.array(title_words, pa.list_(pa.string())),
-                    "leaf_id": pa.array(leaf, pa.int32()),
-                    "cate1_id": pa.array(cate[0], pa.int32()),
-                    "brand_id": pa.array(brand, pa.int32()),
-                    "shop_id": pa.array(shop, pa.int32()),
-                    "price": pa.nulls(n, pa.float32()),
-                    "attr_value_ids": pa.array([[] for _ in range(n)], pa.list_(pa.int32())),
-                    "quality": pa.nulls(n, pa.float32()),
-                    "popularity": pa.nulls(n, pa.float32()),
-                    "discount": pa.nulls(n, pa.bool_()),
-                    "external_id": [str(w) for w in wids],
-                }
+            real_items_table(
+                wids,
+                [" ".join(t) for t in title_words],
+                title_words,
+                [str(w) for w in wids],
+                leaf_id=leaf,
+                cate1_id=cate[0],
+                brand_id=brand,
+                shop_id=shop,
             ).sort_by("item_id"),
         ),
     ]

@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ray_mgdspr.data import schema
+from ray_mgdspr.data.loaders._common import check_columns, real_items_table
 from ray_mgdspr.data.tokenize import Tokenizer
 from ray_mgdspr.data.world import WorldManifest, WorldWriter
 
@@ -132,7 +133,7 @@ def _read_tsv(path: Path, needed: Iterable[str], dtypes: dict[str, str]) -> pd.D
     except (pd.errors.ParserError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not a readable tab-separated file: {e}") from e
     df.columns = [c.strip().replace(" ", "_") for c in df.columns]
-    _check_columns(path, df.columns, needed)
+    check_columns(path, df.columns, needed)
     for c, kind in dtypes.items():
         if kind == "int":
             df[c] = _to_int(path, c, df[c])
@@ -141,7 +142,7 @@ def _read_tsv(path: Path, needed: Iterable[str], dtypes: dict[str, str]) -> pd.D
 
 def _read_queries(path: Path) -> pd.DataFrame:
     if path.suffix == ".parquet":
-        _check_columns(path, pq.ParquetFile(path).schema_arrow.names, QUERY_COLUMNS)
+        check_columns(path, pq.ParquetFile(path).schema_arrow.names, QUERY_COLUMNS)
         df = pq.read_table(path, columns=list(QUERY_COLUMNS)).to_pandas()
         if not pd.api.types.is_integer_dtype(df["query_id"]):
             df["query_id"] = _to_int(path, "query_id", df["query_id"])
@@ -191,24 +192,16 @@ def _load_products_and_labels(
         },
     )
     titles = products["product_name"].astype(str).tolist()
-    n = len(products)
     w.write(
         schema.ITEMS,
-        {
-            "item_id": products["product_id"].to_numpy(np.int64),
-            "title": titles,
-            "title_words": [tok.words(t) if t else [] for t in titles],
-            "leaf_id": pa.array([leaf_index[p] if p else None for p in paths], pa.int32()),
-            "cate1_id": pa.array([cate1_index[p[0]] if p else None for p in paths], pa.int32()),
-            "brand_id": pa.nulls(n, pa.int32()),
-            "shop_id": pa.nulls(n, pa.int32()),
-            "price": pa.nulls(n, pa.float32()),
-            "attr_value_ids": pa.array([[] for _ in range(n)], pa.list_(pa.int32())),
-            "quality": pa.nulls(n, pa.float32()),
-            "popularity": pa.nulls(n, pa.float32()),
-            "discount": pa.nulls(n, pa.bool_()),
-            "external_id": products["product_id"].astype(str).tolist(),
-        },
+        real_items_table(
+            products["product_id"].to_numpy(np.int64),
+            titles,
+            [tok.words(t) if t else [] for t in titles],
+            products["product_id"].astype(str).tolist(),
+            leaf_id=[leaf_index[p] if p else None for p in paths],
+            cate1_id=[cate1_index[p[0]] if p else None for p in paths],
+        ),
     )
 
     labels = _read_tsv(label_path, LABEL_COLUMNS, {"query_id": "int", "product_id": "int"})
@@ -233,18 +226,11 @@ def _load_products_and_labels(
         },
     )
     return (
-        f"{n} products from {PRODUCT_CSV} (category from the 'category hierarchy' path: leaf = whole path, "
+        f"{len(products)} products from {PRODUCT_CSV} (category from the 'category hierarchy' path: leaf = whole path, "
         f"first level = first component; {len(leaf_vocab)} leaves) and {len(labels)} judgements from "
         f"{LABEL_CSV} (grade Exact=2, Partial=1, Irrelevant=0; gain 1.0/0.5/0.0); {dropped} judgements with "
         "an unknown query or product were dropped. Product features, description and ratings are not loaded."
     )
-
-
-def _check_columns(path: Path, have: Iterable[str], needed: Iterable[str]) -> None:
-    have = list(have)
-    missing = [c for c in needed if c not in have]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {', '.join(map(repr, missing))} (found {have})")
 
 
 def _to_int(path: Path, column: str, values: pd.Series) -> pd.Series:
