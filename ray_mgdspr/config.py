@@ -147,6 +147,83 @@ class VocabConfig(StrictModel):
 
 
 # --------------------------------------------------------------------------------------------------
+# features, model, loss, optimiser (spec §2-§4, §8-§9)
+
+
+class FeatureConfig(StrictModel):
+    """What the featurizer cuts from a search event and the user's history (spec §1, §2, §8)."""
+
+    max_query_chars: int = Field(32, ge=1, description="q_1gram: characters of the query kept")
+    max_query_bigrams: int = Field(32, ge=1, description="q_2gram: character bigrams kept")
+    max_query_words: int = Field(12, ge=1, description="q_seg / q_seg_seq: segmented words kept")
+    max_title_words: int = Field(32, ge=1, description="item tower: title words kept")
+    his_queries: int = Field(10, ge=0, description="k of q_his: the user's latest earlier queries (spec §9.9)")
+    realtime_len: int = Field(50, ge=1, description="R^u: latest clicks before the search")
+    short_len: int = Field(100, ge=1, description="S^u: clicks before R^u within short_days")
+    long_len: int = Field(100, ge=1, description="L^u: per action, latest behaviours in the long window")
+    short_days: float = Field(10.0, gt=0, description="S^u window (days before the search)")
+    long_days: float = Field(30.0, gt=0, description="L^u window: from short_days to long_days before the search")
+
+    @model_validator(mode="after")
+    def _windows(self) -> FeatureConfig:
+        if self.long_days <= self.short_days:
+            raise ValueError(f"long_days ({self.long_days}) must exceed short_days ({self.short_days})")
+        return self
+
+
+class ModelConfig(StrictModel):
+    """Sizes and switches of the two towers (spec §2, §3, §8, §9). Defaults are the paper's."""
+
+    kind: Literal["mgdspr", "dnn"] = Field("mgdspr", description="dnn: the mean-pooling two-tower baseline")
+    d: int = Field(128, ge=8, description="embedding size everywhere")
+    heads: int = Field(8, ge=1, description="self-attention heads (Trm, behaviour self-attention, fusion)")
+    dropout: float = Field(0.2, ge=0, lt=1, description="between the real-time LSTM's layers")
+    item_buckets: int = Field(1_000_003, ge=2, description="item ID table rows; ids are hashed into them")
+    shop_buckets: int = Field(100_003, ge=2)
+    brand_buckets: int = Field(100_003, ge=2)
+    category_buckets: int = Field(20_011, ge=2, description="leaf and first-level category tables")
+    sparse_ids: bool = Field(True, description="sparse gradients for the ID and token tables (Adagrad)")
+    mgs: bool = Field(True, description="ablation -mgs: False uses q_seg alone as a single token")
+    trm: bool = Field(True, description="ablation -trm: False fuses by concatenation + MLP instead of [CLS]")
+    personalise: bool = Field(True, description="False: query only, no behaviour attention")
+    type_embeddings: bool = Field(False, description="learned token-group embeddings in the fusion (not in paper)")
+
+    @model_validator(mode="after")
+    def _heads_divide_d(self) -> ModelConfig:
+        if self.d % self.heads:
+            raise ValueError(f"d ({self.d}) must be divisible by heads ({self.heads})")
+        return self
+
+
+class LossConfig(StrictModel):
+    """Sampled softmax with temperature and mixed hard negatives (spec §4, §9.1-§9.3)."""
+
+    kind: Literal["softmax", "hinge"] = "softmax"
+    tau: float = Field(2.0, gt=0, description="temperature; 1 is the -tau ablation")
+    pool_size: int = Field(1024, ge=1, description="shared negative pool: batch positives + uniform samples")
+    gather_positives: bool = Field(True, description="data-parallel: positives of every worker join the pool")
+    n_hard: int = Field(684, ge=0, description="N of I_mix; 0 switches the mixed hard negatives off")
+    alpha_low: float = Field(0.4, ge=0, le=1, description="a of alpha ~ U(a, b)")
+    alpha_high: float = Field(0.6, ge=0, le=1, description="b of alpha ~ U(a, b)")
+    margin: float = Field(0.1, gt=0, description="hinge loss margin (hinge kind only)")
+
+    @model_validator(mode="after")
+    def _alpha_range(self) -> LossConfig:
+        if self.alpha_low > self.alpha_high:
+            raise ValueError(f"alpha_low ({self.alpha_low}) must not exceed alpha_high ({self.alpha_high})")
+        return self
+
+
+class OptimConfig(StrictModel):
+    """Adagrad as in TF (spec §9.4) with global-norm clipping."""
+
+    lr: float = Field(0.1, gt=0)
+    initial_accumulator: float = Field(0.1, ge=0)
+    clip_norm: float = Field(3.0, gt=0)
+    batch_size: int = Field(256, ge=1)
+
+
+# --------------------------------------------------------------------------------------------------
 # the file
 
 
@@ -155,6 +232,10 @@ class ProjectConfig(StrictModel):
 
     simulate: SimulateConfig = SimulateConfig()
     vocab: VocabConfig = VocabConfig()
+    features: FeatureConfig = FeatureConfig()
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
 
 
 def _format_error(source: str, err: ValidationError) -> str:
