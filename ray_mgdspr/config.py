@@ -178,6 +178,7 @@ class ModelConfig(StrictModel):
     d: int = Field(128, ge=8, description="embedding size everywhere")
     heads: int = Field(8, ge=1, description="self-attention heads (Trm, behaviour self-attention, fusion)")
     dropout: float = Field(0.2, ge=0, lt=1, description="between the real-time LSTM's layers")
+    attn_dropout: float = Field(0.1, ge=0, lt=1, description="inside the Transformer layers (Trm, fusion)")
     item_buckets: int = Field(1_000_003, ge=2, description="item ID table rows; ids are hashed into them")
     shop_buckets: int = Field(100_003, ge=2)
     brand_buckets: int = Field(100_003, ge=2)
