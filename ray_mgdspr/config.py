@@ -179,10 +179,12 @@ class ModelConfig(StrictModel):
     heads: int = Field(8, ge=1, description="self-attention heads (Trm, behaviour self-attention, fusion)")
     dropout: float = Field(0.2, ge=0, lt=1, description="between the real-time LSTM's layers")
     attn_dropout: float = Field(0.1, ge=0, lt=1, description="inside the Transformer layers (Trm, fusion)")
-    item_buckets: int = Field(1_000_003, ge=2, description="item ID table rows; ids are hashed into them")
-    shop_buckets: int = Field(100_003, ge=2)
-    brand_buckets: int = Field(100_003, ge=2)
-    category_buckets: int = Field(20_011, ge=2, description="leaf and first-level category tables")
+    # ID tables: None sizes a table to the training world (one row per id, no collisions); a number caps it
+    # and raw ids are hashed into that many rows (a 100M-item catalogue does not need 100M rows).
+    item_buckets: int | None = Field(None, ge=2, description="item ID table rows (None: one per catalogue id)")
+    shop_buckets: int | None = Field(None, ge=2, description="shop ID table rows (None: one per shop id)")
+    brand_buckets: int | None = Field(None, ge=2, description="brand ID table rows (None: one per brand id)")
+    category_buckets: int | None = Field(None, ge=2, description="leaf / first-level category table rows")
     sparse_ids: bool = Field(True, description="sparse gradients for the ID and token tables (Adagrad)")
     mgs: bool = Field(True, description="ablation -mgs: False uses q_seg alone as a single token")
     trm: bool = Field(True, description="ablation -trm: False fuses by concatenation + MLP instead of [CLS]")

@@ -1,0 +1,142 @@
+"""Versioned model bundles: both towers, the vocabulary and the configs in one directory.
+
+```
+bundle/
+  manifest.json      version id, configs, parameter counts, sha256 of every file, training metadata
+  query_tower.pt     state dict of the query tower (with the embedding tables it reads)
+  item_tower.pt      state dict of the item tower (item ID and word tables, W_t)
+  vocab.json         the vocabulary (its own checksum inside)
+```
+
+A bundle is written into a temporary sibling directory and renamed into place when complete, so a crash
+never leaves a half-written bundle. Loading checks every file's checksum before use. Each tower loads on
+its own (the embedder needs only the item tower, the query encoder only the query tower).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, Field
+
+from ray_mgdspr.config import FeatureConfig, LossConfig, ModelConfig
+from ray_mgdspr.data.vocab import KINDS, Vocabulary
+from ray_mgdspr.model.mgdspr import TwoTower, build_model
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+TOWER_FILES = {"query": "query_tower.pt", "item": "item_tower.pt"}
+VOCAB_FILE = "vocab.json"
+
+
+class BundleManifest(BaseModel):
+    format_version: int = FORMAT_VERSION
+    version: str = Field(description="version id shared by the model and the index built from it")
+    created_at: dt.datetime
+    model: ModelConfig
+    features: FeatureConfig
+    loss: LossConfig
+    parameters: dict[str, int] = Field(description="trainable parameters per tower (shared tables in both)")
+    files: dict[str, str] = Field(description="file name -> sha256")
+    metadata: dict[str, Any] = Field(default_factory=dict, description="training run: data, steps, metrics")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _towers(model: TwoTower) -> dict[str, torch.nn.Module]:
+    return {"query": model.query_tower, "item": model.item_tower}
+
+
+def save_bundle(
+    out: str | Path, model: TwoTower, vocab: Vocabulary, features: FeatureConfig, loss: LossConfig,
+    metadata: dict[str, Any] | None = None, version: str | None = None, overwrite: bool = False,
+) -> BundleManifest:
+    """Write ``model`` as a bundle at ``out`` (atomically); returns its manifest.
+
+    Args:
+        version: the version id; default ``<UTC time>-<first 8 hex of the weights' checksum>``.
+        overwrite: replace an existing bundle at ``out``; otherwise an existing ``out`` is an error.
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        for tower, name in TOWER_FILES.items():
+            torch.save(_towers(model)[tower].state_dict(), tmp / name)
+        vocab.save(tmp / VOCAB_FILE)
+        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+        now = dt.datetime.now(dt.UTC)
+        digest = hashlib.sha256("".join(files[n] for n in TOWER_FILES.values()).encode()).hexdigest()
+        manifest = BundleManifest(
+            version=version or f"{now:%Y%m%d-%H%M%S}-{digest[:8]}",
+            created_at=now,
+            model=model.cfg,
+            features=features,
+            loss=loss,
+            parameters={t: sum(p.numel() for p in m.parameters()) for t, m in _towers(model).items()},
+            files=files,
+            metadata=metadata or {},
+        )
+        (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def read_bundle_manifest(path: str | Path) -> BundleManifest:
+    """The manifest of the bundle at ``path``, after checking every file against its checksum."""
+    path = Path(path)
+    if not (path / MANIFEST).is_file():
+        raise FileNotFoundError(f"{path}: not a model bundle (no {MANIFEST})")
+    manifest = BundleManifest.model_validate_json((path / MANIFEST).read_text())
+    if manifest.format_version != FORMAT_VERSION:
+        raise ValueError(f"{path}: bundle format {manifest.format_version}, this code reads {FORMAT_VERSION}")
+    for name, sha in manifest.files.items():
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path}: bundle file {name} is missing")
+        if _sha256(path / name) != sha:
+            raise ValueError(f"{path}: bundle file {name} does not match its checksum (corrupt or modified)")
+    return manifest
+
+
+def load_bundle(
+    path: str | Path, towers: tuple[Literal["query", "item"], ...] = ("query", "item"), map_location: str = "cpu"
+) -> tuple[TwoTower, Vocabulary, BundleManifest]:
+    """The model (with the requested towers' weights loaded, in eval mode), its vocabulary and manifest.
+
+    A tower not in ``towers`` keeps its fresh initialisation: load only what a stage uses.
+    """
+    path = Path(path)
+    manifest = read_bundle_manifest(path)
+    vocab = Vocabulary.load(path / VOCAB_FILE)
+    model = build_model(manifest.model, {k: vocab.num_ids(k) for k in KINDS})
+    for tower in towers:
+        state = torch.load(path / TOWER_FILES[tower], map_location=map_location, weights_only=True)
+        _towers(model)[tower].load_state_dict(state)
+    return model.eval(), vocab, manifest
+
+
+def bundle_summary(manifest: BundleManifest) -> str:
+    """One line: version, kind, size, parameters."""
+    params = ", ".join(f"{t} tower {n:,}" for t, n in manifest.parameters.items())
+    return f"model {manifest.version} ({manifest.model.kind}, d={manifest.model.d}; {params} parameters)"
+

@@ -1,0 +1,105 @@
+"""Losses (spec §4, §9.1-§9.3): sampled softmax with temperature τ and mixed hard negatives I_mix, and the
+pairwise hinge loss of earlier e-commerce EBR systems.
+
+Both score with the raw inner product F(q, i) = q · i and share one negative pool per step: the positives
+of the (cross-worker) batch plus uniformly sampled catalogue items. Pool entries equal to an example's own
+positive ("accidental hits") are masked for that example.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ray_mgdspr.config import LossConfig
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor  # scalar
+    logits: torch.Tensor  # (B, 1 + M + N): positive, pool negatives, mixed hard negatives (before / τ)
+    hard: torch.Tensor  # (B, N) pool indices of I_hard (empty when I_mix is off)
+
+
+def accidental_hits(pos_ids: torch.Tensor, pool_ids: torch.Tensor) -> torch.Tensor:
+    """(B, M) True where pool item m is example b's own positive."""
+    return pos_ids.unsqueeze(1) == pool_ids.unsqueeze(0)
+
+
+def mixed_hard_negatives(
+    q: torch.Tensor, pos: torch.Tensor, pool: torch.Tensor, s_neg: torch.Tensor, cfg: LossConfig,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """I_mix = α ⊙ i+ + (1 - α) ⊙ I_hard, scored against q (spec §4.3).
+
+    I_hard = the top-N pool negatives by q · i (selection without gradient; gradients flow through i+ and
+    I_hard inside I_mix); α ~ U(a, b) drawn per (example, negative).
+
+    Args:
+        q: (B, d) H_qu; pos: (B, d) H_item of the positives; pool: (M, d) negative pool.
+        s_neg: (B, M) q · pool with accidental hits at -inf.
+
+    Returns:
+        s_mix (B, N) with -inf where fewer than N valid negatives exist, and the pool indices (B, N).
+    """
+    n = min(cfg.n_hard, pool.size(0))
+    top = s_neg.detach().topk(n, dim=1)
+    alpha = torch.rand(q.size(0), n, 1, generator=generator, device=q.device, dtype=q.dtype)
+    alpha = cfg.alpha_low + (cfg.alpha_high - cfg.alpha_low) * alpha
+    i_mix = alpha * pos.unsqueeze(1) + (1 - alpha) * pool[top.indices]  # (B, N, d)
+    s_mix = torch.einsum("bd,bnd->bn", q, i_mix)
+    return s_mix.masked_fill(torch.isinf(top.values), float("-inf")), top.indices
+
+
+def softmax_loss(
+    q: torch.Tensor, pos: torch.Tensor, pool: torch.Tensor, hit: torch.Tensor, cfg: LossConfig,
+    generator: torch.Generator | None = None,
+) -> LossOutput:
+    """-log softmax(F(q, i+)/τ) over {i+} ∪ pool ∪ I_mix (spec §4.1-§4.3).
+
+    Args:
+        q: (B, d) H_qu. pos: (B, d) positives. pool: (M, d) shared negatives.
+        hit: (B, M) accidental hits (masked). cfg: τ, N, a, b.
+        generator: for α (reproducible tests).
+
+    Example (τ = 1, no I_mix; the positive and one negative score 1 and 0):
+        >>> q, pos, pool = torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+        >>> out = softmax_loss(q, pos, pool, torch.zeros(1, 1, dtype=torch.bool), LossConfig(tau=1, n_hard=0))
+        >>> round(out.loss.item(), 4) == round(-torch.log(torch.tensor(torch.e / (torch.e + 1))).item(), 4)
+        True
+    """
+    s_pos = (q * pos).sum(-1, keepdim=True)  # (B, 1)
+    s_neg = (q @ pool.T).masked_fill(hit, float("-inf"))  # (B, M)
+    parts, hard = [s_pos, s_neg], q.new_zeros(q.size(0), 0, dtype=torch.long)
+    if cfg.n_hard > 0:
+        s_mix, hard = mixed_hard_negatives(q, pos, pool, s_neg, cfg, generator)
+        parts.append(s_mix)
+    logits = torch.cat(parts, dim=1)
+    target = torch.zeros(q.size(0), dtype=torch.long, device=q.device)
+    return LossOutput(F.cross_entropy(logits / cfg.tau, target), logits, hard)
+
+
+def hinge_loss(
+    q: torch.Tensor, pos: torch.Tensor, pool: torch.Tensor, hit: torch.Tensor, cfg: LossConfig
+) -> LossOutput:
+    """Pairwise hinge: mean over valid pool negatives of max(0, margin - F(q, i+) + F(q, i-))."""
+    s_pos = (q * pos).sum(-1, keepdim=True)
+    s_neg = q @ pool.T
+    valid = ~hit
+    per_pair = F.relu(cfg.margin - s_pos + s_neg) * valid
+    loss = (per_pair.sum(1) / valid.sum(1).clamp(min=1)).mean()
+    logits = torch.cat([s_pos, s_neg.masked_fill(hit, float("-inf"))], dim=1)
+    return LossOutput(loss, logits, q.new_zeros(q.size(0), 0, dtype=torch.long))
+
+
+def compute_loss(
+    q: torch.Tensor, pos: torch.Tensor, pool: torch.Tensor, pos_ids: torch.Tensor, pool_ids: torch.Tensor,
+    cfg: LossConfig, generator: torch.Generator | None = None,
+) -> LossOutput:
+    """The configured loss (``cfg.kind``) with accidental hits (pool id == positive id) masked."""
+    hit = accidental_hits(pos_ids, pool_ids)
+    if cfg.kind == "hinge":
+        return hinge_loss(q, pos, pool, hit, cfg)
+    return softmax_loss(q, pos, pool, hit, cfg, generator)

@@ -1,0 +1,53 @@
+"""The two-tower model: MGDSPR (spec §2-§3) or the DNN baseline, built from a ``ModelConfig``.
+
+Towers return embeddings; the score is their inner product (spec §1); losses live in ``loss.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ray_mgdspr.config import ModelConfig
+from ray_mgdspr.model.baseline import DNNItemTower, DNNQueryTower
+from ray_mgdspr.model.item_tower import ItemTower
+from ray_mgdspr.model.query_tower import QueryTower
+from ray_mgdspr.model.tables import Tables
+
+
+class TwoTower(nn.Module):
+    """A query tower and an item tower over shared embedding tables.
+
+    Example:
+        >>> from ray_mgdspr.config import FeatureConfig
+        >>> from ray_mgdspr.model.batch import random_batch
+        >>> from ray_mgdspr.model.layers import as_tensors
+        >>> cfg = ModelConfig(d=16, heads=2, item_buckets=50, shop_buckets=10, brand_buckets=10, category_buckets=10)
+        >>> model = build_model(cfg, {"words": 30, "chars": 30, "bigrams": 30})
+        >>> q, item = model(as_tensors(random_batch(4, FeatureConfig(), vocab_size=30, n_items=50)))
+        >>> q.shape, item.shape
+        (torch.Size([4, 16]), torch.Size([4, 16]))
+    """
+
+    def __init__(self, cfg: ModelConfig, tables: Tables, query_tower: nn.Module, item_tower: nn.Module) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tables = tables
+        self.query_tower = query_tower
+        self.item_tower = item_tower
+
+    def embed_items(self, item_id: torch.Tensor, item_title: torch.Tensor) -> torch.Tensor:
+        """H_item (B, d) of raw item ids (B,) with their title word ids (B, T)."""
+        return self.item_tower(item_id, item_title)
+
+    def forward(self, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """H_qu (B, d) of each search and H_item (B, d) of its positive item."""
+        return self.query_tower(b), self.embed_items(b["item_id"], b["item_title"])
+
+
+def build_model(cfg: ModelConfig, vocab_sizes: dict[str, int]) -> TwoTower:
+    """MGDSPR (``cfg.kind == "mgdspr"``) or the DNN baseline (``"dnn"``), freshly initialised."""
+    tables = Tables(cfg, vocab_sizes)
+    if cfg.kind == "dnn":
+        return TwoTower(cfg, tables, DNNQueryTower(cfg, tables), DNNItemTower(cfg, tables))
+    return TwoTower(cfg, tables, QueryTower(cfg, tables), ItemTower(cfg, tables.item, tables.words))

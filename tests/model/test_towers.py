@@ -1,0 +1,193 @@
+"""The towers of spec §2-§3, equation by equation: shapes, zero attention, padding, gradients."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ray_mgdspr.config import FeatureConfig, ModelConfig
+from ray_mgdspr.model.batch import item_shapes, query_shapes, random_batch
+from ray_mgdspr.model.layers import HashedEmbedding, as_tensors, masked_mean, zero_attention
+from ray_mgdspr.model.mgdspr import TwoTower, build_model
+from ray_mgdspr.model.query_tower import LONG_ATTRIBUTES, SIDE_INFO, history_attention
+
+D, B, VOCAB, ITEMS = 16, 5, 40, 60
+SIZES = {"words": VOCAB, "chars": VOCAB, "bigrams": VOCAB}
+FEATURES = FeatureConfig(realtime_len=7, short_len=9, long_len=6, his_queries=4, max_query_words=5)
+
+
+def cfg(**kw: object) -> ModelConfig:
+    base = dict(d=D, heads=4, item_buckets=ITEMS + 1, shop_buckets=ITEMS, brand_buckets=ITEMS, category_buckets=ITEMS)
+    return ModelConfig(**{**base, **kw})
+
+
+def model_of(**kw: object) -> TwoTower:
+    torch.manual_seed(0)
+    return build_model(cfg(**kw), SIZES).eval()
+
+
+def batch(seed: int = 0, fill: float = 0.7, n: int = B) -> dict[str, torch.Tensor]:
+    return as_tensors(random_batch(n, FEATURES, vocab_size=VOCAB, n_items=ITEMS, fill=fill, seed=seed))
+
+
+def without_history(b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    b = dict(b)
+    for k in b:
+        if k.startswith(("rt_", "st_", "lt_")):
+            b[k] = torch.full_like(b[k], -1)
+    b["his_query_words"] = torch.zeros_like(b["his_query_words"])
+    return b
+
+
+def test_random_batch_has_the_featurizer_contract() -> None:
+    b = random_batch(3, FEATURES, vocab_size=VOCAB, n_items=ITEMS)
+    assert set(b) == set(query_shapes(FEATURES)) | set(item_shapes(FEATURES))
+    for k, shape in (query_shapes(FEATURES) | item_shapes(FEATURES)).items():
+        assert b[k].shape == (3, *shape) and b[k].dtype == np.int64, k
+
+
+@pytest.mark.parametrize("mgs", [True, False])
+def test_mgs_tokens(mgs: bool) -> None:
+    m = model_of(mgs=mgs)
+    q_mgs = m.query_tower.mgs(batch())
+    assert q_mgs.shape == (B, 6 if mgs else 1, D)
+    if mgs:  # q_mix = q_1gram + q_2gram + q_seg + q_seg_seq + q_his_seq
+        torch.testing.assert_close(q_mgs[:, 5], q_mgs[:, :5].sum(1))
+
+
+def test_q_seg_and_q_1gram_are_masked_means() -> None:
+    m, b = model_of(), batch()
+    q_mgs = m.query_tower.mgs(b)
+    words = m.tables.words.weight
+    for i in range(B):
+        ids = b["query_words"][i][b["query_words"][i] > 0]
+        expect = words[ids].mean(0) if len(ids) else torch.zeros(D)
+        torch.testing.assert_close(q_mgs[i, 2], expect)
+        chars = b["query_chars"][i][b["query_chars"][i] > 0]
+        expect = m.tables.chars.weight[chars].mean(0) if len(chars) else torch.zeros(D)
+        torch.testing.assert_close(q_mgs[i, 0], expect)
+
+
+def test_q_his_seq_attends_with_q_seg() -> None:
+    q, his = torch.randn(2, D), torch.randn(2, 3, D)
+    mask = torch.tensor([[True, True, False], [False, False, False]])
+    out = history_attention(q, his, mask)
+    w = torch.softmax(q[0] @ his[0, :2].T, -1)
+    torch.testing.assert_close(out[0], w @ his[0, :2])
+    assert torch.equal(out[1], torch.zeros(D))  # no history: exactly zero
+
+
+def test_zero_attention_matches_the_formula_and_is_zero_without_behaviours() -> None:
+    q, kv = torch.randn(2, 6, D), torch.randn(2, 4, D)
+    mask = torch.tensor([[True, True, True, False], [False] * 4])
+    out = zero_attention(q, kv, mask)
+    keys = torch.cat([torch.zeros(1, D), kv[0, :3]])  # [0; R]
+    torch.testing.assert_close(out[0], torch.softmax(q[0] @ keys.T, -1) @ keys)
+    assert torch.equal(out[1], torch.zeros(6, D))
+
+
+def test_empty_history_gives_exactly_zero_behaviour_attention() -> None:
+    m, b = model_of(), without_history(batch())
+    q_mgs = m.query_tower.mgs(b)
+    for h in m.query_tower.behaviours(q_mgs, b):  # H_real, H_short, H_long
+        assert h.shape == (B, 6, D)
+        assert torch.equal(h, torch.zeros_like(h))
+    assert torch.equal(q_mgs[:, 4], torch.zeros(B, D))  # q_his_seq
+
+
+def test_query_tower_output_and_ablations() -> None:
+    b = batch()
+    for kw in [{}, {"mgs": False}, {"trm": False}, {"personalise": False}, {"type_embeddings": True}, {"kind": "dnn"}]:
+        m = model_of(**kw)
+        q, item = m(b)
+        assert q.shape == (B, D) and item.shape == (B, D), kw
+        assert torch.isfinite(q).all() and torch.isfinite(item).all(), kw
+
+
+def test_fusion_takes_cls_over_25_tokens() -> None:
+    m, b = model_of(), batch()
+    seen = {}
+    m.query_tower.fusion.block.register_forward_hook(lambda mod, args, out: seen.update(x=args[0]))
+    m.query_tower(b)
+    assert seen["x"].shape == (B, 25, D)
+    torch.testing.assert_close(seen["x"][:, 0], m.query_tower.fusion.cls.expand(B, -1))
+
+
+def test_no_personalisation_ignores_behaviours() -> None:
+    m, b = model_of(personalise=False), batch()
+    no_behaviours = without_history(b) | {"his_query_words": b["his_query_words"]}
+    torch.testing.assert_close(m.query_tower(b), m.query_tower(no_behaviours))
+
+
+def test_item_tower_is_id_plus_tanh_of_mean_title() -> None:
+    m, b = model_of(), batch()
+    h = m.embed_items(b["item_id"], b["item_title"])
+    t = m.item_tower
+    for i in range(B):
+        ids = b["item_title"][i][b["item_title"][i] > 0]
+        title = m.tables.words.weight[ids].mean(0) if len(ids) else torch.zeros(D)
+        e_i = m.tables.item.weight[1 + b["item_id"][i] % (ITEMS)]
+        torch.testing.assert_close(h[i], e_i + torch.tanh(t.W_t.weight @ title))
+
+
+def _widen(b: dict[str, torch.Tensor], extra: int) -> dict[str, torch.Tensor]:
+    """The same batch with ``extra`` more padding positions on every sequence."""
+    out = {}
+    for k, v in b.items():
+        if v.dim() == 1:
+            out[k] = v
+            continue
+        pad = 0 if k.startswith(("query_", "his_")) or k == "item_title" else -1
+        out[k] = torch.cat([v, torch.full((*v.shape[:-1], extra), pad, dtype=v.dtype)], dim=-1)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["mgdspr", "dnn"])
+def test_padding_does_not_change_outputs(kind: str) -> None:
+    m, b = model_of(kind=kind), batch()
+    q, item = m(b)
+    q2, item2 = m(_widen(b, 11))
+    torch.testing.assert_close(q, q2, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(item, item2)
+
+
+def test_an_example_does_not_depend_on_the_rest_of_the_batch() -> None:
+    m, b = model_of(), batch()
+    q, _ = m(b)
+    q0, _ = m({k: v[:1] for k, v in b.items()})
+    torch.testing.assert_close(q[:1], q0, atol=1e-5, rtol=1e-5)
+
+
+def _grad_mass(p: torch.nn.Parameter) -> float:
+    if p.grad is None:
+        return 0.0
+    g = p.grad.coalesce().values() if p.grad.is_sparse else p.grad
+    return g.abs().sum().item()
+
+
+@pytest.mark.parametrize("kind", ["mgdspr", "dnn"])
+def test_gradients_reach_every_parameter(kind: str) -> None:
+    m = model_of(kind=kind).train()
+    b = batch(fill=1.0, n=16)
+    q, item = m(b)
+    (q @ item.T).logsumexp(1).sum().backward()
+    dead = [n for n, p in m.named_parameters() if _grad_mass(p) == 0]
+    assert dead == []
+    for name in ("words", "chars", "bigrams", *SIDE_INFO, *LONG_ATTRIBUTES):
+        grad = getattr(m.tables, name).weight.grad.to_dense()
+        assert torch.equal(grad[0], torch.zeros(D)), f"{name}: the padding row must not learn"
+
+
+def test_hashed_ids_share_rows_only_beyond_the_table() -> None:
+    e = HashedEmbedding(11, 4)
+    rows = e.rows(torch.arange(-1, 25))
+    assert rows[0] == 0 and len(set(rows[1:11].tolist())) == 10  # ids 0..9: distinct rows 1..10
+    assert rows[11] == rows[1]  # id 10 wraps onto id 0's row
+
+
+def test_masked_mean_of_nothing_is_zero() -> None:
+    x = torch.randn(2, 3, 4)
+    out = masked_mean(x, torch.tensor([[True, False, True], [False, False, False]]))
+    torch.testing.assert_close(out[0], (x[0, 0] + x[0, 2]) / 2)
+    assert torch.equal(out[1], torch.zeros(4))
