@@ -1,0 +1,91 @@
+"""Model bundles: round trip, towers loaded alone, checksums, atomic writes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ray_mgdspr.config import FeatureConfig, LossConfig, ModelConfig
+from ray_mgdspr.data.vocab import KINDS, Vocabulary
+from ray_mgdspr.model.batch import random_batch
+from ray_mgdspr.model.bundle import load_bundle, read_bundle_manifest, save_bundle
+from ray_mgdspr.model.layers import as_tensors
+from ray_mgdspr.model.mgdspr import build_model
+
+FEATURES = FeatureConfig(realtime_len=6, short_len=8, long_len=5)
+CFG = ModelConfig(d=16, heads=4, item_buckets=101, shop_buckets=20, brand_buckets=20, category_buckets=20)
+
+
+@pytest.fixture(scope="module")
+def vocab() -> Vocabulary:
+    tokens = {k: [(f"{k}{i}", 10 - i % 10) for i in range(30)] for k in KINDS}
+    return Vocabulary("en", tokens, oov_buckets=7)
+
+
+def _model(vocab: Vocabulary, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_model(CFG, {k: vocab.num_ids(k) for k in KINDS}).eval()
+
+
+def _batch(vocab: Vocabulary) -> dict[str, torch.Tensor]:
+    return as_tensors(random_batch(4, FEATURES, vocab_size=vocab.num_ids("words"), n_items=100))
+
+
+def test_round_trip_and_towers_alone(tmp_path: Path, vocab: Vocabulary) -> None:
+    model, b = _model(vocab, 0), _batch(vocab)
+    q, item = model(b)
+    m = save_bundle(tmp_path / "b", model, vocab, FEATURES, LossConfig(), metadata={"steps": 3}, version="v1")
+    assert m.version == "v1" and m.metadata == {"steps": 3}
+    assert set(m.files) == {"query_tower.pt", "item_tower.pt", "vocab.json"}
+    loaded, vocab2, m2 = load_bundle(tmp_path / "b")
+    assert m2.version == "v1" and vocab2.tokens == vocab.tokens and m2.features == FEATURES
+    q2, item2 = loaded(b)
+    torch.testing.assert_close(q, q2)
+    torch.testing.assert_close(item, item2)
+    # Each tower alone: the item tower's output does not depend on the query tower file, and vice versa.
+    item_only, _, _ = load_bundle(tmp_path / "b", towers=("item",))
+    torch.testing.assert_close(item_only.embed_items(b["item_id"], b["item_title"]), item)
+    (tmp_path / "b" / "item_tower.pt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"item_tower\.pt is missing"):
+        load_bundle(tmp_path / "b", towers=("query",))
+
+
+def test_default_version_and_refusal_to_overwrite(tmp_path: Path, vocab: Vocabulary) -> None:
+    m = save_bundle(tmp_path / "b", _model(vocab, 0), vocab, FEATURES, LossConfig())
+    assert len(m.version.split("-")[-1]) == 8
+    with pytest.raises(FileExistsError, match="overwrite"):
+        save_bundle(tmp_path / "b", _model(vocab, 1), vocab, FEATURES, LossConfig())
+    m2 = save_bundle(tmp_path / "b", _model(vocab, 1), vocab, FEATURES, LossConfig(), overwrite=True)
+    assert m2.version != m.version  # different weights, different checksum
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # no temporary directories left
+
+
+def test_corrupt_file_is_refused(tmp_path: Path, vocab: Vocabulary) -> None:
+    save_bundle(tmp_path / "b", _model(vocab, 0), vocab, FEATURES, LossConfig())
+    with (tmp_path / "b" / "query_tower.pt").open("r+b") as f:
+        f.seek(200)
+        f.write(b"\x00\x01\x02")
+    with pytest.raises(ValueError, match=r"query_tower\.pt does not match its checksum"):
+        read_bundle_manifest(tmp_path / "b")
+
+
+def test_not_a_bundle(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="not a model bundle"):
+        load_bundle(tmp_path)
+
+
+def test_failed_write_leaves_nothing(tmp_path: Path, vocab: Vocabulary) -> None:
+    model = _model(vocab, 0)
+    bad_features = FeatureConfig.model_construct(max_query_chars=object())  # not serialisable: fails mid-write
+    with pytest.raises(Exception):  # noqa: B017 - pydantic raises its own error type
+        save_bundle(tmp_path / "b", model, vocab, bad_features, LossConfig())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_manifest_is_readable_json(tmp_path: Path, vocab: Vocabulary) -> None:
+    save_bundle(tmp_path / "b", _model(vocab, 0), vocab, FEATURES, LossConfig())
+    raw = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert raw["model"]["d"] == 16 and raw["parameters"]["query"] > raw["parameters"]["item"] > 0
