@@ -1,0 +1,425 @@
+"""Featurizer: search events + the user's history -> fixed-size int64 arrays for the two towers (spec §1, §2, §8).
+
+This docstring is the contract between the data pipeline and the model.
+
+Rows
+----
+:meth:`Featurizer.examples` gives training examples, one row per (search event, positive item), where the
+positives of an event are ``clicked_item_ids ∪ bought_item_ids`` (deduplicated, clicked order first, then
+bought items not clicked); events without positives are dropped. Columns: ``event_id`` int64, ``user_id`` int64,
+``ts`` int64 (epoch ms), ``query`` string, ``query_words`` list<string>, ``item_id`` int64. Rows are in file order
+(day by day, events in the order the day file holds them), so the table is the same on every call.
+:meth:`Featurizer.events` gives one row per search event with at least one positive, with the same columns
+except ``target_item_ids`` list<int64> (all its positives) instead of ``item_id`` (evaluation).
+
+Features of a batch (``Featurizer.__call__``)
+---------------------------------------------
+Every array is int64 with the batch size ``B`` first; the lengths come from :class:`FeatureConfig`. Token ids
+are vocabulary ids with ``PAD = 0``. Raw entity ids (item, shop, leaf, cate1, brand) are the tables' own ids
+with ``-1`` for padding and for missing (null) values; the model hashes them into buckets itself. ::
+
+    key                    shape                               content
+    user_id, ts            [B]                                 passed through (ts in epoch ms)
+    event_id               [B]                                 passed through; -1 when the input has none
+    query_chars            [B, max_query_chars]                Tokenizer.chars(query), left-aligned, truncated
+    query_bigrams          [B, max_query_bigrams]              Tokenizer.bigrams(query), likewise
+    query_words            [B, max_query_words]                the row's query_words (the log's segmentation),
+                                                               Tokenizer.words(query) when there is no such column
+    his_query_words        [B, his_queries, max_query_words]   words of the user's latest his_queries queries of
+                                                               query_history with ts < row ts, most recent first,
+                                                               then all-PAD rows
+    rt_item, rt_shop, rt_leaf, rt_cate1, rt_brand
+                           [B, realtime_len]                   R^u: the latest realtime_len clicks with
+                                                               ts < row ts, of any age
+    st_item, st_shop, st_leaf, st_cate1, st_brand
+                           [B, short_len]                      S^u: the latest short_len clicks older than R^u's
+                                                               with ts >= row ts - short_days
+    lt_item, lt_shop, lt_leaf, lt_brand
+                           [B, 3, long_len]                    L^u: axis 1 is the action (click, buy, collect);
+                                                               per action the latest long_len behaviours with
+                                                               row ts - long_days <= ts < row ts - short_days
+    item_id                [B]                                 the positive item (only when the input has item_id)
+    item_title             [B, max_title_words]                its title words (only when the input has item_id)
+
+All behaviour sequences (R^u, S^u and each action of L^u) are in **chronological order, oldest first, and
+right-padded with -1**; a user without history gets all -1 sequences and all-PAD history queries. Side
+information (shop, leaf, cate1, brand) of a behaviour comes from the ``items`` table by item id (-1 when null
+or the item is unknown). Every window ends strictly before the row's ts, so an event's own clicks and query
+never leak into its features; ties in ts keep the day files' order. ``short_days``/``long_days`` are rounded to
+whole milliseconds. L^u's click window is defined by time alone, so a user with few clicks can have one click in
+both R^u (which has no age limit) and L^u. ``cart`` behaviours (real logs only) are not used anywhere. Words
+(query, history, title) are lower-cased (Arrow ``utf8_lower``) before encoding, as the vocabulary counts them
+lower-cased. :meth:`Featurizer.items` gives the item-tower features (``item_id``, ``item_title``) of any ids.
+
+How
+---
+At construction the featurizer loads the items table, every click/buy/collect behaviour and every query of
+``query_history`` of the chosen days into per-action numpy arrays sorted by a combined (user rank, ts) key.
+For a batch, each window boundary is one ``np.searchsorted`` on that key and the windows are gathered with
+index arithmetic; nothing loops over rows except the tokenizer: characters and bigrams come from
+``Tokenizer.chars``/``bigrams`` per query (exactly the vocabulary's rules, Unicode whitespace included).
+Measured on one core, batch 256 of ``examples()`` rows, demo world (2,000 items, 500 users, 30 warm-up days):
+about 60,000 examples/s (4.2 ms per batch) in en and in zh; the per-query tokenizer calls take 1.1 ms (26 %) in
+en and 0.55 ms (13 %) in zh, all query features together (tokenizer plus vectorised encoding) 2 ms.
+The object holds only numpy arrays, the vocabulary and a tokenizer, so it pickles for Ray Data ``map_batches``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ray_mgdspr.config import FeatureConfig
+from ray_mgdspr.data import schema
+from ray_mgdspr.data.vocab import PAD, Kind, Vocabulary
+from ray_mgdspr.data.world import read_manifest, read_table, table_files
+
+log = logging.getLogger(__name__)
+
+DAY_MS = 86_400_000
+LONG_ACTIONS = ("click", "buy", "collect")
+"""Order of axis 1 of the ``lt_*`` arrays."""
+SIDE = ("shop", "leaf", "cate1", "brand")
+"""Side information of a behaviour item, looked up in the items table."""
+MISSING = -1
+"""Padding and missing value of raw entity ids."""
+EVENT_COLUMNS = ["event_id", "user_id", "ts", "query", "query_words"]
+
+Batch = Mapping[str, Any] | pa.Table | pa.RecordBatch
+
+
+@dataclass
+class _Timeline:
+    """Rows of one user-ordered log: ``keys`` sorted ascending, payload arrays with one trailing padding row."""
+
+    keys: np.ndarray
+    payload: dict[str, np.ndarray]
+
+    @property
+    def pad_row(self) -> int:
+        return len(self.keys)
+
+
+class Featurizer:
+    """Turns search events and serving requests into the model's feature arrays (see the module docstring).
+
+    Args:
+        world: a world directory.
+        vocab: the vocabulary of words, characters and bigrams.
+        config: lengths and windows of the features.
+        history_days: days of ``behaviours`` and ``query_history`` to load (default: all days of the world).
+            Loading days after a row's ts is harmless: every window ends strictly before the row's ts.
+
+    Raises:
+        ValueError: the world has no manifest, or it lacks the items, behaviours or query_history table.
+    """
+
+    def __init__(self, world: str | Path, vocab: Vocabulary, config: FeatureConfig,
+                 history_days: Iterable[int] | None = None) -> None:
+        self.world = Path(world)
+        self.vocab = vocab
+        self.config = config
+        self._tokenizer = vocab.tokenizer()
+        try:
+            manifest = read_manifest(self.world)
+        except FileNotFoundError as e:
+            raise ValueError(f"world {self.world}: not a world directory ({e})") from None
+        days = sorted(set(manifest.all_days if history_days is None else history_days))
+        self._load_items()
+        behaviours = _read(self.world, "behaviours", days, ["user_id", "item_id", "action", "ts"])
+        history = _read(self.world, "query_history", days, ["user_id", "ts", "query_words"])
+        b_user, b_ts = behaviours["user_id"].to_numpy(), _ms(behaviours["ts"])
+        q_user, q_ts = history["user_id"].to_numpy(), _ms(history["ts"])
+        self._users = np.unique(np.concatenate([b_user, q_user]))
+        all_ts = np.concatenate([b_ts, q_ts])
+        self._ts0 = int(all_ts.min()) if len(all_ts) else 0
+        self._span = (int(all_ts.max()) - self._ts0 + 2) if len(all_ts) else 2
+        if len(self._users) * self._span >= 2**62:
+            raise ValueError(f"world {self.world}: {len(self._users)} users over {self._span} ms overflow the keys")
+        action = behaviours["action"].to_numpy(zero_copy_only=False)
+        item = behaviours["item_id"].to_numpy()
+        self._actions = {a: self._behaviour_timeline(b_user, b_ts, item, action == a) for a in LONG_ACTIONS}
+        words = _pad_csr(*vocab.encode("words", _lower(history["query_words"])), config.max_query_words)
+        self._queries = self._timeline(q_user, q_ts, {"words": _with_pad_row(words.astype(np.int32), PAD)})
+        log.info("featurizer %s: %d items, %d users, %s behaviours, %d history queries over %d days",
+                 self.world, len(self._item_ids), len(self._users),
+                 {a: len(t.keys) for a, t in self._actions.items()}, len(self._queries.keys), len(days))
+
+    # ------------------------------------------------------------------------------------------ rows
+
+    def examples(self, days: Iterable[int]) -> pa.Table:
+        """Training examples of ``days``: one row per (search event, positive item).
+
+        Args:
+            days: day numbers of ``search_events`` (e.g. the manifest's ``train_days``).
+
+        Returns:
+            columns ``event_id``, ``user_id``, ``ts`` (int64 epoch ms), ``query``, ``query_words``, ``item_id``.
+        """
+        events, parent, items = self._events_with_positives(days)
+        return _event_columns(events.take(pa.array(parent))).append_column("item_id", pa.array(items, pa.int64()))
+
+    def events(self, days: Iterable[int]) -> pa.Table:
+        """Evaluation events of ``days``: one row per search event with at least one positive.
+
+        Args:
+            days: day numbers of ``search_events`` (e.g. the manifest's ``test_days``).
+
+        Returns:
+            columns ``event_id``, ``user_id``, ``ts`` (int64 epoch ms), ``query``, ``query_words``,
+            ``target_item_ids`` (list<int64>: clicked ∪ bought).
+        """
+        events, parent, items = self._events_with_positives(days)
+        rows, counts = np.unique(parent, return_counts=True)
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+        targets = pa.ListArray.from_arrays(pa.array(offsets), pa.array(items, pa.int64()))
+        return _event_columns(events.take(pa.array(rows))).append_column("target_item_ids", targets)
+
+    def _events_with_positives(self, days: Iterable[int]) -> tuple[pa.Table, np.ndarray, np.ndarray]:
+        """Events of ``days`` and their deduplicated positives as (event row, item id) pairs, in row order."""
+        cols = [*EVENT_COLUMNS, "clicked_item_ids", "bought_item_ids"]
+        events = _read(self.world, "search_events", sorted(set(days)), cols)
+        parts = [events[c].combine_chunks() for c in ("clicked_item_ids", "bought_item_ids")]
+        parent = np.concatenate([pc.list_parent_indices(p).to_numpy() for p in parts]).astype(np.int64)
+        items = np.concatenate([pc.list_flatten(p).to_numpy() for p in parts]).astype(np.int64)
+        by_pair = np.lexsort((np.arange(len(items)), items, parent))
+        first = np.ones(len(by_pair), bool)
+        first[1:] = (parent[by_pair][1:] != parent[by_pair][:-1]) | (items[by_pair][1:] != items[by_pair][:-1])
+        kept = np.sort(by_pair[first])
+        kept = kept[np.argsort(parent[kept], kind="stable")]
+        return events, parent[kept], items[kept]
+
+    # ------------------------------------------------------------------------------------ features
+
+    def __call__(self, batch: Batch) -> dict[str, np.ndarray]:
+        """Features of a batch of rows (see the module docstring for keys, shapes and padding).
+
+        Args:
+            batch: rows of :meth:`examples` or :meth:`events`, or a serving request, as a ``pa.Table`` or
+                a Ray Data numpy batch (dict of arrays). Needs ``user_id``, ``ts`` (epoch ms or a timestamp)
+                and ``query``; ``query_words``, ``event_id`` and ``item_id`` are optional.
+
+        Returns:
+            dict of int64 arrays, each with the batch size as first dimension.
+        """
+        if isinstance(batch, pa.RecordBatch):
+            batch = pa.Table.from_batches([batch])
+        user, ts = _int64(_column(batch, "user_id")), _int64(_column(batch, "ts"))
+        event = _column(batch, "event_id", required=False)
+        out = {"user_id": user, "ts": ts,
+               "event_id": np.full(len(user), MISSING, np.int64) if event is None else _int64(event)}
+        out.update(self._query_features(batch))
+        out.update(self._history_features(user, ts))
+        item = _column(batch, "item_id", required=False)
+        if item is not None:
+            out.update(self.items(_int64(item)))
+        return out
+
+    def items(self, item_ids: np.ndarray) -> dict[str, np.ndarray]:
+        """Item-tower features of any item ids.
+
+        Args:
+            item_ids: [B] raw item ids; ids not in the items table get an all-PAD title.
+
+        Returns:
+            ``item_id`` [B] and ``item_title`` [B, max_title_words] (word ids, PAD 0).
+        """
+        item_ids = np.asarray(item_ids, np.int64)
+        return {"item_id": item_ids, "item_title": self._titles[self._item_rows(item_ids)].astype(np.int64)}
+
+    def _query_features(self, batch: Batch) -> dict[str, np.ndarray]:
+        """``query_chars`` / ``query_bigrams`` / ``query_words`` of the batch's queries."""
+        c, tok = self.config, self._tokenizer
+        queries = _strings(_column(batch, "query"))
+        words = _column(batch, "query_words", required=False)
+        words = _lower(_list_array(words)) if words is not None else [tok.words(q) for q in queries]
+        return {"query_chars": self._encode("chars", [tok.chars(q) for q in queries], c.max_query_chars),
+                "query_bigrams": self._encode("bigrams", [tok.bigrams(q) for q in queries], c.max_query_bigrams),
+                "query_words": self._encode("words", words, c.max_query_words)}
+
+    def _encode(self, kind: Kind, column: pa.Array | list[list[str]], width: int) -> np.ndarray:
+        return _pad_csr(*self.vocab.encode(kind, column), width)
+
+    def _history_features(self, user: np.ndarray, ts: np.ndarray) -> dict[str, np.ndarray]:
+        """History queries and the R^u / S^u / L^u sequences of each (user, ts)."""
+        c = self.config
+        rank = self._ranks(user)
+        short_ms, long_ms = round(c.short_days * DAY_MS), round(c.long_days * DAY_MS)
+        out = {"his_query_words": self._his_queries(rank, ts)}
+        clicks = self._actions["click"]
+        end = self._position(clicks, rank, ts)
+        rt_lo = np.maximum(self._position(clicks, rank, None), end - c.realtime_len)
+        st_lo = np.minimum(np.maximum(self._position(clicks, rank, ts - short_ms), rt_lo - c.short_len), rt_lo)
+        for prefix, lo, hi, width in (("rt", rt_lo, end, c.realtime_len), ("st", st_lo, rt_lo, c.short_len)):
+            out.update(self._gather(clicks, lo, hi, width, prefix, ("item", *SIDE)))
+        long_parts = []
+        for action in LONG_ACTIONS:
+            tl = self._actions[action]
+            hi = self._position(tl, rank, ts - short_ms)
+            lo = np.maximum(self._position(tl, rank, ts - long_ms), hi - c.long_len)
+            long_parts.append(self._gather(tl, lo, hi, c.long_len, "lt", ("item", "shop", "leaf", "brand")))
+        out.update({k: np.stack([p[k] for p in long_parts], axis=1) for k in long_parts[0]})
+        return out
+
+    def _his_queries(self, rank: np.ndarray, ts: np.ndarray) -> np.ndarray:
+        """[B, his_queries, max_query_words]: the latest earlier queries, most recent first."""
+        tl, k = self._queries, self.config.his_queries
+        end = self._position(tl, rank, ts)
+        lo = np.maximum(self._position(tl, rank, None), end - k)
+        idx = end[:, None] - 1 - np.arange(k)
+        idx = np.where(idx >= lo[:, None], idx, tl.pad_row)
+        return tl.payload["words"][idx].astype(np.int64)
+
+    def _gather(self, tl: _Timeline, lo: np.ndarray, hi: np.ndarray, width: int, prefix: str,
+                fields: tuple[str, ...]) -> dict[str, np.ndarray]:
+        """Rows [lo, hi) of ``tl`` (hi - lo <= width) as [B, width] arrays, oldest first, right-padded with -1."""
+        offset = np.arange(width)
+        idx = np.where(offset < (hi - lo)[:, None], lo[:, None] + offset, tl.pad_row)
+        rows = tl.payload["row"][idx]
+        out = {f"{prefix}_item": tl.payload["item"][idx]}
+        out.update({f"{prefix}_{f}": self._side[f][rows] for f in fields if f != "item"})
+        return out
+
+    def _position(self, tl: _Timeline, rank: np.ndarray, ts: np.ndarray | None) -> np.ndarray:
+        """[B] index of the user's first row with ts >= ``ts`` (None: the user's first row); 0 for unknown users."""
+        offset = np.zeros_like(rank) if ts is None else np.clip(ts - self._ts0, 0, self._span - 1)
+        pos = np.searchsorted(tl.keys, np.maximum(rank, 0) * self._span + offset, side="left")
+        return np.where(rank >= 0, pos, 0)
+
+    def _ranks(self, user: np.ndarray) -> np.ndarray:
+        """[B] rank of each user among the users with history; -1 for a user without any."""
+        if not len(self._users):
+            return np.full(len(user), -1, np.int64)
+        rank = np.searchsorted(self._users, user)
+        known = self._users[np.minimum(rank, len(self._users) - 1)] == user
+        return np.where(known, rank, -1)
+
+    # ---------------------------------------------------------------------------------- loading
+
+    def _load_items(self) -> None:
+        """Sorted item ids, their title word ids and side information, each with a trailing padding row."""
+        items = _read(self.world, "items", None, ["item_id", "title_words", *(f"{s}_id" for s in SIDE)])
+        order = np.argsort(items["item_id"].to_numpy(), kind="stable")
+        items = items.take(pa.array(order))
+        self._item_ids = items["item_id"].to_numpy()
+        titles = _pad_csr(*self.vocab.encode("words", _lower(items["title_words"])), self.config.max_title_words)
+        self._titles = _with_pad_row(titles.astype(np.int32), PAD)
+        self._side = {s: _with_pad_row(_fill(items[f"{s}_id"]), MISSING) for s in SIDE}
+
+    def _item_rows(self, item_ids: np.ndarray) -> np.ndarray:
+        """Row of each id in the sorted items arrays; the padding row for unknown ids."""
+        n = len(self._item_ids)
+        rows = np.minimum(np.searchsorted(self._item_ids, item_ids), max(n - 1, 0))
+        found = self._item_ids[rows] == item_ids if n else np.zeros(len(item_ids), bool)
+        return np.where(found, rows, n)
+
+    def _behaviour_timeline(self, user: np.ndarray, ts: np.ndarray, item: np.ndarray, mask: np.ndarray) -> _Timeline:
+        """The behaviours selected by ``mask``: item ids and their rows in the items arrays, by (user, ts)."""
+        rows = self._item_rows(item[mask])
+        payload = {"item": _with_pad_row(item[mask], MISSING), "row": _with_pad_row(rows, len(self._item_ids))}
+        return self._timeline(user[mask], ts[mask], payload)
+
+    def _timeline(self, user: np.ndarray, ts: np.ndarray, payload: dict[str, np.ndarray]) -> _Timeline:
+        """Sort rows by (user, ts), ties in file order; ``payload`` arrays carry one padding row at the end."""
+        keys = np.searchsorted(self._users, user) * self._span + (ts - self._ts0)
+        order = np.argsort(keys, kind="stable")
+        sorted_payload = {k: np.concatenate([v[:-1][order], v[-1:]]) for k, v in payload.items()}
+        return _Timeline(keys[order], sorted_payload)
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def _read(world: Path, name: str, days: list[int] | None, columns: list[str]) -> pa.Table:
+    """A table of the world; a ``ValueError`` naming the world and the table when it is absent."""
+    if not table_files(world, schema.TABLES[name]):
+        raise ValueError(f"world {world}: table {name!r} is missing")
+    return read_table(world, name, days=days, columns=columns)
+
+
+def _event_columns(events: pa.Table) -> pa.Table:
+    """The event columns of examples/events, with ``ts`` as int64 epoch ms."""
+    events = events.select(EVENT_COLUMNS)
+    return events.set_column(2, "ts", pa.array(_ms(events["ts"]), pa.int64()))
+
+
+def _ms(ts: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Epoch milliseconds of a timestamp (any unit) or integer column."""
+    if pa.types.is_timestamp(ts.type):
+        ts = ts.cast(pa.timestamp("ms", tz=ts.type.tz)).cast(pa.int64())
+    return np.asarray(ts.to_numpy(zero_copy_only=False), np.int64)
+
+
+def _fill(column: pa.ChunkedArray) -> np.ndarray:
+    """int64 numpy copy of an id column, nulls -> -1."""
+    return column.fill_null(MISSING).to_numpy().astype(np.int64)
+
+
+def _with_pad_row(values: np.ndarray, pad: int) -> np.ndarray:
+    """``values`` with one more row filled with ``pad`` at the end (the target of padded gathers)."""
+    return np.concatenate([values, np.full((1, *values.shape[1:]), pad, values.dtype)])
+
+
+def _pad_csr(ids: np.ndarray, offsets: np.ndarray, width: int) -> np.ndarray:
+    """CSR rows (flat ids, offsets of len rows + 1) -> [rows, width] int64, left-aligned, truncated, PAD 0.
+
+    Example:
+        >>> _pad_csr(np.array([5, 6, 7]), np.array([0, 2, 2, 3]), 1).tolist()
+        [[5], [0], [7]]
+    """
+    lengths = np.minimum(np.diff(offsets), width)
+    offset = np.arange(width)
+    valid = offset < lengths[:, None]
+    out = np.full((len(lengths), width), PAD, np.int64)
+    out[valid] = ids[(offsets[:-1, None] + offset)[valid]]
+    return out
+
+
+def _lower(column: pa.Array | pa.ChunkedArray) -> pa.ListArray:
+    """A ``list<string>`` column with every string lower-cased (nulls become empty lists)."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    lengths = pc.list_value_length(column).fill_null(0).to_numpy(zero_copy_only=False)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pc.utf8_lower(pc.list_flatten(column)))
+
+
+def _column(batch: Batch, name: str, required: bool = True) -> Any:
+    """A column of a table or a numpy batch; None when absent and not required."""
+    present = name in batch.column_names if isinstance(batch, pa.Table) else name in batch
+    if not present:
+        if required:
+            raise ValueError(f"featurizer batch has no column {name!r}")
+        return None
+    return batch[name]
+
+
+def _int64(column: Any) -> np.ndarray:
+    """[B] int64 of an Arrow or numpy column; timestamps become epoch ms."""
+    if isinstance(column, pa.Array | pa.ChunkedArray):
+        return _ms(column)
+    column = np.asarray(column)
+    if np.issubdtype(column.dtype, np.datetime64):
+        return column.astype("datetime64[ms]").astype(np.int64)
+    return column.astype(np.int64)
+
+
+def _strings(column: Any) -> list[str]:
+    """Python strings of an Arrow or numpy string column (null -> "")."""
+    values = column.to_pylist() if isinstance(column, pa.Array | pa.ChunkedArray) else np.asarray(column).tolist()
+    return [v or "" for v in values]
+
+
+def _list_array(column: Any) -> pa.Array | pa.ChunkedArray:
+    """An Arrow ``list<string>`` of an Arrow column or of a numpy column (object array of lists or a 2-D array)."""
+    if isinstance(column, pa.Array | pa.ChunkedArray):
+        return column
+    column = np.asarray(column, dtype=object)
+    return pa.array(list(column) if column.ndim == 2 else column, pa.list_(pa.string()))
