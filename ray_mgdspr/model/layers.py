@@ -6,6 +6,7 @@ raw entity ids (item, shop, brand, category) use -1 for padding or missing value
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -94,6 +95,13 @@ def mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:
 
 
 def as_tensors(batch: dict, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """The featurizer's numpy batch as int64 tensors on ``device`` (non-array values are dropped)."""
-    return {k: torch.as_tensor(v, device=device) for k, v in batch.items() if hasattr(v, "shape")}
+    """The featurizer's numpy batch as tensors on ``device`` (non-array values are dropped).
+
+    Read-only arrays (zero-copy views of Arrow buffers) are copied: torch needs writable memory.
+    """
+    return {
+        k: torch.as_tensor(v if v.flags.writeable else v.copy(), device=device)
+        for k, v in batch.items()
+        if isinstance(v, np.ndarray)
+    }
 

@@ -14,6 +14,7 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig) -> to
 
     Adagrad accepts the sparse gradients of the ID and token tables (``ModelConfig.sparse_ids``).
     """
+    torch.sparse.check_sparse_tensor_invariants.disable()  # explicit: Adagrad builds sparse tensors each step
     return torch.optim.Adagrad(list(params), lr=cfg.lr, initial_accumulator_value=cfg.initial_accumulator)
 
 

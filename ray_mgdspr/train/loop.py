@@ -1,0 +1,179 @@
+"""The plain-PyTorch training step and a single-process training loop (no Ray).
+
+One step (spec §4): H_qu and H_item of a batch of (search, positive) examples; a shared negative pool of the
+batch's positives (gathered from every worker when data-parallel) plus uniformly sampled catalogue items;
+the configured loss; Adagrad with global-norm clipping. The Ray Train loop runs the same ``train_step``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+
+from ray_mgdspr.config import LossConfig, ModelConfig, OptimConfig
+from ray_mgdspr.data.features import Featurizer
+from ray_mgdspr.data.vocab import KINDS, Vocabulary
+from ray_mgdspr.data.world import read_table
+from ray_mgdspr.model.layers import as_tensors
+from ray_mgdspr.model.loss import compute_loss
+from ray_mgdspr.model.mgdspr import TwoTower, build_model
+from ray_mgdspr.model.optim import clip_grad_norm, make_optimizer
+from ray_mgdspr.model.tables import resolve_buckets
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Catalogue:
+    """Item-tower inputs of the whole catalogue: what negatives are sampled from and what gets embedded."""
+
+    item_id: np.ndarray  # (N,)
+    item_title: np.ndarray  # (N, T)
+
+    @classmethod
+    def from_featurizer(cls, featurizer: Featurizer, item_ids: np.ndarray) -> Catalogue:
+        f = featurizer.items(np.asarray(item_ids, np.int64))
+        return cls(f["item_id"], f["item_title"])
+
+    def __len__(self) -> int:
+        return len(self.item_id)
+
+    def sample(self, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """``n`` items drawn uniformly with replacement."""
+        i = rng.integers(0, len(self), size=n)
+        return {"item_id": self.item_id[i], "item_title": self.item_title[i]}
+
+
+def world_max_ids(world: str | Path) -> dict[str, int]:
+    """Largest raw id per ID table in the world's catalogue (for ``resolve_buckets``); -1 when none."""
+    items = read_table(world, "items", columns=["item_id", "shop_id", "brand_id", "leaf_id", "cate1_id"])
+
+    def top(*cols: str) -> int:
+        values = [pa.compute.max(items[c]).as_py() for c in cols]
+        return max([v for v in values if v is not None], default=-1)
+
+    return {"item": top("item_id"), "shop": top("shop_id"), "brand": top("brand_id"),
+            "category": top("leaf_id", "cate1_id")}
+
+
+def _negative_pool(pos: torch.Tensor, pos_ids: torch.Tensor, gather: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's positives, from every worker when data-parallel and ``gather`` (gradients flow back)."""
+    if not (gather and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return pos, pos_ids
+    ids = [torch.empty_like(pos_ids) for _ in range(dist.get_world_size())]
+    dist.all_gather(ids, pos_ids)
+    return torch.cat(dist_fn.all_gather(pos)), torch.cat(ids)
+
+
+def train_step(
+    model: TwoTower, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
+    negatives: dict[str, torch.Tensor], loss_cfg: LossConfig, clip_norm: float,
+    generator: torch.Generator | None = None,
+) -> dict[str, float]:
+    """One optimisation step on ``batch``; ``negatives`` are the sampled pool items (item_id, item_title).
+
+    Returns loss, grad norm (before clipping), in-pool accuracy (positive scored above every negative).
+    """
+    model.train()
+    q, pos = model(batch)  # (B, d), (B, d)
+    pool, pool_ids = _negative_pool(pos, batch["item_id"], loss_cfg.gather_positives)
+    if len(negatives["item_id"]):
+        pool = torch.cat([pool, model.embed_items(negatives["item_id"], negatives["item_title"])])
+        pool_ids = torch.cat([pool_ids, negatives["item_id"]])
+    out = compute_loss(q, pos, pool, batch["item_id"], pool_ids, loss_cfg, generator)
+    optimizer.zero_grad(set_to_none=True)
+    out.loss.backward()
+    norm = clip_grad_norm(model.parameters(), clip_norm)
+    optimizer.step()
+    acc = (out.logits.argmax(1) == 0).float().mean()
+    return {"loss": out.loss.item(), "grad_norm": norm.item(), "pool_acc": acc.item(), "pool": pool.size(0)}
+
+
+def extra_negatives(loss_cfg: LossConfig, global_batch: int) -> int:
+    """Uniform samples per step so that |pool| = max(pool_size, batch positives)."""
+    return max(0, loss_cfg.pool_size - global_batch)
+
+
+@dataclass
+class LocalRun:
+    """What ``fit_local`` returns: the trained model and its per-step metrics."""
+
+    model: TwoTower
+    vocab: Vocabulary
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def fit_local(
+    featurizer: Featurizer, vocab: Vocabulary, world: str | Path, train_days: list[int],
+    model_cfg: ModelConfig, loss_cfg: LossConfig, optim_cfg: OptimConfig, steps: int, seed: int = 0,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> LocalRun:
+    """Train for ``steps`` steps in this process, reshuffling the training examples every epoch."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    generator = torch.Generator().manual_seed(seed)
+    model_cfg = resolve_buckets(model_cfg, world_max_ids(world))
+    model = build_model(model_cfg, {k: vocab.num_ids(k) for k in KINDS})
+    optimizer = make_optimizer(model.parameters(), optim_cfg)
+    examples = featurizer.examples(train_days)
+    if examples.num_rows == 0:
+        raise ValueError(f"{world}: no training examples (searches with a click or buy) on days {train_days}")
+    catalogue = Catalogue.from_featurizer(featurizer, read_table(world, "items", columns=["item_id"])["item_id"])
+    run, t0, step = LocalRun(model, vocab), time.perf_counter(), 0
+    bs = min(optim_cfg.batch_size, examples.num_rows)
+    while step < steps:
+        order = rng.permutation(examples.num_rows)
+        for start in range(0, len(order) - bs + 1, bs):
+            batch = as_tensors(featurizer(examples.take(order[start : start + bs])))
+            negatives = as_tensors(catalogue.sample(extra_negatives(loss_cfg, bs), rng))
+            metrics = train_step(model, optimizer, batch, negatives, loss_cfg, optim_cfg.clip_norm, generator)
+            run.history.append(metrics)
+            step += 1
+            if on_step:
+                on_step(step, metrics)
+            if step >= steps:
+                break
+    run.seconds = time.perf_counter() - t0
+    return run
+
+
+@torch.inference_mode()
+def embed_catalogue(model: TwoTower, catalogue: Catalogue, batch_size: int = 4096) -> torch.Tensor:
+    """H_item of every catalogue item, (N, d), in catalogue order."""
+    model.eval()
+    parts = []
+    for s in range(0, len(catalogue), batch_size):
+        ids = torch.as_tensor(catalogue.item_id[s : s + batch_size])
+        parts.append(model.embed_items(ids, torch.as_tensor(catalogue.item_title[s : s + batch_size])))
+    return torch.cat(parts)
+
+
+@torch.inference_mode()
+def retrieve(
+    model: TwoTower, featurizer: Featurizer, events: pa.Table, catalogue: Catalogue, k: int, batch_size: int = 512
+) -> np.ndarray:
+    """Exact top-k item ids (E, k) for each event by brute-force inner product over the whole catalogue."""
+    model.eval()
+    items = embed_catalogue(model, catalogue)
+    k = min(k, len(catalogue))
+    out = []
+    for s in range(0, events.num_rows, batch_size):
+        q = model.query_tower(as_tensors(featurizer(events.slice(s, batch_size))))
+        out.append(catalogue.item_id[(q @ items.T).topk(k, dim=1).indices.numpy()])
+    return np.concatenate(out) if out else np.zeros((0, k), np.int64)
+
+
+def targets_of(events: pa.Table) -> list[np.ndarray]:
+    """The target item ids of each evaluation event (``Featurizer.events``)."""
+    return [np.asarray(t, np.int64) for t in events["target_item_ids"].to_pylist()]
+
