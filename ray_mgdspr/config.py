@@ -178,7 +178,7 @@ class ModelConfig(StrictModel):
     d: int = Field(128, ge=8, description="embedding size everywhere")
     heads: int = Field(8, ge=1, description="self-attention heads (Trm, behaviour self-attention, fusion)")
     dropout: float = Field(0.2, ge=0, lt=1, description="between the real-time LSTM's layers")
-    attn_dropout: float = Field(0.1, ge=0, lt=1, description="inside the Transformer layers (Trm, fusion)")
+    attn_dropout: float = Field(0.0, ge=0, lt=1, description="attention dropout (paper: none stated)")
     # ID tables: None sizes a table to the training world (one row per id, no collisions); a number caps it
     # and raw ids are hashed into that many rows (a 100M-item catalogue does not need 100M rows).
     item_buckets: int | None = Field(None, ge=2, description="item ID table rows (None: one per catalogue id)")

@@ -111,3 +111,29 @@ def test_adagrad_starts_its_accumulator_like_tf() -> None:
     opt.step()
     # TF: acc = 0.1 + g^2 = 1.1; step = lr * g / sqrt(acc)
     torch.testing.assert_close(p.data, torch.tensor([-0.1 / math.sqrt(1.1), 0.0]), rtol=1e-4, atol=1e-6)
+
+
+def _spec_sketch(q, pos, pool, hit, cfg, generator):  # the spec §4.4 sketch, materialising I_mix
+    s_pos = (q * pos).sum(-1, keepdim=True)
+    s_neg = (q @ pool.T).masked_fill(hit, float("-inf"))
+    hard = s_neg.detach().topk(cfg.n_hard, dim=1).indices
+    alpha = torch.rand(q.size(0), cfg.n_hard, 1, generator=generator)
+    alpha = cfg.alpha_low + (cfg.alpha_high - cfg.alpha_low) * alpha
+    mix = alpha * pos.unsqueeze(1) + (1 - alpha) * pool[hard]
+    s_mix = torch.einsum("bd,bnd->bn", q, mix)
+    logits = torch.cat([s_pos, s_neg, s_mix], dim=1) / cfg.tau
+    return torch.nn.functional.cross_entropy(logits, torch.zeros(q.size(0), dtype=torch.long))
+
+
+def test_scoring_i_mix_without_building_it_equals_the_spec_sketch() -> None:
+    torch.manual_seed(3)
+    cfg = LossConfig(n_hard=7)
+    leaves = [torch.randn(5, 6, requires_grad=True), torch.randn(5, 6, requires_grad=True),
+              torch.randn(12, 6, requires_grad=True)]
+    hit = torch.zeros(5, 12, dtype=torch.bool)
+    ours = softmax_loss(*leaves, hit, cfg, torch.Generator().manual_seed(9)).loss
+    grads = torch.autograd.grad(ours, leaves)
+    ref = _spec_sketch(*leaves, hit, cfg, torch.Generator().manual_seed(9))
+    torch.testing.assert_close(ours, ref)
+    for g, g_ref in zip(grads, torch.autograd.grad(ref, leaves), strict=True):
+        torch.testing.assert_close(g, g_ref)
