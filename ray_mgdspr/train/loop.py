@@ -42,7 +42,7 @@ class Catalogue:
     @classmethod
     def from_featurizer(cls, featurizer: Featurizer, item_ids: np.ndarray) -> Catalogue:
         f = featurizer.items(np.asarray(item_ids, np.int64))
-        return cls(f["item_id"], f["item_title"])
+        return cls(np.array(f["item_id"]), np.array(f["item_title"]))  # own, writable copies
 
     def __len__(self) -> int:
         return len(self.item_id)
@@ -65,7 +65,7 @@ def world_max_ids(world: str | Path) -> dict[str, int]:
             "category": top("leaf_id", "cate1_id")}
 
 
-def _negative_pool(pos: torch.Tensor, pos_ids: torch.Tensor, gather: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def shared_positives(pos: torch.Tensor, pos_ids: torch.Tensor, gather: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The batch's positives, from every worker when data-parallel and ``gather`` (gradients flow back)."""
     if not (gather and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return pos, pos_ids
@@ -85,7 +85,7 @@ def train_step(
     """
     model.train()
     q, pos = model(batch)  # (B, d), (B, d)
-    pool, pool_ids = _negative_pool(pos, batch["item_id"], loss_cfg.gather_positives)
+    pool, pool_ids = shared_positives(pos, batch["item_id"], loss_cfg.gather_positives)
     if len(negatives["item_id"]):
         pool = torch.cat([pool, model.embed_items(negatives["item_id"], negatives["item_title"])])
         pool_ids = torch.cat([pool_ids, negatives["item_id"]])
