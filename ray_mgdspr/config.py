@@ -227,6 +227,48 @@ class OptimConfig(StrictModel):
 
 
 # --------------------------------------------------------------------------------------------------
+# Ray Data ingest and Ray Train
+
+
+class DataConfig(StrictModel):
+    """Ray Data: read the logs, validate, featurize in an actor pool (resources are configuration)."""
+
+    featurize_actors: int = Field(1, ge=1, description="featurizer actors (each holds the users' histories)")
+    featurize_cpus: float = Field(0.25, gt=0, description="CPUs per featurizer actor (fractional on a laptop)")
+    batch_rows: int = Field(1024, ge=1, description="rows per featurize call")
+    repartition: int | None = Field(None, ge=1, description="split the read into this many blocks (None: as read)")
+
+
+class TrainConfig(StrictModel):
+    """Ray Train: DDP training of the model on a world, checkpoints, resume, evaluation, the output bundle."""
+
+    world: str = Field("runs/world", description="world directory (or URI pyarrow can read)")
+    run_name: str = Field("mgdspr", description="same name + storage_path = resume from the last checkpoint")
+    storage_path: str = Field("runs/train", description="where runs and checkpoints live (made absolute)")
+    out: str | None = Field(None, description="model bundle directory (default: <storage_path>/<run_name>/bundle)")
+    epochs: int = Field(2, ge=1)
+    max_steps_per_epoch: int | None = Field(None, ge=1, description="cap per worker and epoch (smoke runs)")
+    num_workers: int = Field(2, ge=1, description="DDP workers")
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=lambda: {"CPU": 0.5}, description="fractional CPUs so 2 workers fit a 2-core laptop"
+    )
+    bf16: bool = Field(True, description="bf16 autocast on GPU (ignored on CPU)")
+    checkpoint_every: int = Field(200, ge=1, description="steps between checkpoints (and at every epoch end)")
+    num_to_keep: int = Field(2, ge=1, description="checkpoints kept")
+    max_failures: int = Field(1, ge=0, description="worker failures the run recovers from")
+    eval_events: int = Field(1000, ge=1, description="held-out test-day searches sampled for Recall@K")
+    eval_k: int = Field(100, ge=1, description="K of Recall@K (exact search over the whole catalogue)")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _gpu_resources(self) -> TrainConfig:
+        if self.use_gpu and "GPU" not in self.resources_per_worker:
+            self.resources_per_worker = {**self.resources_per_worker, "GPU": 1.0}
+        return self
+
+
+# --------------------------------------------------------------------------------------------------
 # the file
 
 
@@ -239,6 +281,8 @@ class ProjectConfig(StrictModel):
     model: ModelConfig = ModelConfig()
     loss: LossConfig = LossConfig()
     optim: OptimConfig = OptimConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
 
 
 def _format_error(source: str, err: ValidationError) -> str:
