@@ -195,6 +195,52 @@ def demo(
                   f"vocabulary {result.vocab_path} [SYNTHETIC data]")
 
 
+@app.command()
+def train(
+    config: ConfigOpt = None,
+    preset: PresetOpt = None,
+    world: Annotated[str | None, typer.Option(help="world to train on (overrides train.world)")] = None,
+    run_name: Annotated[str | None, typer.Option(help="run name (same name resumes; overrides the config)")] = None,
+    epochs: Annotated[int | None, typer.Option(help="overrides train.epochs")] = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")]
+    = None,
+) -> None:
+    """Train MGDSPR with Ray Train (DDP) and write a versioned model bundle; resumes a run of the same name."""
+    from ray_mgdspr.train.trainer import train as run_training
+
+    cfg = _config(config, preset)
+    overrides = {k: v for k, v in {"world": world, "run_name": run_name, "epochs": epochs}.items() if v is not None}
+    try:
+        cfg = cfg.model_copy(update={"train": cfg.train.model_validate({**cfg.train.model_dump(), **overrides})})
+        _connect_ray(address or cfg.ray.address, cfg.ray.local_num_cpus)
+        result = run_training(cfg)
+    except (FileNotFoundError, FileExistsError, ValueError, ConfigError) as e:
+        raise _fail(str(e)) from None
+    final = result.metrics[-1] if result.metrics else {}
+    recall = {k: v for k, v in final.items() if k.startswith("recall@")}
+    console.print(f"trained {cfg.train.run_name} on {cfg.train.world}: {final.get('epoch', 0)} epochs, "
+                  f"{final.get('step', 0)} steps, loss {final.get('loss', float('nan')):.4f}, "
+                  + ", ".join(f"{k} {v:.4f}" for k, v in recall.items())
+                  + f" in {result.seconds:.0f}s -> bundle {result.bundle} (version {result.manifest.version}) "
+                  + escape(f"[{result.manifest.metadata.get('data', '')}]"), soft_wrap=True)
+
+
+def _connect_ray(address: str | None, local_num_cpus: int | None) -> None:
+    """Join the given (or $RAY_ADDRESS) cluster, or start a local Ray with ``local_num_cpus`` logical CPUs."""
+    import os
+
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:
+        ray.init(num_cpus=local_num_cpus, logging_level=logging.WARNING)
+
+
 @vocab_app.command("build")
 def vocab_build(
     world: Annotated[Path, typer.Argument(help="world directory")],

@@ -236,7 +236,18 @@ class DataConfig(StrictModel):
     featurize_actors: int = Field(1, ge=1, description="featurizer actors (each holds the users' histories)")
     featurize_cpus: float = Field(0.25, gt=0, description="CPUs per featurizer actor (fractional on a laptop)")
     batch_rows: int = Field(1024, ge=1, description="rows per featurize call")
+    read_cpus: float = Field(0.25, gt=0, description="CPUs per read / explode task (fractional on a laptop)")
     repartition: int | None = Field(None, ge=1, description="split the read into this many blocks (None: as read)")
+    shuffle_buffer: int | None = Field(2048, ge=1, description="rows each worker shuffles locally (None: off)")
+
+
+class RayConfig(StrictModel):
+    """Where stages run: an existing cluster, or a local Ray started by the command."""
+
+    address: str | None = Field(None, description="cluster address (None: $RAY_ADDRESS, else start a local Ray)")
+    local_num_cpus: int | None = Field(
+        4, ge=1, description="logical CPUs of a local Ray (None: the machine's); Ray Data's file listing asks for a "
+        "whole CPU, so a 2-core laptop running 2 fractional workers needs more logical CPUs than cores")
 
 
 class TrainConfig(StrictModel):
@@ -283,6 +294,7 @@ class ProjectConfig(StrictModel):
     optim: OptimConfig = OptimConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
+    ray: RayConfig = RayConfig()
 
 
 def _format_error(source: str, err: ValidationError) -> str:

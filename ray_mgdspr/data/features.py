@@ -6,7 +6,8 @@ Rows
 ----
 :meth:`Featurizer.examples` gives training examples, one row per (search event, positive item), where the
 positives of an event are ``clicked_item_ids ∪ bought_item_ids`` (deduplicated, clicked order first, then
-bought items not clicked); events without positives are dropped. Columns: ``event_id`` int64, ``user_id`` int64,
+bought items not clicked); events without positives are dropped (:func:`explode_positives` does this for any
+table of search events, e.g. a Ray Data batch). Columns: ``event_id`` int64, ``user_id`` int64,
 ``ts`` int64 (epoch ms), ``query`` string, ``query_words`` list<string>, ``item_id`` int64. Rows are in file order
 (day by day, events in the order the day file holds them), so the table is the same on every call.
 :meth:`Featurizer.events` gives one row per search event with at least one positive, with the same columns
@@ -91,6 +92,9 @@ SIDE = ("shop", "leaf", "cate1", "brand")
 MISSING = -1
 """Padding and missing value of raw entity ids."""
 EVENT_COLUMNS = ["event_id", "user_id", "ts", "query", "query_words"]
+POSITIVE_COLUMNS = ["clicked_item_ids", "bought_item_ids"]
+EXPLODE_COLUMNS = [*EVENT_COLUMNS, *POSITIVE_COLUMNS]
+"""Columns of ``search_events`` that :func:`explode_positives` reads."""
 
 Batch = Mapping[str, Any] | pa.Table | pa.RecordBatch
 
@@ -163,8 +167,7 @@ class Featurizer:
         Returns:
             columns ``event_id``, ``user_id``, ``ts`` (int64 epoch ms), ``query``, ``query_words``, ``item_id``.
         """
-        events, parent, items = self._events_with_positives(days)
-        return _event_columns(events.take(pa.array(parent))).append_column("item_id", pa.array(items, pa.int64()))
+        return explode_positives(self._read_events(days))
 
     def events(self, days: Iterable[int]) -> pa.Table:
         """Evaluation events of ``days``: one row per search event with at least one positive.
@@ -176,25 +179,16 @@ class Featurizer:
             columns ``event_id``, ``user_id``, ``ts`` (int64 epoch ms), ``query``, ``query_words``,
             ``target_item_ids`` (list<int64>: clicked ∪ bought).
         """
-        events, parent, items = self._events_with_positives(days)
+        events = self._read_events(days)
+        parent, items = _positive_pairs(events)
         rows, counts = np.unique(parent, return_counts=True)
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
         targets = pa.ListArray.from_arrays(pa.array(offsets), pa.array(items, pa.int64()))
         return _event_columns(events.take(pa.array(rows))).append_column("target_item_ids", targets)
 
-    def _events_with_positives(self, days: Iterable[int]) -> tuple[pa.Table, np.ndarray, np.ndarray]:
-        """Events of ``days`` and their deduplicated positives as (event row, item id) pairs, in row order."""
-        cols = [*EVENT_COLUMNS, "clicked_item_ids", "bought_item_ids"]
-        events = _read(self.world, "search_events", sorted(set(days)), cols)
-        parts = [events[c].combine_chunks() for c in ("clicked_item_ids", "bought_item_ids")]
-        parent = np.concatenate([pc.list_parent_indices(p).to_numpy() for p in parts]).astype(np.int64)
-        items = np.concatenate([pc.list_flatten(p).to_numpy() for p in parts]).astype(np.int64)
-        by_pair = np.lexsort((np.arange(len(items)), items, parent))
-        first = np.ones(len(by_pair), bool)
-        first[1:] = (parent[by_pair][1:] != parent[by_pair][:-1]) | (items[by_pair][1:] != items[by_pair][:-1])
-        kept = np.sort(by_pair[first])
-        kept = kept[np.argsort(parent[kept], kind="stable")]
-        return events, parent[kept], items[kept]
+    def _read_events(self, days: Iterable[int]) -> pa.Table:
+        """The :data:`EXPLODE_COLUMNS` of the search events of ``days``, in file order."""
+        return _read(self.world, "search_events", sorted(set(days)), EXPLODE_COLUMNS)
 
     # ------------------------------------------------------------------------------------ features
 
@@ -335,6 +329,33 @@ class Featurizer:
 
 
 # ------------------------------------------------------------------------------------------- helpers
+
+
+def explode_positives(events: pa.Table) -> pa.Table:
+    """One row per (search event, positive item): the rows of :meth:`Featurizer.examples` (module docstring).
+
+    Args:
+        events: rows of ``search_events`` with at least the :data:`EXPLODE_COLUMNS` (others are dropped).
+
+    Returns:
+        columns ``event_id``, ``user_id``, ``ts`` (int64 epoch ms), ``query``, ``query_words``, ``item_id``;
+        positives are clicked ∪ bought, deduplicated per event, clicked order first; events in input order.
+    """
+    parent, items = _positive_pairs(events)
+    return _event_columns(events.take(pa.array(parent))).append_column("item_id", pa.array(items, pa.int64()))
+
+
+def _positive_pairs(events: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """Deduplicated positives of each event as (event row, item id) pairs, in row order, clicked first."""
+    parts = [events[c].combine_chunks() for c in POSITIVE_COLUMNS]
+    parent = np.concatenate([pc.list_parent_indices(p).to_numpy() for p in parts]).astype(np.int64)
+    items = np.concatenate([pc.list_flatten(p).to_numpy() for p in parts]).astype(np.int64)
+    by_pair = np.lexsort((np.arange(len(items)), items, parent))
+    first = np.ones(len(by_pair), bool)
+    first[1:] = (parent[by_pair][1:] != parent[by_pair][:-1]) | (items[by_pair][1:] != items[by_pair][:-1])
+    kept = np.sort(by_pair[first])
+    kept = kept[np.argsort(parent[kept], kind="stable")]
+    return parent[kept], items[kept]
 
 
 def _read(world: Path, name: str, days: list[int] | None, columns: list[str]) -> pa.Table:

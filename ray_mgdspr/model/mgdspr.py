@@ -24,7 +24,7 @@ class TwoTower(nn.Module):
         >>> from ray_mgdspr.model.layers import as_tensors
         >>> cfg = ModelConfig(d=16, heads=2, item_buckets=50, shop_buckets=10, brand_buckets=10, category_buckets=10)
         >>> model = build_model(cfg, {"words": 30, "chars": 30, "bigrams": 30})
-        >>> q, item = model(as_tensors(random_batch(4, FeatureConfig(), vocab_size=30, n_items=50)))
+        >>> q, item, _ = model(as_tensors(random_batch(4, FeatureConfig(), vocab_size=30, n_items=50)))
         >>> q.shape, item.shape
         (torch.Size([4, 16]), torch.Size([4, 16]))
     """
@@ -40,9 +40,16 @@ class TwoTower(nn.Module):
         """H_item (B, d) of raw item ids (B,) with their title word ids (B, T)."""
         return self.item_tower(item_id, item_title)
 
-    def forward(self, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """H_qu (B, d) of each search and H_item (B, d) of its positive item."""
-        return self.query_tower(b), self.embed_items(b["item_id"], b["item_title"])
+    def forward(
+        self, b: dict[str, torch.Tensor], extra: dict[str, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """H_qu (B, d) of each search, H_item (B, d) of its positive item, and H_item (M, d) of ``extra`` items
+        (``item_id``, ``item_title``: the sampled negatives) or None.
+
+        One forward computes everything a training step needs, so DistributedDataParallel sees one call.
+        """
+        h_extra = None if extra is None else self.embed_items(extra["item_id"], extra["item_title"])
+        return self.query_tower(b), self.embed_items(b["item_id"], b["item_title"]), h_extra
 
 
 def build_model(cfg: ModelConfig, vocab_sizes: dict[str, int]) -> TwoTower:

@@ -12,12 +12,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 
 from ray_mgdspr.config import LossConfig, ModelConfig, OptimConfig
 from ray_mgdspr.data.features import Featurizer
@@ -65,30 +65,51 @@ def world_max_ids(world: str | Path) -> dict[str, int]:
             "category": top("leaf_id", "cate1_id")}
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather of equal-sized tensors whose backward sends each worker the gradient of its own rows,
+    summed over every worker's loss (DDP then averages parameter gradients as usual)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        n = grad.size(0) // dist.get_world_size()
+        return grad[dist.get_rank() * n : (dist.get_rank() + 1) * n]
+
+
 def shared_positives(pos: torch.Tensor, pos_ids: torch.Tensor, gather: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The batch's positives, from every worker when data-parallel and ``gather`` (gradients flow back)."""
+    """The batch's positives, from every worker when data-parallel and ``gather`` (gradients flow back).
+
+    Workers must hold equal batch sizes (the trainer drops the last partial batch).
+    """
     if not (gather and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return pos, pos_ids
     ids = [torch.empty_like(pos_ids) for _ in range(dist.get_world_size())]
-    dist.all_gather(ids, pos_ids)
-    return torch.cat(dist_fn.all_gather(pos)), torch.cat(ids)
+    dist.all_gather(ids, pos_ids.contiguous())
+    return _GatherWithGrad.apply(pos), torch.cat(ids)
 
 
 def train_step(
-    model: TwoTower, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
     negatives: dict[str, torch.Tensor], loss_cfg: LossConfig, clip_norm: float,
     generator: torch.Generator | None = None,
 ) -> dict[str, float]:
     """One optimisation step on ``batch``; ``negatives`` are the sampled pool items (item_id, item_title).
 
+    ``model`` is a :class:`TwoTower`, or one wrapped in DistributedDataParallel.
+
     Returns loss, grad norm (before clipping), in-pool accuracy (positive scored above every negative).
     """
     model.train()
-    q, pos = model(batch)  # (B, d), (B, d)
+    q, pos, sampled = model(batch, negatives)  # (B, d), (B, d), (M, d)
     pool, pool_ids = shared_positives(pos, batch["item_id"], loss_cfg.gather_positives)
-    if len(negatives["item_id"]):
-        pool = torch.cat([pool, model.embed_items(negatives["item_id"], negatives["item_title"])])
-        pool_ids = torch.cat([pool_ids, negatives["item_id"]])
+    pool, pool_ids = torch.cat([pool, sampled]), torch.cat([pool_ids, negatives["item_id"]])
     out = compute_loss(q, pos, pool, batch["item_id"], pool_ids, loss_cfg, generator)
     optimizer.zero_grad(set_to_none=True)
     out.loss.backward()

@@ -36,13 +36,13 @@ def _batch(vocab: Vocabulary) -> dict[str, torch.Tensor]:
 
 def test_round_trip_and_towers_alone(tmp_path: Path, vocab: Vocabulary) -> None:
     model, b = _model(vocab, 0), _batch(vocab)
-    q, item = model(b)
+    q, item, _ = model(b)
     m = save_bundle(tmp_path / "b", model, vocab, FEATURES, LossConfig(), metadata={"steps": 3}, version="v1")
     assert m.version == "v1" and m.metadata == {"steps": 3}
     assert set(m.files) == {"query_tower.pt", "item_tower.pt", "vocab.json"}
     loaded, vocab2, m2 = load_bundle(tmp_path / "b")
     assert m2.version == "v1" and vocab2.tokens == vocab.tokens and m2.features == FEATURES
-    q2, item2 = loaded(b)
+    q2, item2, _ = loaded(b)
     torch.testing.assert_close(q, q2)
     torch.testing.assert_close(item, item2)
     # Each tower alone: the item tower's output does not depend on the query tower file, and vice versa.

@@ -100,7 +100,7 @@ def test_query_tower_output_and_ablations() -> None:
     b = batch()
     for kw in [{}, {"mgs": False}, {"trm": False}, {"personalise": False}, {"type_embeddings": True}, {"kind": "dnn"}]:
         m = model_of(**kw)
-        q, item = m(b)
+        q, item, _ = m(b)
         assert q.shape == (B, D) and item.shape == (B, D), kw
         assert torch.isfinite(q).all() and torch.isfinite(item).all(), kw
 
@@ -146,16 +146,16 @@ def _widen(b: dict[str, torch.Tensor], extra: int) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("kind", ["mgdspr", "dnn"])
 def test_padding_does_not_change_outputs(kind: str) -> None:
     m, b = model_of(kind=kind), batch()
-    q, item = m(b)
-    q2, item2 = m(_widen(b, 11))
+    q, item, _ = m(b)
+    q2, item2, _ = m(_widen(b, 11))
     torch.testing.assert_close(q, q2, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(item, item2)
 
 
 def test_an_example_does_not_depend_on_the_rest_of_the_batch() -> None:
     m, b = model_of(), batch()
-    q, _ = m(b)
-    q0, _ = m({k: v[:1] for k, v in b.items()})
+    q, _, _ = m(b)
+    q0, _, _ = m({k: v[:1] for k, v in b.items()})
     torch.testing.assert_close(q[:1], q0, atol=1e-5, rtol=1e-5)
 
 
@@ -170,7 +170,7 @@ def _grad_mass(p: torch.nn.Parameter) -> float:
 def test_gradients_reach_every_parameter(kind: str) -> None:
     m = model_of(kind=kind).train()
     b = batch(fill=1.0, n=16)
-    q, item = m(b)
+    q, item, _ = m(b)
     (q @ item.T).logsumexp(1).sum().backward()
     dead = [n for n, p in m.named_parameters() if _grad_mass(p) == 0]
     assert dead == []

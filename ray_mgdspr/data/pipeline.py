@@ -1,0 +1,198 @@
+"""Ray Data ingest for training: search events of some days -> featurized (event, positive item) examples.
+
+What streams
+------------
+:func:`training_dataset` reads the ``search_events`` day files of the training days with
+``ray.data.read_parquet`` (only the columns the examples need), explodes each event into one row per positive
+item in a task pool (:func:`~ray_mgdspr.data.features.explode_positives`, stateless) and featurizes batches in
+a pool of actors (:class:`FeaturizeBatch`). The dataset is lazy: blocks flow through both stages into the
+trainer's ``iter_torch_batches`` as they are produced, under Ray Data's backpressure. The driver never reads the
+log itself, only the Parquet footers of the day files, to fail fast on a missing file, column or type.
+
+Where memory goes
+-----------------
+Each featurizer actor builds a :class:`~ray_mgdspr.data.features.Featurizer`, which loads the items table and
+**every user's behaviours (click, buy, collect) and query history of** ``history_days`` into numpy arrays. That
+is the part that grows with the log, and it is paid once per actor: ``featurize_actors`` x (history of
+``history_days``). Narrow ``history_days`` to the training days plus the ``long_days`` before them on a long log.
+
+Resources are configuration
+---------------------------
+:class:`~ray_mgdspr.config.DataConfig` sets the number of featurizer actors, their (fractional) CPUs, the rows
+per featurize call and an optional repartition of the read (one Parquet file is one block, which feeds one
+actor). On a 2-core machine whole CPUs per actor deadlock next to Ray Train; on a cluster they are whole CPUs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import ray
+
+from ray_mgdspr.config import DataConfig, FeatureConfig
+from ray_mgdspr.data.features import EXPLODE_COLUMNS, POSITIVE_COLUMNS, Featurizer, explode_positives
+from ray_mgdspr.data.schema import ITEMS, SEARCH_EVENTS, day_file_name
+from ray_mgdspr.data.vocab import Vocabulary
+
+
+def training_dataset(world: str | Path, days: Iterable[int], vocab_path: str | Path, features: FeatureConfig,
+                     data: DataConfig, history_days: Iterable[int] | None = None) -> ray.data.Dataset:
+    """Stream (search event, positive item) training examples of ``days``, featurized, as a Ray Dataset.
+
+    The day files are checked (present, needed columns with the schema's types, at least one event) before
+    anything runs; the dataset itself is lazy.
+
+    Args:
+        world: a world directory, or a URI pyarrow understands (``s3://...``) for the search events; the
+            featurizer actors read the rest of the world (items, histories) from a local path.
+        days: day numbers of ``search_events`` (e.g. the manifest's ``train_days``).
+        vocab_path: the vocabulary JSON file (each actor loads it).
+        features: lengths and windows of the features.
+        data: actors, CPUs per actor, rows per batch and repartitioning.
+        history_days: days of behaviours and query history each actor loads (default: all days of the world).
+
+    Returns:
+        a dataset whose columns are the Featurizer's output keys (``query_chars``, ..., ``item_id``,
+        ``item_title``, ``user_id``, ``ts``, ``event_id``), all int64.
+
+    Raises:
+        ValueError: ``days`` is empty or has no search events, a day file is missing or unreadable, or lacks a
+            needed column or has it with another type than ``schema.SEARCH_EVENTS``.
+    """
+    files = search_event_files(world, days)
+    cpus = {"num_cpus": data.read_cpus}  # fractional: Train workers may hold most of a small machine's CPUs
+    ds = ray.data.read_parquet(files, **cpus).select_columns(EXPLODE_COLUMNS)  # projection pushed into the read
+    if data.repartition is not None:
+        ds = ds.repartition(data.repartition)
+    ds = ds.map_batches(explode_positives, batch_format="pyarrow", **cpus)
+    featurizer_args = {"world": str(world), "vocab_path": str(vocab_path), "features": features,
+                       "history_days": None if history_days is None else sorted(set(history_days))}
+    return ds.map_batches(FeaturizeBatch, fn_constructor_kwargs=featurizer_args,
+                          compute=ray.data.ActorPoolStrategy(size=data.featurize_actors),
+                          num_cpus=data.featurize_cpus, batch_size=data.batch_rows, batch_format="pyarrow")
+
+
+class FeaturizeBatch:
+    """Ray Data callable class: one :class:`Featurizer` per actor (it holds the users' histories).
+
+    Args:
+        world: the world directory.
+        vocab_path: the vocabulary JSON file.
+        features: lengths and windows of the features.
+        history_days: days of behaviours and query history to load (None: all days).
+    """
+
+    def __init__(self, world: str, vocab_path: str, features: FeatureConfig,
+                 history_days: list[int] | None) -> None:
+        self.featurizer = Featurizer(world, Vocabulary.load(vocab_path), features, history_days)
+
+    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
+        """Features of a batch of :func:`explode_positives` rows (dict of int64 arrays)."""
+        return self.featurizer(batch)
+
+
+def search_event_files(world: str | Path, days: Iterable[int]) -> list[str]:
+    """The ``search_events`` day files of ``days``, after checking their Parquet footers (no data is read).
+
+    Args:
+        world: a world directory or URI.
+        days: day numbers.
+
+    Returns:
+        the files, in day order, as absolute paths or URIs (what ``ray.data.read_parquet`` takes).
+
+    Raises:
+        ValueError: as :func:`training_dataset`.
+    """
+    days = sorted(set(days))
+    if not days:
+        raise ValueError(f"world {world}: no days given to read search events from")
+    root = _Location.of(world)
+    files, rows = [], 0
+    for day in days:
+        file = root.join(SEARCH_EVENTS.name, day_file_name(day))
+        with file.open_parquet(f"day {day}") as pf:
+            _check_columns(file.uri, pf.schema_arrow)
+            rows += pf.metadata.num_rows
+        files.append(file.uri)
+    if not rows:
+        raise ValueError(f"world {world}: search_events has no events on days {days}")
+    return files
+
+
+def check_item_ids(world: str | Path, days: Iterable[int]) -> None:
+    """Fail when a clicked or bought item id of a search event of ``days`` is not in the ``items`` table.
+
+    Reads only the id columns: the items' ``item_id`` and, one day file at a time, the positives.
+
+    Args:
+        world: a world directory or URI.
+        days: day numbers of ``search_events``.
+
+    Raises:
+        ValueError: naming the table, the day file, the column and an unknown id (or a missing file).
+    """
+    root = _Location.of(world)
+    items = root.join(ITEMS.path_name())
+    with items.open_parquet("the catalogue") as pf:
+        known = pf.read(columns=["item_id"])["item_id"].combine_chunks()
+    for day in sorted(set(days)):
+        file = root.join(SEARCH_EVENTS.name, day_file_name(day))
+        with file.open_parquet(f"day {day}") as pf:
+            columns = pf.read(columns=POSITIVE_COLUMNS)
+        per_column = [pc.list_flatten(columns[c].combine_chunks()) for c in POSITIVE_COLUMNS]
+        ids = pa.concat_arrays(per_column)
+        unknown = pc.invert(pc.is_in(ids, value_set=known)).to_numpy(zero_copy_only=False)
+        if unknown.any():
+            first = int(np.argmax(unknown))
+            column = POSITIVE_COLUMNS[0] if first < len(per_column[0]) else POSITIVE_COLUMNS[1]
+            value = ids[first].as_py()
+            raise ValueError(f"table {SEARCH_EVENTS.name}, day file {file.uri}: {int(unknown.sum())} item ids not "
+                             f"in the items table {items.uri}, e.g. {value} in column {column!r}")
+
+
+def _check_columns(uri: str, got: pa.Schema) -> None:
+    """A ``ValueError`` naming the file and the column when a needed column is missing or mistyped."""
+    for name in EXPLODE_COLUMNS:
+        want = SEARCH_EVENTS.schema.field(name).type
+        if name not in got.names:
+            raise ValueError(f"{uri}: missing column {name!r} (expected type {want}) of table {SEARCH_EVENTS.name}")
+        if not got.field(name).type.equals(want):
+            raise ValueError(f"{uri}: column {name!r} has type {got.field(name).type}, expected {want} "
+                             f"(table {SEARCH_EVENTS.name})")
+
+
+@dataclass(frozen=True)
+class _Location:
+    """A path on a pyarrow filesystem, and how the user (and Ray) spells it."""
+
+    fs: pafs.FileSystem
+    path: str
+    uri: str
+
+    @classmethod
+    def of(cls, world: str | Path) -> _Location:
+        text = str(world)
+        uri = text.rstrip("/") if "://" in text else str(Path(text).absolute())
+        fs, path = pafs.FileSystem.from_uri(uri)
+        return cls(fs, path.rstrip("/"), uri)
+
+    def join(self, *parts: str) -> _Location:
+        tail = "/".join(parts)
+        return _Location(self.fs, f"{self.path}/{tail}", f"{self.uri}/{tail}")
+
+    def open_parquet(self, what: str) -> pq.ParquetFile:
+        """The Parquet file here; a ``ValueError`` naming ``what`` and the path when missing or unreadable."""
+        if self.fs.get_file_info(self.path).type != pafs.FileType.File:
+            raise ValueError(f"no file for {what}: {self.uri} does not exist")
+        try:
+            return pq.ParquetFile(self.path, filesystem=self.fs)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise ValueError(f"{self.uri} ({what}): not a readable Parquet file: {e}") from None

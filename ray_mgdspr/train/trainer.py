@@ -1,0 +1,298 @@
+"""Distributed MGDSPR training on Ray: the driver ``train`` and the per-worker loop ``train_loop_per_worker``.
+
+Ray enters in four places, marked ``# Ray:`` below: the dataset shard each worker streams, DDP set-up
+(``prepare_model``), ``ray.train.report`` with checkpoints, and ``get_checkpoint`` for resume. The step
+itself is the Ray-free ``train_step`` of ``train/loop.py``.
+
+The driver checks everything it can before any training starts (the world, the training examples, the
+item ids, the cluster's resources) and writes the model bundle atomically at the end, with the run's
+metrics as JSON beside it. Calling ``train`` again with the same ``run_name`` and ``storage_path`` resumes
+from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+import ray.train
+import torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from ray_mgdspr.config import ProjectConfig
+from ray_mgdspr.data import schema
+from ray_mgdspr.data.features import Featurizer
+from ray_mgdspr.data.pipeline import check_item_ids, training_dataset
+from ray_mgdspr.data.vocab import KINDS, Vocabulary, build_vocab_from_world
+from ray_mgdspr.data.world import read_manifest, read_table, table_files
+from ray_mgdspr.eval.metrics import recall_at_k
+from ray_mgdspr.model.bundle import BundleManifest, save_bundle
+from ray_mgdspr.model.mgdspr import TwoTower, build_model
+from ray_mgdspr.model.optim import make_optimizer
+from ray_mgdspr.model.tables import resolve_buckets
+from ray_mgdspr.train.loop import Catalogue, extra_negatives, train_step, world_max_ids
+
+log = logging.getLogger(__name__)
+STATE = "state.pt"
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+
+@dataclass
+class TrainResult:
+    bundle: Path
+    manifest: BundleManifest
+    metrics: list[dict[str, Any]]
+    metrics_path: Path
+    seconds: float
+
+
+def run_dir(cfg: ProjectConfig) -> Path:
+    return Path(cfg.train.storage_path).resolve() / cfg.train.run_name
+
+
+def count_examples(world: str | Path, days: Iterable[int]) -> int:
+    """(search, positive) pairs of ``days``: distinct clicked ∪ bought items per event, read day by day."""
+    total = 0
+    for f in table_files(world, schema.SEARCH_EVENTS, days):
+        t = pq.read_table(f, columns=["clicked_item_ids", "bought_item_ids"])
+        parts = [t[c].combine_chunks() for c in ("clicked_item_ids", "bought_item_ids")]
+        event = np.concatenate([pc.list_parent_indices(p).to_numpy() for p in parts]).astype(np.int64)
+        item = np.concatenate([pc.list_flatten(p).to_numpy() for p in parts]).astype(np.int64)
+        total += len(np.unique((event << 40) + item))
+    return total
+
+
+def check_resources(cfg: ProjectConfig, cluster: dict[str, float]) -> None:
+    """Refuse a run that asks for more than the cluster has (it would wait forever for resources)."""
+    t, d = cfg.train, cfg.data
+    need = {k: v * t.num_workers for k, v in t.resources_per_worker.items()}
+    need["CPU"] = need.get("CPU", 0.0) + d.featurize_actors * d.featurize_cpus + max(1.0, d.read_cpus)
+    for k, v in need.items():
+        have = cluster.get(k, 0.0)
+        if v > have + 1e-9:
+            raise ValueError(
+                f"train asks for {v:g} {k} (num_workers {t.num_workers} x resources_per_worker {t.resources_per_worker}"
+                f" + featurizer actors {d.featurize_actors} x {d.featurize_cpus} CPU + 1 CPU to list files) "
+                f"but the cluster has {have:g}; "
+                "lower train.num_workers / train.resources_per_worker / data.featurize_* or add nodes"
+            )
+
+
+def _vocab(cfg: ProjectConfig, world: str, run: Path) -> Path:
+    """The run's vocabulary: built once from the world, then reused so a resumed run keeps its ids."""
+    path = run / "vocab.json"
+    if not path.is_file():
+        run.mkdir(parents=True, exist_ok=True)
+        build_vocab_from_world(world, cfg.vocab).save(path)
+    return path
+
+
+@ray.remote
+def _catalogue_features(world: str, vocab_path: str, cfg: ProjectConfig) -> dict[str, np.ndarray]:
+    """Item-tower inputs of the whole catalogue (negatives are sampled from it; evaluation embeds it)."""
+    featurizer = Featurizer(world, Vocabulary.load(vocab_path), cfg.features, history_days=[])
+    return featurizer.items(read_table(world, "items", columns=["item_id"])["item_id"].to_numpy())
+
+
+@ray.remote
+def _eval_features(world: str, vocab_path: str, cfg: ProjectConfig, days: list[int]) -> dict[str, Any]:
+    """A seeded sample of held-out searches, featurized, with their targets (clicked ∪ bought)."""
+    featurizer = Featurizer(world, Vocabulary.load(vocab_path), cfg.features)
+    events = featurizer.events(days)
+    rng = np.random.default_rng(cfg.train.seed)
+    rows = np.sort(rng.choice(events.num_rows, size=min(cfg.train.eval_events, events.num_rows), replace=False))
+    events = events.take(rows)
+    targets = [np.asarray(t, np.int64) for t in events["target_item_ids"].to_pylist()]
+    return {"features": featurizer(events), "targets": targets}
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def train(cfg: ProjectConfig) -> TrainResult:
+    """Train on ``cfg.train.world`` with Ray Train; returns the written bundle. Needs ``ray.init`` done (or
+    connects to ``RAY_ADDRESS`` / starts a local Ray when called without one)."""
+    t0 = time.perf_counter()
+    t = cfg.train
+    world = t.world
+    manifest = read_manifest(world)
+    if not manifest.train_days:
+        raise ValueError(f"{world}: the manifest lists no train days")
+    n_examples = count_examples(world, manifest.train_days)
+    if n_examples == 0:
+        raise ValueError(f"{world}: no training examples (searches with a click or buy) on days {manifest.train_days}")
+    check_item_ids(world, manifest.train_days + manifest.test_days)
+    if not ray.is_initialized():
+        ray.init()
+    check_resources(cfg, ray.cluster_resources())
+
+    run = run_dir(cfg)
+    vocab_path = _vocab(cfg, world, run)
+    vocab = Vocabulary.load(vocab_path)
+    model_cfg = resolve_buckets(cfg.model, world_max_ids(world))
+    if t.use_gpu:  # NCCL has no sparse all-reduce
+        model_cfg = model_cfg.model_copy(update={"sparse_ids": False})
+    cfg = cfg.model_copy(update={"model": model_cfg})
+    steps = n_examples // (t.num_workers * cfg.optim.batch_size)
+    if steps == 0:
+        raise ValueError(f"{world}: {n_examples} training examples are fewer than one global batch "
+                         f"({t.num_workers} workers x batch {cfg.optim.batch_size}); lower optim.batch_size")
+    steps = min(steps, t.max_steps_per_epoch or steps)
+    loop_config = {
+        "cfg": cfg.model_dump(mode="json"),
+        "vocab_sizes": {k: vocab.num_ids(k) for k in KINDS},
+        "steps_per_epoch": steps,
+        "catalogue": _catalogue_features.remote(world, str(vocab_path), cfg),
+        "eval": _eval_features.remote(world, str(vocab_path), cfg, manifest.test_days),
+    }
+    log.info("training on %s: %d examples, %d steps per epoch per worker, %d epochs, %d workers (%s)",
+             world, n_examples, steps, t.epochs, t.num_workers, manifest.label)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                     resources_per_worker=t.resources_per_worker),
+        run_config=RunConfig(
+            name=t.run_name,
+            storage_path=str(Path(t.storage_path).resolve()),
+            checkpoint_config=CheckpointConfig(num_to_keep=t.num_to_keep),
+            failure_config=FailureConfig(max_failures=t.max_failures),
+        ),
+        datasets={"train": training_dataset(world, manifest.train_days, vocab_path, cfg.features, cfg.data)},
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"run {t.run_name}: training ended without a checkpoint; see the log above")
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / STATE, map_location="cpu", weights_only=False)
+    model = build_model(model_cfg, loop_config["vocab_sizes"])
+    model.load_state_dict(state["model"])
+    metrics = state["history"]
+    out = Path(t.out) if t.out else run / "bundle"
+    metadata = {"data": manifest.label, "world": str(world), "run": t.run_name, "examples": n_examples,
+                "epochs": state["epoch"], "steps": state["global_step"], "final": metrics[-1] if metrics else {}}
+    bundle = save_bundle(out, model, vocab, cfg.features, cfg.loss, metadata=metadata, overwrite=True)
+    metrics_path = out.parent / f"{out.name}.metrics.json"
+    _write_json(metrics_path, {"version": bundle.version, "data": manifest.label, "history": metrics})
+    return TrainResult(out, bundle, metrics, metrics_path, time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------------------------------- per worker
+
+
+def _restore(model: TwoTower, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Model, optimiser and progress from the run's last checkpoint (Ray: ``get_checkpoint``), if any."""
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "history": []}
+    with ckpt.as_directory() as d:
+        state = torch.load(Path(d) / STATE, map_location="cpu", weights_only=False)
+    model.load_state_dict(state.pop("model"))
+    optimizer.load_state_dict(state.pop("optimizer"))
+    return state
+
+
+@torch.inference_mode()
+def evaluate(model: TwoTower, catalogue: Catalogue, features: dict[str, np.ndarray], targets: list[np.ndarray],
+             k: int, device: torch.device) -> float:
+    """Recall@k of the held-out searches by exact search over the whole catalogue."""
+    model.eval()
+    items = torch.cat([
+        model.embed_items(torch.as_tensor(catalogue.item_id[s : s + 4096], device=device),
+                          torch.as_tensor(catalogue.item_title[s : s + 4096], device=device))
+        for s in range(0, len(catalogue), 4096)
+    ])
+    k = min(k, len(catalogue))
+    topk = []
+    for s in range(0, len(targets), 512):
+        b = {key: torch.as_tensor(v[s : s + 512], device=device) for key, v in features.items()}
+        topk.append(catalogue.item_id[(model.query_tower(b) @ items.T).topk(k, dim=1).indices.cpu().numpy()])
+    model.train()
+    return recall_at_k(np.concatenate(topk), targets, k)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """One DDP worker: stream the shard, step, checkpoint, evaluate (rank 0), report."""
+    cfg = ProjectConfig.model_validate(config["cfg"])
+    t, steps_per_epoch = cfg.train, config["steps_per_epoch"]
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(t.seed + rank)
+    rng = np.random.default_rng(t.seed + 1000 * rank)
+    generator = torch.Generator(device=device).manual_seed(t.seed + rank)
+
+    model = build_model(cfg.model, config["vocab_sizes"])
+    optimizer = make_optimizer(model.parameters(), cfg.optim)
+    progress = _restore(model, optimizer)
+    ddp = ray.train.torch.prepare_model(model)  # Ray: DDP (gloo on CPU, nccl on GPU), moved to the device
+    catalogue = Catalogue(**ray.get(config["catalogue"]))
+    held_out = ray.get(config["eval"]) if rank == 0 else None
+    shard = ray.train.get_dataset_shard("train")  # Ray: this worker's stream of featurized examples
+    bs, n_neg = cfg.optim.batch_size, extra_negatives(cfg.loss, cfg.optim.batch_size * world_size)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.bf16 and device.type == "cuda")
+
+    for epoch in range(progress["epoch"], t.epochs):
+        skip = progress["step_in_epoch"] if epoch == progress["epoch"] else 0
+        losses, compute_s, wait_s, tick = [], 0.0, 0.0, time.perf_counter()
+        batches = shard.iter_torch_batches(batch_size=bs, dtypes=torch.int64, device=device, drop_last=True,
+                                           local_shuffle_buffer_size=cfg.data.shuffle_buffer)
+        for i, batch in enumerate(batches):
+            if i < skip or i >= steps_per_epoch:  # resumed: already trained; past the end: drain the stream
+                tick = time.perf_counter()
+                continue
+            wait_s += time.perf_counter() - tick
+            start = time.perf_counter()
+            negatives = {k: torch.as_tensor(v, device=device) for k, v in catalogue.sample(n_neg, rng).items()}
+            with autocast:
+                m = train_step(ddp, optimizer, batch, negatives, cfg.loss, cfg.optim.clip_norm, generator)
+            losses.append(m["loss"])
+            compute_s += time.perf_counter() - start
+            progress["global_step"] += 1
+            step_in_epoch = i + 1
+            if step_in_epoch % t.checkpoint_every == 0 and step_in_epoch < steps_per_epoch:
+                state = {**progress, "epoch": epoch, "step_in_epoch": step_in_epoch}
+                _report({"epoch": epoch + 1, "step": progress["global_step"], "loss": m["loss"]}, model, optimizer,
+                        state, rank)
+            if rank == 0 and progress["global_step"] % 10 == 0:
+                print(f"epoch {epoch + 1}/{t.epochs} step {step_in_epoch}/{steps_per_epoch} loss {m['loss']:.4f}")
+            tick = time.perf_counter()
+        trained = max(len(losses), 1)
+        metrics = {"epoch": epoch + 1, "step": progress["global_step"], "loss": float(np.mean(losses or [np.nan])),
+                   "rows_per_s_per_worker": bs * trained / max(compute_s + wait_s, 1e-9),
+                   "compute_s": compute_s, "data_wait_s": wait_s}
+        if rank == 0:
+            metrics[f"recall@{t.eval_k}"] = evaluate(model, catalogue, held_out["features"], held_out["targets"],
+                                                     t.eval_k, device)
+            print(f"epoch {epoch + 1}/{t.epochs}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        progress["history"] = [*progress["history"], metrics]
+        _report(metrics, model, optimizer, {**progress, "epoch": epoch + 1, "step_in_epoch": 0}, rank)
+
+
+def _report(metrics: dict[str, Any], model: TwoTower, optimizer: torch.optim.Optimizer, progress: dict[str, Any],
+            rank: int) -> None:
+    """Ray: every rank reports the same number of times; rank 0 attaches the checkpoint (model, optimiser,
+    progress), which Ray copies to the run's storage before ``report`` returns."""
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory(prefix="mgdspr-ckpt-") as d:
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), **progress}, Path(d) / STATE)
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
