@@ -8,7 +8,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -19,6 +19,9 @@ from rich.table import Table
 from ray_mgdspr.config import ConfigError, ProjectConfig, config_to_yaml, load_config, load_preset, preset_names
 from ray_mgdspr.data.schema import describe_tables
 from ray_mgdspr.data.world import WorldManifest
+
+if TYPE_CHECKING:
+    from ray_mgdspr.train.trainer import TrainResult
 
 app = typer.Typer(help="MGDSPR personalised embedding-based product retrieval on Ray.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
@@ -191,8 +194,20 @@ def demo(
     v = result.vocab
     console.print(f"vocabulary {result.vocab_path}: " + ", ".join(
         f"{kind} {v.num_ids(kind):,} ids" for kind in ("words", "chars", "bigrams")))
+    console.print(_training_summary(result.training))
     console.print(f"demo done in {time.perf_counter() - t0:.1f}s: world {result.world} (valid), "
-                  f"vocabulary {result.vocab_path} [SYNTHETIC data]")
+                  f"vocabulary {result.vocab_path}, model {result.training.bundle} "
+                  f"(version {result.training.manifest.version}) [SYNTHETIC data]", soft_wrap=True)
+
+
+def _training_summary(result: TrainResult) -> Table:
+    t = Table(title=escape(f"training by epoch [{result.manifest.metadata.get('data', '')}]"), title_justify="left")
+    keys = [k for k in (result.metrics[-1] if result.metrics else {}) if k not in ("compute_s", "data_wait_s")]
+    for k in keys:
+        t.add_column(k, justify="right")
+    for m in result.metrics:
+        t.add_row(*(f"{m[k]:.4g}" if isinstance(m.get(k), float) else str(m.get(k, "")) for k in keys))
+    return t
 
 
 @app.command()
@@ -206,16 +221,18 @@ def train(
     = None,
 ) -> None:
     """Train MGDSPR with Ray Train (DDP) and write a versioned model bundle; resumes a run of the same name."""
+    from ray_mgdspr.runtime import connect_ray
     from ray_mgdspr.train.trainer import train as run_training
 
     cfg = _config(config, preset)
     overrides = {k: v for k, v in {"world": world, "run_name": run_name, "epochs": epochs}.items() if v is not None}
     try:
         cfg = cfg.model_copy(update={"train": cfg.train.model_validate({**cfg.train.model_dump(), **overrides})})
-        _connect_ray(address or cfg.ray.address, cfg.ray.local_num_cpus)
+        connect_ray(cfg.ray, address)
         result = run_training(cfg)
     except (FileNotFoundError, FileExistsError, ValueError, ConfigError) as e:
         raise _fail(str(e)) from None
+    console.print(_training_summary(result))
     final = result.metrics[-1] if result.metrics else {}
     recall = {k: v for k, v in final.items() if k.startswith("recall@")}
     console.print(f"trained {cfg.train.run_name} on {cfg.train.world}: {final.get('epoch', 0)} epochs, "
@@ -223,22 +240,6 @@ def train(
                   + ", ".join(f"{k} {v:.4f}" for k, v in recall.items())
                   + f" in {result.seconds:.0f}s -> bundle {result.bundle} (version {result.manifest.version}) "
                   + escape(f"[{result.manifest.metadata.get('data', '')}]"), soft_wrap=True)
-
-
-def _connect_ray(address: str | None, local_num_cpus: int | None) -> None:
-    """Join the given (or $RAY_ADDRESS) cluster, or start a local Ray with ``local_num_cpus`` logical CPUs."""
-    import os
-
-    import ray
-
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, logging_level=logging.WARNING)
-    else:
-        ray.init(num_cpus=local_num_cpus, logging_level=logging.WARNING)
 
 
 @vocab_app.command("build")

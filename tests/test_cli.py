@@ -1,18 +1,21 @@
 """The `mgdspr` command as a user runs it: real subprocesses, exit codes and messages."""
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 MGDSPR = [sys.executable, "-m", "ray_mgdspr.cli"]
 SMALL = ["--items", "300", "--users", "60"]
 
 
-def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def run(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
-    return subprocess.run([*MGDSPR, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+    return subprocess.run([*MGDSPR, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
 
 
 def test_simulate_then_validate(tmp_path: Path) -> None:
@@ -71,12 +74,20 @@ def test_load_real_data(tmp_path: Path) -> None:
     assert run("validate", str(tmp_path / "wands")).returncode == 0
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_demo_end_to_end(tmp_path: Path) -> None:
-    r = run("demo", "--out", str(tmp_path / "demo"))
+    """The README's main job as a user runs it: simulate, validate, vocabulary, Ray training (real Ray)."""
+    r = run("demo", "--out", str(tmp_path / "demo"), timeout=840)
     assert r.returncode == 0, r.stderr
-    assert "SYNTHETIC" in r.stdout
-    assert r.stdout.strip().splitlines()[-1].startswith("demo done in")
+    last = r.stdout.strip().splitlines()[-1]
+    assert last.startswith("demo done in") and "[SYNTHETIC data]" in last
+    assert "training by epoch" in r.stdout and "recall@50" in r.stdout
     assert (tmp_path / "demo" / "vocab.json").is_file()
+    manifest = json.loads((tmp_path / "demo" / "model" / "manifest.json").read_text())
+    assert manifest["metadata"]["data"].startswith("SYNTHETIC") and manifest["metadata"]["epochs"] == 3
+    history = json.loads((tmp_path / "demo" / "model.metrics.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
 
 
 def test_schema_and_config_show() -> None:

@@ -281,6 +281,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             metrics[f"recall@{t.eval_k}"] = evaluate(model, catalogue, held_out["features"], held_out["targets"],
                                                      t.eval_k, device)
+            metrics["chance"] = min(t.eval_k / len(catalogue), 1.0)  # Recall@K of a random ranking
             print(f"epoch {epoch + 1}/{t.epochs}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         progress["history"] = [*progress["history"], metrics]
         _report(metrics, model, optimizer, {**progress, "epoch": epoch + 1, "step_in_epoch": 0}, rank)
