@@ -280,6 +280,19 @@ class TrainConfig(StrictModel):
 
 
 # --------------------------------------------------------------------------------------------------
+# catalogue embedding
+
+
+class EmbedConfig(StrictModel):
+    """Catalogue embedding with a Ray Data actor pool; each actor loads the bundle's item tower once."""
+
+    out: str = Field("runs/embeddings", description="root of embedding sets, one directory per model version")
+    actors: int = Field(1, ge=1, description="item-tower actors")
+    cpus_per_actor: float = Field(0.5, gt=0, description="fractional on a laptop; whole CPUs on a cluster")
+    gpus_per_actor: float = Field(0.0, ge=0, description="> 0 runs the item tower on a GPU")
+    batch_size: int = Field(4096, ge=1, description="items per map_batches call")
+
+# --------------------------------------------------------------------------------------------------
 # the file
 
 
@@ -295,6 +308,7 @@ class ProjectConfig(StrictModel):
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     ray: RayConfig = RayConfig()
+    embed: EmbedConfig = EmbedConfig()
 
 
 def _format_error(source: str, err: ValidationError) -> str:

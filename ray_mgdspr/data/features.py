@@ -303,7 +303,7 @@ class Featurizer:
         order = np.argsort(items["item_id"].to_numpy(), kind="stable")
         items = items.take(pa.array(order))
         self._item_ids = items["item_id"].to_numpy()
-        titles = _pad_csr(*self.vocab.encode("words", _lower(items["title_words"])), self.config.max_title_words)
+        titles = encode_words(self.vocab, items["title_words"], self.config.max_title_words)
         self._titles = _with_pad_row(titles.astype(np.int32), PAD)
         self._side = {s: _with_pad_row(_fill(items[f"{s}_id"]), MISSING) for s in SIDE}
 
@@ -386,6 +386,12 @@ def _fill(column: pa.ChunkedArray) -> np.ndarray:
 def _with_pad_row(values: np.ndarray, pad: int) -> np.ndarray:
     """``values`` with one more row filled with ``pad`` at the end (the target of padded gathers)."""
     return np.concatenate([values, np.full((1, *values.shape[1:]), pad, values.dtype)])
+
+
+def encode_words(vocab: Vocabulary, column: pa.Array | pa.ChunkedArray, width: int) -> np.ndarray:
+    """Word ids [rows, width] of a ``list<string>`` column (titles, queries), lower-cased as the vocabulary
+    counts words, left-aligned, truncated, PAD 0."""
+    return _pad_csr(*vocab.encode("words", _lower(column)), width)
 
 
 def _pad_csr(ids: np.ndarray, offsets: np.ndarray, width: int) -> np.ndarray:

@@ -1,0 +1,116 @@
+"""Catalogue embedding: the bundle's item tower over every item, as a Ray Data actor pool.
+
+```
+items.parquet (item_id, title_words) ─▶ map_batches(ItemEmbedder, ActorPoolStrategy(embed.actors))
+                                     ─▶ <embed.out>/<model version>/part-*.parquet (item_id, embedding)
+```
+
+Each actor loads only the item tower, once. The catalogue streams block by block, so memory is bounded
+by the blocks in flight, not the catalogue size. The set is written into a temporary directory and renamed
+into place when complete, with ``embeddings.json`` (model version and checksum, rows, dim) beside it.
+``read_embeddings`` accepts the vector column both as Ray's Arrow tensor type and as ``list<float>``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from ray_mgdspr.config import EmbedConfig
+from ray_mgdspr.data import schema
+from ray_mgdspr.data.features import encode_words
+from ray_mgdspr.model.bundle import load_bundle, read_bundle_manifest
+
+MANIFEST = "embeddings.json"
+
+
+class ItemEmbedder:
+    """Callable class for ``map_batches``: item rows (``item_id``, ``title_words``) -> (``item_id``,
+    ``embedding``). Loads the item tower of ``bundle`` once per actor, on ``device`` (``auto``: CUDA when
+    the actor has a GPU)."""
+
+    def __init__(self, bundle: str, device: str = "auto") -> None:
+        self.model, self.vocab, manifest = load_bundle(bundle, towers=("item",))
+        self.width = manifest.features.max_title_words
+        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                                   "cpu" if device == "auto" else device)
+        self.model.to(self.device)
+
+    @torch.inference_mode()
+    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
+        ids = batch["item_id"].to_numpy().copy()  # Arrow buffers are read-only; torch wants writable memory
+        titles = encode_words(self.vocab, batch["title_words"], self.width)
+        h = self.model.embed_items(torch.as_tensor(ids, device=self.device),
+                                   torch.as_tensor(titles, device=self.device))
+        return {"item_id": ids, "embedding": h.float().cpu().numpy()}
+
+
+@dataclass
+class EmbedResult:
+    path: Path
+    rows: int
+    dim: int
+    model_version: str
+    seconds: float
+
+
+def embed_catalogue(world: str | Path, bundle: str | Path, cfg: EmbedConfig, overwrite: bool = False) -> EmbedResult:
+    """Embed every item of ``world`` with the item tower of ``bundle`` into ``<cfg.out>/<model version>``."""
+    import ray
+
+    t0 = time.perf_counter()
+    model = read_bundle_manifest(bundle)  # checks the bundle before any actor starts
+    items = Path(world) / schema.ITEMS.path_name()
+    if not items.is_file():
+        raise FileNotFoundError(f"{items}: no items table in world {world}")
+    out = Path(cfg.out) / model.version
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        ds = ray.data.read_parquet(str(items), num_cpus=cfg.cpus_per_actor).select_columns(["item_id", "title_words"])
+        ds = ds.map_batches(ItemEmbedder, fn_constructor_kwargs={"bundle": str(Path(bundle).resolve())},
+                            compute=ray.data.ActorPoolStrategy(size=cfg.actors), num_cpus=cfg.cpus_per_actor,
+                            num_gpus=cfg.gpus_per_actor or None, batch_size=cfg.batch_size, batch_format="pyarrow")
+        ds.write_parquet(str(tmp))
+        rows = sum(pq.ParquetFile(f).metadata.num_rows for f in tmp.glob("*.parquet"))
+        expected = pq.ParquetFile(items).metadata.num_rows
+        if rows != expected:
+            raise RuntimeError(f"embedded {rows} items but {items} has {expected}")
+        info = {"model_version": model.version, "model_files": model.files, "rows": rows, "dim": model.model.d,
+                "world": str(world), "seconds": time.perf_counter() - t0}
+        (tmp / MANIFEST).write_text(json.dumps(info, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return EmbedResult(out, rows, model.model.d, model.version, time.perf_counter() - t0)
+
+
+def read_embeddings(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """(item ids (N,) int64, vectors (N, d) float32) of an embedding set, in file order."""
+    table = pq.read_table(sorted(str(p) for p in Path(path).glob("*.parquet")))
+    return table["item_id"].to_numpy(), vectors_of(table["embedding"])
+
+
+def vectors_of(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """(N, d) float32 from Ray's Arrow tensor column or a ``(large_)list<float>`` column."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if isinstance(column.type, pa.ExtensionType):
+        column = column.storage
+    n = len(column)
+    flat = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    return flat.reshape(n, -1) if n else flat.reshape(0, 0)
