@@ -13,12 +13,14 @@ defaults, with a reason per line.
 from __future__ import annotations
 
 import datetime as dt
+import math
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -293,6 +295,53 @@ class EmbedConfig(StrictModel):
     batch_size: int = Field(4096, ge=1, description="items per map_batches call")
 
 # --------------------------------------------------------------------------------------------------
+# index
+
+
+def _probe_dim(factory: str) -> int:
+    """A dimension every size in ``factory`` fits: PQ{m} needs m | d, PCA{d'} needs d' <= d.
+
+    The real dimension comes from the model bundle and is checked again when a shard is built.
+    """
+    sizes = [int(s) for s in re.findall(r"\d+", factory) if 0 < int(s) <= 1024]
+    return min(math.lcm(8, *sizes), 8192)  # the cap keeps odd mixes (PQ7 + PCA11 + ...) from allocating much
+
+
+class IndexConfig(StrictModel):
+    """Sharded Faiss index of the catalogue embeddings: how shards are built and searched."""
+
+    shards: int = Field(2, ge=1, description="S: item i goes to shard splitmix64(i) % S")
+    factory: str = Field("Flat", description="Faiss index_factory string: Flat, IVF{nlist},Flat, HNSW32, "
+                         "IVF{nlist},PQ{m}np (the builder adds the item-id map itself; np skips polysemous "
+                         "training, which search never uses and which is slow)")
+    metric: Literal["ip"] = Field("ip", description="inner product: the model scores by inner product")
+    train_sample: int = Field(100_000, ge=1, description="vectors sampled per shard to train IVF / PQ")
+    seed: int = Field(0, description="training sample seed (shard s uses seed + s)")
+    nprobe: int = Field(16, ge=1, description="IVF: inverted lists visited per query")
+    ef_search: int = Field(128, ge=1, description="HNSW: candidate list size at search time")
+    backend: Literal["auto", "faiss-cpu", "faiss-gpu", "torch"] = Field(
+        "auto", description="search backend; auto: faiss-gpu if faiss has GPU support, else torch exact on CUDA "
+        "if a GPU is visible, else faiss-cpu")
+    out: str = Field("runs/index", description="root of index versions (one directory per model version)")
+    build_cpus: float = Field(0.5, gt=0, description="CPUs per shard-building Ray task")
+
+    @field_validator("factory")
+    @classmethod
+    def _factory_parses(cls, factory: str) -> str:
+        import faiss  # lazily: configs load on machines that never build an index
+
+        if "IDMap" in factory:
+            raise ValueError(f"factory {factory!r}: leave out IDMap, the builder maps item ids itself")
+        try:
+            faiss.index_factory(_probe_dim(factory), factory, faiss.METRIC_INNER_PRODUCT)
+        except RuntimeError as e:
+            reason = re.sub(r"^Error in .*? at \S+:\d+: (Error: )?", "", str(e))  # drop the C++ location
+            raise ValueError(f"factory {factory!r} is not a Faiss index_factory string ({reason}); "
+                             "examples: Flat, IVF1024,Flat, HNSW32, IVF1024,PQ16np") from None
+        return factory
+
+
+# --------------------------------------------------------------------------------------------------
 # the file
 
 
@@ -309,6 +358,7 @@ class ProjectConfig(StrictModel):
     train: TrainConfig = TrainConfig()
     ray: RayConfig = RayConfig()
     embed: EmbedConfig = EmbedConfig()
+    index: IndexConfig = IndexConfig()
 
 
 def _format_error(source: str, err: ValidationError) -> str:

@@ -1,0 +1,86 @@
+"""The manifest of an index version: what it was built from, how, and the checksum of every shard file."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, model_validator
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class ShardEntry(BaseModel):
+    """One shard's files: a Faiss index (vectors keyed by item id) and a Parquet table of item metadata."""
+
+    shard: int = Field(ge=0, description="shard number s: holds the items with shard_of(item_id) == s")
+    index_file: str
+    metadata_file: str
+    rows: int = Field(ge=0, description="items in the shard (vectors in the index = rows of the metadata)")
+    sha256: dict[str, str] = Field(description="file name -> sha256, for both files")
+
+    @model_validator(mode="after")
+    def _checksums_cover_files(self) -> ShardEntry:
+        if set(self.sha256) != {self.index_file, self.metadata_file}:
+            raise ValueError(f"shard {self.shard}: sha256 must list exactly {self.index_file} and "
+                             f"{self.metadata_file} (got {sorted(self.sha256)})")
+        return self
+
+
+class IndexManifest(BaseModel):
+    """``manifest.json`` of an index version directory."""
+
+    format_version: int = FORMAT_VERSION
+    version: str = Field(description="index version id: the id of the model bundle it was built from")
+    model_version: str = Field(description="version id of the model bundle whose item tower made the vectors")
+    model_checksum: str = Field(description="checksum of that bundle (ties the index to exact weights)")
+    created_at: dt.datetime
+    factory: str = Field(description="Faiss index_factory string of every shard (inside an IDMap2)")
+    metric: Literal["ip"]
+    dim: int = Field(ge=1)
+    shards: list[ShardEntry]
+    build_backend: str = Field(description="what trained and filled the shards (faiss-cpu)")
+    total_rows: int = Field(ge=0)
+    build_seconds: float = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> IndexManifest:
+        numbers = [e.shard for e in self.shards]
+        if numbers != list(range(len(self.shards))):
+            raise ValueError(f"shards must be numbered 0..{len(self.shards) - 1} in order (got {numbers})")
+        if self.total_rows != sum(e.rows for e in self.shards):
+            raise ValueError(f"total_rows {self.total_rows} != sum of shard rows {sum(e.rows for e in self.shards)}")
+        return self
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks: a shard file may not fit in memory twice."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(directory: Path, manifest: IndexManifest) -> None:
+    """Write ``directory/manifest.json`` (the caller makes it visible atomically, with its directory)."""
+    (directory / MANIFEST).write_text(manifest.model_dump_json(indent=2))
+
+
+def read_manifest(path: str | Path) -> IndexManifest:
+    """The manifest of the index version at ``path`` (files are not checked: see ``verify_index``).
+
+    Raises:
+        FileNotFoundError: ``path`` has no manifest (not an index version, or a build in progress).
+        ValueError: the manifest is not valid, or was written by another format version.
+    """
+    path = Path(path)
+    if not (path / MANIFEST).is_file():
+        raise FileNotFoundError(f"{path}: not an index version (no {MANIFEST})")
+    manifest = IndexManifest.model_validate_json((path / MANIFEST).read_text())
+    if manifest.format_version != FORMAT_VERSION:
+        raise ValueError(f"{path}: index format {manifest.format_version}, this code reads {FORMAT_VERSION}")
+    return manifest

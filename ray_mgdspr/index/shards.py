@@ -1,0 +1,502 @@
+"""Build versioned, sharded Faiss indexes of the catalogue embeddings, and check them.
+
+Layout of an index root (``IndexConfig.out``)::
+
+    runs/index/
+      CURRENT                    name of the version serving loads (replaced atomically)
+      <version>/                 one per model bundle: the bundle's version id
+        manifest.json            see manifest.py: factory, dim, rows and sha256 of every file
+        shard-00000.faiss        IDMap2(<factory>): a search returns item ids
+        shard-00000.parquet      item_id, leaf_id, cate1_id, brand_id, attr_value_ids, title_words
+        ...
+      .<version>.tmp-<host>.<pid>.<random>/    a build in progress (or killed): readers ignore it
+
+Item ``i`` lives in shard ``shard_of(i, S)``. Building one shard is one call, ``build_shard_files``,
+which a Ray task can run; ``build_index_version`` is the whole build in one process, and the Ray layer
+composes the same three steps::
+
+    with staging_dir(root, version) as staging:           # temp dir, removed if anything raises
+        entries = [build_shard_files(staging.path, s, data(s), config, dim) for s in range(S)]
+        commit_version(staging, IndexManifest(...))        # manifest.json, then os.replace
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import logging
+import os
+import re
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ray_mgdspr.config import IndexConfig
+from ray_mgdspr.index.manifest import MANIFEST, IndexManifest, ShardEntry, read_manifest, sha256_file, write_manifest
+
+log = logging.getLogger(__name__)
+
+CURRENT = "CURRENT"
+BUILD_BACKEND = "faiss-cpu"
+METRICS = {"ip": faiss.METRIC_INNER_PRODUCT}
+METADATA_SCHEMA = pa.schema(
+    [
+        pa.field("item_id", pa.int64(), nullable=False),
+        pa.field("leaf_id", pa.int32()),
+        pa.field("cate1_id", pa.int32()),
+        pa.field("brand_id", pa.int32()),
+        pa.field("attr_value_ids", pa.list_(pa.int32())),
+        pa.field("title_words", pa.list_(pa.string())),
+    ]
+)
+"""Per-item columns the post-retrieval relevance filter reads; types as in ``data/schema.py`` ``ITEMS``."""
+
+_VERSION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# ".<name>.tmp-<host>.<pid>.<mkdtemp suffix>": host and pid say whose build it is (see remove_stale_staging)
+_STAGING_NAME = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<host>.+)\.(?P<pid>\d+)\.[a-z0-9_]+$")
+
+
+class IndexCorruptError(ValueError):
+    """An index version that fails verification; the message names the shard and file of every problem."""
+
+
+class ShardData(NamedTuple):
+    """What one shard is built from.
+
+    Args:
+        vectors: (n, d) float32 item embeddings.
+        item_ids: (n,) int64, unique; all with ``shard_of(item_ids, S) == shard``.
+        metadata: one row per item id (any order) with the columns of ``METADATA_SCHEMA`` (more are dropped).
+    """
+
+    vectors: np.ndarray
+    item_ids: np.ndarray
+    metadata: pa.Table
+
+
+# --------------------------------------------------------------------------------------------------
+# sharding
+
+
+def shard_of(item_ids: np.ndarray, shards: int) -> np.ndarray:
+    """The shard of each item: splitmix64(item_id) % shards, the same in every process and machine.
+
+    A mixing hash rather than ``item_id % shards``: ids are often assigned in blocks or strides (per
+    category, per seller), and plain modulo would put a whole stride into one shard.
+
+    Args:
+        item_ids: (n,) integer ids (negative ids hash by their two's-complement bits).
+        shards: S >= 1.
+
+    Returns:
+        (n,) int64 shard numbers in [0, S).
+
+    Example:
+        >>> shard_of(np.array([0, 1, 2, 3, 1_000_000_007]), 4)
+        array([3, 1, 2, 1, 2])
+    """
+    if shards < 1:
+        raise ValueError(f"shards must be >= 1 (got {shards})")
+    z = np.ascontiguousarray(item_ids, dtype=np.int64).view(np.uint64)
+    # splitmix64's finaliser; uint64 array arithmetic wraps around, which is the point
+    z = z + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+    return (z % np.uint64(shards)).astype(np.int64)
+
+
+def split_by_shard(vectors: np.ndarray, item_ids: np.ndarray, metadata: pa.Table, shards: int) -> list[ShardData]:
+    """Split a whole catalogue's embeddings and metadata into ``shards`` parts by ``shard_of``.
+
+    Args:
+        vectors: (n, d) float32; row i is the embedding of ``item_ids[i]``.
+        item_ids: (n,) int64.
+        metadata: rows for the same items in any order, with an ``item_id`` column.
+    """
+    vector_shard = shard_of(item_ids, shards)
+    metadata_shard = shard_of(metadata["item_id"].to_numpy(), shards)
+    return [
+        ShardData(np.asarray(vectors)[vector_shard == s], np.asarray(item_ids)[vector_shard == s],
+                  metadata.filter(pa.array(metadata_shard == s)))
+        for s in range(shards)
+    ]
+
+
+# --------------------------------------------------------------------------------------------------
+# one shard
+
+
+def new_index(dim: int, factory: str, metric: Literal["ip"] = "ip") -> faiss.IndexIDMap2:
+    """An empty ``IDMap2(<factory>)`` index: ``add_with_ids`` stores item ids, searches return them."""
+    try:
+        return faiss.index_factory(dim, f"IDMap2,{factory}", METRICS[metric])
+    except RuntimeError as e:
+        raise ValueError(f"factory {factory!r} does not fit {dim}-d vectors: {_faiss_reason(e)}") from None
+
+
+def build_shard(
+    vectors: np.ndarray, item_ids: np.ndarray, factory: str, metric: Literal["ip"] = "ip",
+    train_sample: int = 100_000, seed: int = 0,
+) -> faiss.IndexIDMap2:
+    """A trained and filled Faiss index over one shard's vectors, keyed by item id.
+
+    IVF and PQ are trained on a seeded sample of at most ``train_sample`` vectors. An IVF whose lists
+    outnumber the shard's vectors is an error, not clamped: a clamped index would not be the one the
+    manifest's factory string names, and the fix (fewer lists, fewer shards) belongs in the config.
+
+    Args:
+        vectors: (n, d) float32.
+        item_ids: (n,) int64, unique.
+        factory: Faiss index_factory string without IDMap ("Flat", "IVF1024,Flat", "HNSW32", ...).
+
+    Example:
+        >>> index = build_shard(np.eye(3, dtype=np.float32), np.array([10, 20, 30]), "Flat")
+        >>> index.search(np.array([[0.0, 1.0, 0.0]], np.float32), 1)[1]
+        array([[20]])
+    """
+    vectors, item_ids = _checked_inputs(vectors, item_ids)
+    index = new_index(vectors.shape[1], factory, metric)
+    if not index.is_trained:
+        _train(index, vectors, factory, train_sample, seed)
+    index.add_with_ids(vectors, item_ids)
+    return index
+
+
+def write_shard(directory: str | Path, shard_no: int, index: faiss.IndexIDMap2, metadata: pa.Table) -> ShardEntry:
+    """Write a shard's index and metadata (sorted by item id) into ``directory``; returns its manifest entry.
+
+    Raises:
+        ValueError: the metadata lacks a column, or does not hold exactly the index's item ids.
+    """
+    directory = Path(directory)
+    table = _shard_metadata(shard_no, index, metadata)
+    index_file, metadata_file = f"shard-{shard_no:05d}.faiss", f"shard-{shard_no:05d}.parquet"
+    faiss.write_index(index, str(directory / index_file))
+    pq.write_table(table, directory / metadata_file)
+    return ShardEntry(shard=shard_no, index_file=index_file, metadata_file=metadata_file, rows=index.ntotal,
+                      sha256={name: sha256_file(directory / name) for name in (index_file, metadata_file)})
+
+
+def build_shard_files(directory: str | Path, shard_no: int, data: ShardData, config: IndexConfig,
+                      dim: int) -> ShardEntry:
+    """Build shard ``shard_no`` and write its files into ``directory``: the unit of work of one Ray task.
+
+    Args:
+        directory: the staging directory of the version being built (``staging_dir(...).path``).
+        data: the shard's vectors (n, dim), item ids (n,) and metadata.
+        config: factory, metric, train_sample, seed (shard s trains with seed + s), shards.
+        dim: the model's embedding size; every shard must have it.
+    """
+    start = time.perf_counter()
+    vectors = np.asarray(data.vectors)
+    if vectors.ndim != 2 or vectors.shape[1] != dim:
+        raise ValueError(f"shard {shard_no}: vectors have shape {vectors.shape}, expected (n, {dim})")
+    _check_placement(np.asarray(data.item_ids), shard_no, config.shards)
+    try:
+        index = build_shard(vectors, data.item_ids, config.factory, config.metric, config.train_sample,
+                            config.seed + shard_no)
+    except ValueError as e:
+        raise ValueError(f"shard {shard_no}: {e}") from e
+    entry = write_shard(directory, shard_no, index, data.metadata)
+    log.info("shard %d/%d: %s items, %s, %.1f s", shard_no, config.shards, f"{entry.rows:,}", config.factory,
+             time.perf_counter() - start)
+    return entry
+
+
+def _checked_inputs(vectors: np.ndarray, item_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    item_ids = np.ascontiguousarray(item_ids, dtype=np.int64)
+    if vectors.ndim != 2 or item_ids.shape != (len(vectors),):
+        raise ValueError(f"need vectors (n, d) and item_ids (n,); got {vectors.shape} and {item_ids.shape}")
+    unique, counts = np.unique(item_ids, return_counts=True)
+    if (counts > 1).any():
+        raise ValueError(f"item ids must be unique; {unique[counts > 1][:5].tolist()} occur more than once")
+    return vectors, item_ids
+
+
+def _train(index: faiss.Index, vectors: np.ndarray, factory: str, train_sample: int, seed: int) -> None:
+    n = len(vectors)
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None and n < ivf.nlist:
+        raise ValueError(f"factory {factory!r} has {ivf.nlist} inverted lists but the shard has only {n} vectors; "
+                         f"use at most {max(1, n // 39)} lists (Faiss wants 39 training vectors per list) "
+                         "or fewer shards")
+    sample = np.arange(n) if n <= train_sample else np.sort(
+        np.random.default_rng(seed).choice(n, size=train_sample, replace=False))
+    try:
+        index.train(vectors[sample])
+    except RuntimeError as e:
+        raise ValueError(f"factory {factory!r} cannot be trained on {len(sample)} vectors: {_faiss_reason(e)}"
+                         ) from None
+
+
+def _check_placement(item_ids: np.ndarray, shard_no: int, shards: int) -> None:
+    # readers find an item's metadata by shard_of, so an item in the wrong shard would be lost to them
+    owner = shard_of(item_ids, shards)
+    wrong = owner != shard_no
+    if wrong.any():
+        raise ValueError(f"shard {shard_no}: {int(wrong.sum())} item ids belong to other shards (item "
+                         f"{int(item_ids[wrong][0])} -> shard {int(owner[wrong][0])}); split with split_by_shard")
+
+
+def _shard_metadata(shard_no: int, index: faiss.IndexIDMap2, metadata: pa.Table) -> pa.Table:
+    missing = [c for c in METADATA_SCHEMA.names if c not in metadata.column_names]
+    if missing:
+        raise ValueError(f"shard {shard_no}: metadata lacks columns {missing}")
+    table = metadata.select(METADATA_SCHEMA.names).cast(METADATA_SCHEMA).sort_by("item_id")
+    index_ids = np.sort(faiss.vector_to_array(index.id_map))
+    table_ids = table["item_id"].to_numpy()
+    if len(table_ids) != len(index_ids):
+        raise ValueError(f"shard {shard_no}: metadata has {len(table_ids)} rows, the index {len(index_ids)} items")
+    if not np.array_equal(table_ids, index_ids):
+        stray = np.setdiff1d(table_ids, index_ids)
+        raise ValueError(f"shard {shard_no}: metadata item ids differ from the index's (e.g. {stray[:5].tolist()} "
+                         "are not in the index)")
+    return table
+
+
+def _faiss_reason(e: RuntimeError) -> str:
+    return re.sub(r"^Error in .*? at \S+:\d+: (Error: )?", "", str(e))  # drop the C++ location
+
+
+# --------------------------------------------------------------------------------------------------
+# a version: staging directory, manifest, atomic rename, CURRENT
+
+
+@dataclass(frozen=True)
+class Staging:
+    """A version being built: its files go to ``path`` (a hidden sibling of ``root/version``)."""
+
+    root: Path
+    version: str
+    path: Path
+
+
+@contextlib.contextmanager
+def staging_dir(root: str | Path, version: str) -> Iterator[Staging]:
+    """A fresh staging directory for ``version`` under ``root``; removed on exit unless committed.
+
+    Leftovers of killed builds are removed first (``remove_stale_staging``).
+
+    Raises:
+        ValueError: ``version`` is not a plain name (letters, digits, ``._-``; not ``CURRENT``).
+        FileExistsError: ``root/version`` exists (a version is immutable: it names one model bundle).
+    """
+    root = Path(root)
+    if not _VERSION_NAME.match(version) or version == CURRENT:
+        raise ValueError(f"version {version!r} must be a plain name of letters, digits and ._- (not {CURRENT})")
+    if (root / version).exists():
+        raise FileExistsError(f"{root / version} exists; index versions are immutable, build a new version")
+    root.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(root)
+    path = Path(tempfile.mkdtemp(prefix=_staging_prefix(version), dir=root))
+    try:
+        yield Staging(root, version, path)
+    finally:
+        shutil.rmtree(path, ignore_errors=True)  # gone already when committed
+
+
+def commit_version(staging: Staging, manifest: IndexManifest, make_current: bool = False) -> Path:
+    """Write ``manifest.json`` into the staging directory and rename it to ``root/version`` in one step.
+
+    Args:
+        make_current: also point ``root/CURRENT`` at the new version.
+
+    Returns:
+        The version directory.
+    """
+    if manifest.version != staging.version:
+        raise ValueError(f"manifest version {manifest.version!r} != staging version {staging.version!r}")
+    final = staging.root / staging.version
+    if final.exists():
+        raise FileExistsError(f"{final} appeared during the build; index versions are immutable")
+    write_manifest(staging.path, manifest)
+    os.replace(staging.path, final)
+    if make_current:
+        set_current(staging.root, staging.version)
+    return final
+
+
+def build_index_version(
+    root: str | Path, version: str, shards: Sequence[ShardData] | Callable[[int], ShardData],
+    config: IndexConfig, model_version: str, model_checksum: str, dim: int, make_current: bool = False,
+) -> IndexManifest:
+    """Build every shard, write the manifest and move the version into place; all or nothing.
+
+    Args:
+        root: index root (``config.out`` usually).
+        version: the new version's id; by the house rule the model bundle's version id.
+        shards: ``config.shards`` ShardData (from ``split_by_shard``), or a function from shard number to
+            ShardData, called one shard at a time so only one shard's vectors need be in memory.
+        model_version, model_checksum: the bundle whose item tower made the vectors.
+        dim: embedding size d of the vectors.
+        make_current: point ``root/CURRENT`` at the new version once it is in place.
+
+    A failure anywhere leaves no version, no staging directory and ``CURRENT`` unchanged.
+    """
+    if version != model_version:
+        log.warning("index version %r differs from its model's version %r; serving pairs them by id",
+                    version, model_version)
+    shard_data = _shard_source(shards, config.shards)
+    start = time.perf_counter()
+    with staging_dir(root, version) as staging:
+        entries = [build_shard_files(staging.path, s, shard_data(s), config, dim) for s in range(config.shards)]
+        manifest = IndexManifest(
+            version=version, model_version=model_version, model_checksum=model_checksum,
+            created_at=dt.datetime.now(dt.UTC), factory=config.factory, metric=config.metric, dim=dim,
+            shards=entries, build_backend=BUILD_BACKEND, total_rows=sum(e.rows for e in entries),
+            build_seconds=round(time.perf_counter() - start, 3),
+        )
+        path = commit_version(staging, manifest, make_current)
+    log.info("index %s: %s items in %d shards (%s, d=%d) in %.1f s%s", path, f"{manifest.total_rows:,}",
+             config.shards, config.factory, dim, manifest.build_seconds, "; now current" if make_current else "")
+    return manifest
+
+
+def set_current(root: str | Path, version: str) -> None:
+    """Point ``root/CURRENT`` at ``version`` (temp file + ``os.replace``: readers see old or new, never half)."""
+    root = Path(root)
+    if not (root / version / MANIFEST).is_file():
+        raise FileNotFoundError(f"{root / version}: no such index version")
+    fd, tmp = tempfile.mkstemp(prefix=_staging_prefix(CURRENT), dir=root)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(version + "\n")
+        os.replace(tmp, root / CURRENT)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def current_version(root: str | Path) -> str | None:
+    """The version ``root/CURRENT`` names, or None before any version was made current."""
+    path = Path(root) / CURRENT
+    if not path.is_file():
+        return None
+    return path.read_text().strip() or None
+
+
+def list_versions(root: str | Path) -> list[str]:
+    """Complete versions under ``root`` (directories with a manifest), sorted by name; staging is skipped."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir()
+                  if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST).is_file())
+
+
+def remove_stale_staging(root: str | Path) -> list[str]:
+    """Remove staging directories and CURRENT temp files left by killed builds on this host.
+
+    Only leftovers whose process (host, pid in the name) is gone are removed: a build running beside
+    this one keeps its staging directory, and another host's leftovers are left to that host.
+
+    Returns:
+        The names removed.
+    """
+    root = Path(root)
+    host, removed = socket.gethostname(), []
+    for path in root.iterdir():
+        m = _STAGING_NAME.match(path.name)
+        if m is None or m["host"] != host or _pid_alive(int(m["pid"])):
+            continue
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        log.warning("removed %s, left by a killed build (pid %s)", path, m["pid"])
+        removed.append(path.name)
+    return removed
+
+
+def _staging_prefix(name: str) -> str:
+    return f".{name}.tmp-{socket.gethostname()}.{os.getpid()}."
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+def _shard_source(shards: Sequence[ShardData] | Callable[[int], ShardData], n: int) -> Callable[[int], ShardData]:
+    if callable(shards):
+        return shards
+    if len(shards) != n:
+        raise ValueError(f"got {len(shards)} shards of data but config.shards is {n}")
+    return shards.__getitem__
+
+
+# --------------------------------------------------------------------------------------------------
+# verification
+
+
+def verify_index(path: str | Path) -> list[str]:
+    """Every problem of the index version at ``path``; an empty list means it is sound.
+
+    Checks each shard's files exist and match their sha256, that the Faiss index has the manifest's dim
+    and row count, and that the metadata has that many rows. Each message names the shard and file.
+    """
+    path = Path(path)
+    try:
+        manifest = read_manifest(path)
+    except (FileNotFoundError, ValueError) as e:
+        return [str(e)]
+    return [problem for entry in manifest.shards for problem in _shard_problems(path, manifest, entry)[0]]
+
+
+def read_shard(path: str | Path, shard_no: int) -> tuple[IndexManifest, faiss.IndexIDMap2, pa.Table]:
+    """Manifest, Faiss index and metadata table of one shard, after verifying that shard's files.
+
+    Raises:
+        IndexCorruptError: the shard fails verification (the message lists why).
+    """
+    path = Path(path)
+    manifest = read_manifest(path)
+    if not 0 <= shard_no < len(manifest.shards):
+        raise ValueError(f"{path}: no shard {shard_no} (the index has {len(manifest.shards)})")
+    entry = manifest.shards[shard_no]
+    problems, index = _shard_problems(path, manifest, entry)
+    if problems:
+        raise IndexCorruptError(f"{path}: " + "; ".join(problems))
+    return manifest, index, pq.read_table(path / entry.metadata_file)
+
+
+def _shard_problems(path: Path, manifest: IndexManifest, entry: ShardEntry) -> tuple[list[str], faiss.Index | None]:
+    """The shard's problems, and its index when the files are intact (read once, for ``read_shard``)."""
+    label = f"shard {entry.shard}"
+    problems = []
+    for name, sha in entry.sha256.items():
+        if not (path / name).is_file():
+            problems.append(f"{label}: {name} is missing")
+        elif sha256_file(path / name) != sha:
+            problems.append(f"{label}: {name} does not match its sha256 (corrupt or modified)")
+    if problems:  # the contents of a damaged file say nothing more
+        return problems, None
+    try:
+        index = faiss.read_index(str(path / entry.index_file))
+    except RuntimeError as e:
+        return [f"{label}: {entry.index_file} cannot be read by Faiss: {_faiss_reason(e)}"], None
+    if index.d != manifest.dim:
+        problems.append(f"{label}: {entry.index_file} holds {index.d}-d vectors, the manifest says dim {manifest.dim}")
+    if index.ntotal != entry.rows:
+        problems.append(f"{label}: {entry.index_file} holds {index.ntotal} vectors, the manifest says {entry.rows}")
+    metadata_rows = pq.ParquetFile(path / entry.metadata_file).metadata.num_rows
+    if metadata_rows != entry.rows:
+        problems.append(f"{label}: {entry.metadata_file} has {metadata_rows} rows, the manifest says {entry.rows}")
+    return problems, index
