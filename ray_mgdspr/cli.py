@@ -29,6 +29,8 @@ config_app = typer.Typer(help="Inspect and check config files.", no_args_is_help
 vocab_app = typer.Typer(help="Vocabularies for characters, bigrams and words.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(vocab_app, name="vocab")
+index_app = typer.Typer(help="Sharded, versioned Faiss indexes of the catalogue.", no_args_is_help=True)
+app.add_typer(index_app, name="index")
 
 console = Console()
 err = Console(stderr=True)
@@ -240,6 +242,79 @@ def train(
                   + ", ".join(f"{k} {v:.4f}" for k, v in recall.items())
                   + f" in {result.seconds:.0f}s -> bundle {result.bundle} (version {result.manifest.version}) "
                   + escape(f"[{result.manifest.metadata.get('data', '')}]"), soft_wrap=True)
+
+
+@app.command()
+def embed(
+    bundle: Annotated[Path, typer.Option(help="model bundle whose item tower embeds the catalogue")],
+    config: ConfigOpt = None,
+    preset: PresetOpt = None,
+    world: Annotated[str | None, typer.Option(help="world whose catalogue to embed (default: train.world)")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing embedding set of this model")] = False,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: $RAY_ADDRESS, else local)")]
+    = None,
+) -> None:
+    """Embed every catalogue item with a Ray Data actor pool; writes <embed.out>/<model version>."""
+    from ray_mgdspr.index.embed import embed_catalogue
+    from ray_mgdspr.runtime import connect_ray
+
+    cfg = _config(config, preset)
+    try:
+        connect_ray(cfg.ray, address)
+        r = embed_catalogue(world or cfg.train.world, bundle, cfg.embed, overwrite=overwrite)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        raise _fail(str(e)) from None
+    console.print(f"embedded {r.rows:,} items (d={r.dim}) with model {r.model_version} in {r.seconds:.1f}s "
+                  f"-> {r.path}", soft_wrap=True)
+
+
+@index_app.command("build")
+def index_build(
+    embeddings: Annotated[Path, typer.Option(help="embedding set written by `mgdspr embed`")],
+    config: ConfigOpt = None,
+    preset: PresetOpt = None,
+    world: Annotated[str | None, typer.Option(help="world with the items' metadata (default: train.world)")] = None,
+    current: Annotated[bool, typer.Option(help="point CURRENT at the new version")] = True,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: $RAY_ADDRESS, else local)")]
+    = None,
+) -> None:
+    """Build an index version (shards in parallel as Ray tasks); written atomically."""
+    from ray_mgdspr.index.build import build_index
+    from ray_mgdspr.runtime import connect_ray
+
+    cfg = _config(config, preset)
+    try:
+        connect_ray(cfg.ray, address)
+        m = build_index(world or cfg.train.world, embeddings, cfg.index, make_current=current)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        raise _fail(str(e)) from None
+    console.print(f"index {cfg.index.out}/{m.version}: {m.total_rows:,} items in {len(m.shards)} shards "
+                  f"({m.factory}, d={m.dim}) in {m.build_seconds:.1f}s" + (", now current" if current else ""),
+                  soft_wrap=True)
+
+
+@index_app.command("verify")
+def index_verify(
+    path: Annotated[Path | None, typer.Argument(help="index version directory (default: CURRENT of index.out)")]
+    = None,
+    config: ConfigOpt = None,
+    preset: PresetOpt = None,
+) -> None:
+    """Check every shard of an index version: files present, checksums, row counts, dimensions."""
+    from ray_mgdspr.index.shards import current_version, verify_index
+
+    if path is None:
+        root = Path(_config(config, preset).index.out)
+        version = current_version(root)
+        if version is None:
+            raise _fail(f"{root}: no CURRENT index version; give the version directory")
+        path = root / version
+    problems = verify_index(path)
+    for p in problems:
+        err.print(f"[red]✗[/] {escape(p)}", highlight=False)
+    if problems:
+        raise _fail(f"{path}: {len(problems)} problem(s)", code=1)
+    console.print(f"{path}: ok")
 
 
 @vocab_app.command("build")

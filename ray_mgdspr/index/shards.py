@@ -70,6 +70,9 @@ class IndexCorruptError(ValueError):
     """An index version that fails verification; the message names the shard and file of every problem."""
 
 
+ShardBuilder = Callable[[Path, Callable[[int], "ShardData"]], list[ShardEntry]]
+
+
 class ShardData(NamedTuple):
     """What one shard is built from.
 
@@ -331,6 +334,7 @@ def commit_version(staging: Staging, manifest: IndexManifest, make_current: bool
 def build_index_version(
     root: str | Path, version: str, shards: Sequence[ShardData] | Callable[[int], ShardData],
     config: IndexConfig, model_version: str, model_checksum: str, dim: int, make_current: bool = False,
+    build_shards: ShardBuilder | None = None,
 ) -> IndexManifest:
     """Build every shard, write the manifest and move the version into place; all or nothing.
 
@@ -342,6 +346,9 @@ def build_index_version(
         model_version, model_checksum: the bundle whose item tower made the vectors.
         dim: embedding size d of the vectors.
         make_current: point ``root/CURRENT`` at the new version once it is in place.
+        build_shards: runs ``build_shard_files`` for every shard into the staging directory and returns the
+            entries in shard order (the Ray layer runs them as parallel tasks); default: one after another
+            in this process.
 
     A failure anywhere leaves no version, no staging directory and ``CURRENT`` unchanged.
     """
@@ -351,7 +358,10 @@ def build_index_version(
     shard_data = _shard_source(shards, config.shards)
     start = time.perf_counter()
     with staging_dir(root, version) as staging:
-        entries = [build_shard_files(staging.path, s, shard_data(s), config, dim) for s in range(config.shards)]
+        if build_shards is None:
+            entries = [build_shard_files(staging.path, s, shard_data(s), config, dim) for s in range(config.shards)]
+        else:
+            entries = build_shards(staging.path, shard_data)
         manifest = IndexManifest(
             version=version, model_version=model_version, model_checksum=model_checksum,
             created_at=dt.datetime.now(dt.UTC), factory=config.factory, metric=config.metric, dim=dim,
