@@ -109,7 +109,7 @@ def vectors_of(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """(N, d) float32 from Ray's Arrow tensor column or a ``(large_)list<float>`` column."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
-    if isinstance(column.type, pa.ExtensionType):
+    if isinstance(column, pa.ExtensionArray):  # Ray's tensor type or Arrow's fixed-shape tensor
         column = column.storage
     n = len(column)
     flat = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)

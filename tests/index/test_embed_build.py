@@ -1,0 +1,111 @@
+"""Catalogue embedding with a real Ray Data actor pool, and index builds with shards as Ray tasks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+import torch
+
+from ray_mgdspr.config import EmbedConfig, FeatureConfig, IndexConfig, LossConfig, ModelConfig, VocabConfig
+from ray_mgdspr.data.vocab import KINDS, build_vocab_from_world
+from ray_mgdspr.index.build import build_index
+from ray_mgdspr.index.embed import ItemEmbedder, embed_catalogue, read_embeddings, vectors_of
+from ray_mgdspr.index.search import IndexReader
+from ray_mgdspr.index.shards import current_version, list_versions
+from ray_mgdspr.model.bundle import save_bundle
+from ray_mgdspr.model.mgdspr import build_model
+from ray_mgdspr.model.tables import resolve_buckets
+from ray_mgdspr.train.loop import world_max_ids
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ray_session() -> None:
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
+    yield
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def bundle(world_en: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An (untrained, seeded) model bundle for the world: embedding does not need a trained model."""
+    vocab = build_vocab_from_world(world_en, VocabConfig())
+    torch.manual_seed(0)
+    cfg = resolve_buckets(ModelConfig(d=16, heads=4), world_max_ids(world_en))
+    model = build_model(cfg, {k: vocab.num_ids(k) for k in KINDS})
+    out = tmp_path_factory.mktemp("bundle") / "b"
+    save_bundle(out, model, vocab, FeatureConfig(), LossConfig(), version="v-test")
+    return out
+
+
+def test_actor_pool_embedding_equals_an_in_process_pass(ray_session: None, world_en: Path, bundle: Path,
+                                                        tmp_path: Path) -> None:
+    r = embed_catalogue(world_en, bundle, EmbedConfig(out=str(tmp_path), actors=1, batch_size=256))
+    items = pq.read_table(world_en / "items.parquet", columns=["item_id", "title_words"])
+    assert r.rows == items.num_rows and r.dim == 16 and r.path == tmp_path / "v-test"
+    ids, vectors = read_embeddings(r.path)
+    reference = ItemEmbedder(str(bundle))(items)
+    order, ref_order = np.argsort(ids), np.argsort(reference["item_id"])
+    assert np.array_equal(ids[order], reference["item_id"][ref_order])
+    np.testing.assert_allclose(vectors[order], reference["embedding"][ref_order], rtol=1e-5, atol=1e-6)
+    info = json.loads((r.path / "embeddings.json").read_text())
+    assert info["model_version"] == "v-test" and info["rows"] == items.num_rows
+    assert [p.name for p in tmp_path.iterdir()] == ["v-test"]  # no temporary directory left
+    with pytest.raises(FileExistsError, match="overwrite"):
+        embed_catalogue(world_en, bundle, EmbedConfig(out=str(tmp_path)))
+
+
+def test_vectors_read_from_tensor_or_list_columns() -> None:
+    v = np.arange(6, dtype=np.float32).reshape(3, 2)
+    as_list = pa.array(v.tolist(), pa.list_(pa.float32()))
+    as_large = pa.array(v.tolist(), pa.large_list(pa.float32()))
+    as_tensor = pa.FixedShapeTensorArray.from_numpy_ndarray(v)
+    for column in (as_list, as_large, as_tensor, pa.chunked_array([as_list])):
+        np.testing.assert_array_equal(vectors_of(column), v)
+
+
+def test_index_built_with_ray_tasks_searches_like_exact(ray_session: None, world_en: Path, bundle: Path,
+                                                       tmp_path: Path) -> None:
+    emb = embed_catalogue(world_en, bundle, EmbedConfig(out=str(tmp_path / "emb")))
+    cfg = IndexConfig(out=str(tmp_path / "index"), shards=3)
+    m = build_index(world_en, emb.path, cfg)
+    assert m.version == "v-test" and m.total_rows == emb.rows and len(m.shards) == 3
+    assert current_version(cfg.out) == "v-test" and list_versions(cfg.out) == ["v-test"]
+    ids, vectors = read_embeddings(emb.path)
+    queries = np.random.default_rng(0).standard_normal((20, 16)).astype(np.float32)
+    scores, got = IndexReader.from_config(cfg).search(queries, 10)
+    exact = np.argsort(-(queries @ vectors.T), axis=1, kind="stable")[:, :10]
+    np.testing.assert_allclose(scores, np.take_along_axis(queries @ vectors.T, exact, 1), rtol=1e-5, atol=1e-5)
+    assert (got == ids[exact]).mean() > 0.99  # equal up to exact score ties
+    meta = IndexReader.from_config(cfg).metadata(ids[:3])
+    assert meta["item_id"].to_pylist() == ids[:3].tolist() and "title_words" in meta.column_names
+
+
+def test_cli_verify_names_a_corrupt_shard(ray_session: None, world_en: Path, bundle: Path, tmp_path: Path) -> None:
+    emb = embed_catalogue(world_en, bundle, EmbedConfig(out=str(tmp_path / "emb")))
+    cfg = IndexConfig(out=str(tmp_path / "index"), shards=2)
+    build_index(world_en, emb.path, cfg)
+    version_dir = tmp_path / "index" / "v-test"
+    cli = [sys.executable, "-m", "ray_mgdspr.cli", "index", "verify", str(version_dir)]
+    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
+    ok = subprocess.run(cli, capture_output=True, text=True, env=env, timeout=120)
+    assert ok.returncode == 0 and "ok" in ok.stdout
+    shard = version_dir / "shard-00001.faiss"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    bad = subprocess.run(cli, capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 1 and "shard-00001.faiss" in bad.stderr
