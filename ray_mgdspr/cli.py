@@ -197,8 +197,16 @@ def demo(
     console.print(f"vocabulary {result.vocab_path}: " + ", ".join(
         f"{kind} {v.num_ids(kind):,} ids" for kind in ("words", "chars", "bigrams")))
     console.print(_training_summary(result.training))
+    e, ix = result.embeddings, result.index
+    console.print(f"embedded {e.rows:,} items (d={e.dim}) in {e.seconds:.1f}s; index {ix.version}: "
+                  f"{len(ix.shards)} shards ({ix.factory}), verified; Recall@{result.k} of held-out searches "
+                  f"answered from the index: {result.index_recall:.4f}", soft_wrap=True)
+    for ex in result.examples:
+        console.print(escape(f"query '{ex.query}' -> top 5 from the index (* = the user clicked or bought it):"))
+        for title, hit in ex.results:
+            console.print(escape(f"  {'*' if hit else ' '} {title}"), soft_wrap=True)
     console.print(f"demo done in {time.perf_counter() - t0:.1f}s: world {result.world} (valid), "
-                  f"vocabulary {result.vocab_path}, model {result.training.bundle} "
+                  f"vocabulary {result.vocab_path}, model {result.training.bundle}, index {result.out / 'index'} "
                   f"(version {result.training.manifest.version}) [SYNTHETIC data]", soft_wrap=True)
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from ray_mgdspr.config import load_preset
+
 MGDSPR = [sys.executable, "-m", "ray_mgdspr.cli"]
 SMALL = ["--items", "300", "--users", "60"]
 
@@ -85,9 +87,12 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     assert "training by epoch" in r.stdout and "recall@50" in r.stdout
     assert (tmp_path / "demo" / "vocab.json").is_file()
     manifest = json.loads((tmp_path / "demo" / "model" / "manifest.json").read_text())
-    assert manifest["metadata"]["data"].startswith("SYNTHETIC") and manifest["metadata"]["epochs"] == 3
+    epochs = load_preset("demo").train.epochs
+    assert manifest["metadata"]["data"].startswith("SYNTHETIC") and manifest["metadata"]["epochs"] == epochs
     history = json.loads((tmp_path / "demo" / "model.metrics.json").read_text())["history"]
-    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert [h["epoch"] for h in history] == list(range(1, epochs + 1))
+    assert "answered from the index" in r.stdout and "verified" in r.stdout
+    assert (tmp_path / "demo" / "index" / "CURRENT").read_text().strip() == manifest["version"]
 
 
 def test_schema_and_config_show() -> None:

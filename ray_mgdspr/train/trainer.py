@@ -34,7 +34,7 @@ from ray.train.torch import TorchTrainer
 from ray_mgdspr.config import ProjectConfig
 from ray_mgdspr.data import schema
 from ray_mgdspr.data.features import Featurizer
-from ray_mgdspr.data.pipeline import check_item_ids, training_dataset
+from ray_mgdspr.data.pipeline import check_item_ids, search_event_files, training_dataset
 from ray_mgdspr.data.vocab import KINDS, Vocabulary, build_vocab_from_world
 from ray_mgdspr.data.world import read_manifest, read_table, table_files
 from ray_mgdspr.eval.metrics import recall_at_k
@@ -135,6 +135,7 @@ def train(cfg: ProjectConfig) -> TrainResult:
     manifest = read_manifest(world)
     if not manifest.train_days:
         raise ValueError(f"{world}: the manifest lists no train days")
+    search_event_files(world, manifest.train_days + manifest.test_days)  # footers first: names a bad file + column
     n_examples = count_examples(world, manifest.train_days)
     if n_examples == 0:
         raise ValueError(f"{world}: no training examples (searches with a click or buy) on days {manifest.train_days}")
