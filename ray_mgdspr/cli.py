@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 from rich.console import Console
@@ -23,6 +23,8 @@ from ray_mgdspr.data.world import WorldManifest
 if TYPE_CHECKING:
     from ray_mgdspr.train.trainer import TrainResult
 
+T = TypeVar("T")
+
 app = typer.Typer(help="MGDSPR personalised embedding-based product retrieval on Ray.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
 config_app = typer.Typer(help="Inspect and check config files.", no_args_is_help=True)
@@ -36,6 +38,7 @@ console = Console()
 err = Console(stderr=True)
 
 ConfigOpt = Annotated[str | None, typer.Option("--config", "-c", help="YAML config, or preset:NAME")]
+AddressOpt = Annotated[str | None, typer.Option(help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")]
 PresetOpt = Annotated[str | None, typer.Option(help=f"packaged preset: {', '.join(preset_names())}")]
 
 
@@ -210,6 +213,17 @@ def demo(
                   f"(version {result.training.manifest.version}) [SYNTHETIC data]", soft_wrap=True)
 
 
+def _on_ray(cfg: ProjectConfig, address: str | None, job: Callable[[], T]) -> T:
+    """Join or start Ray as configured, run ``job``; bad input ends the command with its message."""
+    from ray_mgdspr.runtime import connect_ray
+
+    try:
+        connect_ray(cfg.ray, address)
+        return job()
+    except (FileNotFoundError, FileExistsError, ValueError, ConfigError) as e:
+        raise _fail(str(e)) from None
+
+
 def _training_summary(result: TrainResult) -> Table:
     t = Table(title=escape(f"training by epoch [{result.manifest.metadata.get('data', '')}]"), title_justify="left")
     keys = [k for k in (result.metrics[-1] if result.metrics else {}) if k not in ("compute_s", "data_wait_s")]
@@ -227,21 +241,18 @@ def train(
     world: Annotated[str | None, typer.Option(help="world to train on (overrides train.world)")] = None,
     run_name: Annotated[str | None, typer.Option(help="run name (same name resumes; overrides the config)")] = None,
     epochs: Annotated[int | None, typer.Option(help="overrides train.epochs")] = None,
-    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")]
-    = None,
+    address: AddressOpt = None,
 ) -> None:
     """Train MGDSPR with Ray Train (DDP) and write a versioned model bundle; resumes a run of the same name."""
-    from ray_mgdspr.runtime import connect_ray
     from ray_mgdspr.train.trainer import train as run_training
 
     cfg = _config(config, preset)
     overrides = {k: v for k, v in {"world": world, "run_name": run_name, "epochs": epochs}.items() if v is not None}
     try:
         cfg = cfg.model_copy(update={"train": cfg.train.model_validate({**cfg.train.model_dump(), **overrides})})
-        connect_ray(cfg.ray, address)
-        result = run_training(cfg)
-    except (FileNotFoundError, FileExistsError, ValueError, ConfigError) as e:
-        raise _fail(str(e)) from None
+    except ValueError as e:
+        raise _fail(f"command-line override: {e}") from None
+    result = _on_ray(cfg, address, lambda: run_training(cfg))
     console.print(_training_summary(result))
     final = result.metrics[-1] if result.metrics else {}
     recall = {k: v for k, v in final.items() if k.startswith("recall@")}
@@ -259,19 +270,13 @@ def embed(
     preset: PresetOpt = None,
     world: Annotated[str | None, typer.Option(help="world whose catalogue to embed (default: train.world)")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing embedding set of this model")] = False,
-    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: $RAY_ADDRESS, else local)")]
-    = None,
+    address: AddressOpt = None,
 ) -> None:
     """Embed every catalogue item with a Ray Data actor pool; writes <embed.out>/<model version>."""
     from ray_mgdspr.index.embed import embed_catalogue
-    from ray_mgdspr.runtime import connect_ray
 
     cfg = _config(config, preset)
-    try:
-        connect_ray(cfg.ray, address)
-        r = embed_catalogue(world or cfg.train.world, bundle, cfg.embed, overwrite=overwrite)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        raise _fail(str(e)) from None
+    r = _on_ray(cfg, address, lambda: embed_catalogue(world or cfg.train.world, bundle, cfg.embed, overwrite))
     console.print(f"embedded {r.rows:,} items (d={r.dim}) with model {r.model_version} in {r.seconds:.1f}s "
                   f"-> {r.path}", soft_wrap=True)
 
@@ -283,19 +288,13 @@ def index_build(
     preset: PresetOpt = None,
     world: Annotated[str | None, typer.Option(help="world with the items' metadata (default: train.world)")] = None,
     current: Annotated[bool, typer.Option(help="point CURRENT at the new version")] = True,
-    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: $RAY_ADDRESS, else local)")]
-    = None,
+    address: AddressOpt = None,
 ) -> None:
     """Build an index version (shards in parallel as Ray tasks); written atomically."""
     from ray_mgdspr.index.build import build_index
-    from ray_mgdspr.runtime import connect_ray
 
     cfg = _config(config, preset)
-    try:
-        connect_ray(cfg.ray, address)
-        m = build_index(world or cfg.train.world, embeddings, cfg.index, make_current=current)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        raise _fail(str(e)) from None
+    m = _on_ray(cfg, address, lambda: build_index(world or cfg.train.world, embeddings, cfg.index, current))
     console.print(f"index {cfg.index.out}/{m.version}: {m.total_rows:,} items in {len(m.shards)} shards "
                   f"({m.factory}, d={m.dim}) in {m.build_seconds:.1f}s" + (", now current" if current else ""),
                   soft_wrap=True)

@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from ray_mgdspr.artifacts import replace_dir
 from ray_mgdspr.config import EmbedConfig
 from ray_mgdspr.data import schema
 from ray_mgdspr.data.features import encode_words
@@ -90,9 +91,7 @@ def embed_catalogue(world: str | Path, bundle: str | Path, cfg: EmbedConfig, ove
         info = {"model_version": model.version, "model_files": model.files, "rows": rows, "dim": model.model.d,
                 "world": str(world), "seconds": time.perf_counter() - t0}
         (tmp / MANIFEST).write_text(json.dumps(info, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 from pathlib import Path
 from typing import Literal
 
@@ -54,15 +53,6 @@ class IndexManifest(BaseModel):
         if self.total_rows != sum(e.rows for e in self.shards):
             raise ValueError(f"total_rows {self.total_rows} != sum of shard rows {sum(e.rows for e in self.shards)}")
         return self
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks: a shard file may not fit in memory twice."""
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_manifest(directory: Path, manifest: IndexManifest) -> None:

@@ -41,8 +41,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ray_mgdspr.artifacts import sha256_file
 from ray_mgdspr.config import IndexConfig
-from ray_mgdspr.index.manifest import MANIFEST, IndexManifest, ShardEntry, read_manifest, sha256_file, write_manifest
+from ray_mgdspr.index.manifest import MANIFEST, IndexManifest, ShardEntry, read_manifest, write_manifest
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, Field
 
+from ray_mgdspr.artifacts import replace_dir, sha256_file
 from ray_mgdspr.config import FeatureConfig, LossConfig, ModelConfig
 from ray_mgdspr.data.vocab import KINDS, Vocabulary
 from ray_mgdspr.model.mgdspr import TwoTower, build_model
@@ -46,14 +46,6 @@ class BundleManifest(BaseModel):
     parameters: dict[str, int] = Field(description="trainable parameters per tower (shared tables in both)")
     files: dict[str, str] = Field(description="file name -> sha256")
     metadata: dict[str, Any] = Field(default_factory=dict, description="training run: data, steps, metrics")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _towers(model: TwoTower) -> dict[str, torch.nn.Module]:
@@ -79,7 +71,7 @@ def save_bundle(
         for tower, name in TOWER_FILES.items():
             torch.save(_towers(model)[tower].state_dict(), tmp / name)
         vocab.save(tmp / VOCAB_FILE)
-        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
         now = dt.datetime.now(dt.UTC)
         digest = hashlib.sha256("".join(files[n] for n in TOWER_FILES.values()).encode()).hexdigest()
         manifest = BundleManifest(
@@ -93,9 +85,7 @@ def save_bundle(
             metadata=metadata or {},
         )
         (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -113,7 +103,7 @@ def read_bundle_manifest(path: str | Path) -> BundleManifest:
     for name, sha in manifest.files.items():
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path}: bundle file {name} is missing")
-        if _sha256(path / name) != sha:
+        if sha256_file(path / name) != sha:
             raise ValueError(f"{path}: bundle file {name} does not match its checksum (corrupt or modified)")
     return manifest
 
