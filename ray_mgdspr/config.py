@@ -328,6 +328,8 @@ class IndexConfig(StrictModel):
     @field_validator("factory")
     @classmethod
     def _factory_parses(cls, factory: str) -> str:
+        if factory == "Flat":  # the default needs no check, and faiss stays out of processes that never index
+            return factory
         import faiss  # lazily: configs load on machines that never build an index
 
         if "IDMap" in factory:

@@ -79,7 +79,8 @@ def count_examples(world: str | Path, days: Iterable[int]) -> int:
 def check_resources(cfg: ProjectConfig, cluster: dict[str, float]) -> None:
     """Refuse a run that asks for more than the cluster has (it would wait forever for resources)."""
     t, d = cfg.train, cfg.data
-    need = {k: v * t.num_workers for k, v in t.resources_per_worker.items()}
+    per_worker = {"GPU": 1.0, **t.resources_per_worker} if t.use_gpu else t.resources_per_worker
+    need = {k: v * t.num_workers for k, v in per_worker.items()}
     need["CPU"] = need.get("CPU", 0.0) + d.featurize_actors * d.featurize_cpus + max(1.0, d.read_cpus)
     for k, v in need.items():
         have = cluster.get(k, 0.0)
@@ -231,7 +232,8 @@ def evaluate(model: TwoTower, catalogue: Catalogue, features: dict[str, np.ndarr
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """One DDP worker: stream the shard, step, checkpoint, evaluate (rank 0), report."""
-    cfg = ProjectConfig.model_validate(config["cfg"])
+    # The index section is not needed here; leaving it out keeps faiss (its own OpenMP/BLAS) out of the worker.
+    cfg = ProjectConfig.model_validate({k: v for k, v in config["cfg"].items() if k != "index"})
     t, steps_per_epoch = cfg.train, config["steps_per_epoch"]
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
