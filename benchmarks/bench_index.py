@@ -23,12 +23,13 @@ What it measures (data: SYNTHETIC):
 
 Every index build and every search session runs in a fresh subprocess, so its peak memory is its own.
 
-    python benchmarks/bench_index.py                  # ~11 min on 2 cores (1M vectors, 200k-item catalogue)
+    python benchmarks/bench_index.py                  # 1M vectors, 200k items: ~5 min on 2 idle cores, ~11 busy
     python benchmarks/bench_index.py --quick          # ~2 min: 50k/100k vectors, 20k items
     python benchmarks/bench_index.py --sizes 100000,300000,1000000 --embed-items 1000000
+    python benchmarks/bench_index.py --skip-index --embed-items 1000000   # part 3 alone, ~6 min
 
 Results go to ``benchmarks/results/index-cpu.{json,md}`` and ``benchmarks/results/index-growth.svg``
-(``--quick`` writes ``index-cpu-quick.*`` instead).
+(``--quick`` writes ``index-cpu-quick.*``, ``--skip-index`` ``index-embed-<items>.*`` instead).
 """
 
 from __future__ import annotations
