@@ -169,29 +169,37 @@ def fit_local(
 
 
 @torch.inference_mode()
-def embed_catalogue(model: TwoTower, catalogue: Catalogue, batch_size: int = 4096) -> torch.Tensor:
+def embed_catalogue(
+    model: TwoTower, catalogue: Catalogue, batch_size: int = 4096, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """H_item of every catalogue item, (N, d), in catalogue order."""
     model.eval()
     parts = []
     for s in range(0, len(catalogue), batch_size):
-        ids = torch.as_tensor(catalogue.item_id[s : s + batch_size])
-        parts.append(model.embed_items(ids, torch.as_tensor(catalogue.item_title[s : s + batch_size])))
+        ids = torch.as_tensor(catalogue.item_id[s : s + batch_size], device=device)
+        parts.append(model.embed_items(ids, torch.as_tensor(catalogue.item_title[s : s + batch_size], device=device)))
     return torch.cat(parts)
 
 
 @torch.inference_mode()
-def retrieve(
-    model: TwoTower, featurizer: Featurizer, events: pa.Table, catalogue: Catalogue, k: int, batch_size: int = 512
+def retrieve_featurized(
+    model: TwoTower, features: dict[str, np.ndarray], catalogue: Catalogue, k: int,
+    device: torch.device | str = "cpu", batch_size: int = 512,
 ) -> np.ndarray:
-    """Exact top-k item ids (E, k) for each event by brute-force inner product over the whole catalogue."""
-    model.eval()
-    items = embed_catalogue(model, catalogue)
+    """Exact top-k item ids (E, k) of featurized searches by brute-force inner product over the whole catalogue."""
+    items = embed_catalogue(model, catalogue, device=device)
     k = min(k, len(catalogue))
+    rows = len(features["user_id"])
     out = []
-    for s in range(0, events.num_rows, batch_size):
-        q = model.query_tower(as_tensors(featurizer(events.slice(s, batch_size))))
-        out.append(catalogue.item_id[(q @ items.T).topk(k, dim=1).indices.numpy()])
+    for s in range(0, rows, batch_size):
+        q = model.query_tower(as_tensors({key: v[s : s + batch_size] for key, v in features.items()}, device))
+        out.append(catalogue.item_id[(q @ items.T).topk(k, dim=1).indices.cpu().numpy()])
     return np.concatenate(out) if out else np.zeros((0, k), np.int64)
+
+
+def retrieve(model: TwoTower, featurizer: Featurizer, events: pa.Table, catalogue: Catalogue, k: int) -> np.ndarray:
+    """Exact top-k item ids (E, k) for each event (``Featurizer.events`` rows)."""
+    return retrieve_featurized(model, featurizer(events), catalogue, k)
 
 
 def targets_of(events: pa.Table) -> list[np.ndarray]:

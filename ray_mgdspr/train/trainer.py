@@ -42,7 +42,7 @@ from ray_mgdspr.model.bundle import BundleManifest, save_bundle
 from ray_mgdspr.model.mgdspr import TwoTower, build_model
 from ray_mgdspr.model.optim import make_optimizer
 from ray_mgdspr.model.tables import resolve_buckets
-from ray_mgdspr.train.loop import Catalogue, extra_negatives, train_step, world_max_ids
+from ray_mgdspr.train.loop import Catalogue, extra_negatives, retrieve_featurized, train_step, world_max_ids
 
 log = logging.getLogger(__name__)
 STATE = "state.pt"
@@ -211,23 +211,12 @@ def _restore(model: TwoTower, optimizer: torch.optim.Optimizer) -> dict[str, Any
     return state
 
 
-@torch.inference_mode()
 def evaluate(model: TwoTower, catalogue: Catalogue, features: dict[str, np.ndarray], targets: list[np.ndarray],
              k: int, device: torch.device) -> float:
     """Recall@k of the held-out searches by exact search over the whole catalogue."""
-    model.eval()
-    items = torch.cat([
-        model.embed_items(torch.as_tensor(catalogue.item_id[s : s + 4096], device=device),
-                          torch.as_tensor(catalogue.item_title[s : s + 4096], device=device))
-        for s in range(0, len(catalogue), 4096)
-    ])
-    k = min(k, len(catalogue))
-    topk = []
-    for s in range(0, len(targets), 512):
-        b = {key: torch.as_tensor(v[s : s + 512], device=device) for key, v in features.items()}
-        topk.append(catalogue.item_id[(model.query_tower(b) @ items.T).topk(k, dim=1).indices.cpu().numpy()])
+    topk = retrieve_featurized(model, features, catalogue, k, device)
     model.train()
-    return recall_at_k(np.concatenate(topk), targets, k)
+    return recall_at_k(topk, targets, k)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
