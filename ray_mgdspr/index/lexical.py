@@ -1,0 +1,100 @@
+"""Lexical retrieval: BM25 over item titles (the paper's lexical channel, and the BM25 baseline).
+
+Backed by bm25s (sparse-matrix BM25, Lucene scoring, k1 1.5, b 0.75). Titles and queries are word lists as
+the rest of the project segments them (``title_words``, ``query_words``), lower-cased here, so zh and en work
+alike. Only items that share at least one word with the query are returned: a zero BM25 score is no match,
+and those slots are padded with id -1 and score -inf, as the embedding search pads.
+
+On disk (``Bm25Index.save``): bm25s' own files plus ``item_ids.npy`` (row -> item id).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import bm25s
+import numpy as np
+import pyarrow as pa
+
+ITEM_IDS = "item_ids.npy"
+
+
+def _lowered(words: list[list[str]] | pa.Array | pa.ChunkedArray) -> list[list[str]]:
+    rows = words.to_pylist() if isinstance(words, pa.Array | pa.ChunkedArray) else words
+    return [[w.lower() for w in (row or []) if w.strip()] for row in rows]
+
+
+class Bm25Index:
+    """BM25 over the titles of a catalogue.
+
+    Example:
+        >>> idx = Bm25Index.build(np.array([7, 8]), [["red", "shoe"], ["blue", "shirt"]])
+        >>> scores, ids = idx.search([["Red", "boots"], ["green"]], k=2)
+        >>> ids.tolist()
+        [[7, -1], [-1, -1]]
+    """
+
+    def __init__(self, retriever: bm25s.BM25, item_ids: np.ndarray) -> None:
+        self._retriever = retriever
+        self.item_ids = np.asarray(item_ids, np.int64)
+
+    @classmethod
+    def build(cls, item_ids: np.ndarray, title_words: list[list[str]] | pa.Array | pa.ChunkedArray) -> Bm25Index:
+        """Index the titles ``title_words`` (one word list per item) of ``item_ids`` (n,)."""
+        titles = _lowered(title_words)
+        if len(titles) != len(item_ids):
+            raise ValueError(f"{len(item_ids)} item ids but {len(titles)} titles")
+        if not titles:
+            raise ValueError("cannot build a BM25 index over an empty catalogue")
+        retriever = bm25s.BM25()
+        retriever.index(titles, show_progress=False)
+        return cls(retriever, item_ids)
+
+    def __len__(self) -> int:
+        return len(self.item_ids)
+
+    def search(self, query_words: list[list[str]], k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k items per query by BM25.
+
+        Args:
+            query_words: one word list per query (any case).
+            k: results per query, >= 1.
+
+        Returns:
+            scores (q, k) float32 best first and item_ids (q, k) int64; slots without a matching item are
+            -inf / -1.
+        """
+        if k < 1:
+            raise ValueError(f"k must be >= 1 (got {k})")
+        queries = _lowered(query_words)
+        scores = np.full((len(queries), k), -np.inf, np.float32)
+        ids = np.full((len(queries), k), -1, np.int64)
+        if not queries:
+            return scores, ids
+        vocab = self._retriever.vocab_dict
+        known = [[w for w in q if w in vocab] for q in queries]
+        asked = [i for i, q in enumerate(known) if q]  # a query of unseen words only matches nothing
+        if not asked:
+            return scores, ids
+        kept = min(k, len(self))
+        rows, found = self._retriever.retrieve([known[i] for i in asked], k=kept, show_progress=False, n_threads=1)
+        hit = found > 0
+        scores[asked, :kept] = np.where(hit, found, -np.inf)
+        ids[asked, :kept] = np.where(hit, self.item_ids[rows], -1)
+        return scores, ids
+
+    def save(self, path: str | Path) -> None:
+        """Write the index into directory ``path`` (created)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self._retriever.save(str(path), show_progress=False)
+        np.save(path / ITEM_IDS, self.item_ids)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Bm25Index:
+        """Read an index written by :meth:`save`."""
+        path = Path(path)
+        if not (path / ITEM_IDS).is_file():
+            raise FileNotFoundError(f"{path}: not a BM25 index (no {ITEM_IDS})")
+        retriever = bm25s.BM25.load(str(path), show_progress=False, verbosity=0)
+        return cls(retriever, np.load(path / ITEM_IDS))
