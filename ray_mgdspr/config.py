@@ -344,6 +344,89 @@ class IndexConfig(StrictModel):
 
 
 # --------------------------------------------------------------------------------------------------
+# serve
+
+
+class DeploymentConfig(StrictModel):
+    """Resources and scaling of one Serve deployment (per replica); whole CPUs/GPUs on a real cluster."""
+
+    num_cpus: float = Field(0.25, ge=0, description="CPUs per replica (fractional on small machines: RAY.md)")
+    num_gpus: float = Field(0, ge=0, description="GPUs per replica (shards: exact torch search on the GPU)")
+    min_replicas: int = Field(1, ge=1, description="autoscaling lower bound")
+    max_replicas: int = Field(2, ge=1, description="autoscaling upper bound (= min_replicas: fixed)")
+    target_ongoing_requests: float = Field(4, gt=0, description="autoscaling target of in-flight requests per "
+                                           "replica")
+    max_ongoing_requests: int = Field(64, ge=1, description="requests a replica accepts at once; Serve's "
+                                      "default of 5 collapses under 16 clients (RAY.md)")
+    upscale_delay_s: float = Field(2.0, ge=0)
+    downscale_delay_s: float = Field(30.0, ge=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> DeploymentConfig:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas {self.max_replicas} < min_replicas {self.min_replicas}")
+        return self
+
+    def serve_options(self) -> dict[str, Any]:
+        """Keyword arguments of ``Deployment.options``."""
+        actor = {"num_cpus": self.num_cpus, **({"num_gpus": self.num_gpus} if self.num_gpus else {})}
+        scaling: dict[str, Any] = {"num_replicas": self.min_replicas}
+        if self.max_replicas > self.min_replicas:
+            scaling = {"autoscaling_config": {
+                "min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
+                "target_ongoing_requests": self.target_ongoing_requests,
+                "upscale_delay_s": self.upscale_delay_s, "downscale_delay_s": self.downscale_delay_s}}
+        return {"ray_actor_options": actor, "max_ongoing_requests": self.max_ongoing_requests, **scaling}
+
+
+class ServeConfig(StrictModel):
+    """The retrieval endpoint: where it listens, what it serves, limits, and each deployment's resources."""
+
+    host: str = Field("127.0.0.1", description="bind address; loopback by default (0.0.0.0 exposes it)")
+    port: int = Field(8000, ge=1, le=65535)
+    app_name: str = Field("mgdspr", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$",
+                          description="Serve application of the HTTP ingress; each served version runs as "
+                          "the application <app_name>-<version>")
+    index_root: str | None = Field(None, description="root of index versions (default: index.out)")
+    version: str | None = Field(None, description="version to serve at start (default: the index root's "
+                                "CURRENT); later versions arrive by promotion or by moving CURRENT")
+    world: str | None = Field(None, description="world whose catalogue gives the featurizer's item side "
+                              "information, key terms and BM25 titles (default: train.world)")
+    store: str = Field("runs/store/behaviours.sqlite", description="behaviour store: an SQLite file (built "
+                       "from the world's logs when missing) or a redis:// URL")
+    backend: Literal["auto", "faiss-cpu", "faiss-gpu", "torch"] | None = Field(
+        None, description="shard search backend (default: index.backend)")
+    faiss_threads: int = Field(1, ge=1, description="OpenMP threads per shard replica: on a busy machine one "
+                               "thread per query batch beats many (measured 8-40x per query on 2 cores)")
+    torch_threads: int = Field(1, ge=1, description="intra-op threads of the query encoder")
+    default_k: int = Field(50, ge=1)
+    max_k: int = Field(1000, ge=1, description="largest k a request may ask for")
+    max_query_chars: int = Field(256, ge=1, description="longer queries are refused with 422")
+    max_body_bytes: int = Field(16_384, ge=256, description="larger request bodies are refused with 413")
+    max_events: int = Field(1000, ge=1, description="events per POST /v1/events")
+    token: str | None = Field(None, description="bearer token of the write paths (events, promotion); the "
+                              "MGDSPR_SERVE_TOKEN environment variable overrides; none set: writes are refused")
+    batch_size: int = Field(32, ge=1, description="@serve.batch size of the encoder and the shards")
+    batch_wait_ms: float = Field(2.0, ge=0, description="how long a batch waits to fill")
+    request_timeout_s: float = Field(10.0, gt=0, description="a request's budget across all stages")
+    version_refresh_s: float = Field(0.25, gt=0, description="how often the ingress asks which version serves")
+    drain_s: float = Field(5.0, ge=0, description="after a switch, how long the old version keeps serving "
+                           "requests that started on it before its application is deleted")
+    load_timeout_s: float = Field(300.0, gt=0, description="how long a new version may take to load")
+    watch_current_s: float = Field(2.0, ge=0, description="poll the index root's CURRENT this often and "
+                                   "promote what it names (0: only explicit promotion)")
+    ingress: DeploymentConfig = DeploymentConfig()
+    encoder: DeploymentConfig = DeploymentConfig()
+    shard: DeploymentConfig = DeploymentConfig(max_replicas=1)
+
+    @model_validator(mode="after")
+    def _k_bounds(self) -> ServeConfig:
+        if self.default_k > self.max_k:
+            raise ValueError(f"default_k {self.default_k} > max_k {self.max_k}")
+        return self
+
+
+# --------------------------------------------------------------------------------------------------
 # the file
 
 
@@ -361,6 +444,7 @@ class ProjectConfig(StrictModel):
     ray: RayConfig = RayConfig()
     embed: EmbedConfig = EmbedConfig()
     index: IndexConfig = IndexConfig()
+    serve: ServeConfig = ServeConfig()
 
 
 def _format_error(source: str, err: ValidationError) -> str:

@@ -54,5 +54,5 @@ def build_index(world: str | Path, embeddings: str | Path, config: IndexConfig,
     return build_index_version(
         config.out, info["model_version"], parts, config, info["model_version"],
         info["model_files"]["item_tower.pt"], info["dim"], make_current=make_current,
-        build_shards=_parallel(config, info["dim"]),
+        build_shards=_parallel(config, info["dim"]), bundle=info.get("bundle"),
     )

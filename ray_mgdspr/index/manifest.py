@@ -36,6 +36,8 @@ class IndexManifest(BaseModel):
     version: str = Field(description="index version id: the id of the model bundle it was built from")
     model_version: str = Field(description="version id of the model bundle whose item tower made the vectors")
     model_checksum: str = Field(description="checksum of that bundle (ties the index to exact weights)")
+    bundle: str | None = Field(None, description="path of that bundle when the index was built (serving loads "
+                               "the query tower from it and checks it against model_version and model_checksum)")
     created_at: dt.datetime
     factory: str = Field(description="Faiss index_factory string of every shard (inside an IDMap2)")
     metric: Literal["ip"]

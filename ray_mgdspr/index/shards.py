@@ -58,9 +58,11 @@ METADATA_SCHEMA = pa.schema(
         pa.field("brand_id", pa.int32()),
         pa.field("attr_value_ids", pa.list_(pa.int32())),
         pa.field("title_words", pa.list_(pa.string())),
+        pa.field("title", pa.string()),
     ]
 )
-"""Per-item columns the post-retrieval relevance filter reads; types as in ``data/schema.py`` ``ITEMS``."""
+"""Per-item columns the post-retrieval relevance filter reads and a response shows; types as in
+``data/schema.py`` ``ITEMS``."""
 
 _VERSION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # ".<name>.tmp-<host>.<pid>.<mkdtemp suffix>": host and pid say whose build it is (see remove_stale_staging)
@@ -335,7 +337,7 @@ def commit_version(staging: Staging, manifest: IndexManifest, make_current: bool
 def build_index_version(
     root: str | Path, version: str, shards: Sequence[ShardData] | Callable[[int], ShardData],
     config: IndexConfig, model_version: str, model_checksum: str, dim: int, make_current: bool = False,
-    build_shards: ShardBuilder | None = None,
+    build_shards: ShardBuilder | None = None, bundle: str | None = None,
 ) -> IndexManifest:
     """Build every shard, write the manifest and move the version into place; all or nothing.
 
@@ -350,6 +352,7 @@ def build_index_version(
         build_shards: runs ``build_shard_files`` for every shard into the staging directory and returns the
             entries in shard order (the Ray layer runs them as parallel tasks); default: one after another
             in this process.
+        bundle: path of the model bundle, recorded for serving.
 
     A failure anywhere leaves no version, no staging directory and ``CURRENT`` unchanged.
     """
@@ -364,7 +367,7 @@ def build_index_version(
         else:
             entries = build_shards(staging.path, shard_data)
         manifest = IndexManifest(
-            version=version, model_version=model_version, model_checksum=model_checksum,
+            version=version, model_version=model_version, model_checksum=model_checksum, bundle=bundle,
             created_at=dt.datetime.now(dt.UTC), factory=config.factory, metric=config.metric, dim=dim,
             shards=entries, build_backend=BUILD_BACKEND, total_rows=sum(e.rows for e in entries),
             build_seconds=round(time.perf_counter() - start, 3),

@@ -37,6 +37,7 @@ def metadata_for(ids: np.ndarray) -> pa.Table:
         "brand_id": (ids % 31).astype(np.int32),
         "attr_value_ids": [[int(i % 5)] for i in ids],
         "title_words": [[f"w{i}"] for i in ids],
+        "title": [f"item w{i}" for i in ids],
     })
 
 
