@@ -137,14 +137,18 @@ class LocalRun:
 def fit_local(
     featurizer: Featurizer, vocab: Vocabulary, world: str | Path, train_days: list[int],
     model_cfg: ModelConfig, loss_cfg: LossConfig, optim_cfg: OptimConfig, steps: int, seed: int = 0,
-    on_step: Callable[[int, dict[str, float]], None] | None = None,
+    on_step: Callable[[int, dict[str, float]], None] | None = None, model: TwoTower | None = None,
 ) -> LocalRun:
-    """Train for ``steps`` steps in this process, reshuffling the training examples every epoch."""
+    """Train for ``steps`` steps in this process, reshuffling the training examples every epoch.
+
+    ``model``: train this model in place (the caller keeps a handle, e.g. to evaluate it from ``on_step``);
+    default a fresh ``build_model`` of ``model_cfg`` sized to the world.
+    """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
-    model_cfg = resolve_buckets(model_cfg, world_max_ids(world))
-    model = build_model(model_cfg, {k: vocab.num_ids(k) for k in KINDS})
+    if model is None:
+        model = build_model(resolve_buckets(model_cfg, world_max_ids(world)), {k: vocab.num_ids(k) for k in KINDS})
     optimizer = make_optimizer(model.parameters(), optim_cfg)
     examples = featurizer.examples(train_days)
     if examples.num_rows == 0:
