@@ -396,6 +396,8 @@ class ServeConfig(StrictModel):
                        "from the world's logs when missing) or a redis:// URL")
     backend: Literal["auto", "faiss-cpu", "faiss-gpu", "torch"] | None = Field(
         None, description="shard search backend (default: index.backend)")
+    nprobe: int | None = Field(None, ge=1, description="IVF lists visited per query (default: index.nprobe)")
+    ef_search: int | None = Field(None, ge=1, description="HNSW candidate list (default: index.ef_search)")
     faiss_threads: int = Field(1, ge=1, description="OpenMP threads per shard replica: on a busy machine one "
                                "thread per query batch beats many (measured 8-40x per query on 2 cores)")
     torch_threads: int = Field(1, ge=1, description="intra-op threads of the query encoder")
@@ -418,6 +420,14 @@ class ServeConfig(StrictModel):
     ingress: DeploymentConfig = DeploymentConfig()
     encoder: DeploymentConfig = DeploymentConfig()
     shard: DeploymentConfig = DeploymentConfig(max_replicas=1)
+    head: DeploymentConfig = DeploymentConfig(max_replicas=1, num_cpus=0.1)
+
+    def resolved(self, project: ProjectConfig) -> ServeConfig:
+        """This section with every ``None`` default filled from the other sections."""
+        return self.model_copy(update={
+            "index_root": self.index_root or project.index.out, "world": self.world or project.train.world,
+            "backend": self.backend or project.index.backend, "nprobe": self.nprobe or project.index.nprobe,
+            "ef_search": self.ef_search or project.index.ef_search})
 
     @model_validator(mode="after")
     def _k_bounds(self) -> ServeConfig:

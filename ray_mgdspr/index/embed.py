@@ -88,7 +88,8 @@ def embed_catalogue(world: str | Path, bundle: str | Path, cfg: EmbedConfig, ove
         expected = pq.ParquetFile(items).metadata.num_rows
         if rows != expected:
             raise RuntimeError(f"embedded {rows} items but {items} has {expected}")
-        info = {"model_version": model.version, "model_files": model.files, "bundle": str(Path(bundle).resolve()), "rows": rows, "dim": model.model.d,
+        info = {"model_version": model.version, "model_files": model.files, "bundle": str(Path(bundle).resolve()),
+                "rows": rows, "dim": model.model.d,
                 "world": str(world), "seconds": time.perf_counter() - t0}
         (tmp / MANIFEST).write_text(json.dumps(info, indent=2))
         replace_dir(tmp, out)

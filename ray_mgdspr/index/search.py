@@ -108,13 +108,17 @@ class Shard:
         Raises:
             KeyError: an id that is not in this shard (-1 pads included: drop them first).
         """
+        return self.metadata.take(self.lookup_rows(item_ids))
+
+    def lookup_rows(self, item_ids: np.ndarray) -> np.ndarray:
+        """Row numbers in ``metadata`` of ``item_ids`` (n,), in that order (raises as ``lookup``)."""
         ids = np.asarray(item_ids, dtype=np.int64)
         pos = np.searchsorted(self._sorted_ids, ids)
         found = pos < len(self._sorted_ids)
         found[found] = self._sorted_ids[pos[found]] == ids[found]
         if not found.all():
             raise KeyError(f"shard {self.shard_no}: item ids not in this shard: {ids[~found][:5].tolist()}")
-        return self.metadata.take(self._order[pos])
+        return self._order[pos]
 
 
 class _FaissSearcher:
@@ -229,14 +233,19 @@ def merge_topk(results: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np
     ids = np.concatenate([i for _, i in results], axis=1).astype(np.int64, copy=False)
     if scores.shape != ids.shape:
         raise ValueError(f"scores {scores.shape} and item ids {ids.shape} differ in shape")
-    tie_break = np.where(ids < 0, np.iinfo(np.int64).max, ids)  # pads after real items of equal score
-    order = np.lexsort((tie_break, -scores), axis=1)[:, :k]  # last key first: score desc, then id asc
+    order = top_order(scores, ids, k)
     scores, ids = np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
     missing = k - scores.shape[1]
     if missing > 0:
         scores = np.pad(scores, ((0, 0), (0, missing)), constant_values=-np.inf)
         ids = np.pad(ids, ((0, 0), (0, missing)), constant_values=-1)
     return scores, ids
+
+
+def top_order(scores: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
+    """(q, <=k) column order of the best k per row: score descending, then item id ascending, pads (-1) last."""
+    tie_break = np.where(ids < 0, np.iinfo(np.int64).max, ids)  # pads after real items of equal score
+    return np.lexsort((tie_break, -scores), axis=1)[:, :k]  # last key first: score desc, then id asc
 
 
 class IndexReader:

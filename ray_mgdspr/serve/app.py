@@ -1,0 +1,95 @@
+"""The retrieval endpoint's app builder, its Serve config file, and running it from the CLI.
+
+``serve run ray_mgdspr.serve.app:build_app config=configs/my.yaml`` and ``serve deploy`` of the file
+``mgdspr serve config`` writes both go through ``build_app``; ``mgdspr serve`` does the same on a local Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, Field
+from ray import serve
+
+from ray_mgdspr.config import ProjectConfig, ServeConfig, load_config
+from ray_mgdspr.serve.deployments import Ingress, VersionManager
+from ray_mgdspr.serve.store import build_sqlite_store
+
+log = logging.getLogger(__name__)
+IMPORT_PATH = "ray_mgdspr.serve.app:build_app"
+
+
+class AppArgs(BaseModel):
+    """Arguments of ``build_app`` (the ``args:`` of a Serve config application)."""
+
+    config: str | None = Field(None, description="project config YAML, or preset:NAME (default: defaults)")
+    serve: dict[str, Any] = Field(default_factory=dict, description="overrides of the config's serve section")
+
+
+def resolve(args: AppArgs) -> ServeConfig:
+    """The serve section of ``args.config`` with ``args.serve`` applied and every default filled in."""
+    project = load_config(args.config) if args.config else ProjectConfig()
+    merged = ServeConfig.model_validate({**project.serve.model_dump(exclude_unset=True), **args.serve})
+    cfg = merged.resolved(project)
+    for field in ("index_root", "world"):
+        setattr(cfg, field, str(Path(getattr(cfg, field)).resolve()))
+    if "://" not in cfg.store:
+        cfg.store = str(Path(cfg.store).resolve())
+    return cfg
+
+
+def ensure_store(cfg: ServeConfig) -> None:
+    """Build the SQLite behaviour store from the world's logs when it does not exist yet."""
+    if "://" in cfg.store or Path(cfg.store).is_file():
+        return
+    log.info("building the behaviour store %s from %s", cfg.store, cfg.world)
+    build_sqlite_store(cfg.world, cfg.store)
+
+
+def build_app(args: AppArgs) -> serve.Application:
+    """The front application: the HTTP ingress and the version manager (which deploys the versions)."""
+    cfg = resolve(args)
+    ensure_store(cfg)
+    settings = cfg.model_dump()
+    manager = VersionManager.options(ray_actor_options={"num_cpus": 0.05}).bind(settings)  # idle but for swaps
+    return Ingress.options(**cfg.ingress.serve_options()).bind(settings, manager)
+
+
+def serve_config(args: AppArgs, cfg: ServeConfig) -> dict[str, Any]:
+    """A Serve config (``serve deploy`` / ``serve run`` / a KubeRay RayService ``serveConfigV2``)."""
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": cfg.host, "port": cfg.port},
+        "logging_config": {"enable_access_log": False},
+        "applications": [{
+            "name": cfg.app_name,
+            "route_prefix": "/",
+            "import_path": IMPORT_PATH,
+            "args": args.model_dump(exclude_defaults=True),
+        }],
+    }
+
+
+def write_serve_config(args: AppArgs, out: str | Path) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump(serve_config(args, resolve(args)), sort_keys=False))
+    return out
+
+
+def start(args: AppArgs) -> ServeConfig:
+    """Start Serve's HTTP proxy on the configured address and deploy the app; returns the resolved config.
+
+    Needs a connected Ray (``runtime.connect_ray``). Returns once the front application runs and the
+    first version answers ``/healthz``.
+    """
+    cfg = resolve(args)
+    serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config={"enable_access_log": False})
+    serve.run(build_app(args), name=cfg.app_name, route_prefix="/")
+    # the manager loads the first version on its first call: do it now, not on the first user request
+    serve.get_deployment_handle("VersionManager", cfg.app_name).active.remote().result(
+        timeout_s=cfg.load_timeout_s)
+    return cfg

@@ -1,0 +1,268 @@
+"""The Ray-free serving core: one version's query encoder, shard searchers, lexical channel, and the
+assembly of a response. The Serve deployments (``serve/deployments.py``) wrap these one per replica;
+``Retriever`` runs them all in one process (tests, the benchmark's monolith, ``mgdspr query --local``).
+
+A *release* is what one version id names: the index version ``<index_root>/<version>`` and the model bundle
+it was built from (recorded in the index manifest). ``verify_release`` checks both before anything loads it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+
+from ray_mgdspr.data.features import Featurizer
+from ray_mgdspr.data.world import read_table
+from ray_mgdspr.index.lexical import Bm25Index
+from ray_mgdspr.index.manifest import IndexManifest, read_manifest
+from ray_mgdspr.index.search import Shard, load_shard, top_order
+from ray_mgdspr.index.shards import IndexCorruptError, verify_index
+from ray_mgdspr.model.bundle import BundleManifest, load_bundle, read_bundle_manifest
+from ray_mgdspr.model.layers import as_tensors
+from ray_mgdspr.serve.relevance import KeyTerm, RelevanceFilter, matches
+from ray_mgdspr.serve.store import Store
+
+CHANNELS = ("embedding", "lexical")
+
+
+class ReleaseError(ValueError):
+    """A version that cannot be served; the message names the version, the file and what is wrong."""
+
+
+@dataclass(frozen=True)
+class Release:
+    """A verified version: its index directory, its bundle, and their manifests."""
+
+    version: str
+    index_path: Path
+    bundle_path: Path
+    index: IndexManifest
+    bundle: BundleManifest
+
+    @property
+    def shards(self) -> int:
+        return len(self.index.shards)
+
+
+def verify_release(index_root: str | Path, version: str, check_files: bool = True) -> Release:
+    """Check that ``version`` can be served: index and bundle present, untampered and made for each other.
+
+    Args:
+        check_files: verify every file against its manifest checksum (what a promotion does; replicas
+            loading a verified release pass False and still check the files they read).
+
+    Raises:
+        ReleaseError: what is missing, corrupt or inconsistent.
+    """
+    path = Path(index_root) / version
+    try:
+        index = read_manifest(path)
+        if check_files:
+            verify_index(path)
+    except (FileNotFoundError, ValueError, IndexCorruptError) as e:
+        raise ReleaseError(f"version {version}: index {path}: {e}") from None
+    if not index.bundle:
+        raise ReleaseError(f"version {version}: the index manifest names no model bundle (rebuild the index)")
+    bundle_path = Path(index.bundle)
+    try:
+        bundle = read_bundle_manifest(bundle_path) if check_files else _bundle_manifest(bundle_path)
+    except (FileNotFoundError, ValueError) as e:
+        raise ReleaseError(f"version {version}: bundle {bundle_path}: {e}") from None
+    if bundle.version != index.model_version:
+        raise ReleaseError(f"version {version}: bundle {bundle_path} is model {bundle.version}, but the index was "
+                           f"built from model {index.model_version}")
+    if bundle.files.get("item_tower.pt") != index.model_checksum:
+        raise ReleaseError(f"version {version}: bundle {bundle_path} has other item-tower weights than the index "
+                           "was built from (checksum differs)")
+    if bundle.model.d != index.dim:
+        raise ReleaseError(f"version {version}: bundle d={bundle.model.d} but index dim={index.dim}")
+    return Release(version, path, bundle_path, index, bundle)
+
+
+def _bundle_manifest(path: Path) -> BundleManifest:
+    return BundleManifest.model_validate_json((path / "manifest.json").read_text())
+
+
+@dataclass
+class Hits:
+    """One query's candidates from one source, best first (pads removed)."""
+
+    item_ids: np.ndarray  # (n,) int64
+    scores: np.ndarray  # (n,) float32
+    passes: np.ndarray  # (n,) bool: passes the relevance filter
+    titles: list[str]
+
+    @classmethod
+    def empty(cls) -> Hits:
+        return cls(np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, bool), [])
+
+
+@dataclass
+class Encoded:
+    """One query after the encoder: H_qu and what the later stages need."""
+
+    embedding: np.ndarray  # (d,) float32
+    words: list[str]
+    terms: tuple[KeyTerm, ...]
+
+
+class QueryEncoder:
+    """Query text + user id -> H_qu, with the user's histories from the behaviour store.
+
+    Args:
+        bundle: the model bundle (only its query tower is loaded, with ``weights_only``).
+        world: the world whose items table gives behaviours' side information and the key terms.
+        store: the behaviour store.
+        threads: torch intra-op threads.
+    """
+
+    def __init__(self, bundle: str | Path, world: str | Path, store: Store, threads: int = 1) -> None:
+        torch.set_num_threads(threads)
+        self.model, vocab, self.manifest = load_bundle(bundle, towers=("query",))
+        self.featurizer = Featurizer(world, vocab, self.manifest.features, history_days=[])
+        self.tokenizer = vocab.tokenizer()
+        self.relevance = RelevanceFilter.from_world(world, load_items=False)
+        self.store = store
+
+    @torch.inference_mode()
+    def encode(self, queries: list[str], user_ids: list[int | None], ts: list[int]) -> list[Encoded]:
+        """Encode a batch; a missing or unknown user gets empty histories (zero attention, spec §2)."""
+        users = [-1 if u is None else int(u) for u in user_ids]
+        behaviours, past = self.store.histories(users, ts)
+        features = self.featurizer.with_history(behaviours, past)({"user_id": users, "ts": ts, "query": queries})
+        h_qu = self.model.query_tower(as_tensors(features)).numpy()  # (B, d)
+        words = [self.tokenizer.words(q) for q in queries]
+        return [Encoded(h_qu[i], words[i], self.relevance.key_terms(words[i])) for i in range(len(queries))]
+
+
+class ShardSearcher:
+    """One index shard, searched a batch at a time, each hit marked with the relevance filter's verdict."""
+
+    def __init__(self, release: Release, shard_no: int, backend: str = "auto", *, nprobe: int = 16,
+                 ef_search: int = 128, faiss_threads: int = 1) -> None:
+        faiss.omp_set_num_threads(faiss_threads)
+        self.shard: Shard = load_shard(release.index_path, shard_no, backend, nprobe=nprobe, ef_search=ef_search)
+        self._titles = self.shard.metadata["title"].to_pylist()
+
+    def search(self, queries: np.ndarray, k: int, terms: list[tuple[KeyTerm, ...]]) -> list[Hits]:
+        """Top-k of this shard for each query row of ``queries`` (q, d)."""
+        scores, ids = self.shard.search(queries, k)
+        out = []
+        for row, query_terms in enumerate(terms):
+            keep = ids[row] >= 0
+            rows = self.shard.lookup_rows(ids[row][keep])
+            out.append(Hits(ids[row][keep], scores[row][keep],
+                            matches(query_terms, self.shard.metadata.take(rows)),
+                            [self._titles[r] for r in rows]))
+        return out
+
+
+class LexicalChannel:
+    """BM25 over the catalogue's titles, its hits marked with the relevance filter's verdict."""
+
+    def __init__(self, world: str | Path) -> None:
+        self.relevance = RelevanceFilter.from_world(world, load_items=True)
+        items = self.relevance.items
+        titles = read_table(world, "items", columns=["item_id", "title"])
+        self._title = dict(zip(titles["item_id"].to_pylist(), titles["title"].to_pylist(), strict=True))
+        self.index = Bm25Index.build(items["item_id"].to_numpy(), items["title_words"])
+
+    def search(self, words: list[list[str]], k: int, terms: list[tuple[KeyTerm, ...]]) -> list[Hits]:
+        scores, ids = self.index.search(words, k)
+        out = []
+        for row, query_terms in enumerate(terms):
+            keep = ids[row] >= 0
+            hit_ids = ids[row][keep]
+            positions = np.searchsorted(self.relevance.items["item_id"].to_numpy(), hit_ids)
+            out.append(Hits(hit_ids, scores[row][keep],
+                            matches(query_terms, self.relevance.items.take(positions)),
+                            [self._title.get(int(i), "") for i in hit_ids]))
+        return out
+
+
+def merge_hits(parts: list[Hits], k: int) -> Hits:
+    """The global top-k of per-shard hits (same order as ``index.search.merge_topk``)."""
+    ids = np.concatenate([p.item_ids for p in parts])
+    scores = np.concatenate([p.scores for p in parts]).astype(np.float32)
+    order = top_order(scores[None, :], ids[None, :], k)[0]
+    passes = np.concatenate([p.passes for p in parts])
+    titles = [t for p in parts for t in p.titles]
+    return Hits(ids[order], scores[order], passes[order], [titles[i] for i in order])
+
+
+@dataclass
+class Assembled:
+    items: list[dict] = field(default_factory=list)
+    filtered: int = 0
+
+
+def assemble(channels: dict[str, Hits], k: int, apply_filter: bool) -> Assembled:
+    """The response's items: each channel's top-k (filtered when asked), embedding first, then lexical-only
+    items; an item found by both channels is listed once with both channels and scores."""
+    out = Assembled()
+    by_id: dict[int, dict] = {}
+    for channel in CHANNELS:
+        hits = channels.get(channel)
+        if hits is None:
+            continue
+        n = min(k, len(hits.item_ids))
+        for item, score, ok, title in zip(hits.item_ids[:n], hits.scores[:n], hits.passes[:n], hits.titles[:n],
+                                          strict=True):
+            if apply_filter and not ok:
+                out.filtered += 1
+                continue
+            entry = by_id.get(int(item))
+            if entry is None:
+                entry = by_id[int(item)] = {"item_id": int(item), "title": title, "channels": [], "scores": {}}
+                out.items.append(entry)
+            entry["channels"].append(channel)
+            entry["scores"][channel] = float(score)
+    return out
+
+
+class Retriever:
+    """A whole version in one process: encoder, every shard, the lexical channel (no Ray).
+
+    The reference the Serve graph is tested against, and the single-process monolith of the benchmark.
+    """
+
+    def __init__(self, release: Release, world: str | Path, store: Store, backend: str = "auto",
+                 faiss_threads: int = 1, torch_threads: int = 1) -> None:
+        self.release = release
+        self.encoder = QueryEncoder(release.bundle_path, world, store, threads=torch_threads)
+        self.shards = [ShardSearcher(release, s, backend, faiss_threads=faiss_threads) for s in range(release.shards)]
+        self.lexical = LexicalChannel(world)
+
+    def retrieve(self, query: str, user_id: int | None, k: int, apply_filter: bool = True,
+                 channels: tuple[str, ...] = ("embedding",), ts: int | None = None) -> dict:
+        """One request, answered as the HTTP endpoint answers it (``schemas.RetrieveResponse`` fields)."""
+        t0 = time.perf_counter()
+        enc = self.encoder.encode([query], [user_id], [ts or int(time.time() * 1000)])[0]
+        latency = {"encode": _ms(t0)}
+        found: dict[str, Hits] = {}
+        if "embedding" in channels:
+            t = time.perf_counter()
+            parts = [s.search(enc.embedding[None, :], k, [enc.terms])[0] for s in self.shards]
+            latency["search"] = _ms(t)
+            t = time.perf_counter()
+            found["embedding"] = merge_hits(parts, k)
+            latency["merge"] = _ms(t)
+        if "lexical" in channels:
+            t = time.perf_counter()
+            found["lexical"] = self.lexical.search([enc.words], k, [enc.terms])[0]
+            latency["lexical"] = _ms(t)
+        t = time.perf_counter()
+        result = assemble(found, k, apply_filter)
+        latency["filter"] = _ms(t)
+        latency["total"] = _ms(t0)
+        return {"version": self.release.version, "items": result.items, "count": len(result.items),
+                "filtered": result.filtered, "key_terms": [t.text for t in enc.terms], "latency_ms": latency}
+
+
+def _ms(t0: float) -> float:
+    return round((time.perf_counter() - t0) * 1000, 3)

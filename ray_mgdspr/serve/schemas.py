@@ -1,0 +1,86 @@
+"""HTTP request and response bodies of the retrieval endpoint (separate models, limits on every field)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ray_mgdspr.serve.store import Behaviour, PastQuery
+
+Channel = Literal["embedding", "lexical"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RetrieveRequest(Strict):
+    """``POST /v1/retrieve``. Limits that depend on the configuration (k, query length) are checked by the
+    ingress with the configured values; these are the fixed ones."""
+
+    query: str = Field(description="the query as typed")
+    user_id: int | None = Field(None, ge=0, description="personalises with the user's histories; unknown or "
+                                "absent: no personalisation")
+    k: int | None = Field(None, description="items per channel (default: serve.default_k)")
+    filter: bool = Field(True, description="relevance control: drop items that miss the query's key terms")
+    channels: list[Channel] = Field(["embedding"], min_length=1, max_length=2,
+                                    description="embedding (MGDSPR + ANN) and/or lexical (BM25 over titles)")
+    ts: int | None = Field(None, gt=0, description="request time in epoch ms (replaying logs); default now")
+
+    @field_validator("query")
+    @classmethod
+    def _not_blank(cls, query: str) -> str:
+        if not query.strip():
+            raise ValueError("query is empty or whitespace only")
+        return query.strip()
+
+    @field_validator("channels")
+    @classmethod
+    def _unique(cls, channels: list[str]) -> list[str]:
+        if len(set(channels)) != len(channels):
+            raise ValueError(f"channels repeat: {channels}")
+        return channels
+
+
+class RetrievedItem(BaseModel):
+    item_id: int
+    title: str
+    channels: list[Channel] = Field(description="the channels that found the item")
+    scores: dict[str, float] = Field(description="per channel: inner product (embedding) or BM25 (lexical)")
+
+
+class RetrieveResponse(BaseModel):
+    version: str = Field(description="the model+index version that answered, end to end")
+    data: list[RetrievedItem] = Field(description="embedding hits best first, then lexical-only hits")
+    count: int
+    filtered: int = Field(description="hits the relevance filter removed (0 when filter is off)")
+    key_terms: list[str] = Field(description="catalogue terms found in the query (what the filter checks)")
+    latency_ms: dict[str, float] = Field(description="per stage: encode, search (shard fan-out), merge, "
+                                         "lexical, filter, total")
+
+
+class EventsRequest(Strict):
+    """``POST /v1/events``: behaviours and searches to append to users' histories (bearer token)."""
+
+    behaviours: list[Behaviour] = Field(default_factory=list)
+    queries: list[PastQuery] = Field(default_factory=list)
+
+
+class PromoteRequest(Strict):
+    """``POST /v1/admin/promote`` (bearer token)."""
+
+    version: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=128)
+
+
+class VersionInfo(BaseModel):
+    version: str | None = Field(description="the version new requests go to")
+    shards: int | None = None
+    dim: int | None = None
+    model: str | None = Field(None, description="model summary")
+    previous: str | None = Field(None, description="the version served before the last switch")
+    draining: list[str] = Field(default_factory=list, description="versions still answering requests that "
+                                "started on them")
+    loading: str | None = Field(None, description="a version being loaded")
+    last_error: str | None = Field(None, description="why the last promotion was refused")
+    switched_at: float | None = Field(None, description="epoch seconds of the last switch")

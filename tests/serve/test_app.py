@@ -1,0 +1,272 @@
+"""The retrieval endpoint on a real Serve app on a local Ray cluster, over real HTTP.
+
+One Serve instance for the module; tests run in file order and later ones build on the versions earlier
+ones promoted (noted where it matters).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import ray
+from ray import serve
+
+from ray_mgdspr.config import ServeConfig
+from ray_mgdspr.index.shards import current_version, set_current
+from ray_mgdspr.serve.app import AppArgs, start
+from ray_mgdspr.serve.engine import Retriever, verify_release
+from ray_mgdspr.serve.store import SqliteStore
+
+pytestmark = pytest.mark.slow
+TOKEN = "test-token-123"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def store_copy(deployment: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("store") / "behaviours.sqlite"
+    shutil.copy(deployment.store, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(deployment: Any, store_copy: Path) -> Iterator[tuple[str, ServeConfig]]:
+    overrides = {
+        "port": free_port(), "index_root": str(deployment.index_root), "world": str(deployment.world),
+        "store": str(store_copy), "version": "v1", "token": TOKEN, "drain_s": 1.0, "watch_current_s": 0.5,
+        "encoder": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 0.5,
+                    "downscale_delay_s": 600},
+    }
+    started = not ray.is_initialized()
+    if started:
+        # logical CPUs: two versions side by side during a swap hold ~3.5 CPUs of fractional replicas
+        ray.init(address="local", num_cpus=8, include_dashboard=False, logging_level=logging.WARNING,
+                 log_to_driver=False)
+    cfg = start(AppArgs(serve=overrides))
+    yield f"http://127.0.0.1:{cfg.port}", cfg
+    serve.shutdown()
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(server: tuple[str, ServeConfig]) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server[0], timeout=30) as c:
+        yield c
+
+
+def retrieve(client: httpx.Client, **body: object) -> dict:
+    r = client.post("/v1/retrieve", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_health_and_version(client: httpx.Client) -> None:
+    assert client.get("/healthz").json() == {"status": "ok", "version": "v1"}
+    info = client.get("/v1/version").json()
+    assert info["version"] == "v1" and info["shards"] == 2 and info["dim"] == 16
+
+
+def test_merged_topk_equals_the_ray_free_core(client: httpx.Client, deployment: Any, store_copy: Path) -> None:
+    core = Retriever(verify_release(deployment.index_root, "v1"), deployment.world,
+                     SqliteStore(store_copy, deployment.features))
+    ts = 4_000_000_000_000
+    for query, user in [("red dress", 3), ("running shoes", None), ("portable car cover", 17)]:
+        got = retrieve(client, query=query, user_id=user, k=20, filter=False, ts=ts)
+        want = core.retrieve(query, user, 20, apply_filter=False, ts=ts)
+        assert got["version"] == "v1" and got["count"] == 20
+        assert [i["item_id"] for i in got["data"]] == [i["item_id"] for i in want["items"]]
+        np.testing.assert_allclose([i["scores"]["embedding"] for i in got["data"]],
+                                   [i["scores"]["embedding"] for i in want["items"]], rtol=1e-5)
+        assert set(got["latency_ms"]) == {"encode", "search", "merge", "filter", "total"}
+
+
+def test_relevance_filter_and_lexical_channel(client: httpx.Client) -> None:
+    off = retrieve(client, query="red dress", k=30, filter=False)
+    on = retrieve(client, query="red dress", k=30)
+    assert set(on["key_terms"]) == {"red", "dress"}
+    assert off["filtered"] == 0 and on["filtered"] == 30 - on["count"] > 0
+    assert {i["item_id"] for i in on["data"]} < {i["item_id"] for i in off["data"]}
+    both = retrieve(client, query="red dress", k=10, channels=["embedding", "lexical"], filter=False)
+    channels = Counter(c for i in both["data"] for c in i["channels"])
+    assert channels["lexical"] == 10 and channels["embedding"] == 10
+    lexical = [i for i in both["data"] if "lexical" in i["channels"]]
+    assert all("red" in i["title"].lower() or "dress" in i["title"].lower() for i in lexical)
+    assert "lexical" in both["latency_ms"]
+
+
+BAD = [
+    (b'{"query": "   "}', 422, "query is empty"),
+    (b'{"query": ""}', 422, "query is empty"),
+    (b'{"query": "' + b"x" * 300 + b'"}', 422, "max_query_chars"),
+    (b'{"query": "dress", "k": 0}', 422, "k must be between 1"),
+    (b'{"query": "dress", "k": 100000}', 422, "k must be between 1"),
+    (b'{"query": "dress", "k": "many"}', 422, "k:"),
+    (b'{"query": 5}', 422, "query:"),
+    (b'{"query": "dress", "channels": ["sql"]}', 422, "channels"),
+    (b'{"query": "dress", "colour": "red"}', 422, "colour: Extra inputs"),
+    (b'{"query": "dress"', 400, "not valid JSON"),
+    (b'{"query": "\xff\xfe"}', 400, "not valid UTF-8"),
+    (b'[1, 2]', 422, "(body)"),
+    (b'{"query": "' + b"y" * 20000 + b'"}', 413, "max_body_bytes"),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "message"), BAD)
+def test_bad_input_is_a_clear_4xx(client: httpx.Client, body: bytes, status: int, message: str) -> None:
+    r = client.post("/v1/retrieve", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    assert message in r.json()["error"]
+    assert client.get("/healthz").status_code == 200
+
+
+def test_events_need_the_token_and_change_the_next_result(client: httpx.Client) -> None:
+    event = {"behaviours": [{"user_id": 42, "item_id": i, "action": "click", "ts": 3_999_999_000_000 + i}
+                            for i in range(5)]}
+    assert client.post("/v1/events", json=event).status_code == 401
+    assert client.post("/v1/events", json=event, headers={"authorization": "Bearer wrong"}).status_code == 401
+    ts = 4_000_000_000_000
+    before = retrieve(client, query="dress", user_id=42, k=10, filter=False, ts=ts)
+    r = client.post("/v1/events", json=event, headers={"authorization": f"Bearer {TOKEN}"})
+    assert r.status_code == 200 and r.json()["appended"]["behaviours"] == 5
+    after = retrieve(client, query="dress", user_id=42, k=10, filter=False, ts=ts)
+    assert [i["scores"]["embedding"] for i in after["data"]] != [i["scores"]["embedding"] for i in before["data"]]
+    bad = client.post("/v1/events", json={"behaviours": [{"user_id": 1, "item_id": 2, "action": "like", "ts": 5}]},
+                      headers={"authorization": f"Bearer {TOKEN}"})
+    assert bad.status_code == 422 and "action" in bad.json()["error"]
+
+
+def test_metrics(client: httpx.Client) -> None:
+    text = client.get("/metrics").text
+    assert 'mgdspr_requests_total{code="200",endpoint="retrieve"}' in text
+    assert 'mgdspr_requests_total{code="422",endpoint="retrieve"}' in text
+    assert 'mgdspr_stage_seconds_bucket{le="0.005",stage="encode"}' in text
+    assert 'mgdspr_serving_version{version="v1"} 1.0' in text
+
+
+class Load:
+    """Clients posting /v1/retrieve in a loop until stopped; records (status, version) per request."""
+
+    def __init__(self, base: str, clients: int, **body: object) -> None:
+        self.base, self.body, self.stop = base, body or {"query": "red dress", "k": 20}, threading.Event()
+        self.results: list[list[tuple[int, str | None, str]]] = [[] for _ in range(clients)]
+        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)]
+
+    def _run(self, i: int) -> None:
+        with httpx.Client(base_url=self.base, timeout=30) as c:
+            while not self.stop.is_set():
+                r = c.post("/v1/retrieve", json=self.body)
+                body = r.json()
+                self.results[i].append((r.status_code, body.get("version"), body.get("error", "")))
+
+    def __enter__(self) -> Load:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(60)
+
+    @property
+    def all(self) -> list[tuple[int, str | None, str]]:
+        return [r for rs in self.results for r in rs]
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def test_version_swap_under_load_has_no_failures_and_no_mixing(server: tuple[str, ServeConfig], client: httpx.Client,
+                                                               deployment: Any) -> None:
+    base, _ = server
+    with Load(base, clients=4) as load:
+        time.sleep(1.0)
+        r = client.post("/v1/admin/promote", json={"version": "v2"}, headers={"authorization": f"Bearer {TOKEN}"},
+                        timeout=300)
+        assert r.status_code == 200, r.text
+        assert r.json()["version"] == "v2" and r.json()["previous"] == "v1"
+        time.sleep(2.0)
+    results = load.all
+    assert results and all(status == 200 for status, _, _ in results), Counter(s for s, _, _ in results)
+    for per_client in load.results:
+        versions = [v for _, v, _ in per_client]
+        assert versions == sorted(versions) and versions[-1] == "v2"  # v1 ... v1 v2 ... v2: never back
+    assert {v for _, v, _ in results} == {"v1", "v2"}
+    assert current_version(deployment.index_root) == "v2"  # a restart serves what serves now
+    wait_for(lambda: "mgdspr-v1" not in serve.status().applications, 30, "v1's application to be deleted")
+    assert retrieve(client, query="dress", k=5)["version"] == "v2"
+
+
+def test_broken_version_is_refused_and_the_old_keeps_serving(server: tuple[str, ServeConfig], client: httpx.Client,
+                                                             deployment: Any) -> None:
+    broken = deployment.index_root / "v3"
+    shutil.copytree(deployment.index_root / "v2", broken)
+    (broken / "manifest.json").write_text((broken / "manifest.json").read_text().replace('"v2"', '"v3"', 1))
+    shard = next(broken.glob("shard-0*.faiss"))
+    shard.write_bytes(shard.read_bytes()[:-16] + b"\0" * 16)  # tampered: checksum no longer matches
+    auth = {"authorization": f"Bearer {TOKEN}"}
+    with Load(server[0], clients=2) as load:
+        r = client.post("/v1/admin/promote", json={"version": "v3"}, headers=auth, timeout=300)
+    assert r.status_code == 409 and "serving version is unchanged" in r.json()["error"]
+    assert "v3" in client.get("/v1/version").json()["last_error"]
+    assert all(status == 200 and v == "v2" for status, v, _ in load.all)
+    missing = client.post("/v1/admin/promote", json={"version": "nope"}, headers=auth)
+    assert missing.status_code == 409 and "not an index version" in missing.json()["error"]
+    assert client.post("/v1/admin/promote", json={"version": "v1"}).status_code == 401
+
+
+def test_moving_current_rolls_back(client: httpx.Client, deployment: Any) -> None:
+    set_current(deployment.index_root, "v1")  # what an operator does to roll back
+    wait_for(lambda: client.get("/v1/version").json()["version"] == "v1", 120, "the manager to serve v1")
+    # ingress replicas follow the manager within serve.version_refresh_s
+    wait_for(lambda: retrieve(client, query="dress", k=5)["version"] == "v1", 5, "requests to be answered by v1")
+
+
+def test_killed_shard_replica_fails_clearly_and_recovers(server: tuple[str, ServeConfig]) -> None:
+    names = [a for a in ray.util.list_named_actors(all_namespaces=True)
+             if "mgdspr-v1" in a["name"] and "shard-0" in a["name"]]
+    assert len(names) == 1, names
+    replica = ray.get_actor(names[0]["name"], namespace=names[0]["namespace"])
+    with Load(server[0], clients=4) as load:
+        time.sleep(1.0)
+        ray.kill(replica, no_restart=True)
+        time.sleep(8.0)
+    results = load.all
+    failures = [r for r in results if r[0] != 200]
+    assert all(status == 503 and "retry" in error for status, _, error in failures), failures[:3]
+    assert len(failures) <= 0.5 * len(results), (len(failures), len(results))
+    assert results[-1][0] == 200 and all(r[0] == 200 for rs in load.results for r in rs[-3:])  # recovered
+    print(f"replica kill: {len(failures)} of {len(results)} requests failed with 503")
+
+
+def test_encoder_scales_up_under_load(server: tuple[str, ServeConfig]) -> None:
+    def encoder_replicas() -> int:
+        app = serve.status().applications["mgdspr-v1"]
+        return sum(app.deployments["encoder"].replica_states.get("RUNNING", 0) for _ in [0])
+
+    assert encoder_replicas() == 1
+    with Load(server[0], clients=8, query="red dress", k=50, channels=["embedding", "lexical"]):
+        wait_for(lambda: encoder_replicas() == 2, 60, "a second encoder replica")
