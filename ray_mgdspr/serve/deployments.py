@@ -96,7 +96,7 @@ class IndexShard:
     def __init__(self, settings: dict, version: str, shard_no: int) -> None:
         cfg = ServeConfig.model_validate(settings)
         release = verify_release(cfg.index_root, version, check_files=False)  # load_shard checks its files
-        self.core = ShardSearcher(release, shard_no, cfg.backend or "auto", nprobe=cfg.nprobe or 16,
+        self.core = ShardSearcher(release.index_path, shard_no, cfg.backend or "auto", nprobe=cfg.nprobe or 16,
                                   ef_search=cfg.ef_search or 128, faiss_threads=cfg.faiss_threads)
         _batched(self.search, cfg)
 

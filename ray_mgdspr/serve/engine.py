@@ -143,10 +143,10 @@ class QueryEncoder:
 class ShardSearcher:
     """One index shard, searched a batch at a time, each hit marked with the relevance filter's verdict."""
 
-    def __init__(self, release: Release, shard_no: int, backend: str = "auto", *, nprobe: int = 16,
+    def __init__(self, index_path: str | Path, shard_no: int, backend: str = "auto", *, nprobe: int = 16,
                  ef_search: int = 128, faiss_threads: int = 1) -> None:
         faiss.omp_set_num_threads(faiss_threads)
-        self.shard: Shard = load_shard(release.index_path, shard_no, backend, nprobe=nprobe, ef_search=ef_search)
+        self.shard: Shard = load_shard(index_path, shard_no, backend, nprobe=nprobe, ef_search=ef_search)
         self._titles = self.shard.metadata["title"].to_pylist()
 
     def search(self, queries: np.ndarray, k: int, terms: list[tuple[KeyTerm, ...]]) -> list[Hits]:
@@ -235,7 +235,8 @@ class Retriever:
                  faiss_threads: int = 1, torch_threads: int = 1) -> None:
         self.release = release
         self.encoder = QueryEncoder(release.bundle_path, world, store, threads=torch_threads)
-        self.shards = [ShardSearcher(release, s, backend, faiss_threads=faiss_threads) for s in range(release.shards)]
+        self.shards = [ShardSearcher(release.index_path, s, backend, faiss_threads=faiss_threads)
+                       for s in range(release.shards)]
         self.lexical = LexicalChannel(world)
 
     def retrieve(self, query: str, user_id: int | None, k: int, apply_filter: bool = True,
