@@ -208,10 +208,20 @@ def demo(
     console.print(f"embedded {e.rows:,} items (d={e.dim}) in {e.seconds:.1f}s; index {ix.version}: "
                   f"{len(ix.shards)} shards ({ix.factory}), verified; Recall@{result.k} of held-out searches "
                   f"answered from the index: {result.index_recall:.4f}", soft_wrap=True)
-    for ex in result.examples:
-        console.print(escape(f"query '{ex.query}' -> top 5 from the index (* = the user clicked or bought it):"))
+    s = result.serving
+    console.print(f"serving version {s.version} on Ray Serve at {s.url} (now stopped); held-out searches asked "
+                  "over HTTP with the user's histories from the behaviour store:", soft_wrap=True)
+    for ex in s.examples:
+        console.print(escape(f"  user {ex.user_id} '{ex.query}' -> top {len(ex.results)} after the relevance filter "
+                             f"(key terms {ex.key_terms}, {ex.filtered} filtered; * = the user clicked or bought it; "
+                             f"{ex.latency_ms['total']:.0f} ms):"), soft_wrap=True)
         for title, hit in ex.results:
-            console.print(escape(f"  {'*' if hit else ' '} {title}"), soft_wrap=True)
+            console.print(escape(f"    {'*' if hit else ' '} {title}"), soft_wrap=True)
+    lexical = [f"{'+'.join(i['channels'])}: {i['title']}" for i in s.lexical["data"]]
+    console.print(escape(f"  embedding + lexical (BM25) channels, unfiltered: {lexical}"), soft_wrap=True)
+    changed = "changed" if s.after_events != s.before_events else "did not change"
+    console.print(f"  after POST /v1/events (two clicks) the same user's top 5 {changed}: {s.before_events} -> "
+                  f"{s.after_events}", soft_wrap=True)
     console.print(f"demo done in {time.perf_counter() - t0:.1f}s: world {result.world} (valid), "
                   f"vocabulary {result.vocab_path}, model {result.training.bundle}, index {result.out / 'index'} "
                   f"(version {result.training.manifest.version}) [SYNTHETIC data]", soft_wrap=True)

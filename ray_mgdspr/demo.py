@@ -1,21 +1,30 @@
 """The README's main job, end to end on an embedded default.
 
-For now: simulate a small world, validate it, build the vocabulary, train MGDSPR on it with Ray Train
-(2 DDP workers, Ray Data streaming the logs, Recall@K on the held-out test day per epoch), embed the
-catalogue with a Ray Data actor pool, build and verify a sharded Faiss index version, and answer a few
-held-out searches from the index (later stages put the index behind Ray Serve). Every number it reports
-comes from a synthetic world and is labelled so.
+Simulate a small world, validate it, build the vocabulary, train MGDSPR on it with Ray Train (2 DDP
+workers, Ray Data streaming the logs, Recall@K on the held-out test day per epoch), embed the catalogue
+with a Ray Data actor pool, build and verify a sharded Faiss index version, measure Recall@K of held-out
+searches answered from the index, then serve that version with Ray Serve and ask the live HTTP endpoint
+held-out searches (with the searching user's histories from the behaviour store), a lexical-channel
+query, and a query before and after posting that user's clicks. Every number it reports comes from a
+synthetic world and is labelled so.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import secrets
 import shutil
+import socket
+import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import torch
+from ray import serve
 
 from ray_mgdspr.config import ProjectConfig
 from ray_mgdspr.data.features import Featurizer
@@ -32,6 +41,8 @@ from ray_mgdspr.index.shards import verify_index
 from ray_mgdspr.model.bundle import load_bundle
 from ray_mgdspr.model.layers import as_tensors
 from ray_mgdspr.runtime import connect_ray
+from ray_mgdspr.serve.app import AppArgs
+from ray_mgdspr.serve.app import start as start_serve
 from ray_mgdspr.train.trainer import TrainResult, train
 
 log = logging.getLogger(__name__)
@@ -54,13 +65,27 @@ class DemoResult:
     index: IndexManifest
     index_recall: float  # Recall@K of held-out searches answered from the index
     k: int
-    examples: list[SearchExample]
+    serving: ServingReport
 
 
 @dataclass
 class SearchExample:
     query: str
+    user_id: int
     results: list[tuple[str, bool]]  # (title, clicked or bought by the user), best first
+    filtered: int  # hits the relevance filter removed
+    key_terms: list[str]
+    latency_ms: dict[str, float]
+
+
+@dataclass
+class ServingReport:
+    url: str
+    version: str
+    examples: list[SearchExample]
+    lexical: dict  # one response with the lexical channel on
+    before_events: list[int]  # a user's top items before and after posting clicks
+    after_events: list[int]
 
 
 def run_demo(cfg: ProjectConfig, out: str | Path, progress: Progress | None = None) -> DemoResult:
@@ -89,24 +114,65 @@ def run_demo(cfg: ProjectConfig, out: str | Path, progress: Progress | None = No
         raise DemoError("the index failed verification:\n" + "\n".join(problems))
     reader = IndexReader(out / "index" / index.version, index_cfg.backend)
     k = cfg.train.eval_k
-    recall, examples = answer_held_out(world, training.bundle, reader, k, cfg.train.eval_events)
+    recall = answer_held_out(world, training.bundle, reader, k, cfg.train.eval_events)
+    serving = serve_and_ask(cfg, out, world)
     log.info("demo artifacts in %s", out)
     return DemoResult(out, world, vocab_path, manifest, report, vocab, training, embeddings, index, recall, k,
-                      examples)
+                      serving)
 
 
 @torch.inference_mode()
-def answer_held_out(world: Path, bundle: Path, reader: IndexReader, k: int, n: int,
-                    shown: int = 3) -> tuple[float, list[SearchExample]]:
-    """Recall@k of ``n`` held-out test-day searches answered from the index, and ``shown`` of them in full."""
+def answer_held_out(world: Path, bundle: Path, reader: IndexReader, k: int, n: int) -> float:
+    """Recall@k of ``n`` held-out test-day searches answered from the index."""
     model, vocab, manifest = load_bundle(bundle, towers=("query",))
     featurizer = Featurizer(world, vocab, manifest.features)
     events = featurizer.events(read_manifest(world).test_days).slice(0, n)
     h_qu = model.query_tower(as_tensors(featurizer(events))).numpy()
     _, topk = reader.search(h_qu, k)
-    targets = [np.asarray(t, np.int64) for t in events["target_item_ids"].to_pylist()]
-    items = read_table(world, "items", columns=["item_id", "title"])
-    title = dict(zip(items["item_id"].to_pylist(), items["title"].to_pylist(), strict=True))
-    examples = [SearchExample(events["query"][i].as_py(), [(title[j], j in set(targets[i])) for j in topk[i, :5]])
-                for i in range(min(shown, events.num_rows))]
-    return recall_at_k(topk, targets, k), examples
+    return recall_at_k(topk, [np.asarray(t, np.int64) for t in events["target_item_ids"].to_pylist()], k)
+
+
+def _post(url: str, body: dict, token: str | None = None) -> dict:
+    headers = {"content-type": "application/json", **({"authorization": f"Bearer {token}"} if token else {})}
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
+    with urllib.request.urlopen(request, timeout=120) as r:
+        return json.loads(r.read())
+
+
+def serve_and_ask(cfg: ProjectConfig, out: Path, world: Path, shown: int = 3) -> ServingReport:
+    """Serve the demo's index version on Ray Serve and ask the live endpoint over HTTP (then shut it down)."""
+    token = secrets.token_hex(16)
+    with socket.socket() as s:  # a free port: the demo must not fail because 8000 is taken
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = AppArgs(serve={"index_root": str(out / "index"), "world": str(world), "port": port, "token": token,
+                          "store": str(out / "store" / "behaviours.sqlite")})
+    shutil.rmtree(out / "store", ignore_errors=True)  # rebuilt from this world's logs
+    served = start_serve(args)
+    url = f"http://127.0.0.1:{served.port}"
+    try:
+        events = read_table(world, "search_events", days=read_manifest(world).test_days,
+                            columns=["user_id", "ts", "query", "clicked_item_ids", "bought_item_ids"])
+        events = events.filter(pc.list_value_length(events["clicked_item_ids"]) > 0).slice(0, shown)
+        examples = []
+        for e in events.to_pylist():
+            ts = int(e["ts"].timestamp() * 1000)
+            r = _post(f"{url}/v1/retrieve", {"query": e["query"], "user_id": e["user_id"], "k": 5, "ts": ts})
+            targets = set(e["clicked_item_ids"]) | set(e["bought_item_ids"])
+            examples.append(SearchExample(e["query"], e["user_id"], [(i["title"], i["item_id"] in targets)
+                                                                     for i in r["data"]],
+                                          r["filtered"], r["key_terms"], r["latency_ms"]))
+        first = events.to_pylist()[0]
+        lexical = _post(f"{url}/v1/retrieve", {"query": first["query"], "k": 3, "channels": ["embedding", "lexical"],
+                                               "filter": False})
+        ask = {"query": first["query"], "user_id": first["user_id"], "k": 5, "filter": False}
+        before = [i["item_id"] for i in _post(f"{url}/v1/retrieve", ask)["data"]]
+        now = int(time.time() * 1000)
+        clicks = [{"user_id": first["user_id"], "item_id": i, "action": "click", "ts": now - 1000 + n}
+                  for n, i in enumerate(before[-2:])]  # the user clicks the 4th and 5th results
+        _post(f"{url}/v1/events", {"behaviours": clicks}, token)
+        after = [i["item_id"] for i in _post(f"{url}/v1/retrieve", ask)["data"]]
+        version = _post(f"{url}/v1/retrieve", {"query": first["query"], "k": 1})["version"]
+    finally:
+        serve.shutdown()
+    return ServingReport(url, version, examples, lexical, before, after)

@@ -385,10 +385,11 @@ class Ingress:
         except HttpError as e:
             self._count("retrieve", e.status)
             raise
-        except TimeoutError:
-            self._count("retrieve", 504)
-            raise HttpError(504, "retrieve: no answer within serve.request_timeout_s="
-                                 f"{self.cfg.request_timeout_s}") from None
+        except TimeoutError:  # a stage overloaded, or a replica died with requests on it: retryable
+            self._count("retrieve", 503)
+            raise HttpError(503, "retrieve: no answer within serve.request_timeout_s="
+                                 f"{self.cfg.request_timeout_s} (a stage is overloaded or restarting); retry") \
+                from None
         except Exception as e:  # a replica died or is restarting: retryable, never a crash of the server
             self._count("retrieve", 503)
             log.warning("retrieve failed: %r", e)

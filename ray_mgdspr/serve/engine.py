@@ -62,10 +62,11 @@ def verify_release(index_root: str | Path, version: str, check_files: bool = Tru
     path = Path(index_root) / version
     try:
         index = read_manifest(path)
-        if check_files:
-            verify_index(path)
+        problems = verify_index(path) if check_files else []
     except (FileNotFoundError, ValueError, IndexCorruptError) as e:
         raise ReleaseError(f"version {version}: index {path}: {e}") from None
+    if problems:
+        raise ReleaseError(f"version {version}: index {path} fails verification: {'; '.join(problems)}")
     if not index.bundle:
         raise ReleaseError(f"version {version}: the index manifest names no model bundle (rebuild the index)")
     bundle_path = Path(index.bundle)
