@@ -9,6 +9,8 @@ run the plan, write the report.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import time
@@ -80,21 +82,43 @@ def _same_world(world: Path, sim: dict[str, Any]) -> bool:
         return False
 
 
+def run_key(spec: RunSpec, world: dict[str, Any]) -> str:
+    """What a run's result depends on: the spec and its world's simulate config (a finished run is reused only
+    when all of it is unchanged)."""
+    digest = hashlib.sha256(json.dumps([repr(spec), world], sort_keys=True, default=str).encode()).hexdigest()
+    return f"{spec.lang}/{spec.variant}/s{spec.seed}/{digest[:16]}"
+
+
 def run_plan(specs: list[RunSpec], evalsets: dict[str, EvalSet], task_cpus: float,
-             progress: Progress | None = None) -> list[dict[str, Any]]:
-    """Run every spec as a Ray task (Ray must be initialised); records in completion order."""
+             progress: Progress | None = None, journal: Path | None = None) -> list[dict[str, Any]]:
+    """Run every spec as a Ray task (Ray must be initialised); records in completion order.
+
+    ``journal``: a JSON-lines file each finished run is appended to; runs already in it (same ``run_key``) are
+    not run again, so an interrupted evaluation resumes where it stopped.
+    """
     import ray
 
+    keys = {id(spec): run_key(spec, evalsets[spec.lang].manifest.config) for spec in specs}
+    done_before = _read_journal(journal)
+    records = [done_before[keys[id(s)]] for s in specs if keys[id(s)] in done_before]
+    todo = [s for s in specs if keys[id(s)] not in done_before]
+    if records and progress:
+        progress(f"{len(records)} runs reused from {journal}")
+    if not todo:
+        return records
     refs = {lang: ray.put(data) for lang, data in evalsets.items()}
     task = ray.remote(_run_task).options(num_cpus=task_cpus)
     threads = max(1, int(task_cpus))
-    pending = {task.remote(spec, refs[spec.lang], threads): spec for spec in specs}
-    records, t0 = [], time.perf_counter()
+    pending = {task.remote(spec, refs[spec.lang], threads): spec for spec in todo}
+    t0 = time.perf_counter()
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
         spec = pending.pop(done[0])
-        record = ray.get(done[0])
+        record = {**ray.get(done[0]), "key": keys[id(spec)]}
         records.append(record)
+        if journal is not None:
+            with journal.open("a") as f:
+                f.write(json.dumps(record, default=str) + "\n")
         if progress:
             m = record["metrics"]
             k_low, k_high = min(spec.ks), max(spec.ks)
@@ -103,6 +127,17 @@ def run_plan(specs: list[RunSpec], evalsets: dict[str, EvalSet], task_cpus: floa
                      f"P_good@{k_low} {m[f'p_good@{k_low}']:.3f} ({record['seconds']:.0f} s; "
                      f"{time.perf_counter() - t0:.0f} s elapsed)")
     return records
+
+
+def _read_journal(journal: Path | None) -> dict[str, dict[str, Any]]:
+    if journal is None or not journal.is_file():
+        return {}
+    out = {}
+    for line in journal.read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            out[record["key"]] = record
+    return out
 
 
 def _run_task(spec: RunSpec, data: EvalSet, threads: int) -> dict[str, Any]:
@@ -119,8 +154,8 @@ def evaluate(cfg: ProjectConfig, ev: EvalConfig, out: Path, work: Path | None = 
     """The whole report: worlds, vocabularies, every run as a Ray task, then ``report.md``/``.json``/PNGs in ``out``.
 
     Args:
-        work: where worlds and vocabularies go (default ``out/work``); worlds already there with the same
-            simulate config are reused.
+        work: where worlds, vocabularies and the journal of finished runs (``runs.jsonl``) go (default
+            ``out/work``); worlds with the same simulate config and runs with the same spec are reused.
         world: evaluate this existing world instead of simulating (one language only).
         address: Ray cluster address (default: ``cfg.ray``; a local Ray otherwise).
     """
@@ -146,7 +181,7 @@ def evaluate(cfg: ProjectConfig, ev: EvalConfig, out: Path, work: Path | None = 
     specs = plan_runs(cfg, ev)
     say(f"{len(specs)} runs as Ray tasks of {ev.task_cpus:g} CPU")
     connect_ray(cfg.ray, address)
-    records = run_plan(specs, evalsets, ev.task_cpus, say)
+    records = run_plan(specs, evalsets, ev.task_cpus, say, journal=work / "runs.jsonl")
     report = {"command": command, "seconds": time.perf_counter() - t0, "label": "SYNTHETIC",
               "machine": f"{platform.machine()}, {os.cpu_count()} cores", "config": cfg.model_dump(mode="json"),
               "eval": ev.model_dump(mode="json"), "worlds": worlds}

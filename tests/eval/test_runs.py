@@ -3,6 +3,7 @@ on a small simulated world (synthetic data)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from ray_mgdspr.config import FeatureConfig, IndexConfig, LossConfig, ModelConfi
 from ray_mgdspr.data.vocab import build_vocab_from_world
 from ray_mgdspr.data.world import read_table
 from ray_mgdspr.eval.evalset import EvalSet
+from ray_mgdspr.eval.experiments import run_key, run_plan
 from ray_mgdspr.eval.runs import RunSpec, run_one, variant_configs
 
 FEATURES = FeatureConfig(realtime_len=10, short_len=10, long_len=10, his_queries=3)
@@ -80,3 +82,16 @@ def test_trained_run_learns_and_measures_the_index(data: EvalSet) -> None:
     flat, ivf = record["ann"]
     assert flat["factory"] == "Flat" and abs(flat["recall_lost@100"]) < 1e-9 and flat["overlap@100"] > 0.999
     assert ivf["overlap@100"] < 0.999 and 0 <= ivf["overlap@10"] <= 1
+
+
+def test_journal_reuses_finished_runs_only_when_nothing_changed(data: EvalSet, tmp_path: Path) -> None:
+    specs = [RunSpec("en", v, 0, 50, (10,), (), 50, MODEL, LOSS, OPTIM) for v in ("bm25", "mgdspr")]
+    world = data.manifest.config
+    journal = tmp_path / "runs.jsonl"
+    journal.write_text("".join(json.dumps({"key": run_key(s, world), "variant": s.variant, "metrics": {}}) + "\n"
+                               for s in specs))
+    records = run_plan(specs, {"en": data}, 1.0, journal=journal)  # all journalled: Ray is never needed
+    assert [r["variant"] for r in records] == ["bm25", "mgdspr"]
+    longer = RunSpec("en", "mgdspr", 0, 60, (10,), (), 50, MODEL, LOSS, OPTIM)
+    assert run_key(longer, world) != run_key(specs[1], world)
+    assert run_key(specs[1], {**world, "seed": 1}) != run_key(specs[1], world)
