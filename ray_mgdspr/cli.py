@@ -217,11 +217,14 @@ def demo(
                              f"{ex.latency_ms['total']:.0f} ms):"), soft_wrap=True)
         for title, hit in ex.results:
             console.print(escape(f"    {'*' if hit else ' '} {title}"), soft_wrap=True)
+        if not ex.results:
+            console.print(f"    (none of the top {ex.filtered} embedding hits has every key term: the filter "
+                          "removed them all)", soft_wrap=True)
     lexical = [f"{'+'.join(i['channels'])}: {i['title']}" for i in s.lexical["data"]]
     console.print(escape(f"  embedding + lexical (BM25) channels, unfiltered: {lexical}"), soft_wrap=True)
     changed = "changed" if s.after_events != s.before_events else "did not change"
-    console.print(f"  after POST /v1/events (two clicks) the same user's top 5 {changed}: {s.before_events} -> "
-                  f"{s.after_events}", soft_wrap=True)
+    console.print(f"  after POST /v1/events (clicks on items {s.clicked}) the same user's top 5 for the same query "
+                  f"{changed}: {s.before_events} -> {s.after_events}", soft_wrap=True)
     console.print(f"demo done in {time.perf_counter() - t0:.1f}s: world {result.world} (valid), "
                   f"vocabulary {result.vocab_path}, model {result.training.bundle}, index {result.out / 'index'} "
                   f"(version {result.training.manifest.version}) [SYNTHETIC data]", soft_wrap=True)

@@ -403,6 +403,9 @@ class ServeConfig(StrictModel):
     torch_threads: int = Field(1, ge=1, description="intra-op threads of the query encoder")
     default_k: int = Field(50, ge=1)
     max_k: int = Field(1000, ge=1, description="largest k a request may ask for")
+    filter_fetch: int = Field(20, ge=1, description="with the relevance filter on, each channel fetches k x this "
+                              "many candidates so that k items that pass usually remain")
+    max_fetch: int = Field(1000, ge=1, description="at most this many candidates per channel (never below k)")
     max_query_chars: int = Field(256, ge=1, description="longer queries are refused with 422")
     max_body_bytes: int = Field(16_384, ge=256, description="larger request bodies are refused with 413")
     max_events: int = Field(1000, ge=1, description="events per POST /v1/events")

@@ -84,7 +84,8 @@ class ServingReport:
     version: str
     examples: list[SearchExample]
     lexical: dict  # one response with the lexical channel on
-    before_events: list[int]  # a user's top items before and after posting clicks
+    before_events: list[int]  # a user's top items before and after posting clicks on ``clicked``
+    clicked: list[int]
     after_events: list[int]
 
 
@@ -153,7 +154,7 @@ def serve_and_ask(cfg: ProjectConfig, out: Path, world: Path, shown: int = 3) ->
     try:
         events = read_table(world, "search_events", days=read_manifest(world).test_days,
                             columns=["user_id", "ts", "query", "clicked_item_ids", "bought_item_ids"])
-        events = events.filter(pc.list_value_length(events["clicked_item_ids"]) > 0).slice(0, shown)
+        events = events.filter(pc.greater(pc.list_value_length(events["clicked_item_ids"]), 0)).slice(0, shown)
         examples = []
         for e in events.to_pylist():
             ts = int(e["ts"].timestamp() * 1000)
@@ -168,11 +169,13 @@ def serve_and_ask(cfg: ProjectConfig, out: Path, world: Path, shown: int = 3) ->
         ask = {"query": first["query"], "user_id": first["user_id"], "k": 5, "filter": False}
         before = [i["item_id"] for i in _post(f"{url}/v1/retrieve", ask)["data"]]
         now = int(time.time() * 1000)
+        # the user clicks what the lexical channel found: those clicks become the newest items of R^u
+        clicked = [i["item_id"] for i in lexical["data"] if "embedding" not in i["channels"]][:3] or before[-2:]
         clicks = [{"user_id": first["user_id"], "item_id": i, "action": "click", "ts": now - 1000 + n}
-                  for n, i in enumerate(before[-2:])]  # the user clicks the 4th and 5th results
+                  for n, i in enumerate(clicked)]
         _post(f"{url}/v1/events", {"behaviours": clicks}, token)
         after = [i["item_id"] for i in _post(f"{url}/v1/retrieve", ask)["data"]]
         version = _post(f"{url}/v1/retrieve", {"query": first["query"], "k": 1})["version"]
     finally:
         serve.shutdown()
-    return ServingReport(url, version, examples, lexical, before, after)
+    return ServingReport(url, version, examples, lexical, before, clicked, after)

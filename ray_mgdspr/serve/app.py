@@ -87,7 +87,8 @@ def start(args: AppArgs) -> ServeConfig:
     first version answers ``/healthz``.
     """
     cfg = resolve(args)
-    serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config={"enable_access_log": False})
+    serve.start(http_options={"host": cfg.host, "port": cfg.port},
+                logging_config={"enable_access_log": False, "log_level": "WARNING"})
     serve.run(build_app(args), name=cfg.app_name, route_prefix="/")
     # the manager loads the first version on its first call: do it now, not on the first user request
     serve.get_deployment_handle("VersionManager", cfg.app_name).active.remote().result(

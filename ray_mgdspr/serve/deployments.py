@@ -46,6 +46,7 @@ from ray_mgdspr.serve.engine import (
     ReleaseError,
     ShardSearcher,
     assemble,
+    fetch_size,
     merge_hits,
     verify_release,
 )
@@ -412,16 +413,17 @@ class Ingress:
             latency[stage] = time.perf_counter() - t
             return result
 
+        fetch = fetch_size(k, req.filter, self.cfg.filter_fetch, self.cfg.max_fetch)
         calls = {}  # the channels run concurrently: the shard fan-out ("search") beside BM25 ("lexical")
         if "embedding" in req.channels:
             calls["embedding"] = timed("search", asyncio.gather(
-                *(s.search.remote((enc.embedding, k, enc.terms)) for s in v.shards)))
+                *(s.search.remote((enc.embedding, fetch, enc.terms)) for s in v.shards)))
         if "lexical" in req.channels:
-            calls["lexical"] = timed("lexical", v.head.search.remote(enc.words, k, enc.terms))
+            calls["lexical"] = timed("lexical", v.head.search.remote(enc.words, fetch, enc.terms))
         found: dict[str, Hits] = dict(zip(calls, await asyncio.gather(*calls.values()), strict=True))
         if "embedding" in found:
             t = time.perf_counter()
-            found["embedding"] = merge_hits(found["embedding"], k)
+            found["embedding"] = merge_hits(found["embedding"], fetch)
             latency["merge"] = time.perf_counter() - t
         t = time.perf_counter()
         result = assemble(found, k, req.filter)

@@ -202,21 +202,33 @@ class Assembled:
     filtered: int = 0
 
 
+def fetch_size(k: int, apply_filter: bool, filter_fetch: int, max_fetch: int) -> int:
+    """Candidates each channel retrieves: k, or with the filter on k x ``filter_fetch`` (capped at ``max_fetch``,
+    never below k) so that k items that pass usually remain."""
+    return max(k, min(k * filter_fetch, max_fetch)) if apply_filter else k
+
+
 def assemble(channels: dict[str, Hits], k: int, apply_filter: bool) -> Assembled:
-    """The response's items: each channel's top-k (filtered when asked), embedding first, then lexical-only
-    items; an item found by both channels is listed once with both channels and scores."""
+    """The response's items: each channel's best k (that pass the filter, when asked), embedding first, then
+    lexical-only items; an item found by both channels is listed once with both channels and scores.
+
+    ``filtered`` counts the candidates the filter removed above each channel's last kept item (all of them
+    when fewer than k pass).
+    """
     out = Assembled()
     by_id: dict[int, dict] = {}
     for channel in CHANNELS:
         hits = channels.get(channel)
         if hits is None:
             continue
-        n = min(k, len(hits.item_ids))
-        for item, score, ok, title in zip(hits.item_ids[:n], hits.scores[:n], hits.passes[:n], hits.titles[:n],
-                                          strict=True):
+        kept = 0
+        for item, score, ok, title in zip(hits.item_ids, hits.scores, hits.passes, hits.titles, strict=True):
+            if kept == k:
+                break
             if apply_filter and not ok:
                 out.filtered += 1
                 continue
+            kept += 1
             entry = by_id.get(int(item))
             if entry is None:
                 entry = by_id[int(item)] = {"item_id": int(item), "title": title, "channels": [], "scores": {}}
@@ -233,8 +245,9 @@ class Retriever:
     """
 
     def __init__(self, release: Release, world: str | Path, store: Store, backend: str = "auto",
-                 faiss_threads: int = 1, torch_threads: int = 1) -> None:
-        self.release = release
+                 faiss_threads: int = 1, torch_threads: int = 1, filter_fetch: int = 20,
+                 max_fetch: int = 1000) -> None:
+        self.release, self.filter_fetch, self.max_fetch = release, filter_fetch, max_fetch
         self.encoder = QueryEncoder(release.bundle_path, world, store, threads=torch_threads)
         self.shards = [ShardSearcher(release.index_path, s, backend, faiss_threads=faiss_threads)
                        for s in range(release.shards)]
@@ -247,16 +260,17 @@ class Retriever:
         enc = self.encoder.encode([query], [user_id], [ts or int(time.time() * 1000)])[0]
         latency = {"encode": _ms(t0)}
         found: dict[str, Hits] = {}
+        fetch = fetch_size(k, apply_filter, self.filter_fetch, self.max_fetch)
         if "embedding" in channels:
             t = time.perf_counter()
-            parts = [s.search(enc.embedding[None, :], k, [enc.terms])[0] for s in self.shards]
+            parts = [s.search(enc.embedding[None, :], fetch, [enc.terms])[0] for s in self.shards]
             latency["search"] = _ms(t)
             t = time.perf_counter()
-            found["embedding"] = merge_hits(parts, k)
+            found["embedding"] = merge_hits(parts, fetch)
             latency["merge"] = _ms(t)
         if "lexical" in channels:
             t = time.perf_counter()
-            found["lexical"] = self.lexical.search([enc.words], k, [enc.terms])[0]
+            found["lexical"] = self.lexical.search([enc.words], fetch, [enc.terms])[0]
             latency["lexical"] = _ms(t)
         t = time.perf_counter()
         result = assemble(found, k, apply_filter)
