@@ -1,0 +1,93 @@
+"""Relevance filter (key terms + boolean match) and the BM25 lexical channel, Ray-free."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from ray_mgdspr.data.world import read_manifest, read_table
+from ray_mgdspr.index.lexical import Bm25Index
+from ray_mgdspr.serve.relevance import KeyTerm, RelevanceFilter, matches
+
+RED = KeyTerm("attr:colour", "red", value_ids=frozenset({0}))
+DRESS = KeyTerm("category", "dress", leaf_ids=frozenset({5}))
+BRAND = KeyTerm("brand", "yullux", value_ids=frozenset({9}))
+
+
+def meta(rows: list[dict]) -> pa.Table:
+    cols = ["leaf_id", "cate1_id", "brand_id", "attr_value_ids", "title_words"]
+    return pa.table({c: [r.get(c) for r in rows] for c in cols},
+                    schema=pa.schema([("leaf_id", pa.int32()), ("cate1_id", pa.int32()), ("brand_id", pa.int32()),
+                                      ("attr_value_ids", pa.list_(pa.int32())),
+                                      ("title_words", pa.list_(pa.string()))]))
+
+
+def test_match_needs_every_field_and_one_term_per_field() -> None:
+    items = meta([
+        {"leaf_id": 5, "brand_id": 9, "attr_value_ids": [0], "title_words": []},  # all fields structured
+        {"leaf_id": 5, "brand_id": 3, "attr_value_ids": [0], "title_words": ["Yullux"]},  # brand in the title
+        {"leaf_id": 5, "brand_id": 3, "attr_value_ids": [1], "title_words": ["red"]},  # colour in title, no brand
+        {"leaf_id": 7, "brand_id": 9, "attr_value_ids": [0], "title_words": ["shirt"]},  # wrong category
+        {"leaf_id": None, "brand_id": None, "attr_value_ids": None, "title_words": None},  # nulls
+    ])
+    assert matches((RED, DRESS, BRAND), items).tolist() == [True, True, False, False, False]
+    assert matches((), items).all()  # no key terms: nothing is filtered
+    blue = KeyTerm("attr:colour", "blue", value_ids=frozenset({1}))
+    assert matches((RED, blue), items).tolist() == [True, True, True, True, False]  # OR within a field
+
+
+def test_key_terms_longest_match_whole_words_and_chinese() -> None:
+    f = RelevanceFilter({"red": [RED], "dress": [DRESS], "t-shirt": [KeyTerm("category", "t-shirt")],
+                         "连衣裙": [KeyTerm("category", "连衣裙")], "红色": [KeyTerm("attr:colour", "红色")]})
+    assert [t.text for t in f.key_terms(["Red", "dresses"])] == ["red"]  # whole words only
+    assert [t.text for t in f.key_terms(["t-shirt", "dress"])] == ["t-shirt", "dress"]
+    assert sorted(t.text for t in f.key_terms(["红色连衣裙"])) == ["红色", "连衣裙"]  # zh: substrings
+    assert f.key_terms([]) == ()
+
+
+@pytest.mark.parametrize("world_name", ["world_en", "world_zh"])
+def test_exact_relevant_items_pass_and_irrelevant_ones_mostly_do_not(world_name: str,
+                                                                     request: pytest.FixtureRequest) -> None:
+    """Against the simulator's ground truth: an item of the intended leaf, brand and attributes passes the
+    filter of the query the simulated user typed (typos and truncations can hide a term, never add one)."""
+    world: Path = request.getfixturevalue(world_name)
+    f = RelevanceFilter.from_world(world)
+    items = read_table(world, "items").to_pylist()
+    events = read_table(world, "search_events", days=read_manifest(world).test_days).slice(0, 150).to_pylist()
+    rng = np.random.default_rng(0)
+    exact_pass, exact_n, other_pass, other_n = 0, 0, 0, 0
+    for e in events:
+        exact = [i["item_id"] for i in items if i["leaf_id"] == e["intent_leaf_id"]
+                 and e["intent_brand_id"] in (None, -1, i["brand_id"])
+                 and set(e["intent_attr_value_ids"]) <= set(i["attr_value_ids"] or [])]
+        other = [i["item_id"] for i in rng.choice(items, 20) if i["leaf_id"] != e["intent_leaf_id"]]
+        if not exact or not f.key_terms(e["query_words"]):
+            continue
+        mask = f.pass_mask([e["query_words"]] * 2, np.array([exact[:20] + [-1] * (20 - len(exact[:20])),
+                                                            other + [-1] * (20 - len(other))]))
+        exact_pass, exact_n = exact_pass + mask[0].sum(), exact_n + min(len(exact), 20)
+        other_pass, other_n = other_pass + mask[1].sum(), other_n + len(other)
+    assert exact_n > 100 and other_n > 500
+    assert exact_pass / exact_n >= 0.95, exact_pass / exact_n
+    assert other_pass / other_n <= 0.2, other_pass / other_n
+
+
+def test_bm25_ranks_title_matches_pads_and_round_trips(tmp_path: Path) -> None:
+    titles = [["red", "dress"], ["blue", "shirt"], ["red", "shirt"], ["red", "hat"], []]
+    idx = Bm25Index.build(np.array([10, 11, 12, 13, 14]), titles)
+    scores, ids = idx.search([["RED", "shirt"], ["unknown"], []], k=6)
+    # both words, then the rarer word (shirt), then the commoner (red); no match: padded
+    assert ids[0, :2].tolist() == [12, 11] and set(ids[0, 2:4].tolist()) == {10, 13}
+    assert ids[0, 4:].tolist() == [-1, -1] and np.isinf(scores[0, 4:]).all()
+    assert (ids[1:] == -1).all() and np.isinf(scores[1:]).all()
+    assert scores[0, 0] > scores[0, 1] > scores[0, 2] > 0
+    idx.save(tmp_path / "bm25")
+    again = Bm25Index.load(tmp_path / "bm25")
+    np.testing.assert_array_equal(again.search([["red", "shirt"]], 3)[1], ids[:1, :3])
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        idx.search([["red"]], 0)
+    with pytest.raises(FileNotFoundError, match="not a BM25 index"):
+        Bm25Index.load(tmp_path)
