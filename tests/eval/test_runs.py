@@ -14,7 +14,11 @@ from ray_mgdspr.data.vocab import build_vocab_from_world
 from ray_mgdspr.data.world import read_table
 from ray_mgdspr.eval.evalset import EvalSet
 from ray_mgdspr.eval.experiments import run_key, run_plan
+from ray_mgdspr.eval.report import demo_table
 from ray_mgdspr.eval.runs import RunSpec, run_one, variant_configs
+from ray_mgdspr.index.shards import METADATA_SCHEMA, build_index_version, split_by_shard
+from ray_mgdspr.model.bundle import save_bundle
+from ray_mgdspr.train.loop import embed_catalogue, fit_local
 
 FEATURES = FeatureConfig(realtime_len=10, short_len=10, long_len=10, his_queries=3)
 MODEL = ModelConfig(d=16, heads=2)
@@ -95,3 +99,22 @@ def test_journal_reuses_finished_runs_only_when_nothing_changed(data: EvalSet, t
     longer = RunSpec("en", "mgdspr", 0, 60, (10,), (), 50, MODEL, LOSS, OPTIM)
     assert run_key(longer, world) != run_key(specs[1], world)
     assert run_key(specs[1], {**world, "seed": 1}) != run_key(specs[1], world)
+
+
+def test_demo_table_compares_the_served_model_with_bm25(data: EvalSet, tmp_path: Path) -> None:
+    """The README demo's table from a real bundle and a real (Flat, 2-shard) index version of its vectors."""
+    run = fit_local(data.featurizer, data.featurizer.vocab, data.world, data.manifest.train_days, MODEL, LOSS, OPTIM,
+                    steps=60)
+    save_bundle(tmp_path / "bundle", run.model, run.vocab, FEATURES, LOSS)
+    vectors = embed_catalogue(run.model, data.catalogue).numpy()
+    metadata = read_table(data.world, "items", columns=METADATA_SCHEMA.names)
+    cfg = IndexConfig(shards=2)
+    build_index_version(tmp_path / "index", "v1", split_by_shard(vectors, data.catalogue.item_id, metadata, 2), cfg,
+                        "v1", "test", vectors.shape[1])
+    table = demo_table(data.world, tmp_path / "bundle", tmp_path / "index" / "v1", k=20, max_events=100)
+    lines = table.splitlines()
+    assert lines[0].startswith("**SYNTHETIC data**") and "1,500 items" in lines[0] and "100 held-out" in lines[0]
+    served, exact, bm25 = (line.split("|")[2:6] for line in lines[-3:])
+    assert "served index" in lines[-3] and "BM25" in lines[-1]
+    assert served == exact  # a Flat index answers exactly like the brute-force search
+    assert served != bm25
