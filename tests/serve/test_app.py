@@ -50,6 +50,7 @@ def server(deployment: Any, store_copy: Path) -> Iterator[tuple[str, ServeConfig
     overrides = {
         "port": free_port(), "index_root": str(deployment.index_root), "world": str(deployment.world),
         "store": str(store_copy), "version": "v1", "token": TOKEN, "drain_s": 1.0, "watch_current_s": 0.5,
+        "max_k": 2000, "max_fetch": 2000, "max_body_bytes": 16384,
         "encoder": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 0.5,
                     "downscale_delay_s": 600},
     }
@@ -98,14 +99,16 @@ def test_merged_topk_equals_the_ray_free_core(client: httpx.Client, deployment: 
 
 
 def test_relevance_filter_and_lexical_channel(client: httpx.Client) -> None:
-    off = retrieve(client, query="red dress", k=600, filter=False)  # the candidates a filtered k=30 fetches
-    on = retrieve(client, query="red dress", k=30)
-    assert set(on["key_terms"]) == {"red", "dress"}
-    assert off["filtered"] == 0 and on["filtered"] > 0 and 0 < on["count"] <= 30
+    assert set(retrieve(client, query="red dress", k=5)["key_terms"]) == {"red", "dress"}
+    # k=100 with the filter fetches 100 x filter_fetch > the whole catalogue of 1,500 items
+    off = retrieve(client, query="red", k=2000, filter=False)
+    on = retrieve(client, query="red", k=100)
+    assert on["key_terms"] == ["red"] and off["count"] == 1500
+    assert off["filtered"] == 0 and on["filtered"] > 0 and 0 < on["count"] <= 100
     unfiltered = [i["item_id"] for i in off["data"]]
     positions = [unfiltered.index(i["item_id"]) for i in on["data"]]
     assert positions == sorted(positions)  # the unfiltered ranking with the failing items taken out
-    assert on["filtered"] == (positions[-1] + 1 if on["count"] == 30 else 600) - on["count"]
+    assert on["filtered"] == (positions[-1] + 1 if on["count"] == 100 else 1500) - on["count"]
     both = retrieve(client, query="red dress", k=10, channels=["embedding", "lexical"], filter=False)
     channels = Counter(c for i in both["data"] for c in i["channels"])
     assert channels["lexical"] == 10 and channels["embedding"] == 10
