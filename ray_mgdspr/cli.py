@@ -225,6 +225,8 @@ def demo(
     changed = "changed" if s.after_events != s.before_events else "did not change"
     console.print(f"  after POST /v1/events (clicks on items {s.clicked}) the same user's top 5 for the same query "
                   f"{changed}: {s.before_events} -> {s.after_events}", soft_wrap=True)
+    console.print("evaluation of the demo model against BM25 on held-out searches:")
+    console.print(result.evaluation, markup=False, highlight=False, soft_wrap=True)
     console.print(f"demo done in {time.perf_counter() - t0:.1f}s: world {result.world} (valid), "
                   f"vocabulary {result.vocab_path}, model {result.training.bundle}, index {result.out / 'index'} "
                   f"(version {result.training.manifest.version}) [SYNTHETIC data]", soft_wrap=True)

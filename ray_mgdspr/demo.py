@@ -33,6 +33,7 @@ from ray_mgdspr.data.validate import ValidationReport, validate_world
 from ray_mgdspr.data.vocab import Vocabulary, build_vocab_from_world
 from ray_mgdspr.data.world import WorldManifest, read_manifest, read_table
 from ray_mgdspr.eval.metrics import recall_at_k
+from ray_mgdspr.eval.report import demo_table
 from ray_mgdspr.index.build import build_index
 from ray_mgdspr.index.embed import EmbedResult, embed_catalogue
 from ray_mgdspr.index.manifest import IndexManifest
@@ -66,6 +67,7 @@ class DemoResult:
     index_recall: float  # Recall@K of held-out searches answered from the index
     k: int
     serving: ServingReport
+    evaluation: str  # Markdown table: the demo model against BM25 on held-out searches
 
 
 @dataclass
@@ -117,9 +119,10 @@ def run_demo(cfg: ProjectConfig, out: str | Path, progress: Progress | None = No
     k = cfg.train.eval_k
     recall = answer_held_out(world, training.bundle, reader, k, cfg.train.eval_events)
     serving = serve_and_ask(cfg, out, world)
+    evaluation = demo_table(world, training.bundle, out / "index" / index.version, k=k)
     log.info("demo artifacts in %s", out)
     return DemoResult(out, world, vocab_path, manifest, report, vocab, training, embeddings, index, recall, k,
-                      serving)
+                      serving, evaluation)
 
 
 @torch.inference_mode()
