@@ -19,6 +19,7 @@ from rich.table import Table
 from ray_mgdspr.config import ConfigError, ProjectConfig, config_to_yaml, load_config, load_preset, preset_names
 from ray_mgdspr.data.schema import describe_tables
 from ray_mgdspr.data.world import WorldManifest
+from ray_mgdspr.eval.cli import eval_command
 from ray_mgdspr.serve.cli import query_command, serve_app, store_app
 
 if TYPE_CHECKING:
@@ -37,6 +38,7 @@ app.add_typer(index_app, name="index")
 app.add_typer(serve_app, name="serve")
 app.add_typer(store_app, name="store")
 app.command("query")(query_command)
+app.command("eval")(eval_command)
 
 console = Console()
 err = Console(stderr=True)
