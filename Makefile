@@ -26,6 +26,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_simulate.py
 	$(PY) benchmarks/bench_model.py
+	$(PY) benchmarks/bench_serve.py
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

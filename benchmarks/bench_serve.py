@@ -1,0 +1,969 @@
+"""The Ray Serve retrieval endpoint against a single-process FastAPI + Faiss monolith, in one run.
+
+What it measures (data: SYNTHETIC, a simulated world; part 3's catalogues are synthetic vectors):
+
+1. ``serve vs monolith``: latency p50 / p99 / mean and QPS at 1 and 16 concurrent HTTP clients for
+   (a) the Ray Serve app (``ray_mgdspr.serve.app.start``: ingress, version manager, batched encoder, one
+   deployment per shard) on a local Ray (``ray.init(address="local", num_cpus=8)``, the shipped deployment
+   defaults: 0.25 CPU per replica, autoscaling between 1 and 2 replicas for ingress and encoder), and
+   (b) the baseline, a monolith: a small FastAPI app around ``ray_mgdspr.serve.engine.Retriever`` (the same
+   QueryEncoder, ShardSearchers, merge and relevance filter, in one process; requests run in a thread via
+   ``asyncio.to_thread``) run by uvicorn with one worker in a subprocess, with the same ``POST
+   /v1/retrieve`` body and response. Both serve the same bundle, index version and behaviour store, and
+   both run 1 faiss and 1 torch thread per searcher / encoder; their top-k are compared on a sample of
+   requests first. Each measurement is a fixed window (``--duration`` s after ``--warmup`` s) of httpx
+   clients in threads, each posting requests back to back; QPS = responses completed in the window / its
+   length; errors (non-200 or exceptions) are counted. The four (system, clients) cells are measured in
+   ``--rounds`` rounds, the order reversed every other round (ABBA) so drift in the machine's load falls on
+   both systems alike; latencies are pooled over rounds and the ratios serve / monolith are also given per
+   round. CPU seconds used by the server processes (Ray's whole process tree, per process, or the uvicorn
+   process) and by the rest of the machine are read from ``/proc`` over each window, giving CPU ms per request
+   and QPS per server core (robust to how much of the shared machine each system got), and an idle window
+   shows what Serve burns with no traffic. The monolith's and Serve's ``/healthz`` are checked to be this
+   run's processes, and every response's version is counted.
+   Goals (reported, not asserted): Serve QPS >= 1.0x the monolith at 16 clients; Serve p99 <= 2x monolith p99.
+2. ``stages``: encode, search (the shard fan-out), merge, filter and total from the responses'
+   ``latency_ms``, mean and p99, for Serve (and the monolith, for reference) at 1 and 16 clients.
+3. ``p99 vs catalogue size and shard count``: 1 client through the Serve app, after switching versions
+   with ``POST /v1/admin/promote``: 100k, 300k, 1M items in 2 shards, and 300k items in 1, 2, 4 shards.
+   These index versions hold SYNTHETIC vectors, not item-tower outputs: clustered Gaussian draws in the
+   bundle's d (each synthetic item copies the metadata row of a randomly drawn simulated item; its
+   vector is drawn around the mean item-tower vector of that item's leaf category with the leaf's
+   per-dimension spread), under new item ids. They are tied to the real bundle (its item-tower checksum
+   and path) so ``verify_release`` accepts them; queries are the real encoder's. Also CPU ms per request of
+   the Ray tree and of the shard replicas. Plot: ``serve-p99.png``.
+
+Setup (timed, not measured): simulate a world (20k items, 2k users), build the vocabulary, train the
+demo preset's model (d 32) briefly in process (``fit_local``), save the bundle, embed the catalogue,
+build the index version (Flat, 2 shards), build the SQLite behaviour store. Requests: the test day's
+searches (query, user id, timestamp, so the users' histories are read as of the search), k = 50,
+relevance filter on, channels ["embedding"].
+
+The GPU part of issue 7 (p99 for k = 1000 over 1M items in 4 shards) was measured on an H200 by
+``benchmarks/gpu_check.py`` (``benchmarks/results/gpu-check-h200.md``); this script runs nothing on a GPU.
+
+    python benchmarks/bench_serve.py            # ~8-10 min on 2 cores
+    python benchmarks/bench_serve.py --quick    # ~4-5 min smoke run: small world, 20k-100k items, short windows
+    python benchmarks/bench_serve.py --rerender # rewrite serve.md / serve-p99.png from serve.json
+
+Results: ``benchmarks/results/serve.{md,json}`` and ``serve-p99.png`` (``--quick``: ``serve-quick.*``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # before anything imports ray (shared/notes/RAY.md)
+
+import numpy as np
+import psutil
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+RESULTS = Path(__file__).parent / "results"
+TOKEN = "bench-serve-token"
+VERSION = "bench-v1"
+K = 50
+CHANNELS = ["embedding"]
+STAGES = ("encode", "search", "merge", "filter", "total")
+GOAL_QPS_16, GOAL_P99 = 1.0, 2.0
+SYNTHETIC_ID_BASE = 1_000_000_000  # synthetic items get ids far from the simulated catalogue's
+GPU_RESULTS = "gpu-check-h200"
+
+
+# --------------------------------------------------------------------------------------------------
+# setup: world, bundle, index, store, requests
+
+
+@dataclass
+class Setup:
+    world: Path
+    index_root: Path
+    bundle: Path
+    store: Path
+    d: int
+    items: int
+    shards: int
+    requests: list[dict[str, Any]]
+    timings: dict[str, float]
+    describe: dict[str, Any]
+
+
+def prepare(tmp: Path, quick: bool) -> Setup:
+    """Simulate, train briefly, save the bundle, embed, build the real index version and the store."""
+    import pyarrow as pa
+    import torch
+
+    from ray_mgdspr.config import IndexConfig, SimulateConfig, VocabConfig, load_preset
+    from ray_mgdspr.data.features import Featurizer
+    from ray_mgdspr.data.simulator.simulate import simulate
+    from ray_mgdspr.data.vocab import build_vocab_from_world
+    from ray_mgdspr.data.world import read_manifest, read_table
+    from ray_mgdspr.index.shards import METADATA_SCHEMA, build_index_version, split_by_shard
+    from ray_mgdspr.model.bundle import read_bundle_manifest, save_bundle
+    from ray_mgdspr.serve.store import build_sqlite_store
+    from ray_mgdspr.train.loop import Catalogue, embed_catalogue, fit_local
+
+    demo = load_preset("demo")
+    sim = (SimulateConfig(n_items=3_000, n_users=500, n_brands=150, n_shops=300, warmup_days=10) if quick else
+           SimulateConfig(n_items=20_000, n_users=2_000, n_brands=600, n_shops=1_500))
+    steps = 10 if quick else 20
+    shards = IndexConfig().shards
+    timings: dict[str, float] = {}
+    world, index_root, bundle, store = tmp / "world", tmp / "index", tmp / "bundles" / VERSION, tmp / "store.sqlite"
+
+    t = time.perf_counter()
+    print(f"setup: simulate {sim.n_items:,} items, {sim.n_users:,} users (synthetic) ...", flush=True)
+    simulate(sim, world)
+    timings["simulate_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    vocab = build_vocab_from_world(world, VocabConfig())
+    featurizer = Featurizer(world, vocab, demo.features)
+    manifest = read_manifest(world)
+    timings["vocab_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    print(f"setup: train {steps} steps in process (demo preset model, d {demo.model.d}) ...", flush=True)
+    torch.set_num_threads(2)
+    run = fit_local(featurizer, vocab, world, manifest.train_days, demo.model, demo.loss, demo.optim,
+                    steps=steps, seed=0)
+    timings["train_s"] = time.perf_counter() - t
+    save_bundle(bundle, run.model, vocab, demo.features, demo.loss, version=VERSION)
+
+    t = time.perf_counter()
+    items = read_table(world, "items", columns=METADATA_SCHEMA.names)
+    catalogue = Catalogue.from_featurizer(featurizer, items["item_id"].to_numpy())
+    with torch.inference_mode():
+        vectors = embed_catalogue(run.model, catalogue).numpy()
+    timings["embed_s"] = time.perf_counter() - t
+    checksum = read_bundle_manifest(bundle).files["item_tower.pt"]
+    t = time.perf_counter()
+    build_index_version(index_root, VERSION, split_by_shard(vectors, catalogue.item_id, items, shards),
+                        IndexConfig(shards=shards), VERSION, checksum, vectors.shape[1], make_current=True,
+                        bundle=str(bundle.resolve()))
+    timings["index_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    build_sqlite_store(world, store)
+    timings["store_s"] = time.perf_counter() - t
+
+    events = read_table(world, "search_events", days=manifest.test_days, columns=["user_id", "ts", "query"])
+    ts = events["ts"].cast(pa.timestamp("ms", tz="UTC")).cast(pa.int64()).to_numpy()
+    order = np.random.default_rng(0).permutation(events.num_rows)
+    queries, users = events["query"].to_pylist(), events["user_id"].to_pylist()
+    requests = [{"query": queries[i], "user_id": int(users[i]), "ts": int(ts[i]), "k": K, "filter": True,
+                 "channels": CHANNELS} for i in order if queries[i].strip()]
+
+    # keep what part 3 needs to draw synthetic catalogues around this one
+    np.save(tmp / "real_vectors.npy", vectors)
+    pos = {int(i): n for n, i in enumerate(items["item_id"].to_pylist())}
+    leaf_of_vector = items["leaf_id"].to_numpy()[[pos[int(i)] for i in catalogue.item_id]]
+    np.save(tmp / "real_leaf.npy", leaf_of_vector)
+    items.take(pa.array([pos[int(i)] for i in catalogue.item_id])).to_pandas().to_parquet(tmp / "real_meta.parquet")
+
+    describe = {
+        "world": f"SYNTHETIC simulated world: {sim.n_items:,} items, {sim.n_users:,} users, {sim.n_brands} brands, "
+                 f"lang {sim.lang}, seed {sim.seed}; test day {manifest.test_days}",
+        "model": f"demo preset: d {demo.model.d}, heads {demo.model.heads}, features realtime/short/long "
+                 f"{demo.features.realtime_len}/{demo.features.short_len}/{demo.features.long_len}; "
+                 f"trained {steps} steps in process (fit_local, batch {demo.optim.batch_size}), final loss "
+                 f"{run.history[-1].get('loss', float('nan')):.3f}",
+        "index": f"{VERSION}: Flat (IndexConfig default), {shards} shards, {len(vectors):,} item-tower vectors, d "
+                 f"{vectors.shape[1]}",
+        "store": "SQLite behaviour store built from the world's logs (build_sqlite_store)",
+        "requests": f"{len(requests):,} searches of test day {manifest.test_days} (query, user id, ts), shuffled "
+                    f"(seed 0); k {K}, filter on, channels {CHANNELS}",
+    }
+    return Setup(world, index_root, bundle, store, int(vectors.shape[1]), len(vectors), shards, requests,
+                 timings, describe)
+
+
+def synthetic_versions(setup: Setup, tmp: Path, sizes: list[int], shard_counts: list[int],
+                       size_for_shards: int) -> list[dict[str, Any]]:
+    """Index versions of SYNTHETIC vectors tied to the real bundle: sizes at the default shard count, then
+    ``size_for_shards`` items at each of ``shard_counts``. Smaller catalogues are prefixes of the largest
+    (rows are iid, so a prefix is a sample of the same distribution)."""
+    import pandas as pd
+    import pyarrow as pa
+
+    from ray_mgdspr.config import IndexConfig
+    from ray_mgdspr.index.shards import build_index_version, split_by_shard
+    from ray_mgdspr.model.bundle import read_bundle_manifest
+
+    logging.getLogger("ray_mgdspr.index.shards").setLevel(logging.ERROR)  # "index version differs from its
+    # model's version" is the point here: several catalogues for one bundle
+    real = np.load(tmp / "real_vectors.npy")
+    leaf = np.load(tmp / "real_leaf.npy")
+    meta = pa.Table.from_pandas(pd.read_parquet(tmp / "real_meta.parquet"), preserve_index=False)
+    leaves, leaf_index = np.unique(leaf, return_inverse=True)
+    spread_all = real.std(axis=0)
+    centre = np.zeros((len(leaves), real.shape[1]), np.float32)
+    spread = np.zeros_like(centre)
+    for n in range(len(leaves)):
+        rows = real[leaf_index == n]
+        centre[n] = rows.mean(axis=0)
+        spread[n] = rows.std(axis=0) if len(rows) > 1 else spread_all
+    n_max = max([*sizes, size_for_shards])
+    rng = np.random.default_rng(1)
+    source = rng.integers(0, len(real), n_max)
+    vectors = np.empty((n_max, real.shape[1]), np.float32)
+    for lo in range(0, n_max, 200_000):
+        cl = leaf_index[source[lo:lo + 200_000]]
+        vectors[lo:lo + 200_000] = centre[cl] + spread[cl] * rng.standard_normal((len(cl), real.shape[1]))
+    item_ids = SYNTHETIC_ID_BASE + np.arange(n_max, dtype=np.int64)
+    checksum = read_bundle_manifest(setup.bundle).files["item_tower.pt"]
+    plan = [(n, setup.shards) for n in sizes] + [(size_for_shards, s) for s in shard_counts
+                                                 if (size_for_shards, s) not in {(n, setup.shards) for n in sizes}]
+    out = []
+    for n, shards in plan:
+        name = f"syn-{n // 1000}k-s{shards}"
+        t = time.perf_counter()
+        rows = meta.take(pa.array(source[:n])).set_column(0, "item_id", pa.array(item_ids[:n], pa.int64()))
+        build_index_version(setup.index_root, name, split_by_shard(vectors[:n], item_ids[:n], rows, shards),
+                            IndexConfig(shards=shards), VERSION, checksum, setup.d, make_current=False,
+                            bundle=str(setup.bundle.resolve()))
+        out.append({"version": name, "items": n, "shards": shards, "build_s": round(time.perf_counter() - t, 1)})
+        print(f"setup: built {name} ({n:,} synthetic vectors, {shards} shards) in {out[-1]['build_s']} s", flush=True)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# the monolith (runs in a subprocess: `bench_serve.py --monolith SPEC_JSON`)
+
+
+def monolith_app(spec: dict[str, Any]) -> FastAPI:
+    """FastAPI around the Ray-free ``Retriever``: the same body, response and stages as the Serve ingress."""
+    from pydantic import ValidationError
+
+    from ray_mgdspr.serve.engine import Retriever, verify_release
+    from ray_mgdspr.serve.schemas import RetrieveRequest
+    from ray_mgdspr.serve.store import SqliteStore
+
+    release = verify_release(spec["index_root"], spec["version"])
+    core = Retriever(release, spec["world"], SqliteStore(spec["store"], release.bundle.features),
+                     backend=spec["backend"], faiss_threads=1, torch_threads=1)
+    app = FastAPI(title="retrieval monolith (benchmark baseline)")
+
+    @app.post("/v1/retrieve")
+    async def retrieve(request: Request) -> JSONResponse:
+        try:
+            req = RetrieveRequest.model_validate_json(await request.body())
+        except ValidationError as e:
+            return JSONResponse({"error": str(e)}, status_code=422)
+        k = req.k if req.k is not None else spec["default_k"]
+        out = await asyncio.to_thread(core.retrieve, req.query, req.user_id, k, req.filter, tuple(req.channels),
+                                      req.ts)
+        return JSONResponse({"version": out["version"], "data": out["items"], "count": out["count"],
+                             "filtered": out["filtered"], "key_terms": out["key_terms"],
+                             "latency_ms": out["latency_ms"]})
+
+    @app.get("/healthz")
+    async def healthz() -> JSONResponse:
+        return JSONResponse({"status": "ok", "version": release.version, "instance": spec["instance"]})
+
+    return app
+
+
+def monolith_main(spec: dict[str, Any]) -> None:
+    import uvicorn
+
+    uvicorn.run(monolith_app(spec), host="127.0.0.1", port=spec["port"], workers=1, log_level="warning",
+                access_log=False)
+
+
+def start_monolith(setup: Setup, port: int) -> subprocess.Popen:
+    instance = f"bench-serve-{os.getpid()}-{time.time_ns()}"  # proves that the port answers with our process
+    spec = {"index_root": str(setup.index_root), "version": VERSION, "world": str(setup.world),
+            "store": str(setup.store), "port": port, "backend": "auto", "default_k": K, "instance": instance}
+    # Ray gives every replica below 2 CPUs OMP_NUM_THREADS=1; the monolith gets the same, since
+    # Retriever(faiss_threads=1) sets it only in the constructing thread (engine.py ShardSearcher.__init__)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, __file__, "--monolith", json.dumps(spec)], env=env)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    import httpx
+
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the monolith exited with {proc.returncode}")
+        try:
+            r = httpx.get(f"{base}/healthz", timeout=2)
+            if r.status_code == 200 and r.json().get("instance") == instance:
+                return proc
+            if r.status_code == 200:
+                proc.terminate()
+                raise RuntimeError(f"port {port} is answered by another server ({r.text[:200]}); rerun")
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(0.3)
+    proc.terminate()
+    raise RuntimeError("the monolith did not answer /healthz within 120 s")
+
+
+# --------------------------------------------------------------------------------------------------
+# load and CPU accounting
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cpu(p: psutil.Process) -> float:
+    t = p.cpu_times()
+    return t.user + t.system
+
+
+def _label(p: psutil.Process) -> str:
+    """A Ray process by what it runs: ``ServeReplica:<app>:<deployment>``, ``ServeController``, ``raylet``..."""
+    cmd = (p.cmdline() or [p.name()])[0]
+    if "ServeReplica:" in cmd:
+        return cmd[cmd.index("ServeReplica:"):].split(".")[0].split()[0]
+    if cmd.startswith("ray::"):
+        return cmd.removeprefix("ray::").split(".")[0].split()[0]
+    return os.path.basename(cmd.split()[0]) if cmd.strip() else p.name()
+
+
+def cpu_snapshot(monolith_pid: int | None) -> dict[str, Any]:
+    """CPU seconds so far: this process (clients + Ray driver), the monolith, Ray's process tree, the machine."""
+    me = psutil.Process()
+    procs: dict[int, tuple[str, float, str]] = {}
+    for p in me.children(recursive=True):
+        try:
+            procs[p.pid] = ("monolith" if p.pid == monolith_pid else "ray", _cpu(p), _label(p))
+        except psutil.Error:
+            continue
+    machine = psutil.cpu_times()
+    busy = sum(machine) - machine.idle - getattr(machine, "iowait", 0.0)
+    return {"t": time.perf_counter(), "self": _cpu(me), "procs": procs, "machine_busy": busy}
+
+
+def cpu_delta(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float]:
+    """Cores used over the interval by each role, and by everything outside this benchmark."""
+    wall = b["t"] - a["t"]
+    used = {"self": b["self"] - a["self"], "ray": 0.0, "monolith": 0.0}
+    by_process: Counter[str] = Counter()
+    for pid, (role, c, label) in b["procs"].items():
+        delta = max(0.0, c - a["procs"].get(pid, (role, 0.0, label))[1])
+        used[role] += delta
+        if role == "ray":
+            by_process[label] += delta
+    machine = b["machine_busy"] - a["machine_busy"]
+    ours = sum(used.values())
+    return {"wall_s": round(wall, 2), **{f"{k}_cores": round(v / wall, 3) for k, v in used.items()},
+            "machine_cores": round(machine / wall, 3), "others_cores": round(max(0.0, machine - ours) / wall, 3),
+            "server_cpu_s": used["ray"] + used["monolith"],
+            "ray_cpu_s_by_process": {k: round(v, 3) for k, v in by_process.most_common()}}
+
+
+def idle_cpu(monolith_pid: int | None, seconds: float) -> dict[str, float]:
+    """What the servers burn with no requests at all (Serve's controller, proxy, replicas' loops; uvicorn)."""
+    a = cpu_snapshot(monolith_pid)
+    time.sleep(seconds)
+    return cpu_delta(a, cpu_snapshot(monolith_pid))
+
+
+def measure(base: str, requests: list[dict[str, Any]], clients: int, warmup: float, duration: float,
+            offset: int, monolith_pid: int | None) -> dict[str, Any]:
+    """``clients`` threads post requests back to back for ``warmup`` + ``duration`` s; the window is kept."""
+    import httpx
+
+    records: list[list[tuple[float, float, int, dict[str, float] | None]]] = [[] for _ in range(clients)]
+    failures: list[list[str]] = [[] for _ in range(clients)]
+    versions: list[Counter[str]] = [Counter() for _ in range(clients)]
+    barrier = threading.Barrier(clients + 1)
+    times: dict[str, float] = {}
+
+    def client(c: int) -> None:
+        with httpx.Client(base_url=base, timeout=30) as http:
+            http.get("/healthz")  # connect before the clock starts
+            barrier.wait()
+            i = offset + c * 7919
+            while True:
+                t = time.perf_counter()
+                if t >= times["end"]:
+                    return
+                body = requests[i % len(requests)]
+                i += 1
+                try:
+                    r = http.post("/v1/retrieve", json=body)
+                    done = time.perf_counter()
+                    payload = r.json()
+                    stages = payload.get("latency_ms") if r.status_code == 200 else None
+                    records[c].append((t, done, r.status_code, stages))
+                    if r.status_code == 200:
+                        versions[c][payload.get("version")] += 1
+                    if r.status_code != 200:
+                        failures[c].append(f"{r.status_code}: {str(payload)[:200]}")
+                except (httpx.HTTPError, ValueError) as e:
+                    done = time.perf_counter()
+                    records[c].append((t, done, -1, None))
+                    failures[c].append(f"{type(e).__name__}: {e}"[:200])
+
+    threads = [threading.Thread(target=client, args=(c,), daemon=True) for c in range(clients)]
+    for th in threads:
+        th.start()
+    start = time.perf_counter()
+    times.update(warm=start + warmup, end=start + warmup + duration)
+    barrier.wait()
+    time.sleep(max(0.0, times["warm"] - time.perf_counter()))
+    cpu0 = cpu_snapshot(monolith_pid)
+    time.sleep(max(0.0, times["end"] - time.perf_counter()))
+    cpu1 = cpu_snapshot(monolith_pid)
+    for th in threads:
+        th.join(60)
+    window = [r for rs in records for r in rs if times["warm"] <= r[1] <= times["end"]]
+    warm_errors = sum(1 for rs in records for r in rs if r[1] < times["warm"] and r[2] != 200)
+    ok = [r for r in window if r[2] == 200]
+    latency = np.array([(r[1] - r[0]) * 1000 for r in ok])
+    errors = len(window) - len(ok)
+    stage = {s: [r[3][s] for r in ok if r[3] and s in r[3]] for s in STAGES}
+    outside = [(r[1] - r[0]) * 1000 - r[3]["total"] for r in ok if r[3]]
+    cpu = cpu_delta(cpu0, cpu1)
+    return {
+        "clients": clients, "duration_s": duration, "warmup_s": warmup, "completed": len(window), "ok": len(ok),
+        "errors": errors, "warmup_errors": warm_errors,
+        "error_examples": sorted({f for fs in failures for f in fs})[:5],
+        "qps": len(ok) / duration, "latencies_ms": latency.round(3).tolist(),
+        "stages_ms": {s: np.round(v, 3).tolist() for s, v in stage.items()},
+        "outside_ms": np.round(outside, 3).tolist(), "cpu": cpu,
+        "server_cpu_ms_per_request": round(1000 * cpu["server_cpu_s"] / max(1, len(ok)), 2),
+        "versions": dict(sum(versions, Counter())),
+    }
+
+
+def pct(values: list[float] | np.ndarray, q: float) -> float:
+    return float(np.percentile(values, q)) if len(values) else float("nan")
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Pool rounds: latency percentiles over every request, QPS over the summed windows."""
+    lat = [x for r in runs for x in r["latencies_ms"]]
+    dur = sum(r["duration_s"] for r in runs)
+    ok = sum(r["ok"] for r in runs)
+    stages = {s: [x for r in runs for x in r["stages_ms"][s]] for s in STAGES}
+    outside = [x for r in runs for x in r["outside_ms"]]
+    cpu_keys = ("self_cores", "ray_cores", "monolith_cores", "others_cores", "machine_cores")
+    return {
+        "clients": runs[0]["clients"], "rounds": len(runs), "window_s": dur, "requests": ok,
+        "errors": sum(r["errors"] for r in runs), "warmup_errors": sum(r["warmup_errors"] for r in runs),
+        "qps": ok / dur, "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99), "mean_ms": float(np.mean(lat)) if lat
+        else float("nan"),
+        "stages": {s: {"mean_ms": float(np.mean(v)) if v else float("nan"), "p99_ms": pct(v, 99)}
+                   for s, v in stages.items()},
+        "outside_mean_ms": float(np.mean(outside)) if outside else float("nan"),
+        "cpu": {k: round(float(np.mean([r["cpu"][k] for r in runs])), 3) for k in cpu_keys},
+        "server_cpu_ms_per_request": round(1000 * sum(r["cpu"]["server_cpu_s"] for r in runs) / max(1, ok), 2),
+        "ray_cpu_ms_per_request_by_process": {
+            k: round(1000 * v / max(1, ok), 2)
+            for k, v in sum((Counter(r["cpu"]["ray_cpu_s_by_process"]) for r in runs), Counter()).most_common()},
+        "per_round": [{"qps": r["qps"], "p50_ms": pct(r["latencies_ms"], 50), "p99_ms": pct(r["latencies_ms"], 99),
+                       "errors": r["errors"], "others_cores": r["cpu"]["others_cores"],
+                       "replicas": r.get("replicas")} for r in runs],
+        "error_examples": sorted({e for r in runs for e in r["error_examples"]})[:5],
+        "answered_by": dict(sum((Counter(r["versions"]) for r in runs), Counter())),
+        "qps_per_server_core": 1000 / max(1e-9, 1000 * sum(r["cpu"]["server_cpu_s"] for r in runs) / max(1, ok)),
+    }
+
+
+def replicas(app_name: str) -> dict[str, int]:
+    """Running replicas per deployment of the front and version applications."""
+    from ray import serve
+
+    out: dict[str, int] = {}
+    for name, app in serve.status().applications.items():
+        if not name.startswith(app_name):
+            continue
+        for dep, st in app.deployments.items():
+            out[f"{name}/{dep}"] = int(st.replica_states.get("RUNNING", 0))
+    return out
+
+
+def other_processes() -> list[str]:
+    """The busiest processes outside this benchmark over one second (what else loads the machine)."""
+    mine = {psutil.Process().pid, *(p.pid for p in psutil.Process().children(recursive=True))}
+    procs = []
+    for p in psutil.process_iter(["pid", "name", "cmdline"]):
+        if p.pid in mine:
+            continue
+        try:
+            p.cpu_percent(None)
+            procs.append(p)
+        except psutil.Error:
+            continue
+    time.sleep(1.0)
+    busy = []
+    for p in procs:
+        try:
+            c = p.cpu_percent(None)
+            cmd = " ".join(p.info["cmdline"] or [p.info["name"] or "?"])
+        except psutil.Error:
+            continue
+        if c >= 5:
+            busy.append((c, cmd))
+    return [f"{c:.0f}% {' '.join(cmd.split())[:90]}" for c, cmd in sorted(busy, reverse=True)[:8]]
+
+
+# --------------------------------------------------------------------------------------------------
+# the run
+
+
+def compare_topk(serve_base: str, mono_base: str, requests: list[dict[str, Any]], n: int) -> dict[str, Any]:
+    """Same encoder, index and store: the two systems must return the same items for the same request."""
+    import httpx
+
+    same, score_diff, differ = 0, 0.0, []
+    with httpx.Client(timeout=60) as http:
+        for body in requests[:n]:
+            a = http.post(f"{serve_base}/v1/retrieve", json=body).json()
+            b = http.post(f"{mono_base}/v1/retrieve", json=body).json()
+            ids_a, ids_b = [i["item_id"] for i in a["data"]], [i["item_id"] for i in b["data"]]
+            same += ids_a == ids_b
+            for x, y in zip(a["data"], b["data"], strict=False):
+                score_diff = max(score_diff, abs(x["scores"]["embedding"] - y["scores"]["embedding"]))
+            if ids_a != ids_b:
+                keys = ("version", "count", "filtered", "key_terms")
+                differ.append({"request": body, "serve": {k: a[k] for k in keys} | {"first": ids_a[:5]},
+                               "monolith": {k: b[k] for k in keys} | {"first": ids_b[:5]},
+                               "same_set": set(ids_a) == set(ids_b)})
+    return {"requests": n, "identical_item_lists": same, "max_abs_score_diff": score_diff, "differences": differ}
+
+
+def serve_vs_monolith(serve_base: str, mono_base: str, mono_pid: int, setup: Setup, rounds: int, warmup: float,
+                      duration: float, app_name: str) -> dict[str, Any]:
+    cells = [("monolith", 1), ("serve", 1), ("monolith", 16), ("serve", 16)]
+    runs: dict[str, list[dict[str, Any]]] = {f"{s}-{c}": [] for s, c in cells}
+    offset = 0
+    for r in range(rounds):
+        for system, clients in (cells if r % 2 == 0 else cells[::-1]):
+            base = serve_base if system == "serve" else mono_base
+            m = measure(base, setup.requests, clients, warmup, duration, offset, mono_pid)
+            offset += 104_729
+            if system == "serve":
+                m["replicas"] = replicas(app_name)
+            runs[f"{system}-{clients}"].append(m)
+            print(f"  round {r + 1} {system:>8} x{clients:<2}: {m['qps']:6.1f} QPS, p50 "
+                  f"{pct(m['latencies_ms'], 50):6.1f} ms, p99 {pct(m['latencies_ms'], 99):6.1f} ms, errors "
+                  f"{m['errors']}, others' load {m['cpu']['others_cores']:.2f} cores", flush=True)
+    summary = {name: summarise(rs) for name, rs in runs.items()}
+    ratios = {}
+    for c in (1, 16):
+        s, m = summary[f"serve-{c}"], summary[f"monolith-{c}"]
+        ratios[f"clients_{c}"] = {
+            "qps": s["qps"] / m["qps"], "p50": s["p50_ms"] / m["p50_ms"], "p99": s["p99_ms"] / m["p99_ms"],
+            "qps_per_server_core": s["qps_per_server_core"] / m["qps_per_server_core"],
+            "server_cpu_per_request": s["server_cpu_ms_per_request"] / m["server_cpu_ms_per_request"],
+            "per_round_qps": [a["qps"] / b["qps"] for a, b in zip(runs[f"serve-{c}"], runs[f"monolith-{c}"],
+                                                                  strict=True)],
+            "per_round_p99": [pct(a["latencies_ms"], 99) / pct(b["latencies_ms"], 99)
+                              for a, b in zip(runs[f"serve-{c}"], runs[f"monolith-{c}"], strict=True)],
+        }
+    goals = {
+        "serve_qps_ge_1x_monolith_at_16": ratios["clients_16"]["qps"] >= GOAL_QPS_16,
+        "serve_p99_le_2x_monolith_at_1": ratios["clients_1"]["p99"] <= GOAL_P99,
+        "serve_p99_le_2x_monolith_at_16": ratios["clients_16"]["p99"] <= GOAL_P99,
+    }
+    return {"summary": summary, "ratios": ratios, "goals": goals}
+
+
+def scaling(serve_base: str, versions: list[dict[str, Any]], setup: Setup, warmup: float,
+            duration: float) -> list[dict[str, Any]]:
+    """Promote each synthetic version, wait for the old one to drain, then 1 client for the window."""
+    import httpx
+
+    out = []
+    auth = {"authorization": f"Bearer {TOKEN}"}
+    with httpx.Client(base_url=serve_base, timeout=600) as http:
+        for i, v in enumerate(versions):
+            t = time.perf_counter()
+            r = http.post("/v1/admin/promote", json={"version": v["version"]}, headers=auth)
+            if r.status_code != 200:
+                raise RuntimeError(f"promotion of {v['version']} failed: {r.status_code} {r.text[:500]}")
+            promote_s = time.perf_counter() - t
+            deadline = time.time() + 60
+            while time.time() < deadline and http.get("/v1/version").json().get("draining"):
+                time.sleep(0.25)
+            m = measure(serve_base, setup.requests, 1, warmup, duration, 7 * i, None)
+            s = summarise([m])
+            out.append({**v, "promote_s": round(promote_s, 1), "answered_by": m["versions"], **s})
+            print(f"  {v['version']:>14}: promoted in {promote_s:.1f} s; p50 {s['p50_ms']:.1f} ms, p99 "
+                  f"{s['p99_ms']:.1f} ms, {s['qps']:.1f} QPS, errors {s['errors']}", flush=True)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# report
+
+
+def plot(result: dict[str, Any], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["scaling"]
+    base_shards = result["setup"]["shards"]
+    by_size = sorted((r for r in rows if r["shards"] == base_shards), key=lambda r: r["items"])
+    by_shards = sorted((r for r in rows if r["items"] == result["size_for_shards"]), key=lambda r: r["shards"])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, series, key, label in ((axes[0], by_size, "items", "catalogue items (SYNTHETIC vectors)"),
+                                   (axes[1], by_shards, "shards", "shards")):
+        x = [r[key] for r in series]
+        ax.plot(x, [r["p99_ms"] for r in series], "o-", label="p99 total (client)")
+        ax.plot(x, [r["p50_ms"] for r in series], "s--", label="p50 total (client)")
+        ax.plot(x, [r["stages"]["search"]["p99_ms"] for r in series], "^:", label="p99 search stage (fan-out)")
+        ax.set_xlabel(label)
+        ax.set_ylabel("ms")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        if key == "items":
+            ax.set_xscale("log")
+            ax.minorticks_off()
+            ax.set_xticks(x, [f"{n // 1000}k" if n < 1_000_000 else f"{n / 1e6:g}M" for n in x])
+            ax.set_title(f"Serve, 1 client, k={K}, {base_shards} shards")
+        else:
+            ax.set_xticks(x, [str(n) for n in x])
+            ax.set_title(f"Serve, 1 client, k={K}, {result['size_for_shards']:,} items")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"p99 latency vs catalogue size and shards (data SYNTHETIC; Flat, d={result['setup']['d']}; "
+                 f"{result['machine']}, load {result['load_start']:.1f}-{result['load_end']:.1f})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def report(result: dict[str, Any], png: str) -> str:
+    p1 = result["serve_vs_monolith"]
+    s, r, g = p1["summary"], p1["ratios"], p1["goals"]
+    setup = result["setup"]
+    machine = (f"{result['machine']}; load average (1 min) {result['load_start']:.2f} at start, "
+               f"{result['load_end']:.2f} at end")
+    md = [f"# Retrieval serving: Ray Serve vs a single-process monolith ({result['date']})", "",
+          f"Data: SYNTHETIC. Machine: {machine}. Command: `{result['command']}`.", "",
+          "Setup (same for both systems):", ""]
+    md += [f"- {k}: {v}" for k, v in setup["describe"].items()]
+    md += ["- Serve: `ray_mgdspr.serve.app.start` on `ray.init(address=\"local\", num_cpus=8)`, shipped deployment "
+           "defaults (0.25 CPU per replica; ingress and encoder autoscale 1-2 replicas at 4 ongoing requests; "
+           "max_ongoing_requests 64; `@serve.batch` size 32, wait 2 ms in the encoder and each shard), 1 faiss and "
+           "1 torch thread per replica.",
+           "- Monolith (baseline): FastAPI around `ray_mgdspr.serve.engine.Retriever` (the same QueryEncoder, "
+           "ShardSearchers, merge, filter), uvicorn, 1 worker, 1 process; each request runs in a thread "
+           "(`asyncio.to_thread`), 1 faiss and 1 torch thread (OMP_NUM_THREADS=1, as Ray gives every replica below 2 "
+           "CPUs: `Retriever(faiss_threads=1)` alone does not reach the request threads).",
+           f"- Same answers: on {result['topk_check']['requests']} requests the two returned identical item lists "
+           f"{result['topk_check']['identical_item_lists']} times (max score difference "
+           f"{result['topk_check']['max_abs_score_diff']:.1e})"
+           + ("." if not result["topk_check"]["differences"] else
+              "; differences: " + "; ".join(json.dumps(d) for d in result["topk_check"]["differences"][:3]) + "."),
+           f"- Windows: {result['warmup_s']:g} s warm-up + {result['duration_s']:g} s measured per cell, "
+           f"{result['rounds']} rounds in ABBA order (pooled below); clients are httpx threads in the benchmark "
+           "process, on the same 2 cores as the servers.",
+           "- Setup times (not measured): " + ", ".join(f"{k.removesuffix('_s')} {v:.0f} s"
+                                                         for k, v in setup["timings"].items()) + ".",
+           "", f"## 1. Serve vs monolith (data SYNTHETIC; {result['machine']})", "",
+           "| system | clients | QPS | p50 ms | p99 ms | mean ms | errors | server CPU ms / request | "
+           "QPS per server core | server cores | others' cores | requests |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for c in (1, 16):
+        for system in ("monolith", "serve"):
+            x = s[f"{system}-{c}"]
+            cores = x["cpu"]["ray_cores" if system == "serve" else "monolith_cores"]
+            md.append(f"| {system}{' (baseline)' if system == 'monolith' else ''} | {c} | {x['qps']:.1f} | "
+                      f"{x['p50_ms']:.1f} | {x['p99_ms']:.1f} | {x['mean_ms']:.1f} | {x['errors']} "
+                      f"(+{x['warmup_errors']} in warm-up) | {x['server_cpu_ms_per_request']:.1f} | "
+                      f"{x['qps_per_server_core']:.1f} | {cores:.2f} | "
+                      f"{x['cpu']['others_cores']:.2f} | {x['requests']:,} |")
+    md += ["", "Ratios serve / monolith, this run (per round in brackets):", "",
+           "| clients | QPS | p50 | p99 | server CPU per request | QPS per server core |",
+           "|---:|---:|---:|---:|---:|---:|"]
+    for c in (1, 16):
+        x = r[f"clients_{c}"]
+        md.append(f"| {c} | **{x['qps']:.2f}x** ({', '.join(f'{v:.2f}' for v in x['per_round_qps'])}) | "
+                  f"{x['p50']:.2f}x | **{x['p99']:.2f}x** ({', '.join(f'{v:.2f}' for v in x['per_round_p99'])}) | "
+                  f"{x['server_cpu_per_request']:.2f}x | {x['qps_per_server_core']:.2f}x |")
+
+    def verdict(ok: bool) -> str:
+        return "**met**" if ok else "**not met**"
+
+    md += ["",
+           f"- Goal Serve QPS >= {GOAL_QPS_16:g}x monolith at 16 clients: {r['clients_16']['qps']:.2f}x, "
+           f"{verdict(g['serve_qps_ge_1x_monolith_at_16'])}.",
+           f"- Goal Serve p99 <= {GOAL_P99:g}x monolith p99: 1 client {r['clients_1']['p99']:.2f}x "
+           f"{verdict(g['serve_p99_le_2x_monolith_at_1'])}; 16 clients {r['clients_16']['p99']:.2f}x "
+           f"{verdict(g['serve_p99_le_2x_monolith_at_16'])}.",
+           f"- Tails: p99 / p50 at 1 client is {s['monolith-1']['p99_ms'] / s['monolith-1']['p50_ms']:.1f}x for the "
+           f"monolith and {s['serve-1']['p99_ms'] / s['serve-1']['p50_ms']:.1f}x for Serve; per-round p99 ratios range "
+           f"{min(r['clients_1']['per_round_p99']):.2f}-{max(r['clients_1']['per_round_p99']):.2f}x (1 client) and "
+           f"{min(r['clients_16']['per_round_p99']):.2f}-{max(r['clients_16']['per_round_p99']):.2f}x (16 clients): "
+           "on this shared machine the p99s are set largely by other processes' bursts, so the p99 verdicts are "
+           "less certain than the QPS and CPU ones.",
+           "- Every measured response came from the intended server and version: "
+           + ("yes" if all(set(s[k]["answered_by"]) == {VERSION} for k in s) else
+              "NO: " + "; ".join(f"{k}: {s[k]['answered_by']}" for k in s)) + ".",
+           "- QPS per server core = answered requests per CPU-second of the server processes: the throughput each "
+           "system would have per core it is given; on this shared machine the two were not given the same share "
+           "(see server cores), so it is the fairer efficiency comparison than QPS alone.",
+           "- Server cores = CPU used by Ray's whole process tree (controller, proxy, replicas, GCS, raylet) or by "
+           "the uvicorn process, per second of window; others' cores = the rest of the machine minus this "
+           "benchmark (other engineers' runs): the noise each cell ran under. "
+           "Replicas running at the end of each Serve cell: "
+           + "; ".join(f"x{c}: " + ", ".join(f"round {i + 1} {_replica_text(pr['replicas'])}"
+                                            for i, pr in enumerate(s[f'serve-{c}']['per_round']))
+                       for c in (1, 16)) + "."]
+    idle = result["idle"]
+    s1, s16 = s["serve-1"]["ray_cpu_ms_per_request_by_process"], s["serve-16"]["ray_cpu_ms_per_request_by_process"]
+    labels = sorted(set(s1) | set(s16), key=lambda k: -(s16.get(k, 0) + s1.get(k, 0)))
+    md += ["", f"Where Serve's CPU goes: CPU ms per answered request by Ray process (pooled over rounds), and "
+               f"the same processes idle (no requests, {idle['wall_s']:.0f} s window: Ray tree "
+               f"{idle['ray_cores']:.2f} cores, monolith {idle['monolith_cores']:.2f} cores):", "",
+           "| process | 1 client, ms / request | 16 clients, ms / request | idle, cores |", "|---|---:|---:|---:|"]
+    for k in labels[:12]:
+        md.append(f"| {k} | {s1.get(k, 0):.1f} | {s16.get(k, 0):.1f} | "
+                  f"{idle['ray_cpu_s_by_process'].get(k, 0) / idle['wall_s']:.3f} |")
+    md.append(f"| all Ray processes | {sum(s1.values()):.1f} | {sum(s16.values()):.1f} | {idle['ray_cores']:.3f} |")
+    md.append(f"| monolith process (baseline) | {s['monolith-1']['server_cpu_ms_per_request']:.1f} | "
+              f"{s['monolith-16']['server_cpu_ms_per_request']:.1f} | {idle['monolith_cores']:.3f} |")
+    if any(s[k]["error_examples"] for k in s):
+        md.append("- Errors: " + "; ".join(f"{k}: {s[k]['error_examples']}" for k in s if s[k]["error_examples"]))
+    md += ["", f"## 2. Latency by stage (server-side `latency_ms`, ms; data SYNTHETIC; {result['machine']})", "",
+           "| system | clients | " + " | ".join(f"{st} mean / p99" for st in STAGES) + " | outside mean |",
+           "|---|---:|" + "---:|" * (len(STAGES) + 1)]
+    for system in ("serve", "monolith"):
+        for c in (1, 16):
+            x = s[f"{system}-{c}"]
+            md.append(f"| {system} | {c} | " + " | ".join(
+                f"{x['stages'][st]['mean_ms']:.2f} / {x['stages'][st]['p99_ms']:.2f}" for st in STAGES)
+                + f" | {x['outside_mean_ms']:.2f} |")
+    md += ["", "- Serve: encode = ingress -> encoder call (RPC, `@serve.batch` wait, store lookup, query tower); "
+           "search = the concurrent fan-out to every shard deployment (RPC + batched Faiss + filter verdicts); "
+           "merge and filter run in the ingress. Monolith: the same stages as plain calls (shards one after "
+           "another). \"outside\" = client-observed latency minus the server's total (HTTP, Serve proxy and "
+           "ingress routing / validation, or uvicorn)."]
+    sc = result["scaling"]
+    md += ["", f"## 3. p99 vs catalogue size and shard count (Serve, 1 client; data SYNTHETIC vectors; "
+               f"{result['machine']})", "",
+           "The catalogues below are **SYNTHETIC vectors, not item-tower outputs**: clustered Gaussian draws in the "
+           f"bundle's d = {setup['d']} (each synthetic item copies the metadata row of a random simulated item and "
+           "is drawn around the mean item-tower vector of that item's leaf with the leaf's per-dimension spread), "
+           "new item ids, built as Flat index versions tied to the real bundle and switched to with `POST "
+           "/v1/admin/promote`. Queries are the real encoder's (test-day searches, k 50, filter on). The first row "
+           "is the real index of part 1 (item-tower vectors), for reference; p99 ratios are against the smallest "
+           "catalogue and the 1-shard version of this run.", "",
+           "| version | items | shards | p50 ms | p99 ms | p99 ratio | search mean / p99 ms | encode mean ms | "
+           "merge+filter mean ms | QPS | requests | errors | Ray CPU ms / req | shards CPU ms / req | promote s | "
+           "build s |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    real = s["serve-1"]
+    md.append(f"| {VERSION} (real, part 1) | {setup['items']:,} | {setup['shards']} | {real['p50_ms']:.1f} | "
+              f"{real['p99_ms']:.1f} | | {real['stages']['search']['mean_ms']:.2f} / "
+              f"{real['stages']['search']['p99_ms']:.2f} | {real['stages']['encode']['mean_ms']:.2f} | "
+              f"{real['stages']['merge']['mean_ms'] + real['stages']['filter']['mean_ms']:.2f} | {real['qps']:.1f} | "
+              f"{real['requests']:,} | {real['errors']} | {real['server_cpu_ms_per_request']:.1f} | "
+              f"{_shard_cpu(real):.1f} | | |")
+    size_base = min((x for x in sc if x["shards"] == setup["shards"]), key=lambda x: x["items"])
+    shard_base = min((x for x in sc if x["items"] == result["size_for_shards"]), key=lambda x: x["shards"])
+    for x in sc:
+        vs = []
+        if x["shards"] == setup["shards"]:
+            vs.append(f"{x['p99_ms'] / size_base['p99_ms']:.2f}x vs {size_base['items'] // 1000}k")
+        if x["items"] == result["size_for_shards"]:
+            vs.append(f"{x['p99_ms'] / shard_base['p99_ms']:.2f}x vs {shard_base['shards']} shard")
+        md.append(f"| {x['version']} | {x['items']:,} | {x['shards']} | {x['p50_ms']:.1f} | {x['p99_ms']:.1f} | "
+                  f"{'; '.join(vs)} | "
+                  f"{x['stages']['search']['mean_ms']:.2f} / {x['stages']['search']['p99_ms']:.2f} | "
+                  f"{x['stages']['encode']['mean_ms']:.2f} | "
+                  f"{x['stages']['merge']['mean_ms'] + x['stages']['filter']['mean_ms']:.2f} | {x['qps']:.1f} | "
+                  f"{x['requests']:,} | {x['errors']} | {x['server_cpu_ms_per_request']:.1f} | {_shard_cpu(x):.1f} | "
+                  f"{x['promote_s']:.1f} | {x['build_s']:.1f} |")
+    md += ["", f"Plot: `{png}` (p99 and p50 total, and search-stage p99, vs items at {setup['shards']} shards and vs "
+               f"shards at {result['size_for_shards']:,} items).",
+           "- Every measured response came from the version just promoted: "
+           + ("yes" if all(set(x["answered_by"]) == {x["version"]} for x in sc) else
+              "NO: " + "; ".join(f"{x['version']}: {x['answered_by']}" for x in sc)) + ".",
+           "- Others' load during these windows (cores): "
+           + ", ".join(f"{x['version']} {x['cpu']['others_cores']:.2f}" for x in sc) + "."]
+    gpu = result.get("gpu_reference")
+    md += ["", "## 4. GPU (not run here)", ""]
+    if gpu:
+        md.append(f"p99 for k = 1000 over 1M items in 4 shards was measured by `benchmarks/gpu_check.py` on an "
+                  f"{gpu['gpu']} ({gpu['when']}, torch {gpu['torch']}; data SYNTHETIC): torch exact search on the GPU "
+                  f"p50 / p99 {gpu['torch_p50_ms']:.2f} / {gpu['torch_p99_ms']:.2f} ms (goal <= 10 ms: "
+                  f"{'met' if gpu['torch_p99_ms'] <= 10 else 'not met'}), against faiss-cpu on that machine's "
+                  f"{gpu['faiss_threads']} threads {gpu['faiss_p50_ms']:.2f} / {gpu['faiss_p99_ms']:.2f} ms. That "
+                  "is the Ray-free shard search core (no Serve, no HTTP); see "
+                  f"`benchmarks/results/{GPU_RESULTS}.md`.")
+    else:
+        md.append(f"See `benchmarks/results/{GPU_RESULTS}.md` (measured by `benchmarks/gpu_check.py`).")
+    md += ["", "## Machine", "",
+           f"- {machine}; total run {result['total_s']:.0f} s.",
+           "- Busiest other processes at start: " + ("; ".join(result["others_start"]) or "none >= 5% CPU") + ".",
+           "- Busiest other processes at end: " + ("; ".join(result["others_end"]) or "none >= 5% CPU") + "."]
+    return "\n".join(md) + "\n"
+
+
+def _shard_cpu(summary: dict[str, Any]) -> float:
+    """CPU ms per request of the shard replicas (all shard deployments of the version that answered)."""
+    return sum(v for k, v in summary["ray_cpu_ms_per_request_by_process"].items() if ":shard-" in k)
+
+
+def _replica_text(reps: dict[str, int] | None) -> str:
+    if not reps:
+        return "?"
+    short = {k.split("/")[-1]: v for k, v in reps.items() if v}
+    return "(" + " ".join(f"{k} {v}" for k, v in sorted(short.items())) + ")"
+
+
+def gpu_reference() -> dict[str, Any] | None:
+    path = RESULTS / f"{GPU_RESULTS}.json"
+    if not path.is_file():
+        return None
+    g = json.loads(path.read_text())
+    row = next((x for x in g.get("search", []) if x["items"] == 1_000_000 and x["shards"] == 4), None)
+    if row is None:
+        return None
+    return {"gpu": g["gpu"], "when": g["when"], "torch": g["torch"], "k": row["k"],
+            "torch_p50_ms": row["torch"]["p50_ms"], "torch_p99_ms": row["torch"]["p99_ms"],
+            "faiss_p50_ms": row["faiss-cpu"]["p50_ms"], "faiss_p99_ms": row["faiss-cpu"]["p99_ms"],
+            "faiss_threads": row["faiss-cpu"]["threads"]}
+
+
+def _jsonable(result: dict[str, Any]) -> dict[str, Any]:
+    """The result without per-request lists (percentiles and means are kept)."""
+    return json.loads(json.dumps(result, default=float))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small world, 20k-100k items, short windows, 1 round")
+    ap.add_argument("--duration", type=float, default=None, help="measured seconds per cell (default 10; quick 3)")
+    ap.add_argument("--warmup", type=float, default=None, help="warm-up seconds per cell (default 3; quick 1.5)")
+    ap.add_argument("--rounds", type=int, default=None, help="ABBA rounds of part 1 (default 3; quick 1)")
+    ap.add_argument("--rerender", action="store_true", help="rewrite the .md and .png from the .json of an earlier "
+                    "run (no measurement)")
+    ap.add_argument("--monolith", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.monolith:
+        monolith_main(json.loads(args.monolith))
+        return
+    name = "serve-quick" if args.quick else "serve"
+    png = f"{name}-p99.png"
+    if args.rerender:
+        result = json.loads((RESULTS / f"{name}.json").read_text())
+        plot(result, RESULTS / png)
+        (RESULTS / f"{name}.md").write_text(report(result, png))
+        return
+
+    import httpx
+    import ray
+    from ray import serve
+
+    from ray_mgdspr.serve.app import AppArgs, start
+
+    duration = args.duration or (3.0 if args.quick else 10.0)
+    warmup = args.warmup or (1.5 if args.quick else 3.0)
+    rounds = args.rounds or (1 if args.quick else 3)
+    sizes = [20_000, 50_000, 100_000] if args.quick else [100_000, 300_000, 1_000_000]
+    size_for_shards = sizes[1]
+    shard_counts = [1, 2, 4]
+    command = "python benchmarks/bench_serve.py" + " ".join(["", *sys.argv[1:]]).rstrip()
+    started = time.perf_counter()
+    load_start = os.getloadavg()[0]
+    others_start = other_processes()
+    print(f"load average {load_start:.2f}; busiest other processes: {others_start}", flush=True)
+
+    mono: subprocess.Popen | None = None
+    ray_started = False
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp_name:
+        tmp = Path(tmp_name)
+        try:
+            setup = prepare(tmp, args.quick)
+            t = time.perf_counter()
+            versions = synthetic_versions(setup, tmp, sizes, shard_counts, size_for_shards)
+            setup.timings["synthetic_indexes_s"] = time.perf_counter() - t
+
+            print("start: monolith (uvicorn subprocess) and Serve (local Ray, 8 logical CPUs) ...", flush=True)
+            mono_port = free_port()
+            mono = start_monolith(setup, mono_port)
+            ray.init(address="local", num_cpus=8, include_dashboard=False, logging_level=logging.WARNING,
+                     log_to_driver=False)
+            ray_started = True
+            t = time.perf_counter()
+            cfg = start(AppArgs(serve={
+                "port": free_port(), "index_root": str(setup.index_root), "world": str(setup.world),
+                "store": str(setup.store), "version": VERSION, "token": TOKEN, "drain_s": 1.0,
+                "watch_current_s": 0.0}))
+            setup.timings["serve_start_s"] = time.perf_counter() - t
+            serve_base, mono_base = f"http://127.0.0.1:{cfg.port}", f"http://127.0.0.1:{mono_port}"
+            health = httpx.get(f"{serve_base}/healthz", timeout=30).json()
+            if health.get("version") != VERSION:
+                raise RuntimeError(f"{serve_base} is not this benchmark's Serve app: /healthz says {health}")
+            topk = compare_topk(serve_base, mono_base, setup.requests, 20)
+            print(f"top-k check: {topk}", flush=True)
+            time.sleep(2.0)
+            idle = idle_cpu(mono.pid, 5.0)
+            print(f"idle: Ray tree {idle['ray_cores']:.2f} cores, monolith {idle['monolith_cores']:.2f} cores; "
+                  f"{idle['ray_cpu_s_by_process']}", flush=True)
+
+            print(f"1. serve vs monolith: {rounds} round(s) x 4 cells of {warmup:g} + {duration:g} s", flush=True)
+            part1 = serve_vs_monolith(serve_base, mono_base, mono.pid, setup, rounds, warmup, duration, cfg.app_name)
+            mono.terminate()
+            mono.wait(30)
+            mono = None
+
+            print("3. p99 vs catalogue size and shard count (Serve, 1 client) ...", flush=True)
+            scale = scaling(serve_base, versions, setup, warmup, duration)
+        finally:
+            if mono is not None:
+                mono.terminate()
+                try:
+                    mono.wait(30)
+                except subprocess.TimeoutExpired:
+                    mono.kill()
+            if ray_started:
+                serve.shutdown()
+                ray.shutdown()
+
+    load_end = os.getloadavg()[0]
+    result: dict[str, Any] = {
+        "data": "SYNTHETIC (simulated world; part 3: synthetic clustered-Gaussian vectors, not item-tower outputs)",
+        "date": dt.date.today().isoformat(),
+        "machine": f"{platform.machine()} {os.cpu_count()} cpu, python {platform.python_version()}, shared",
+        "command": command, "quick": args.quick, "duration_s": duration, "warmup_s": warmup, "rounds": rounds,
+        "k": K, "channels": CHANNELS, "filter": True,
+        "setup": {"describe": setup.describe, "timings": {k: round(v, 1) for k, v in setup.timings.items()},
+                  "d": setup.d, "items": setup.items, "shards": setup.shards, "requests": len(setup.requests)},
+        "topk_check": topk, "idle": idle, "serve_vs_monolith": part1, "scaling": scale,
+        "size_for_shards": size_for_shards,
+        "gpu_reference": gpu_reference(),
+        "load_start": load_start, "load_end": load_end, "others_start": others_start,
+        "others_end": other_processes(), "total_s": round(time.perf_counter() - started, 1),
+    }
+    RESULTS.mkdir(exist_ok=True)
+    plot(result, RESULTS / png)
+    md = report(result, png)
+    (RESULTS / f"{name}.md").write_text(md)
+    (RESULTS / f"{name}.json").write_text(json.dumps(_jsonable(result), indent=2) + "\n")
+    print(md)
+    print(f"total {result['total_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
