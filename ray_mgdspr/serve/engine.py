@@ -146,12 +146,14 @@ class ShardSearcher:
 
     def __init__(self, index_path: str | Path, shard_no: int, backend: str = "auto", *, nprobe: int = 16,
                  ef_search: int = 128, faiss_threads: int = 1) -> None:
-        faiss.omp_set_num_threads(faiss_threads)
+        self.faiss_threads = faiss_threads
         self.shard: Shard = load_shard(index_path, shard_no, backend, nprobe=nprobe, ef_search=ef_search)
         self._titles = self.shard.metadata["title"].to_pylist()
 
     def search(self, queries: np.ndarray, k: int, terms: list[tuple[KeyTerm, ...]]) -> list[Hits]:
         """Top-k of this shard for each query row of ``queries`` (q, d)."""
+        # OpenMP's thread count belongs to the calling thread, and searches run in worker threads
+        faiss.omp_set_num_threads(self.faiss_threads)
         scores, ids = self.shard.search(queries, k)
         out = []
         for row, query_terms in enumerate(terms):
