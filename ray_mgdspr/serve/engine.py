@@ -1,6 +1,6 @@
 """The Ray-free serving core: one version's query encoder, shard searchers, lexical channel, and the
 assembly of a response. The Serve deployments (``serve/deployments.py``) wrap these one per replica;
-``Retriever`` runs them all in one process (tests, the benchmark's monolith, ``mgdspr query --local``).
+``Retriever`` runs them all in one process (tests, the benchmark's monolith).
 
 A *release* is what one version id names: the index version ``<index_root>/<version>`` and the model bundle
 it was built from (recorded in the index manifest). ``verify_release`` checks both before anything loads it.
