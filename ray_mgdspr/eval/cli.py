@@ -27,6 +27,8 @@ def eval_command(
     lang: Annotated[list[str] | None, typer.Option(help="world language, repeatable (default: en and zh)")] = None,
     seeds: Annotated[int | None, typer.Option(min=1, help="seeds per trained variant")] = None,
     steps: Annotated[int | None, typer.Option(min=1, help="training steps per run")] = None,
+    variant: Annotated[list[str] | None, typer.Option(help="main-table row, repeatable (default: all)")] = None,
+    sweeps: Annotated[bool, typer.Option(help="the convergence curves and the τ / α sweeps")] = True,
     world: Annotated[Path | None, typer.Option(help="evaluate this simulated world (one --lang)")] = None,
     work: Annotated[Path | None, typer.Option(help="worlds and vocabularies (default: OUT/work)")] = None,
     quick: Annotated[bool, typer.Option(help="toy scale: tiny world, few steps (smoke runs, tests)")] = False,
@@ -52,7 +54,10 @@ def eval_command(
     try:
         cfg, ev = load_eval_config(config or (f"preset:{preset}" if preset else None))
         changes = dict(QUICK) if quick else {}
-        changes.update({k: v for k, v in {"langs": lang, "seeds": seeds, "steps": steps}.items() if v})
+        changes.update({k: v for k, v in {"langs": lang, "seeds": seeds, "steps": steps, "variants": variant}.items()
+                        if v})
+        if not sweeps:
+            changes["sweep_langs"] = []
         ev = ev.model_validate({**ev.model_dump(), **changes})
     except (ConfigError, ValueError) as e:
         raise _fail(str(e)) from None
