@@ -16,6 +16,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from ray_mgdspr.clusters import cluster_app
 from ray_mgdspr.config import ConfigError, ProjectConfig, config_to_yaml, load_config, load_preset, preset_names
 from ray_mgdspr.data.schema import describe_tables
 from ray_mgdspr.data.world import WorldManifest
@@ -39,6 +40,7 @@ app.add_typer(serve_app, name="serve")
 app.add_typer(store_app, name="store")
 app.command("query")(query_command)
 app.command("eval")(eval_command)
+app.add_typer(cluster_app, name="cluster")
 
 console = Console()
 err = Console(stderr=True)
