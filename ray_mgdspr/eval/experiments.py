@@ -28,6 +28,8 @@ from ray_mgdspr.eval.runs import UNTRAINED, RunSpec, alpha_variant, run_one, tau
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
+META, JOURNAL = "report-meta.json", "runs.jsonl"
+"""Files in the work directory: what the report is about (written first) and the finished runs (appended)."""
 
 
 def sweep_variants(ev: EvalConfig, loss_tau: float, loss_alpha: tuple[float, float]) -> list[str]:
@@ -40,7 +42,7 @@ def sweep_variants(ev: EvalConfig, loss_tau: float, loss_alpha: tuple[float, flo
 
 
 def plan_runs(cfg: ProjectConfig, ev: EvalConfig) -> list[RunSpec]:
-    """Every run of the report, longest first (the full-model family before baselines and the DNN)."""
+    """Every run of the report, in the order they are started."""
     ks = tuple(sorted(set(ev.ks)))
     ann = tuple(cfg.index.model_copy(update={"factory": f}) for f in dict.fromkeys([cfg.index.factory,
                                                                                     *ev.ann_factories]))
@@ -55,8 +57,11 @@ def plan_runs(cfg: ProjectConfig, ev: EvalConfig) -> list[RunSpec]:
         for v, s in runs:
             specs.append(RunSpec(lang, v, s, ev.steps, ks, (ev.focus_k,), ev.curve_every, cfg.model, cfg.loss,
                                  cfg.optim, ann if v == "mgdspr" else ()))
-    cost = {"minilm": 1, "bm25": 0, "dnn_hinge": 2}
-    return sorted(specs, key=lambda s: (cost.get(s.variant, 3), s.seed), reverse=True)
+    # baselines first, then the main table seed by seed, then the sweeps: a report rendered from an interrupted
+    # journal (--from-json) is balanced; within a group the slowest first, so the tail of the plan is short
+    cost = {"bm25": 0, "minilm": 1, "dnn_hinge": 2}
+    group = {v: 0 if v in UNTRAINED else 1 for v in ev.variants}
+    return sorted(specs, key=lambda s: (group.get(s.variant, 2), s.seed, -cost.get(s.variant, 3)))
 
 
 def prepare_world(cfg: ProjectConfig, ev: EvalConfig, lang: str, work: Path,
@@ -179,10 +184,11 @@ def evaluate(cfg: ProjectConfig, ev: EvalConfig, out: Path, work: Path | None = 
                         "seed": data.manifest.seed}
         say(f"world {lang}: {data.scale()} [{data.manifest.label}]")
     specs = plan_runs(cfg, ev)
-    say(f"{len(specs)} runs as Ray tasks of {ev.task_cpus:g} CPU")
-    connect_ray(cfg.ray, address)
-    records = run_plan(specs, evalsets, ev.task_cpus, say, journal=work / "runs.jsonl")
-    report = {"command": command, "seconds": time.perf_counter() - t0, "label": "SYNTHETIC",
+    report = {"command": command, "seconds": 0.0, "label": "SYNTHETIC", "planned": len(specs),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores", "config": cfg.model_dump(mode="json"),
               "eval": ev.model_dump(mode="json"), "worlds": worlds}
-    return write_report(out, report, records)
+    (work / META).write_text(json.dumps(report, indent=1, ensure_ascii=False))  # --from-json: a partial report
+    say(f"{len(specs)} runs as Ray tasks of {ev.task_cpus:g} CPU")
+    connect_ray(cfg.ray, address)
+    records = run_plan(specs, evalsets, ev.task_cpus, say, journal=work / JOURNAL)
+    return write_report(out, {**report, "seconds": time.perf_counter() - t0}, records)

@@ -247,6 +247,10 @@ def _cell(entry: dict[str, Any], metric: str, digits: int = 3) -> str:
     return f"{m:.{digits}f} ± {s:.{digits}f}" if entry["n"] > 1 else f"{m:.{digits}f}"
 
 
+def _took(seconds: float) -> str:
+    return f" in {seconds / 60:.1f} min" if seconds else ""
+
+
 def main_table(summary: Summary, lang: str, variants: list[str], ks: list[int], focus_k: int) -> str:
     cols = [f"recall@{k}" for k in ks] + [f"p_good@{focus_k}", f"p_exact@{focus_k}", f"pass@{focus_k}"]
     head = ([f"Recall@{k}" for k in ks] + [f"P_good@{focus_k}", f"P_exact@{focus_k}",
@@ -297,10 +301,14 @@ def render(report: dict[str, Any], summary: Summary) -> str:
     md = [
         "# MGDSPR evaluation: baselines, ablations, the paper's findings",
         "",
+        *([f"> **PARTIAL REPORT: {report['runs']} of {report['planned']} planned runs finished.** Missing runs "
+           "leave rows, seeds or findings out (a finding without its runs says *not run*); rerun the same command "
+           "to finish (finished runs are reused from the work directory's journal).", ""]
+          if report.get("planned", report["runs"]) > report["runs"] else []),
         f"> **All numbers below come from SYNTHETIC data** ({SYNTHETIC_LABEL}). They check the paper's claims "
         "on a simulated world built to carry the signals each component exists for; they are not Taobao numbers.",
         "",
-        f"Produced by `{report['command']}` in {report['seconds'] / 60:.1f} min ({report['runs']} runs as Ray "
+        f"Produced by `{report['command']}`{_took(report['seconds'])} ({report['runs']} runs as Ray "
         f"tasks of {ev['task_cpus']:g} CPU on {report['machine']}). Trained runs: {ev['steps']:,} steps of batch "
         f"{report['config']['optim']['batch_size']} (`train.loop.fit_local`), model d = "
         f"{report['config']['model']['d']}; seeds {ev['seeds']} (sweeps {ev['sweep_seeds']}). Recall@K is an "
@@ -482,9 +490,17 @@ REPORT_KEYS = ("command", "seconds", "label", "machine", "config", "eval", "worl
 
 
 def rerender(report_json: Path, out: Path) -> Path:
-    """Write the report again from the runs recorded in an earlier ``report.json`` (no training, no search)."""
+    """Write the report again from the runs recorded in an earlier ``report.json`` (no training, no search), or a
+    partial report from the ``report-meta.json`` and the journal ``runs.jsonl`` of a work directory."""
     raw = json.loads(Path(report_json).read_text())
-    missing = [k for k in (*REPORT_KEYS, "records") if k not in raw]
+    missing = [k for k in REPORT_KEYS if k not in raw]
     if missing:
-        raise ValueError(f"{report_json}: not a report.json of mgdspr eval (missing {missing})")
-    return write_report(Path(out), {k: raw[k] for k in REPORT_KEYS}, raw["records"])
+        raise ValueError(f"{report_json}: not a report.json or report-meta.json of mgdspr eval (missing {missing})")
+    records = raw.get("records")
+    if records is None:
+        journal = Path(report_json).with_name("runs.jsonl")
+        if not journal.is_file():
+            raise FileNotFoundError(f"{journal}: no journal of finished runs beside {report_json}")
+        records = [json.loads(line) for line in journal.read_text().splitlines() if line.strip()]
+    meta = {k: raw[k] for k in (*REPORT_KEYS, "planned") if k in raw}
+    return write_report(Path(out), meta, records)
