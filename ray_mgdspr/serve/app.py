@@ -20,6 +20,7 @@ from ray_mgdspr.serve.store import build_sqlite_store
 
 log = logging.getLogger(__name__)
 IMPORT_PATH = "ray_mgdspr.serve.app:build_app"
+LOGGING = {"enable_access_log": False}  # a line per request (and per version poll) drowns everything else
 
 
 class AppArgs(BaseModel):
@@ -87,9 +88,8 @@ def start(args: AppArgs) -> ServeConfig:
     first version answers ``/healthz``.
     """
     cfg = resolve(args)
-    serve.start(http_options={"host": cfg.host, "port": cfg.port},
-                logging_config={"enable_access_log": False, "log_level": "WARNING"})
-    serve.run(build_app(args), name=cfg.app_name, route_prefix="/")
+    serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config=LOGGING)
+    serve.run(build_app(args), name=cfg.app_name, route_prefix="/", logging_config=LOGGING)
     # the manager loads the first version on its first call: do it now, not on the first user request
     serve.get_deployment_handle("VersionManager", cfg.app_name).active.remote().result(
         timeout_s=cfg.load_timeout_s)

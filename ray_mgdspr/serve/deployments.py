@@ -189,7 +189,8 @@ class VersionManager:
         try:
             release = await asyncio.to_thread(verify_release, self.cfg.index_root, version)
             await asyncio.to_thread(serve._run, version_app(self.cfg, version, release.shards), _blocking=False,
-                                    name=name, route_prefix=None)  # private API, pinned by tests/serve
+                                    name=name, route_prefix=None,  # private API, pinned by tests/serve
+                                    logging_config={"enable_access_log": False})
             await self._wait_running(name)
         except (ReleaseError, PromotionRefused, RuntimeError, ValueError) as e:
             self.info.last_error = f"{version}: {e}"

@@ -52,7 +52,7 @@ def server(deployment: Any, store_copy: Path) -> Iterator[tuple[str, ServeConfig
         "store": str(store_copy), "version": "v1", "token": TOKEN, "drain_s": 1.0, "watch_current_s": 0.5,
         "max_k": 2000, "max_fetch": 2000, "max_body_bytes": 16384,
         "encoder": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 0.5,
-                    "downscale_delay_s": 600},
+                    "downscale_delay_s": 3},
     }
     started = not ray.is_initialized()
     if started:
@@ -277,11 +277,10 @@ def test_killed_shard_replica_fails_clearly_and_recovers(server: tuple[str, Serv
           f"{recovered - killed:.1f} s until every client was answered again")
 
 
-def test_encoder_scales_up_under_load(server: tuple[str, ServeConfig]) -> None:
+def test_encoder_scales_down_when_idle_and_up_under_load(server: tuple[str, ServeConfig]) -> None:
     def encoder_replicas() -> int:
-        app = serve.status().applications["mgdspr-v1"]
-        return sum(app.deployments["encoder"].replica_states.get("RUNNING", 0) for _ in [0])
+        return serve.status().applications["mgdspr-v1"].deployments["encoder"].replica_states.get("RUNNING", 0)
 
-    assert encoder_replicas() == 1
+    wait_for(lambda: encoder_replicas() == 1, 120, "the encoder to scale down to 1 replica when idle")
     with Load(server[0], clients=8, query="red dress", k=50, channels=["embedding", "lexical"]):
-        wait_for(lambda: encoder_replicas() == 2, 60, "a second encoder replica")
+        wait_for(lambda: encoder_replicas() == 2, 120, "a second encoder replica under load")
