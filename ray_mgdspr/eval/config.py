@@ -65,7 +65,8 @@ class EvalConfig(StrictModel):
 
 
 QUICK = {"seeds": 2, "steps": 60, "curve_every": 30, "ks": [10, 50, 100], "focus_k": 10, "max_events": 150,
-         "tau_sweep": [1.0, 2.0, 4.0], "alpha_sweep": [(0.4, 0.6), (0.8, 1.0)], "ann_factories": ["IVF16,Flat"]}
+         "tau_sweep": [1.0, 2.0, 4.0], "alpha_sweep": [(0.2, 0.4), (0.4, 0.6), (0.8, 1.0)],
+         "ann_factories": ["IVF16,Flat"]}
 """``--quick``: every code path at toy scale (tests, smoke runs); the numbers mean nothing."""
 
 
