@@ -105,7 +105,7 @@ def run_plan(specs: list[RunSpec], evalsets: dict[str, EvalSet], task_cpus: floa
 
     keys = {id(spec): run_key(spec, evalsets[spec.lang].manifest.config) for spec in specs}
     done_before = _read_journal(journal)
-    records = [done_before[keys[id(s)]] for s in specs if keys[id(s)] in done_before]
+    records = [{**done_before[keys[id(s)]], "reused": True} for s in specs if keys[id(s)] in done_before]
     todo = [s for s in specs if keys[id(s)] not in done_before]
     if records and progress:
         progress(f"{len(records)} runs reused from {journal}")

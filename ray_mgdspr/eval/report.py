@@ -247,8 +247,12 @@ def _cell(entry: dict[str, Any], metric: str, digits: int = 3) -> str:
     return f"{m:.{digits}f} ± {s:.{digits}f}" if entry["n"] > 1 else f"{m:.{digits}f}"
 
 
-def _took(seconds: float) -> str:
-    return f" in {seconds / 60:.1f} min" if seconds else ""
+def _took(seconds: float, reused: int) -> str:
+    took = f" in {seconds / 60:.1f} min" if seconds else ""
+    if reused:
+        took += (f" (that invocation reused {reused} runs journalled by an earlier, interrupted one; its time "
+                 "excludes them)")
+    return took
 
 
 def main_table(summary: Summary, lang: str, variants: list[str], ks: list[int], focus_k: int) -> str:
@@ -308,7 +312,8 @@ def render(report: dict[str, Any], summary: Summary) -> str:
         f"> **All numbers below come from SYNTHETIC data** ({SYNTHETIC_LABEL}). They check the paper's claims "
         "on a simulated world built to carry the signals each component exists for; they are not Taobao numbers.",
         "",
-        f"Produced by `{report['command']}`{_took(report['seconds'])} ({report['runs']} runs as Ray "
+        f"Produced by `{report['command']}`{_took(report['seconds'], report.get('reused', 0))} "
+        f"({report['runs']} runs as Ray "
         f"tasks of {ev['task_cpus']:g} CPU on {report['machine']}). Trained runs: {ev['steps']:,} steps of batch "
         f"{report['config']['optim']['batch_size']} (`train.loop.fit_local`), model d = "
         f"{report['config']['model']['d']}; seeds {ev['seeds']} (sweeps {ev['sweep_seeds']}). Recall@K is an "
@@ -438,7 +443,8 @@ def write_report(out: Path, report: dict[str, Any], records: list[dict[str, Any]
             plots.append(f"convergence-{lang}.png")
         if plot_sweeps(summary, lang, ks, ev["focus_k"], out / f"sweeps-{lang}.png"):
             plots.append(f"sweeps-{lang}.png")
-    report = {**report, "plots": plots, "runs": len(records), "findings_objects": found}
+    report = {**report, "plots": plots, "runs": len(records), "findings_objects": found,
+              "reused": sum(bool(r.get("reused")) for r in records)}
     (out / "report.md").write_text(render(report, summary) + "\n")
     raw = {k: v for k, v in report.items() if k != "findings_objects"}
     raw["findings"] = [f.__dict__ for f in found]
