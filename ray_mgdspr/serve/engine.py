@@ -17,7 +17,6 @@ import numpy as np
 import torch
 
 from ray_mgdspr.data.features import Featurizer
-from ray_mgdspr.data.world import read_table
 from ray_mgdspr.index.lexical import Bm25Index
 from ray_mgdspr.index.manifest import IndexManifest, read_manifest
 from ray_mgdspr.index.search import Shard, load_shard, top_order
@@ -171,9 +170,8 @@ class LexicalChannel:
     def __init__(self, world: str | Path) -> None:
         self.relevance = RelevanceFilter.from_world(world, load_items=True)
         items = self.relevance.items
-        titles = read_table(world, "items", columns=["item_id", "title"])
-        self._title = dict(zip(titles["item_id"].to_pylist(), titles["title"].to_pylist(), strict=True))
-        self.index = Bm25Index.build(items["item_id"].to_numpy(), items["title_words"])
+        self._ids, self._titles = items["item_id"].to_numpy(), items["title"].to_pylist()
+        self.index = Bm25Index.build(self._ids, items["title_words"])
 
     def search(self, words: list[list[str]], k: int, terms: list[tuple[KeyTerm, ...]]) -> list[Hits]:
         scores, ids = self.index.search(words, k)
@@ -181,10 +179,10 @@ class LexicalChannel:
         for row, query_terms in enumerate(terms):
             keep = ids[row] >= 0
             hit_ids = ids[row][keep]
-            positions = np.searchsorted(self.relevance.items["item_id"].to_numpy(), hit_ids)
+            positions = np.searchsorted(self._ids, hit_ids)  # BM25 returns only catalogue ids
             out.append(Hits(hit_ids, scores[row][keep],
                             matches(query_terms, self.relevance.items.take(positions)),
-                            [self._title.get(int(i), "") for i in hit_ids]))
+                            [self._titles[p] for p in positions]))
         return out
 
 

@@ -69,7 +69,7 @@ class RelevanceFilter:
     Args:
         terms: normal-form term text -> the KeyTerms it stands for (one per field).
         items: optional item metadata (``item_id``, ``leaf_id``, ``cate1_id``, ``brand_id``,
-            ``attr_value_ids``, ``title_words``) for ``pass_mask``.
+            ``attr_value_ids``, ``title_words``, ``title``), sorted by item id, for ``pass_mask``.
     """
 
     terms: dict[str, list[KeyTerm]]
@@ -113,7 +113,7 @@ class RelevanceFilter:
         items = None
         if load_items:
             items = read_table(world, "items", columns=["item_id", "leaf_id", "cate1_id", "brand_id",
-                                                        "attr_value_ids", "title_words"])
+                                                        "attr_value_ids", "title_words", "title"])
             items = items.take(pa.array(np.argsort(items["item_id"].to_numpy(), kind="stable")))
         return cls(dict(terms), items)
 
