@@ -347,6 +347,44 @@ def index_verify(
     console.print(f"{path}: ok")
 
 
+@app.command()
+def pipeline(
+    config: ConfigOpt = None,
+    preset: PresetOpt = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="run report, config and Serve config")] = Path(
+        "runs/pipeline"),
+    world: Annotated[str | None, typer.Option(help="logs to train on (overrides train.world)")] = None,
+    simulate: Annotated[bool, typer.Option(help="simulate the world first (synthetic)")] = False,
+    overwrite_world: Annotated[bool, typer.Option(help="with --simulate: replace an existing world")] = False,
+    run_name: Annotated[str | None, typer.Option(help="training run (same name resumes; overrides the config)")]
+    = None,
+    epochs: Annotated[int | None, typer.Option(help="overrides train.epochs")] = None,
+    endpoint: Annotated[str | None, typer.Option(help="running endpoint to promote the new version on "
+                                                 "(default: none; CURRENT moves instead)")] = None,
+    token: Annotated[str | None, typer.Option(help="the endpoint's bearer token", envvar="MGDSPR_SERVE_TOKEN",
+                                              show_envvar=True)] = None,
+) -> None:
+    """Logs -> train -> embed -> index -> promote, as one job. Exit 0 ok, 1 a stage failed, 2 bad input,
+    3 built but not promoted; <out>/pipeline.json says what each stage did."""
+    from ray_mgdspr.pipeline import ExitCode, Pipeline
+
+    cfg = _config(config, preset)
+    overrides = {k: v for k, v in {"world": world, "run_name": run_name, "epochs": epochs}.items() if v is not None}
+    try:
+        cfg = cfg.model_copy(update={"train": cfg.train.model_validate({**cfg.train.model_dump(), **overrides})})
+    except ValueError as e:
+        raise _fail(f"command-line override: {e}") from None
+    result = Pipeline(cfg, out, simulate=simulate, overwrite_world=overwrite_world, endpoint=endpoint,
+                      token=token, say=lambda line: console.print(line, markup=False, highlight=False,
+                                                                  soft_wrap=True)).run()
+    if result.code != ExitCode.OK:
+        raise _fail(f"{result.error} (exit {int(result.code)} {result.code.name}; report {result.report})",
+                    code=int(result.code))
+    where = f"promoted on {endpoint}" if result.promoted else "CURRENT"
+    console.print(f"pipeline done: version {result.version} is {where}; report {result.report}, Serve config "
+                  f"{out / 'serve.yaml'}", soft_wrap=True)
+
+
 @vocab_app.command("build")
 def vocab_build(
     world: Annotated[Path, typer.Argument(help="world directory")],

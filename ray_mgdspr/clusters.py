@@ -160,13 +160,13 @@ def _requests(cfg: ProjectConfig, stages: tuple[str, ...]) -> Iterator[tuple[str
         e = cfg.embed
         yield "embed", {"CPU": e.cpus_per_actor, "GPU": e.gpus_per_actor}, e.actors
     if "index" in stages:
-        yield "index.build_cpus", {"CPU": cfg.index.build_cpus}, 1
+        yield "index.build_cpus", {"CPU": cfg.index.build_cpus, **cfg.index.build_resources}, 1
     if "serve" in stages:
         s = cfg.serve
         for name in ("ingress", "encoder", "shard", "head"):
             d = getattr(s, name)
             count = d.min_replicas * (cfg.index.shards if name == "shard" else 1)
-            yield f"serve.{name}", {"CPU": d.num_cpus, "GPU": d.num_gpus}, count
+            yield f"serve.{name}", {"CPU": d.num_cpus, "GPU": d.num_gpus, **d.resources}, count
 
 
 def fit_problems(nodes: dict[str, NodeGroup], cfg: ProjectConfig, source: str, field: str,

@@ -266,6 +266,9 @@ class TrainConfig(StrictModel):
     resources_per_worker: dict[str, float] = Field(
         default_factory=lambda: {"CPU": 0.5}, description="fractional CPUs so 2 workers fit a 2-core laptop"
     )
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="where the workers go: PACK fills a node first (fast gloo/nccl on one host); SPREAD "
+        "puts them on different nodes where it can (one worker per GPU node, a lost node costs fewer workers)")
     bf16: bool = Field(True, description="bf16 autocast on GPU (ignored on CPU)")
     checkpoint_every: int = Field(200, ge=1, description="steps between checkpoints (and at every epoch end)")
     num_to_keep: int = Field(2, ge=1, description="checkpoints kept")
@@ -324,6 +327,11 @@ class IndexConfig(StrictModel):
         "if a GPU is visible, else faiss-cpu")
     out: str = Field("runs/index", description="root of index versions (one directory per model version)")
     build_cpus: float = Field(0.5, gt=0, description="CPUs per shard-building Ray task")
+    build_resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per "
+                                              "shard-building task (e.g. {index_builder: 1} for big-memory nodes)")
+    build_strategy: Literal["SPREAD", "DEFAULT"] = Field(
+        "SPREAD", description="SPREAD builds the shards on different nodes (each holds one shard's vectors); "
+        "DEFAULT lets Ray pack them")
 
     @field_validator("factory")
     @classmethod
@@ -360,6 +368,10 @@ class DeploymentConfig(StrictModel):
                                       "default of 5 collapses under 16 clients (RAY.md)")
     upscale_delay_s: float = Field(2.0, ge=0)
     downscale_delay_s: float = Field(30.0, ge=0)
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per replica "
+                                        "(pins the deployment to node types that offer them)")
+    max_replicas_per_node: int | None = Field(None, ge=1, description="at most this many replicas of the "
+                                              "deployment on one node (1: every replica on its own node)")
 
     @model_validator(mode="after")
     def _bounds(self) -> DeploymentConfig:
@@ -369,8 +381,11 @@ class DeploymentConfig(StrictModel):
 
     def serve_options(self) -> dict[str, Any]:
         """Keyword arguments of ``Deployment.options``."""
-        actor = {"num_cpus": self.num_cpus, **({"num_gpus": self.num_gpus} if self.num_gpus else {})}
+        actor = {"num_cpus": self.num_cpus, **({"num_gpus": self.num_gpus} if self.num_gpus else {}),
+                 **({"resources": dict(self.resources)} if self.resources else {})}
         scaling: dict[str, Any] = {"num_replicas": self.min_replicas}
+        if self.max_replicas_per_node is not None:
+            scaling["max_replicas_per_node"] = self.max_replicas_per_node
         if self.max_replicas > self.min_replicas:
             scaling = {"autoscaling_config": {
                 "min_replicas": self.min_replicas, "max_replicas": self.max_replicas,

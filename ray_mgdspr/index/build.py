@@ -33,7 +33,8 @@ def _build_shard(directory: str, shard_no: int, data: ShardData, config: IndexCo
 
 def _parallel(config: IndexConfig, dim: int) -> Callable[[Path, Callable[[int], ShardData]], list[ShardEntry]]:
     def run(directory: Path, shard_data: Callable[[int], ShardData]) -> list[ShardEntry]:
-        task = _build_shard.options(num_cpus=config.build_cpus)
+        task = _build_shard.options(num_cpus=config.build_cpus, resources=dict(config.build_resources),
+                                    scheduling_strategy=config.build_strategy)
         return ray.get([task.remote(str(directory), s, shard_data(s), config, dim) for s in range(config.shards)])
 
     return run

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from ray_mgdspr.config import ProjectConfig, ServeConfig, load_config
@@ -25,6 +25,8 @@ LOGGING = {"enable_access_log": False}  # a line per request (and per version po
 
 class AppArgs(BaseModel):
     """Arguments of ``build_app`` (the ``args:`` of a Serve config application)."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt key in a Serve config's args is an error, not ignored
 
     config: str | None = Field(None, description="project config YAML, or preset:NAME (default: defaults)")
     serve: dict[str, Any] = Field(default_factory=dict, description="overrides of the config's serve section")
@@ -50,9 +52,11 @@ def ensure_store(cfg: ServeConfig) -> None:
     build_sqlite_store(cfg.world, cfg.store)
 
 
-def build_app(args: AppArgs) -> serve.Application:
-    """The front application: the HTTP ingress and the version manager (which deploys the versions)."""
-    cfg = resolve(args)
+def build_app(args: AppArgs | dict[str, Any]) -> serve.Application:
+    """The front application: the HTTP ingress and the version manager (which deploys the versions).
+
+    ``serve deploy`` / ``serve run`` of a config file pass the application's ``args`` as a plain dict."""
+    cfg = resolve(AppArgs.model_validate(args))
     ensure_store(cfg)
     settings = cfg.model_dump()
     manager = VersionManager.options(ray_actor_options={"num_cpus": 0.05}).bind(settings)  # idle but for swaps

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import threading
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -92,21 +89,12 @@ def serve_config_cmd(
 
 def _call(url: str, path: str, body: dict | None = None, token: str | None = None, timeout: float = 600) -> dict:
     """One JSON request; an HTTP error ends the command with the server's message."""
-    request = urllib.request.Request(url.rstrip("/") + path, method="POST" if body is not None else "GET",
-                                     data=json.dumps(body).encode() if body is not None else None,
-                                     headers={"content-type": "application/json",
-                                              **({"authorization": f"Bearer {token}"} if token else {})})
+    from ray_mgdspr.serve.client import EndpointError, call
+
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as r:
-            return json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        try:
-            message = json.loads(e.read()).get("error", "")
-        except ValueError:
-            message = e.reason
-        raise _fail(f"{url}{path}: HTTP {e.code}: {message}", code=1) from None
-    except urllib.error.URLError as e:
-        raise _fail(f"{url}: cannot connect ({e.reason}); is `mgdspr serve` running?", code=1) from None
+        return call(url, path, body, token, timeout)
+    except EndpointError as e:
+        raise _fail(str(e), code=1) from None
 
 
 @serve_app.command("promote")

@@ -170,7 +170,8 @@ def train(cfg: ProjectConfig) -> TrainResult:
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                     resources_per_worker=t.resources_per_worker),
+                                     resources_per_worker=t.resources_per_worker,
+                                     placement_strategy=t.placement_strategy),
         run_config=RunConfig(
             name=t.run_name,
             storage_path=str(Path(t.storage_path).resolve()),
@@ -189,7 +190,8 @@ def train(cfg: ProjectConfig) -> TrainResult:
     metrics = state["history"]
     out = Path(t.out) if t.out else run / "bundle"
     metadata = {"data": manifest.label, "world": str(world), "run": t.run_name, "examples": n_examples,
-                "epochs": state["epoch"], "steps": state["global_step"], "final": metrics[-1] if metrics else {}}
+                "epochs": state["epoch"], "steps": state["global_step"], "final": metrics[-1] if metrics else {},
+                "resumed_at_steps": state.get("resumed_at", [])}
     bundle = save_bundle(out, model, vocab, cfg.features, cfg.loss, metadata=metadata, overwrite=True)
     metrics_path = out.parent / f"{out.name}.metrics.json"
     _write_json(metrics_path, {"version": bundle.version, "data": manifest.label, "history": metrics})
@@ -208,6 +210,7 @@ def _restore(model: TwoTower, optimizer: torch.optim.Optimizer) -> dict[str, Any
         state = torch.load(Path(d) / STATE, map_location="cpu", weights_only=False)
     model.load_state_dict(state.pop("model"))
     optimizer.load_state_dict(state.pop("optimizer"))
+    state["resumed_at"] = [*state.get("resumed_at", []), state["global_step"]]  # restarts, kept in the bundle
     return state
 
 

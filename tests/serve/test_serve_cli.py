@@ -40,9 +40,17 @@ def test_serve_config_validates_with_serves_own_schema(tmp_path: Path, deploymen
     r = _run("serve", "config", "-c", str(_config(tmp_path, deployment, 8123)), "-o", str(out))
     assert r.returncode == 0, r.stderr
     spec = yaml.safe_load(out.read_text())
-    ServeDeploySchema.parse_obj(spec)
+    ServeDeploySchema.model_validate(spec)
     app = spec["applications"][0]
     assert app["import_path"] == "ray_mgdspr.serve.app:build_app" and spec["http_options"]["host"] == "127.0.0.1"
+    # `serve deploy` hands the builder its args as the plain dict of the file (not an AppArgs)
+    from ray import serve
+
+    from ray_mgdspr.serve.app import build_app
+
+    assert isinstance(build_app(app["args"]), serve.Application)
+    with pytest.raises(ValueError, match="confg"):
+        build_app({**app["args"], "confg": "typo.yaml"})
 
 
 def test_serve_query_promote_status_from_the_command_line(tmp_path: Path, deployment: Any) -> None:

@@ -7,20 +7,10 @@ import os
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # before anything imports ray (see shared/notes/RAY.md)
 
 import logging
-import time
 from collections.abc import Iterator
 
 import pytest
-
-RAY_TEST_ENV = {
-    # Set before Ray starts: the raylet, and every worker it starts, inherits them.
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",  # Train notices finished or dead workers sooner: ~11 s -> ~7 s per fit
-    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-    # Ray Data 2.60 lists Parquet files with 32 footer-reader actors per read, i.e. per epoch: on 2 cores starting
-    # them costs ~10 s of each ~13 s epoch of world_en. One actor reads the 7 footers as fast.
-    "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1",
-}
+from ray_env import RAY_TEST_ENV, wait_for_state_api
 
 
 @pytest.fixture(scope="module")
@@ -47,20 +37,3 @@ def ray_runtime() -> Iterator[None]:
             if started:
                 ray.shutdown()
 
-
-def wait_for_state_api(timeout_s: float = 60.0) -> None:
-    """The dashboard starts after ``ray.init`` returns (seconds later on a busy machine): wait until the State API
-    answers, so tests that list actors do not race it."""
-    import ray
-    from ray.util.state import list_actors
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            # the address: without it the client looks for "the" cluster and fails when others run on the machine
-            list_actors(address=ray.get_runtime_context().gcs_address, limit=1, timeout=5)
-            return
-        except Exception:
-            if time.monotonic() > deadline:
-                return  # the tests fall back to finding worker processes without it
-            time.sleep(0.5)

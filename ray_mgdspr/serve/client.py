@@ -1,0 +1,41 @@
+"""A small JSON client of the retrieval endpoint (the CLI and the pipeline job use it; stdlib only)."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from typing import Any
+
+
+class EndpointError(RuntimeError):
+    """The endpoint answered with an HTTP error (``status``), or could not be reached (``status`` None)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def call(url: str, path: str, body: dict[str, Any] | None = None, token: str | None = None,
+         timeout: float = 600) -> dict[str, Any]:
+    """GET ``url + path`` (or POST ``body`` as JSON) and return the JSON answer.
+
+    Raises:
+        EndpointError: an HTTP error (with the server's ``error`` message) or a connection failure.
+    """
+    request = urllib.request.Request(url.rstrip("/") + path, method="POST" if body is not None else "GET",
+                                     data=json.dumps(body).encode() if body is not None else None,
+                                     headers={"content-type": "application/json",
+                                              **({"authorization": f"Bearer {token}"} if token else {})})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        try:
+            message = json.loads(e.read()).get("error", "")
+        except ValueError:
+            message = e.reason
+        raise EndpointError(f"{url}{path}: HTTP {e.code}: {message}", e.code) from None
+    except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+        reason = getattr(e, "reason", e)
+        raise EndpointError(f"{url}: cannot connect ({reason}); is the endpoint running?") from None
