@@ -399,6 +399,8 @@ class ServeConfig(StrictModel):
 
     host: str = Field("127.0.0.1", description="bind address; loopback by default (0.0.0.0 exposes it)")
     port: int = Field(8000, ge=1, le=65535)
+    proxy_location: Literal["EveryNode", "HeadOnly"] = Field(
+        "EveryNode", description="Serve's HTTP proxies: on every node (behind a load balancer) or on the head only")
     app_name: str = Field("mgdspr", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$",
                           description="Serve application of the HTTP ingress; each served version runs as "
                           "the application <app_name>-<version>")

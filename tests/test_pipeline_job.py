@@ -122,15 +122,20 @@ def serve_diagnostics(head: Head) -> str:
     return "\n".join([status.stdout, status.stderr, *tails])
 
 
-def wait_healthy(head: Head, url: str, timeout_s: float = 240) -> dict:
+def wait_serving(head: Head, url: str, timeout_s: float = 240) -> dict:
+    """/v1/version once the app answers and its first version has loaded (``version`` is null while it loads)."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            return call(url, "/v1/version", timeout=10)
+            info = call(url, "/v1/version", timeout=10)
+            if info["version"] is not None:
+                return info
+            problem = f"no version serves yet: {info}"
         except EndpointError as e:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{e}\n{serve_diagnostics(head)}") from None
-            time.sleep(1)
+            problem = str(e)
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{problem}\n{serve_diagnostics(head)}")
+        time.sleep(1)
 
 
 @pytest.mark.slow
@@ -166,7 +171,7 @@ def test_pipeline_job_then_serve_deploy_then_promote(head: Head, tmp_path: Path)
                              head.dashboard], env=head.env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert deploy.returncode == 0, deploy.stdout + deploy.stderr
     url = f"http://127.0.0.1:{port}"
-    assert wait_healthy(head, url)["version"] == first
+    assert wait_serving(head, url)["version"] == first
     answer = call(url, "/v1/retrieve", {"query": "red dress", "k": 5, "filter": False})
     assert answer["version"] == first and answer["count"] == 5
 

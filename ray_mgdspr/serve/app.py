@@ -66,7 +66,7 @@ def build_app(args: AppArgs | dict[str, Any]) -> serve.Application:
 def serve_config(args: AppArgs, cfg: ServeConfig) -> dict[str, Any]:
     """A Serve config (``serve deploy`` / ``serve run`` / a KubeRay RayService ``serveConfigV2``)."""
     return {
-        "proxy_location": "EveryNode",
+        "proxy_location": cfg.proxy_location,
         "http_options": {"host": cfg.host, "port": cfg.port},
         "logging_config": {"enable_access_log": False},
         "applications": [{
@@ -92,7 +92,8 @@ def start(args: AppArgs) -> ServeConfig:
     first version answers ``/healthz``.
     """
     cfg = resolve(args)
-    serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config=LOGGING)
+    serve.start(proxy_location=cfg.proxy_location, http_options={"host": cfg.host, "port": cfg.port},
+                logging_config=LOGGING)
     serve.run(build_app(args), name=cfg.app_name, route_prefix="/", logging_config=LOGGING)
     # the manager loads the first version on its first call: do it now, not on the first user request
     serve.get_deployment_handle("VersionManager", cfg.app_name).active.remote().result(

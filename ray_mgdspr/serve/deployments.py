@@ -175,6 +175,18 @@ class VersionManager:
                     await self._switch_to(self._first, initial=True)
         return self.info.model_dump()
 
+    async def check_health(self) -> None:
+        """Serve's periodic health check, the first right after the replica starts: begin loading the first
+        version in the background, so an app started by `serve deploy` serves without waiting for a request."""
+        if self.info.version is None and not self._lock.locked() and self._first not in self._refused:
+            asyncio.get_running_loop().create_task(self._load_first())
+
+    async def _load_first(self) -> None:
+        try:
+            await self.active()
+        except Exception as e:  # recorded in info.last_error; the next request tries again
+            log.error("loading the first version %s failed: %s", self._first, e)
+
     async def promote(self, version: str) -> dict:
         """Load ``version`` beside the serving one, then switch; raises ``PromotionRefused`` (old one serves)."""
         await self.active()
