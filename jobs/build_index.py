@@ -4,7 +4,11 @@
         python jobs/build_index.py --bundle runs/train/mgdspr/bundle --config my.yaml
 
 Runs `mgdspr embed` then `mgdspr index build` on the job's cluster (the runtime_env needs are those of
-`jobs/train.py`). Paths must be reachable from every node.
+`jobs/train.py`). Paths must be reachable from every node. Entrypoint resources: none (the embedding actors
+and shard tasks ask for theirs: embed.cpus_per_actor/gpus_per_actor, index.build_cpus/build_resources).
+
+Exit codes: 0 the version is built (and CURRENT points at it); 2 bad input (bundle, embeddings, config: named
+in the message); 1 a stage failed (traceback in the log). A failed build leaves no partial version.
 """
 
 from __future__ import annotations

@@ -7,6 +7,10 @@ Inside a job, Ray connects to the job's cluster by itself (RAY_ADDRESS is set by
 runtime_env is the one `jobs/train.py` describes; `--out` and `--work` must be on storage the driver can write
 (worlds are simulated by the driver and shipped to the tasks through the object store).
 
+Entrypoint resources: none (the runs ask for `eval.task_cpus` each). Exit codes: 0 the report is written; 2 bad
+input (config, options); 1 a run failed (traceback in the log; finished runs are kept in the journal and reused
+by the next submission).
+
 Every option of `mgdspr eval` is accepted (`--config`, `--preset`, `--lang`, `--seeds`, `--steps`, `--quick`, ...).
 """
 

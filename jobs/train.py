@@ -10,6 +10,14 @@ dependencies with `--runtime-env-json '{"pip": ["torch==2.13.0", "faiss-cpu", "j
 "rich", "pyyaml"]}'`. The world and storage paths in the config must be reachable from every node (a
 shared file system, or URIs for the search events).
 
+Entrypoint resources: none (the default `--entrypoint-num-cpus 0`): the driver only plans and checks, and the
+DDP workers, readers and featurizers ask for their own resources from the config (train.resources_per_worker,
+data.*_cpus), so it runs on a head with `num-cpus: 0`.
+
+Exit codes: 0 the bundle is written; 2 bad input (config, world, too few examples: the message names the file
+and field; nothing was trained); 1 training failed (more worker failures than train.max_failures, a bug: the
+traceback is in the job's log, and a resubmit with the same run name resumes from the last checkpoint).
+
 Every option of `mgdspr train` is accepted (`--config`, `--preset`, `--world`, `--run-name`, `--epochs`).
 """
 

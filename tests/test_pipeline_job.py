@@ -102,11 +102,23 @@ def head() -> Iterator[Head]:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def submit_pipeline(head: Head, cwd: Path, *args: str, timeout: float = 400) -> str:
-    """``ray job submit`` of jobs/pipeline.py from a clean copy of the repository; returns the job's log."""
-    cmd = [RAY, "job", "submit", "--address", head.dashboard, "--working-dir", str(REPO), "--",
+def clean_checkout(dest: Path) -> Path:
+    """The working tree as a fresh clone has it: tracked and new files, nothing git ignores (no .venv, runs/,
+    caches), so the job cannot lean on a leftover artifact."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        if (REPO / name).is_file():  # a tracked file deleted in the working tree is gone from the clone too
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, dest / name)
+    return dest
+
+
+def submit_pipeline(head: Head, checkout: Path, *args: str, timeout: float = 400) -> str:
+    """``ray job submit --working-dir <checkout>`` of jobs/pipeline.py; returns the job's log."""
+    cmd = [RAY, "job", "submit", "--address", head.dashboard, "--working-dir", str(checkout), "--",
            "python", "jobs/pipeline.py", *args]
-    job = subprocess.run(cmd, env=head.env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    job = subprocess.run(cmd, env=head.env, cwd=checkout, capture_output=True, text=True, timeout=timeout)
     log = f"{job.stdout}\n{job.stderr}"
     assert job.returncode == 0, log[-8000:]
     assert "succeeded" in log, log[-8000:]
@@ -141,7 +153,7 @@ def wait_serving(head: Head, url: str, timeout_s: float = 240) -> dict:
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_pipeline_job_then_serve_deploy_then_promote(head: Head, tmp_path: Path) -> None:
-    """Clean-clone flow: job 1 simulates, trains, embeds, indexes (CURRENT); ``serve deploy`` of its Serve config
+    """From a clean checkout: job 1 simulates, trains, embeds, indexes (CURRENT); ``serve deploy`` of its Serve config
     answers over HTTP; job 2 resumes the run one epoch further and promotes its new version on that endpoint."""
     (port,) = free_ports(1)
     token = "pipeline-test-token"
@@ -155,8 +167,9 @@ def test_pipeline_job_then_serve_deploy_then_promote(head: Head, tmp_path: Path)
     config = tmp_path / "pipeline.yaml"
     config.write_text(config_to_yaml(cfg.model_validate(data)))
     out = tmp_path / "out"
+    checkout = clean_checkout(tmp_path / "clone")
 
-    submit_pipeline(head, tmp_path, "--config", str(config), "--simulate", "--out", str(out))
+    submit_pipeline(head, checkout, "--config", str(config), "--simulate", "--out", str(out))
     report = json.loads((out / "pipeline.json").read_text())
     assert report["status"] == "ok" and report["exit_code"] == 0 and not report["promoted"]
     stages = {s["name"]: s for s in report["stages"]}
@@ -175,7 +188,7 @@ def test_pipeline_job_then_serve_deploy_then_promote(head: Head, tmp_path: Path)
     answer = call(url, "/v1/retrieve", {"query": "red dress", "k": 5, "filter": False})
     assert answer["version"] == first and answer["count"] == 5
 
-    log = submit_pipeline(head, tmp_path, "--config", str(config), "--epochs", "2", "--out", str(out),
+    log = submit_pipeline(head, checkout, "--config", str(config), "--epochs", "2", "--out", str(out),
                           "--endpoint", url)
     report = json.loads((out / "pipeline.json").read_text())
     second = report["version"]
