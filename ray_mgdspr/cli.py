@@ -247,6 +247,16 @@ def _on_ray(cfg: ProjectConfig, address: str | None, job: Callable[[], T]) -> T:
         raise _fail(str(e)) from None
 
 
+def _train_config(config: str | None, preset: str | None, **overrides: object) -> ProjectConfig:
+    """The config with the train section's command-line overrides (those given) applied and checked."""
+    cfg = _config(config, preset)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return cfg.model_copy(update={"train": cfg.train.model_validate({**cfg.train.model_dump(), **given})})
+    except ValueError as e:
+        raise _fail(f"command-line override: {e}") from None
+
+
 def _training_summary(result: TrainResult) -> Table:
     t = Table(title=escape(f"training by epoch [{result.manifest.metadata.get('data', '')}]"), title_justify="left")
     keys = [k for k in (result.metrics[-1] if result.metrics else {}) if k not in ("compute_s", "data_wait_s")]
@@ -269,12 +279,7 @@ def train(
     """Train MGDSPR with Ray Train (DDP) and write a versioned model bundle; resumes a run of the same name."""
     from ray_mgdspr.train.trainer import train as run_training
 
-    cfg = _config(config, preset)
-    overrides = {k: v for k, v in {"world": world, "run_name": run_name, "epochs": epochs}.items() if v is not None}
-    try:
-        cfg = cfg.model_copy(update={"train": cfg.train.model_validate({**cfg.train.model_dump(), **overrides})})
-    except ValueError as e:
-        raise _fail(f"command-line override: {e}") from None
+    cfg = _train_config(config, preset, world=world, run_name=run_name, epochs=epochs)
     result = _on_ray(cfg, address, lambda: run_training(cfg))
     console.print(_training_summary(result))
     final = result.metrics[-1] if result.metrics else {}
@@ -368,12 +373,7 @@ def pipeline(
     3 built but not promoted; <out>/pipeline.json says what each stage did."""
     from ray_mgdspr.pipeline import ExitCode, Pipeline
 
-    cfg = _config(config, preset)
-    overrides = {k: v for k, v in {"world": world, "run_name": run_name, "epochs": epochs}.items() if v is not None}
-    try:
-        cfg = cfg.model_copy(update={"train": cfg.train.model_validate({**cfg.train.model_dump(), **overrides})})
-    except ValueError as e:
-        raise _fail(f"command-line override: {e}") from None
+    cfg = _train_config(config, preset, world=world, run_name=run_name, epochs=epochs)
     result = Pipeline(cfg, out, simulate=simulate, overwrite_world=overwrite_world, endpoint=endpoint,
                       token=token, say=lambda line: console.print(line, markup=False, highlight=False,
                                                                   soft_wrap=True)).run()

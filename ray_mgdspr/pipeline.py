@@ -82,19 +82,16 @@ def absolute_paths(cfg: ProjectConfig, out: Path) -> ProjectConfig:
     A job's working directory is a temporary copy that Ray deletes: relative paths there are lost, so they
     are resolved once here and logged."""
     cwd = Path.cwd()
-    resolved = {}
-    for section, name in (("train", "world"), ("train", "storage_path"), ("train", "out"), ("embed", "out"),
-                          ("index", "out")):
-        value = getattr(getattr(cfg, section), name)
-        if value is not None and "://" not in value and not Path(value).is_absolute():
-            resolved[f"{section}.{name}"] = str((cwd / value).resolve())
-    if resolved and "runtime_resources" in str(cwd):
+    fields = {"train": ("world", "storage_path", "out"), "embed": ("out",), "index": ("out",)}
+    updates: dict[str, dict[str, str]] = {}
+    for section, names in fields.items():
+        for name in names:
+            value = getattr(getattr(cfg, section), name)
+            if value is not None and "://" not in value and not Path(value).is_absolute():
+                updates.setdefault(section, {})[name] = str((cwd / value).resolve())
+    if updates and "runtime_resources" in str(cwd):
         log.warning("relative paths resolved against the job's temporary working directory %s (deleted after "
-                    "the job): %s; give absolute paths on storage every node reaches", cwd, resolved)
-    updates: dict[str, dict[str, Any]] = {}
-    for key, value in resolved.items():
-        section, name = key.split(".")
-        updates.setdefault(section, {})[name] = value
+                    "the job): %s; give absolute paths on storage every node reaches", cwd, updates)
     cfg = cfg.model_copy(update={s: getattr(cfg, s).model_copy(update=u) for s, u in updates.items()})
     store = cfg.serve.store if "://" in cfg.serve.store else str(out / "store" / Path(cfg.serve.store).name)
     serve = {"index_root": cfg.index.out, "world": cfg.train.world, "store": store}
@@ -122,9 +119,9 @@ class Pipeline:
         t0 = time.perf_counter()
         try:
             yield detail
-        except PipelineError as e:
+        except PipelineError:
             self._record(name, t0, "failed", detail)
-            raise e
+            raise
         except bad_input as e:
             self._record(name, t0, "failed", detail)
             raise PipelineError(name, str(e), ExitCode.BAD_INPUT) from e

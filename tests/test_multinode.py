@@ -20,7 +20,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -250,7 +250,7 @@ class Load:
         return [a for a in self.answers if a[0] >= t]
 
 
-def wait_for(check: callable, timeout_s: float, what: str) -> None:
+def wait_for(check: Callable[[], bool], timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while not check():
         assert time.monotonic() < deadline, f"{what}: not within {timeout_s} s"
