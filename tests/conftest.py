@@ -9,16 +9,9 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # before anything imports ra
 from pathlib import Path
 
 import pytest
+from helpers import small_config
 
-from ray_mgdspr.config import SimulateConfig
 from ray_mgdspr.data.simulator.simulate import simulate
-
-SMALL = dict(n_items=1500, n_users=300, n_brands=120, n_shops=200, warmup_days=10)
-
-
-def small_config(**overrides: object) -> SimulateConfig:
-    """A world that simulates in about a second (synthetic)."""
-    return SimulateConfig(**{**SMALL, **overrides})
 
 
 @pytest.fixture(scope="session")

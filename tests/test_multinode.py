@@ -26,10 +26,10 @@ from pathlib import Path
 
 import pytest
 import ray
+from helpers import RAY_TEST_ENV, wait_for_state_api
 from ray import serve
 from ray.cluster_utils import Cluster
 from ray.util.state import list_actors, list_tasks
-from ray_env import RAY_TEST_ENV, wait_for_state_api
 
 from ray_mgdspr.config import ProjectConfig, load_preset
 from ray_mgdspr.index.build import build_index

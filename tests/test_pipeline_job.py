@@ -25,8 +25,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import SMALL
-from ray_env import RAY_TEST_ENV
+from helpers import RAY_TEST_ENV, SMALL
 
 from ray_mgdspr.config import config_to_yaml, load_preset
 from ray_mgdspr.data.world import SYNTHETIC_LABEL

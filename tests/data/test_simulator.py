@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
-from conftest import small_config
+from helpers import small_config
 
 from ray_mgdspr.data import schema
 from ray_mgdspr.data.simulator.lexicon import load_lexicon

@@ -10,7 +10,7 @@ import logging
 from collections.abc import Iterator
 
 import pytest
-from ray_env import RAY_TEST_ENV, wait_for_state_api
+from helpers import RAY_TEST_ENV, wait_for_state_api
 
 
 @pytest.fixture(scope="module")

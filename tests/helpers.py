@@ -1,9 +1,19 @@
-"""Environment and waits shared by the tests that start Ray runtimes of their own (imported by name: tests/ is on
-``sys.path`` as the root conftest's directory)."""
+"""Helpers shared by test modules (imported by name: tests/ is on ``sys.path`` as the root conftest's directory;
+``from conftest import`` would find whichever conftest.py was imported first)."""
 
 from __future__ import annotations
 
 import time
+
+from ray_mgdspr.config import SimulateConfig
+
+SMALL = dict(n_items=1500, n_users=300, n_brands=120, n_shops=200, warmup_days=10)
+
+
+def small_config(**overrides: object) -> SimulateConfig:
+    """A world that simulates in about a second (synthetic)."""
+    return SimulateConfig(**{**SMALL, **overrides})
+
 
 RAY_TEST_ENV = {
     # Set before Ray starts: the raylet, and every worker it starts, inherits them.
