@@ -384,13 +384,13 @@ class DeploymentConfig(StrictModel):
         actor = {"num_cpus": self.num_cpus, **({"num_gpus": self.num_gpus} if self.num_gpus else {}),
                  **({"resources": dict(self.resources)} if self.resources else {})}
         scaling: dict[str, Any] = {"num_replicas": self.min_replicas}
-        if self.max_replicas_per_node is not None:
-            scaling["max_replicas_per_node"] = self.max_replicas_per_node
         if self.max_replicas > self.min_replicas:
             scaling = {"autoscaling_config": {
                 "min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
                 "target_ongoing_requests": self.target_ongoing_requests,
                 "upscale_delay_s": self.upscale_delay_s, "downscale_delay_s": self.downscale_delay_s}}
+        if self.max_replicas_per_node is not None:
+            scaling["max_replicas_per_node"] = self.max_replicas_per_node
         return {"ray_actor_options": actor, "max_ongoing_requests": self.max_ongoing_requests, **scaling}
 
 

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from ray_mgdspr.config import ConfigError, ProjectConfig, load_config, load_preset, preset_names
+from ray_mgdspr.config import ConfigError, DeploymentConfig, ProjectConfig, load_config, load_preset, preset_names
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -59,3 +59,16 @@ def test_presets_load(name: str) -> None:
 def test_presets_scale_up() -> None:
     sizes = [load_preset(n).simulate.n_items for n in ("demo", "small", "medium", "large")]
     assert sizes == sorted(sizes) and sizes[-1] >= 1_000_000
+
+
+def test_deployment_options_carry_placement_with_and_without_autoscaling() -> None:
+    from ray.serve.config import AutoscalingConfig  # Serve's own schema checks what we pass
+
+    fixed = DeploymentConfig(min_replicas=2, max_replicas=2, resources={"worker": 0.1}, max_replicas_per_node=1)
+    options = fixed.serve_options()
+    assert options["num_replicas"] == 2 and options["max_replicas_per_node"] == 1
+    assert options["ray_actor_options"] == {"num_cpus": 0.25, "resources": {"worker": 0.1}}
+    scaled = DeploymentConfig(min_replicas=1, max_replicas=4, max_replicas_per_node=1).serve_options()
+    assert scaled["max_replicas_per_node"] == 1 and "num_replicas" not in scaled
+    AutoscalingConfig(**scaled["autoscaling_config"])
+    assert "max_replicas_per_node" not in DeploymentConfig().serve_options()
