@@ -11,13 +11,11 @@ synthetic world and is labelled so.
 
 from __future__ import annotations
 
-import json
 import logging
 import secrets
 import shutil
 import socket
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +42,7 @@ from ray_mgdspr.model.layers import as_tensors
 from ray_mgdspr.runtime import connect_ray
 from ray_mgdspr.serve.app import AppArgs
 from ray_mgdspr.serve.app import start as start_serve
+from ray_mgdspr.serve.client import call
 from ray_mgdspr.train.trainer import TrainResult, train
 
 log = logging.getLogger(__name__)
@@ -136,13 +135,6 @@ def answer_held_out(world: Path, bundle: Path, reader: IndexReader, k: int, n: i
     return recall_at_k(topk, [np.asarray(t, np.int64) for t in events["target_item_ids"].to_pylist()], k)
 
 
-def _post(url: str, body: dict, token: str | None = None) -> dict:
-    headers = {"content-type": "application/json", **({"authorization": f"Bearer {token}"} if token else {})}
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
-    with urllib.request.urlopen(request, timeout=120) as r:
-        return json.loads(r.read())
-
-
 def serve_and_ask(cfg: ProjectConfig, out: Path, world: Path, shown: int = 3) -> ServingReport:
     """Serve the demo's index version on Ray Serve and ask the live endpoint over HTTP (then shut it down)."""
     token = secrets.token_hex(16)
@@ -161,24 +153,24 @@ def serve_and_ask(cfg: ProjectConfig, out: Path, world: Path, shown: int = 3) ->
         examples = []
         for e in events.to_pylist():
             ts = int(e["ts"].timestamp() * 1000)
-            r = _post(f"{url}/v1/retrieve", {"query": e["query"], "user_id": e["user_id"], "k": 5, "ts": ts})
+            r = call(url, "/v1/retrieve", {"query": e["query"], "user_id": e["user_id"], "k": 5, "ts": ts})
             targets = set(e["clicked_item_ids"]) | set(e["bought_item_ids"])
             examples.append(SearchExample(e["query"], e["user_id"], [(i["title"], i["item_id"] in targets)
                                                                      for i in r["data"]],
                                           r["filtered"], r["key_terms"], r["latency_ms"]))
         first = events.to_pylist()[0]
-        lexical = _post(f"{url}/v1/retrieve", {"query": first["query"], "k": 3, "channels": ["embedding", "lexical"],
+        lexical = call(url, "/v1/retrieve", {"query": first["query"], "k": 3, "channels": ["embedding", "lexical"],
                                                "filter": False})
         ask = {"query": first["query"], "user_id": first["user_id"], "k": 5, "filter": False}
-        before = [i["item_id"] for i in _post(f"{url}/v1/retrieve", ask)["data"]]
+        before = [i["item_id"] for i in call(url, "/v1/retrieve", ask)["data"]]
         now = int(time.time() * 1000)
         # the user clicks what the lexical channel found: those clicks become the newest items of R^u
         clicked = [i["item_id"] for i in lexical["data"] if "embedding" not in i["channels"]][:3] or before[-2:]
         clicks = [{"user_id": first["user_id"], "item_id": i, "action": "click", "ts": now - 1000 + n}
                   for n, i in enumerate(clicked)]
-        _post(f"{url}/v1/events", {"behaviours": clicks}, token)
-        after = [i["item_id"] for i in _post(f"{url}/v1/retrieve", ask)["data"]]
-        version = _post(f"{url}/v1/retrieve", {"query": first["query"], "k": 1})["version"]
+        call(url, "/v1/events", {"behaviours": clicks}, token)
+        after = [i["item_id"] for i in call(url, "/v1/retrieve", ask)["data"]]
+        version = call(url, "/v1/retrieve", {"query": first["query"], "k": 1})["version"]
     finally:
         serve.shutdown()
     return ServingReport(url, version, examples, lexical, before, clicked, after)
