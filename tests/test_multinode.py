@@ -42,7 +42,7 @@ from ray_mgdspr.train.trainer import TrainResult, run_dir, train
 WORKER = {"num_cpus": 2, "resources": {"worker": 1}, "object_store_memory": 300 * 1024**2}
 STEPS, EPOCHS, CHECKPOINT_EVERY = 30, 2, 10
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # the first test also sets up the cluster and trains
 
 
 def free_port() -> int:
