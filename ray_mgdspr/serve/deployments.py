@@ -197,6 +197,10 @@ class VersionManager:
 
     async def _switch_to(self, version: str, initial: bool) -> None:
         name = version_app_name(self.cfg.app_name, version)
+        running = (await asyncio.to_thread(serve.status)).applications.get(name) if initial else None
+        if running is not None and running.status in ("RUNNING", "DEPLOYING", "UNHEALTHY"):
+            await self._adopt(version, name)
+            return
         self.info.loading = version
         try:
             release = await asyncio.to_thread(verify_release, self.cfg.index_root, version)
@@ -225,6 +229,16 @@ class VersionManager:
         if current_version(self.cfg.index_root) != version:
             set_current(self.cfg.index_root, version)  # a restart serves what serves now
         log.info("serving version %s (was %s)", version, old)
+
+    async def _adopt(self, version: str, name: str) -> None:
+        """This manager restarted (its node was lost, say) while ``version``'s application kept serving: take it
+        over as it is. It was verified when it was promoted; it is not redeployed, and never deleted here, even
+        while some of its replicas are being replaced."""
+        release = await asyncio.to_thread(verify_release, self.cfg.index_root, version, False)
+        self.info = self.info.model_copy(update={
+            "version": version, "shards": release.shards, "dim": release.index.dim,
+            "model": bundle_summary(release.bundle), "last_error": None})
+        log.info("adopted the running application %s: serving version %s", name, version)
 
     async def _wait_running(self, name: str) -> None:
         deadline = time.time() + self.cfg.load_timeout_s

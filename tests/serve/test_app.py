@@ -277,6 +277,32 @@ def test_killed_shard_replica_fails_clearly_and_recovers(server: tuple[str, Serv
           f"{recovered - killed:.1f} s until every client was answered again")
 
 
+def test_restarted_version_manager_adopts_the_serving_version(server: tuple[str, ServeConfig],
+                                                              client: httpx.Client) -> None:
+    """The manager replica dies (its node is lost, say): requests keep being answered by the serving version, and
+    the new manager takes that version's application over as it is: no redeploy, no refusal, no deletion."""
+    serving = client.get("/v1/version").json()["version"]
+
+    def replicas(kind: str) -> set[str]:
+        return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if kind in a["name"]}
+
+    fixed = f"mgdspr-{serving}#shard"  # shards have a fixed replica count here (the encoder autoscales)
+    version_replicas = replicas(fixed)
+    assert version_replicas
+    (manager,) = [a for a in ray.util.list_named_actors(all_namespaces=True) if "VersionManager" in a["name"]]
+    with Load(server[0], clients=2) as load:
+        time.sleep(1.0)
+        ray.kill(ray.get_actor(manager["name"], namespace=manager["namespace"]), no_restart=True)
+        wait_for(lambda: replicas("VersionManager") - {manager["name"]}, 120, "a new version manager replica")
+        wait_for(lambda: client.get("/v1/version").json()["version"] == serving, 60,
+                 "the new manager to report the serving version")
+        time.sleep(1.0)
+    assert all(r[0] == 200 for r in load.all), [r for r in load.all if r[0] != 200][:3]
+    info = client.get("/v1/version").json()
+    assert info["last_error"] is None and info["loading"] is None
+    assert replicas(fixed) == version_replicas  # the same replicas: adopted, not redeployed
+
+
 def test_encoder_scales_down_when_idle_and_up_under_load(server: tuple[str, ServeConfig]) -> None:
     def encoder_replicas() -> int:
         return serve.status().applications["mgdspr-v1"].deployments["encoder"].replica_states.get("RUNNING", 0)
