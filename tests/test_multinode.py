@@ -262,10 +262,11 @@ class Load:
         return [a for a in self.answers if a[0] >= t]
 
 
-def wait_for(check: Callable[[], bool], timeout_s: float, what: str) -> None:
+def wait_for(check: Callable[[], bool], timeout_s: float, what: str,
+             explain: Callable[[], object] = lambda: "") -> None:
     deadline = time.monotonic() + timeout_s
     while not check():
-        assert time.monotonic() < deadline, f"{what}: not within {timeout_s} s"
+        assert time.monotonic() < deadline, f"{what}: not within {timeout_s} s {explain()}"
         time.sleep(0.5)
 
 
@@ -303,7 +304,14 @@ def test_serve_recovers_from_a_lost_node_under_load(cluster: Cluster, endpoint: 
             return all(set(replica_nodes(endpoint.app, d)) == workers and len(replica_nodes(endpoint.app, d)) == 2
                        for d in ("encoder", "shard-0", "shard-1"))
 
-        wait_for(restored, 120, "2 replicas per deployment on the 2 live worker nodes")
+        def state() -> dict:
+            app = serve.status().applications[endpoint.app]
+            return {"workers": workers, "app": app.status, **{
+                d: (app.deployments[d].replica_states, replica_nodes(endpoint.app, d))
+                for d in ("encoder", "shard-0", "shard-1")}}
+
+        # Serve must first see the lost replicas die (health checks), then start new ones on the new node
+        wait_for(restored, 240, "2 replicas per deployment on the 2 live worker nodes", state)
         healed_at = time.monotonic()
         wait_for(lambda: len(load.after(healed_at)) >= 20, 60, "20 answers after the replicas were restored")
         assert all(status == 200 for _, status, _ in load.after(healed_at))
