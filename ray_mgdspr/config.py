@@ -423,6 +423,12 @@ class ServeConfig(StrictModel):
     filter_fetch: int = Field(20, ge=1, description="with the relevance filter on, each channel fetches k x this "
                               "many candidates so that k items that pass usually remain")
     max_fetch: int = Field(1000, ge=1, description="at most this many candidates per channel (never below k)")
+    filter_depth: int = Field(9600, ge=1, description="with the relevance filter on and key terms in the query, "
+                              "the embedding channel searches this deep (the paper's 9,600), capped by the "
+                              "catalogue size; each shard returns only its hits down to its k-th passing one")
+    fallback: Literal["lexical", "none"] = Field(
+        "lexical", description="when fewer than k embedding hits pass the filter, fill the page with the lexical "
+        "(BM25) channel's passing hits (runs only then); none: leave the page short")
     max_query_chars: int = Field(256, ge=1, description="longer queries are refused with 422")
     max_body_bytes: int = Field(16_384, ge=256, description="larger request bodies are refused with 413")
     max_events: int = Field(1000, ge=1, description="events per POST /v1/events")

@@ -46,8 +46,12 @@ from ray_mgdspr.serve.engine import (
     ReleaseError,
     ShardSearcher,
     assemble,
+    embedding_depth,
     fetch_size,
+    fill_page,
     merge_hits,
+    needs_fallback,
+    response_body,
     verify_release,
 )
 from ray_mgdspr.serve.relevance import KeyTerm
@@ -57,7 +61,7 @@ from ray_mgdspr.serve.store import open_store
 log = logging.getLogger("ray.serve")
 
 TOKEN_ENV = "MGDSPR_SERVE_TOKEN"
-STAGES = ("encode", "search", "merge", "lexical", "filter", "total")
+STAGES = ("encode", "search", "merge", "lexical", "filter", "fallback", "total")
 
 
 def version_app_name(app_name: str, version: str) -> str:
@@ -102,15 +106,11 @@ class IndexShard:
         _batched(self.search, cfg)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
-    async def search(self, requests: list[tuple[np.ndarray, int, tuple[KeyTerm, ...]]]) -> list[Hits]:
-        k = max(r[1] for r in requests)
-        hits = await asyncio.to_thread(self.core.search, np.stack([r[0] for r in requests]), k,
-                                       [r[2] for r in requests])
-        return [_first(h, r[1]) for h, r in zip(hits, requests, strict=True)]
-
-
-def _first(hits: Hits, k: int) -> Hits:
-    return Hits(hits.item_ids[:k], hits.scores[:k], hits.passes[:k], hits.titles[:k])
+    async def search(self, requests: list[tuple[np.ndarray, int, tuple[KeyTerm, ...], int | None]]) -> list[Hits]:
+        """Each request: (H_qu, depth, key terms, k when the filter is on else None; see ``ShardSearcher.search``)."""
+        return await asyncio.to_thread(self.core.search, np.stack([r[0] for r in requests]),
+                                       [r[1] for r in requests], [r[2] for r in requests],
+                                       need=[r[3] for r in requests])
 
 
 @serve.deployment
@@ -321,6 +321,8 @@ class Ingress:
                                  buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
         self.filtered = Counter("mgdspr_filtered_items", "hits removed by the relevance filter",
                                 registry=self.registry)
+        self.fallbacks = Counter("mgdspr_fallback_pages", "responses the lexical fallback filled because the "
+                                 "filter left fewer than k embedding hits", registry=self.registry)
         self.version_gauge = Gauge("mgdspr_serving_version", "1 for the version this replica serves",
                                    ["version"], registry=self.registry)
 
@@ -441,27 +443,33 @@ class Ingress:
             return result
 
         fetch = fetch_size(k, req.filter, self.cfg.filter_fetch, self.cfg.max_fetch)
+        depth = embedding_depth(k, req.filter, enc.terms, self.cfg.filter_depth)
+        need = k if req.filter else None
         calls = {}  # the channels run concurrently: the shard fan-out ("search") beside BM25 ("lexical")
         if "embedding" in req.channels:
             calls["embedding"] = timed("search", asyncio.gather(
-                *(s.search.remote((enc.embedding, fetch, enc.terms)) for s in v.shards)))
+                *(s.search.remote((enc.embedding, depth, enc.terms, need)) for s in v.shards)))
         if "lexical" in req.channels:
             calls["lexical"] = timed("lexical", v.head.search.remote(enc.words, fetch, enc.terms))
         found: dict[str, Hits] = dict(zip(calls, await asyncio.gather(*calls.values()), strict=True))
         if "embedding" in found:
             t = time.perf_counter()
-            found["embedding"] = merge_hits(found["embedding"], fetch)
+            found["embedding"] = merge_hits(found["embedding"], depth)
             latency["merge"] = time.perf_counter() - t
         t = time.perf_counter()
         result = assemble(found, k, req.filter)
         latency["filter"] = time.perf_counter() - t
+        if needs_fallback(result, found, k, req.filter, req.channels, self.cfg.fallback):
+            # the filter left the page short: BM25's passing hits fill it (only then: one more hop)
+            t = time.perf_counter()
+            fill_page(result, await v.head.search.remote(enc.words, fetch, enc.terms), k)
+            latency["fallback"] = time.perf_counter() - t
+            self.fallbacks.inc()
         latency["total"] = time.perf_counter() - t0
         for stage, seconds in latency.items():
             self.latency.labels(stage).observe(seconds)
         self.filtered.inc(result.filtered)
-        return {"version": v.version, "data": result.items, "count": len(result.items), "filtered": result.filtered,
-                "key_terms": [t.text for t in enc.terms],
-                "latency_ms": {s: round(x * 1000, 3) for s, x in latency.items()}}
+        return response_body(v.version, result, enc.terms, {s: round(x * 1000, 3) for s, x in latency.items()})
 
     @app.post("/v1/events")
     async def events(self, request: Request) -> JSONResponse:

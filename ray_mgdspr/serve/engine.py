@@ -23,7 +23,7 @@ from ray_mgdspr.index.search import Shard, load_shard, top_order
 from ray_mgdspr.index.shards import IndexCorruptError, verify_index
 from ray_mgdspr.model.bundle import BundleManifest, load_bundle, read_bundle_manifest
 from ray_mgdspr.model.layers import as_tensors
-from ray_mgdspr.serve.relevance import KeyTerm, RelevanceFilter, matches
+from ray_mgdspr.serve.relevance import ItemMatcher, KeyTerm, RelevanceFilter
 from ray_mgdspr.serve.store import Store
 
 CHANNELS = ("embedding", "lexical")
@@ -96,6 +96,7 @@ class Hits:
     scores: np.ndarray  # (n,) float32
     passes: np.ndarray  # (n,) bool: passes the relevance filter
     titles: list[str]
+    exhausted: bool = False  # every item of the source is among the hits (a deeper search finds nothing more)
 
     @classmethod
     def empty(cls) -> Hits:
@@ -148,20 +149,64 @@ class ShardSearcher:
         self.faiss_threads = faiss_threads
         self.shard: Shard = load_shard(index_path, shard_no, backend, nprobe=nprobe, ef_search=ef_search)
         self._titles = self.shard.metadata["title"].to_pylist()
+        self._matches = ItemMatcher(self.shard.metadata)
 
-    def search(self, queries: np.ndarray, k: int, terms: list[tuple[KeyTerm, ...]]) -> list[Hits]:
-        """Top-k of this shard for each query row of ``queries`` (q, d)."""
+    @property
+    def rows(self) -> int:
+        """Items in this shard."""
+        return self.shard.rows
+
+    def search(self, queries: np.ndarray, k: int | list[int], terms: list[tuple[KeyTerm, ...]],
+               need: list[int | None] | None = None) -> list[Hits]:
+        """Top-k of this shard for each query row of ``queries`` (q, d), each hit with its filter verdict.
+
+        Args:
+            k: candidates per query, or a list of them, one per query (a batch of requests); capped at the
+                shard's size (a deeper search finds nothing more).
+            terms: each query's key terms.
+            need: per query, ``None`` (every one of the top k, verdicts and titles) or n: the filter is on and
+                the caller keeps at most n passing hits, so only the prefix of the top k down to this shard's
+                n-th passing hit is returned (all k when fewer pass), verdicts are computed in growing chunks
+                only as deep as that, and titles only for passing hits ("" for the others). The global best n
+                passing hits are always among the union of each shard's best n, and every failing hit ranked
+                above the global n-th passing one lies inside these prefixes, so merging them gives exactly
+                what merging the full top k would.
+        """
         # OpenMP's thread count belongs to the calling thread, and searches run in worker threads
         faiss.omp_set_num_threads(self.faiss_threads)
-        scores, ids = self.shard.search(queries, k)
+        depths = [k] * len(terms) if isinstance(k, int) else list(k)
+        scores, ids = self.shard.search(queries, max(1, min(max(depths), self.shard.rows)))
         out = []
         for row, query_terms in enumerate(terms):
             keep = ids[row] >= 0
-            rows = self.shard.lookup_rows(ids[row][keep])
-            out.append(Hits(ids[row][keep], scores[row][keep],
-                            matches(query_terms, self.shard.metadata.take(rows)),
-                            [self._titles[r] for r in rows]))
+            hit_ids, hit_scores = ids[row][keep][:depths[row]], scores[row][keep][:depths[row]]
+            rows = self.shard.lookup_rows(hit_ids)
+            exhausted = len(rows) >= self.shard.rows
+            wanted = None if need is None else need[row]
+            if wanted is None:
+                out.append(Hits(hit_ids, hit_scores, self._matches(query_terms, rows),
+                                [self._titles[r] for r in rows], exhausted))
+                continue
+            passes = self._passing_prefix(rows, query_terms, wanted)
+            n = len(passes)
+            out.append(Hits(hit_ids[:n], hit_scores[:n], passes,
+                            [self._titles[r] if ok else "" for r, ok in zip(rows[:n], passes, strict=True)],
+                            exhausted))
         return out
+
+    def _passing_prefix(self, rows: np.ndarray, terms: tuple[KeyTerm, ...], need: int) -> np.ndarray:
+        """Verdicts of ``rows`` (best first) down to the ``need``-th passing one (all of them when fewer pass)."""
+        n = len(rows)
+        passes = np.zeros(n, bool)
+        done, found, chunk = 0, 0, max(2 * need, 64)
+        while done < n and found < need:
+            hi = min(n, done + chunk)
+            passes[done:hi] = self._matches(terms, rows[done:hi])
+            found += int(passes[done:hi].sum())
+            done, chunk = hi, chunk * 2
+        if found >= need:
+            done = int(np.flatnonzero(passes)[need - 1]) + 1
+        return passes[:done]
 
 
 class LexicalChannel:
@@ -172,6 +217,7 @@ class LexicalChannel:
         items = self.relevance.items
         self._ids, self._titles = items["item_id"].to_numpy(), items["title"].to_pylist()
         self.index = Bm25Index.build(self._ids, items["title_words"])
+        self._matches = ItemMatcher(items)
 
     def search(self, words: list[list[str]], k: int, terms: list[tuple[KeyTerm, ...]]) -> list[Hits]:
         scores, ids = self.index.search(words, k)
@@ -180,8 +226,7 @@ class LexicalChannel:
             keep = ids[row] >= 0
             hit_ids = ids[row][keep]
             positions = np.searchsorted(self._ids, hit_ids)  # BM25 returns only catalogue ids
-            out.append(Hits(hit_ids, scores[row][keep],
-                            matches(query_terms, self.relevance.items.take(positions)),
+            out.append(Hits(hit_ids, scores[row][keep], self._matches(query_terms, positions),
                             [self._titles[p] for p in positions]))
         return out
 
@@ -193,19 +238,39 @@ def merge_hits(parts: list[Hits], k: int) -> Hits:
     order = top_order(scores[None, :], ids[None, :], k)[0]
     passes = np.concatenate([p.passes for p in parts])
     titles = [t for p in parts for t in p.titles]
-    return Hits(ids[order], scores[order], passes[order], [titles[i] for i in order])
+    return Hits(ids[order], scores[order], passes[order], [titles[i] for i in order],
+                bool(parts) and all(p.exhausted for p in parts) and len(order) == len(ids))
 
 
 @dataclass
 class Assembled:
     items: list[dict] = field(default_factory=list)
     filtered: int = 0
+    fallback: str | None = None  # the channel that filled a page the filter left short (None: it did not run)
+    fallback_added: int = 0  # items it added to the page
 
 
 def fetch_size(k: int, apply_filter: bool, filter_fetch: int, max_fetch: int) -> int:
-    """Candidates each channel retrieves: k, or with the filter on k x ``filter_fetch`` (capped at ``max_fetch``,
-    never below k) so that k items that pass usually remain."""
+    """Candidates the lexical channel retrieves: k, or with the filter on k x ``filter_fetch`` (capped at
+    ``max_fetch``, never below k) so that k items that pass usually remain."""
     return max(k, min(k * filter_fetch, max_fetch)) if apply_filter else k
+
+
+def embedding_depth(k: int, apply_filter: bool, terms: tuple[KeyTerm, ...], filter_depth: int) -> int:
+    """Candidates the embedding channel searches: k, or with the filter on and key terms in the query
+    ``filter_depth`` (the paper filters the ANN's top 9,600), never below k. Each shard caps it at its size and
+    returns only its prefix down to its k-th passing hit (``ShardSearcher.search``), so the depth costs a
+    deeper ANN search and verdicts only as far down as the passing hits lie."""
+    return max(k, filter_depth) if apply_filter and terms else k
+
+
+def needs_fallback(result: Assembled, found: dict[str, Hits], k: int, apply_filter: bool,
+                   channels: tuple[str, ...] | list[str], fallback: str) -> bool:
+    """Whether the page needs the lexical fallback: the filter is on, the embedding channel was asked without
+    the lexical one, fewer than k embedding hits passed, and the embedding search did not already see the whole
+    catalogue (then every item that passes is on the page, and BM25 could only repeat some of them)."""
+    return (fallback == "lexical" and apply_filter and "embedding" in channels and "lexical" not in channels
+            and len(result.items) < k and not found["embedding"].exhausted)
 
 
 def assemble(channels: dict[str, Hits], k: int, apply_filter: bool) -> Assembled:
@@ -229,25 +294,64 @@ def assemble(channels: dict[str, Hits], k: int, apply_filter: bool) -> Assembled
                 out.filtered += 1
                 continue
             kept += 1
-            entry = by_id.get(int(item))
-            if entry is None:
-                entry = by_id[int(item)] = {"item_id": int(item), "title": title, "channels": [], "scores": {}}
-                out.items.append(entry)
-            entry["channels"].append(channel)
-            entry["scores"][channel] = float(score)
+            _add(out, by_id, int(item), title, channel, float(score))
     return out
+
+
+def fill_page(result: Assembled, lexical: Hits, k: int) -> Assembled:
+    """Fill a page the filter left short (fewer than k items) with the lexical channel's passing hits, best
+    first, until it has k items; never with a hit that fails the filter. A passing lexical hit already on the
+    page gains the ``lexical`` channel and score (the channel did find it) and adds no item. Records the
+    fallback in ``result.fallback`` / ``fallback_added``; the filter's removals in the fallback are not
+    counted in ``filtered`` (which counts the asked channels' removals)."""
+    by_id = {entry["item_id"]: entry for entry in result.items}
+    result.fallback = "lexical"
+    for item, score, ok, title in zip(lexical.item_ids, lexical.scores, lexical.passes, lexical.titles,
+                                      strict=True):
+        if len(result.items) >= k:
+            break
+        if not ok:
+            continue
+        before = len(result.items)
+        _add(result, by_id, int(item), title, "lexical", float(score))
+        result.fallback_added += len(result.items) - before
+    return result
+
+
+def _add(out: Assembled, by_id: dict[int, dict], item: int, title: str, channel: str, score: float) -> None:
+    entry = by_id.get(item)
+    if entry is None:
+        entry = by_id[item] = {"item_id": item, "title": title, "channels": [], "scores": {}}
+        out.items.append(entry)
+    if channel not in entry["channels"]:
+        entry["channels"].append(channel)
+        entry["scores"][channel] = score
+
+
+def response_body(version: str, result: Assembled, terms: tuple[KeyTerm, ...], latency_ms: dict[str, float],
+                  items_key: str = "data") -> dict:
+    """The fields of ``schemas.RetrieveResponse`` (``items_key``: "data" over HTTP, "items" in ``Retriever``)."""
+    return {"version": version, items_key: result.items, "count": len(result.items), "filtered": result.filtered,
+            "fallback": result.fallback, "fallback_added": result.fallback_added,
+            "key_terms": [t.text for t in terms], "latency_ms": latency_ms}
 
 
 class Retriever:
     """A whole version in one process: encoder, every shard, the lexical channel (no Ray).
 
     The reference the Serve graph is tested against, and the single-process monolith of the benchmark.
+
+    Args:
+        filter_fetch, max_fetch: the lexical channel's depth with the filter on (``fetch_size``).
+        filter_depth: the embedding channel's depth with the filter on (``embedding_depth``).
+        fallback: ``lexical``: fill a page the filter left short from BM25's passing hits; ``none``: do not.
     """
 
     def __init__(self, release: Release, world: str | Path, store: Store, backend: str = "auto",
                  faiss_threads: int = 1, torch_threads: int = 1, filter_fetch: int = 20,
-                 max_fetch: int = 1000) -> None:
+                 max_fetch: int = 1000, filter_depth: int = 9600, fallback: str = "lexical") -> None:
         self.release, self.filter_fetch, self.max_fetch = release, filter_fetch, max_fetch
+        self.filter_depth, self.fallback = filter_depth, fallback
         self.encoder = QueryEncoder(release.bundle_path, world, store, threads=torch_threads)
         self.shards = [ShardSearcher(release.index_path, s, backend, faiss_threads=faiss_threads)
                        for s in range(release.shards)]
@@ -255,18 +359,28 @@ class Retriever:
 
     def retrieve(self, query: str, user_id: int | None, k: int, apply_filter: bool = True,
                  channels: tuple[str, ...] = ("embedding",), ts: int | None = None) -> dict:
-        """One request, answered as the HTTP endpoint answers it (``schemas.RetrieveResponse`` fields)."""
+        """One request, answered as the HTTP endpoint answers it (``schemas.RetrieveResponse`` fields, the items
+        under ``items``)."""
         t0 = time.perf_counter()
         enc = self.encoder.encode([query], [user_id], [ts or int(time.time() * 1000)])[0]
         latency = {"encode": _ms(t0)}
+        return self.answer(enc, k, apply_filter, channels, latency, t0)
+
+    def answer(self, enc: Encoded, k: int, apply_filter: bool = True, channels: tuple[str, ...] = ("embedding",),
+               latency: dict[str, float] | None = None, t0: float | None = None) -> dict:
+        """The response to an encoded query (``retrieve`` after the encoder; evaluation encodes in batches)."""
+        t0 = time.perf_counter() if t0 is None else t0
+        latency = {} if latency is None else latency
         found: dict[str, Hits] = {}
         fetch = fetch_size(k, apply_filter, self.filter_fetch, self.max_fetch)
         if "embedding" in channels:
+            depth = embedding_depth(k, apply_filter, enc.terms, self.filter_depth)
+            need = [k] if apply_filter else None
             t = time.perf_counter()
-            parts = [s.search(enc.embedding[None, :], fetch, [enc.terms])[0] for s in self.shards]
+            parts = [s.search(enc.embedding[None, :], depth, [enc.terms], need=need)[0] for s in self.shards]
             latency["search"] = _ms(t)
             t = time.perf_counter()
-            found["embedding"] = merge_hits(parts, fetch)
+            found["embedding"] = merge_hits(parts, depth)
             latency["merge"] = _ms(t)
         if "lexical" in channels:
             t = time.perf_counter()
@@ -275,9 +389,12 @@ class Retriever:
         t = time.perf_counter()
         result = assemble(found, k, apply_filter)
         latency["filter"] = _ms(t)
+        if needs_fallback(result, found, k, apply_filter, channels, self.fallback):
+            t = time.perf_counter()
+            fill_page(result, self.lexical.search([enc.words], fetch, [enc.terms])[0], k)
+            latency["fallback"] = _ms(t)
         latency["total"] = _ms(t0)
-        return {"version": self.release.version, "items": result.items, "count": len(result.items),
-                "filtered": result.filtered, "key_terms": [t.text for t in enc.terms], "latency_ms": latency}
+        return response_body(self.release.version, result, enc.terms, latency, items_key="items")
 
 
 def _ms(t0: float) -> float:

@@ -55,9 +55,12 @@ class RetrieveResponse(BaseModel):
     data: list[RetrievedItem] = Field(description="embedding hits best first, then lexical-only hits")
     count: int
     filtered: int = Field(description="hits the relevance filter removed (0 when filter is off)")
+    fallback: Channel | None = Field(None, description="the channel that filled a page the filter left with "
+                                     "fewer than k embedding hits (serve.fallback); null: the fallback did not run")
+    fallback_added: int = Field(0, description="items the fallback added (its hits are listed with their channel)")
     key_terms: list[str] = Field(description="catalogue terms found in the query (what the filter checks)")
     latency_ms: dict[str, float] = Field(description="per stage: encode, search (shard fan-out), merge, "
-                                         "lexical, filter, total")
+                                         "lexical, filter, fallback (when it ran), total")
 
 
 class EventsRequest(Strict):

@@ -1,0 +1,100 @@
+"""Pages with the relevance filter on: the deeper embedding search and the lexical fallback leave (almost) no page
+short of the exactly relevant items the catalogue has (synthetic world_en; Ray-free)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from ray_mgdspr.data.world import read_table
+from ray_mgdspr.serve.engine import Retriever, assemble, merge_hits, verify_release
+from ray_mgdspr.serve.pages import held_out_searches, page_report
+from ray_mgdspr.serve.relevance import ItemMatcher, RelevanceFilter, matches
+from ray_mgdspr.serve.store import SqliteStore
+
+
+@pytest.fixture(scope="module")
+def retriever(deployment: Any) -> Retriever:
+    return Retriever(verify_release(deployment.index_root, "v1"), deployment.world,
+                     SqliteStore(deployment.store, deployment.features))
+
+
+@pytest.fixture(scope="module")
+def queries(deployment: Any) -> list[list[str]]:
+    searches = held_out_searches(deployment.world, 300)
+    words = [w for w in read_table(deployment.world, "search_events", days=[1], columns=["query_words"])
+             ["query_words"].to_pylist()[:100]]
+    return [w or [] for w in words] + [q.split() for q in searches["query"].to_pylist()]
+
+
+def test_item_matcher_equals_matches(deployment: Any, queries: list[list[str]]) -> None:
+    relevance = RelevanceFilter.from_world(deployment.world)
+    matcher = ItemMatcher(relevance.items)
+    rows = np.random.default_rng(0).choice(relevance.items.num_rows, 300, replace=False)
+    checked = 0
+    for words in queries:
+        terms = relevance.key_terms(words)
+        want = matches(terms, relevance.items.take(pa.array(rows)))
+        np.testing.assert_array_equal(matcher(terms, rows), want, err_msg=str(words))
+        checked += bool(terms) and 0 < want.sum() < len(rows)
+    assert checked > 20  # queries whose terms keep some items and not others
+
+
+def test_shard_prefixes_give_the_full_depth_answer(retriever: Retriever, queries: list[list[str]]) -> None:
+    """Shards return only their hits down to their k-th passing one: merged, the page is what the full top-depth
+    lists give, items and filter counts alike."""
+    enc = retriever.encoder.encode([" ".join(w) for w in queries[:60]], [None] * 60, [4_000_000_000_000] * 60)
+    shorter = 0
+    for e in enc:
+        for k in (5, 50):
+            full = [s.search(e.embedding[None, :], 9600, [e.terms])[0] for s in retriever.shards]
+            part = [s.search(e.embedding[None, :], 9600, [e.terms], need=[k])[0] for s in retriever.shards]
+            want, got = (assemble({"embedding": merge_hits(p, 9600)}, k, True) for p in (full, part))
+            assert got.items == want.items and got.filtered == want.filtered
+            shorter += sum(len(p.item_ids) for p in part) < sum(len(f.item_ids) for f in full)
+    assert shorter > 10  # the prefixes did cut something
+
+
+def test_short_pages_at_most_one_percent_with_the_fallback(retriever: Retriever, deployment: Any) -> None:
+    stats = {(s.k, s.mode): s for s in page_report(retriever, deployment.world, ks=(5, 10, 50), max_searches=300)}
+    for k in (5, 10, 50):
+        assert stats[k, "filter on"].short_rate <= 0.01, stats[k, "filter on"]
+        assert stats[k, "filter off"].short_rate == 0 and stats[k, "filter off"].mean_count == k
+    # what the endpoint did before (k x filter_fetch candidates, no fallback) left many pages short
+    assert stats[5, "filter on, old depth, no fallback"].short_rate > 0.05
+    assert stats[5, "filter on, old depth + fallback"].short_rate < stats[5, "filter on, old depth, no fallback"] \
+        .short_rate
+    assert stats[5, "filter on"].p_good > stats[5, "filter off"].p_good
+    assert stats[5, "filter on"].fallback_rate == 0  # world_en's 1,500 items lie within the depth: never needed
+
+
+def test_lexical_fallback_fills_a_page_no_embedding_hit_passes(retriever: Retriever, deployment: Any) -> None:
+    relevance = RelevanceFilter.from_world(deployment.world)
+    searches = held_out_searches(deployment.world, 300)
+    enc = retriever.encoder.encode(searches["query"].to_pylist(), searches["user_id"].to_pylist(),
+                                   searches["ts"].to_pylist())
+    saved = retriever.filter_depth
+    retriever.filter_depth = 5  # a shallow embedding search, so that none of its hits may pass
+    try:
+        found = 0
+        for e in enc:
+            retriever.fallback = "none"
+            dry = retriever.answer(e, 5)
+            if dry["count"] or not e.terms:
+                continue
+            retriever.fallback = "lexical"
+            r = retriever.answer(e, 5)
+            if not r["count"]:
+                continue  # BM25 found nothing that passes either
+            found += 1
+            assert r["fallback"] == "lexical" and r["fallback_added"] == r["count"] <= 5
+            assert all(i["channels"] == ["lexical"] and set(i["scores"]) == {"lexical"} for i in r["items"])
+            ids = np.array([[i["item_id"] for i in r["items"]]])
+            assert relevance.pass_mask([e.words], ids).all()  # never padded with items that fail the filter
+            assert "fallback" in r["latency_ms"] and dry["fallback"] is None
+    finally:
+        retriever.filter_depth, retriever.fallback = saved, "lexical"
+    assert found >= 3
