@@ -29,8 +29,9 @@ from ray_mgdspr.data.simulator.relevance import EXACT, RelevanceJudge
 from ray_mgdspr.data.world import read_manifest, read_table
 from ray_mgdspr.serve.engine import Encoded, Retriever
 
-SEARCH_COLUMNS = ["event_id", "user_id", "session_id", "ts", "query", "is_followup", "intent_leaf_id",
-                  "intent_brand_id", "intent_attr_value_ids", "clicked_item_ids", "bought_item_ids"]
+SEARCH_COLUMNS = ["event_id", "user_id", "session_id", "ts", "query", "query_words", "is_followup",
+                  "intent_leaf_id", "intent_brand_id", "intent_attr_value_ids", "clicked_item_ids",
+                  "bought_item_ids"]
 
 
 def held_out_searches(world: str | Path, max_searches: int | None = None, seed: int = 0) -> pa.Table:

@@ -164,10 +164,15 @@ class SqliteStore:
         self._db.close()
 
 
-def build_sqlite_store(world: str | Path, out: str | Path, overwrite: bool = False) -> dict[str, int]:
+def build_sqlite_store(world: str | Path, out: str | Path, overwrite: bool = False,
+                       days: Iterable[int] | None = None) -> dict[str, int]:
     """Build a SQLite behaviour store from every day of a world's ``behaviours`` and ``query_history``.
 
     Written to a temporary file beside ``out`` and renamed into place: a crash leaves no half store.
+
+    Args:
+        days: only these days of the world (e.g. those before the test day, so that replaying the test day
+            through ``Store.append`` / ``POST /v1/events`` is what adds its behaviours); default every day.
 
     Returns:
         rows written per table.
@@ -183,6 +188,7 @@ def build_sqlite_store(world: str | Path, out: str | Path, overwrite: bool = Fal
         manifest = read_manifest(world)
     except FileNotFoundError as e:
         raise ValueError(f"world {world}: not a world directory ({e})") from None
+    chosen = sorted(manifest.all_days if days is None else set(days) & set(manifest.all_days))
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
     os.close(fd)
@@ -192,7 +198,7 @@ def build_sqlite_store(world: str | Path, out: str | Path, overwrite: bool = Fal
         db = sqlite3.connect(tmp, isolation_level=None)
         db.executescript(_DDL.replace("CREATE INDEX", "-- CREATE INDEX"))  # indexes after the bulk load
         db.execute("BEGIN")
-        for day in sorted(manifest.all_days):
+        for day in chosen:
             b = read_table(world, "behaviours", days=[day], columns=["user_id", "ts", "action", "item_id"])
             q = read_table(world, "query_history", days=[day], columns=["user_id", "ts", "query_words"])
             b_ts, q_ts = _epoch_ms(b["ts"]), _epoch_ms(q["ts"])
@@ -207,6 +213,7 @@ def build_sqlite_store(world: str | Path, out: str | Path, overwrite: bool = Fal
             counts["behaviours"] += b.num_rows
             counts["queries"] += q.num_rows
         db.executemany("INSERT INTO meta VALUES (?, ?)", [("world", str(world.resolve())), ("format", "1"),
+                                                         ("days", json.dumps(chosen)),
                                                          *((f"rows_{k}", str(v)) for k, v in counts.items())])
         db.execute("COMMIT")
         db.executescript(_DDL)
