@@ -26,10 +26,12 @@ from ray_mgdspr.config import ServeConfig
 from ray_mgdspr.index.shards import current_version, set_current
 from ray_mgdspr.serve.app import AppArgs, start
 from ray_mgdspr.serve.engine import Retriever, verify_release
+from ray_mgdspr.serve.relevance import RelevanceFilter
 from ray_mgdspr.serve.store import SqliteStore
 
 pytestmark = pytest.mark.slow
 TOKEN = "test-token-123"
+FILTER_DEPTH = 200  # below world_en's 1,500 items, so that the lexical fallback can run
 
 
 def free_port() -> int:
@@ -51,6 +53,7 @@ def server(deployment: Any, store_copy: Path) -> Iterator[tuple[str, ServeConfig
         "port": free_port(), "index_root": str(deployment.index_root), "world": str(deployment.world),
         "store": str(store_copy), "version": "v1", "token": TOKEN, "drain_s": 1.0, "watch_current_s": 0.5,
         "max_k": 2000, "max_fetch": 2000, "max_body_bytes": 16384,
+        "filter_depth": FILTER_DEPTH,
         "encoder": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 0.5,
                     "downscale_delay_s": 3},
     }
@@ -86,7 +89,7 @@ def test_health_and_version(client: httpx.Client) -> None:
 
 def test_merged_topk_equals_the_ray_free_core(client: httpx.Client, deployment: Any, store_copy: Path) -> None:
     core = Retriever(verify_release(deployment.index_root, "v1"), deployment.world,
-                     SqliteStore(store_copy, deployment.features))
+                     SqliteStore(store_copy, deployment.features), max_fetch=2000, filter_depth=FILTER_DEPTH)
     ts = 4_000_000_000_000
     for query, user in [("red dress", 3), ("running shoes", None), ("portable car cover", 17)]:
         got = retrieve(client, query=query, user_id=user, k=20, filter=False, ts=ts)
@@ -96,19 +99,41 @@ def test_merged_topk_equals_the_ray_free_core(client: httpx.Client, deployment: 
         np.testing.assert_allclose([i["scores"]["embedding"] for i in got["data"]],
                                    [i["scores"]["embedding"] for i in want["items"]], rtol=1e-5)
         assert set(got["latency_ms"]) == {"encode", "search", "merge", "filter", "total"}
+        # with the filter: the shards' passing prefixes, the merge and the fallback give the core's page
+        for k in (5, 50):
+            got = retrieve(client, query=query, user_id=user, k=k, ts=ts)
+            want = core.retrieve(query, user, k, ts=ts)
+            assert [(i["item_id"], i["channels"]) for i in got["data"]] == \
+                [(i["item_id"], i["channels"]) for i in want["items"]]
+            assert {f: got[f] for f in ("count", "filtered", "fallback", "fallback_added", "key_terms")} == \
+                {f: want[f] for f in ("count", "filtered", "fallback", "fallback_added", "key_terms")}
 
 
-def test_relevance_filter_and_lexical_channel(client: httpx.Client) -> None:
+def test_relevance_filter_and_lexical_channel(client: httpx.Client, deployment: Any) -> None:
     assert set(retrieve(client, query="red dress", k=5)["key_terms"]) == {"red", "dress"}
-    # k=100 with the filter fetches 100 x filter_fetch > the whole catalogue of 1,500 items
+    # with the filter the embedding channel searches FILTER_DEPTH deep; the lexical fallback fills a short page
     off = retrieve(client, query="red", k=2000, filter=False)
     on = retrieve(client, query="red", k=100)
     assert on["key_terms"] == ["red"] and off["count"] == 1500
     assert off["filtered"] == 0 and on["filtered"] > 0 and 0 < on["count"] <= 100
+    assert off["fallback"] is None and off["fallback_added"] == 0
     unfiltered = [i["item_id"] for i in off["data"]]
-    positions = [unfiltered.index(i["item_id"]) for i in on["data"]]
+    embedded = [i for i in on["data"] if "embedding" in i["channels"]]
+    positions = [unfiltered.index(i["item_id"]) for i in embedded]
     assert positions == sorted(positions)  # the unfiltered ranking with the failing items taken out
-    assert on["filtered"] == (positions[-1] + 1 if on["count"] == 100 else 1500) - on["count"]
+    assert on["filtered"] == (positions[-1] + 1 if len(embedded) == 100 else FILTER_DEPTH) - len(embedded)
+    assert on["count"] == len(embedded) + on["fallback_added"]
+    # k=FILTER_DEPTH: fewer than k of the top FILTER_DEPTH can pass, so the fallback runs, with BM25's passing hits
+    page = retrieve(client, query="red", k=FILTER_DEPTH)
+    assert page["fallback"] == "lexical" and page["fallback_added"] > 0 and "fallback" in page["latency_ms"]
+    added = [i for i in page["data"] if i["channels"] == ["lexical"]]
+    assert len(added) == page["fallback_added"] and page["data"][-len(added):] == added  # after the embedding hits
+    assert all(set(i["scores"]) == {"lexical"} for i in added)
+    passes = RelevanceFilter.from_world(deployment.world).pass_mask([["red"]], np.array([[i["item_id"] for i in
+                                                                                          page["data"]]]))
+    assert passes.all()  # never padded with items that fail the filter
+    assert len(page["data"]) == len({i["item_id"] for i in page["data"]})
+    assert 'mgdspr_fallback_pages_total' in client.get("/metrics").text
     both = retrieve(client, query="red dress", k=10, channels=["embedding", "lexical"], filter=False)
     channels = Counter(c for i in both["data"] for c in i["channels"])
     assert channels["lexical"] == 10 and channels["embedding"] == 10
