@@ -15,7 +15,6 @@ import logging
 import secrets
 import shutil
 import socket
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +42,7 @@ from ray_mgdspr.runtime import connect_ray
 from ray_mgdspr.serve.app import AppArgs
 from ray_mgdspr.serve.app import start as start_serve
 from ray_mgdspr.serve.client import call
+from ray_mgdspr.serve.realtime import followups, store_before_test_day
 from ray_mgdspr.train.trainer import TrainResult, train
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,7 @@ class SearchExample:
     filtered: int  # hits the relevance filter removed
     key_terms: list[str]
     latency_ms: dict[str, float]
+    fallback_added: int = 0  # items the lexical fallback added because the filter left the page short
 
 
 @dataclass
@@ -85,9 +86,22 @@ class ServingReport:
     version: str
     examples: list[SearchExample]
     lexical: dict  # one response with the lexical channel on
-    before_events: list[int]  # a user's top items before and after posting clicks on ``clicked``
+    # a held-out follow-up search replayed at its logged ts: its user's top items before and after posting the
+    # session's earlier clicks (``clicked``, logged timestamps before the request) to POST /v1/events
+    before_events: list[int]
     clicked: list[int]
     after_events: list[int]
+    followup_query: str = ""
+    followup_user: int = -1
+    target_rank_before: int | None = None  # best rank of the follow-up's clicked/bought items in the top
+    target_rank_after: int | None = None  # ``events_k`` (None: not in it)
+    events_k: int = 50
+    followups_asked: int = 0  # follow-ups replayed the same way (the aggregate, so the change is not chance)
+    recall_before: float = 0.0  # their Recall@events_k before / after their sessions' earlier clicks were posted
+    recall_after: float = 0.0
+    moved_up: int = 0  # follow-ups whose best target rank improved / worsened
+    moved_down: int = 0
+    events_summary: str = ""  # one line saying all of the above (SYNTHETIC)
 
 
 def run_demo(cfg: ProjectConfig, out: str | Path, progress: Progress | None = None) -> DemoResult:
@@ -135,15 +149,26 @@ def answer_held_out(world: Path, bundle: Path, reader: IndexReader, k: int, n: i
     return recall_at_k(topk, [np.asarray(t, np.int64) for t in events["target_item_ids"].to_pylist()], k)
 
 
-def serve_and_ask(cfg: ProjectConfig, out: Path, world: Path, shown: int = 3) -> ServingReport:
-    """Serve the demo's index version on Ray Serve and ask the live endpoint over HTTP (then shut it down)."""
+def serve_and_ask(cfg: ProjectConfig, out: Path, world: Path, shown: int = 3, events_k: int = 50,
+                  followups_asked: int = 100) -> ServingReport:
+    """Serve the demo's index version on Ray Serve and ask the live endpoint over HTTP (then shut it down).
+
+    The behaviour store holds the world's logs up to the day before the test day; the test day's behaviour
+    reaches it only through ``POST /v1/events``. Every request replays a logged search at its logged ``ts``.
+    Real-time check: held-out follow-up searches (refining their session's previous query) are asked at their
+    ``ts``, then their sessions' earlier clicks (logged timestamps, all before the follow-ups) are posted, and
+    they are asked again: Recall@``events_k`` and the rank of each follow-up's clicked/bought items before and
+    after show whether the clicks moved the model's answer towards what the user wanted.
+    """
     token = secrets.token_hex(16)
     with socket.socket() as s:  # a free port: the demo must not fail because 8000 is taken
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    store = out / "store" / "behaviours.sqlite"
     args = AppArgs(serve={"index_root": str(out / "index"), "world": str(world), "port": port, "token": token,
-                          "store": str(out / "store" / "behaviours.sqlite")})
-    shutil.rmtree(out / "store", ignore_errors=True)  # rebuilt from this world's logs
+                          "store": str(store)})
+    shutil.rmtree(out / "store", ignore_errors=True)
+    store_before_test_day(world, store)  # the test day arrives by POST /v1/events
     served = start_serve(args)
     url = f"http://127.0.0.1:{served.port}"
     try:
@@ -157,20 +182,55 @@ def serve_and_ask(cfg: ProjectConfig, out: Path, world: Path, shown: int = 3) ->
             targets = set(e["clicked_item_ids"]) | set(e["bought_item_ids"])
             examples.append(SearchExample(e["query"], e["user_id"], [(i["title"], i["item_id"] in targets)
                                                                      for i in r["data"]],
-                                          r["filtered"], r["key_terms"], r["latency_ms"]))
+                                          r["filtered"], r["key_terms"], r["latency_ms"],
+                                          r.get("fallback_added", 0)))
         first = events.to_pylist()[0]
+        first_ts = int(first["ts"].timestamp() * 1000)
         lexical = call(url, "/v1/retrieve", {"query": first["query"], "k": 3, "channels": ["embedding", "lexical"],
-                                               "filter": False})
-        ask = {"query": first["query"], "user_id": first["user_id"], "k": 5, "filter": False}
-        before = [i["item_id"] for i in call(url, "/v1/retrieve", ask)["data"]]
-        now = int(time.time() * 1000)
-        # the user clicks what the lexical channel found: those clicks become the newest items of R^u
-        clicked = [i["item_id"] for i in lexical["data"] if "embedding" not in i["channels"]][:3] or before[-2:]
-        clicks = [{"user_id": first["user_id"], "item_id": i, "action": "click", "ts": now - 1000 + n}
-                  for n, i in enumerate(clicked)]
-        call(url, "/v1/events", {"behaviours": clicks}, token)
-        after = [i["item_id"] for i in call(url, "/v1/retrieve", ask)["data"]]
-        version = call(url, "/v1/retrieve", {"query": first["query"], "k": 1})["version"]
+                                               "filter": False, "ts": first_ts})
+        report = _ask_followups(url, token, world, events_k, followups_asked)
+        version = call(url, "/v1/retrieve", {"query": first["query"], "k": 1, "ts": first_ts})["version"]
     finally:
         serve.shutdown()
-    return ServingReport(url, version, examples, lexical, before, clicked, after)
+    return ServingReport(url, version, examples, lexical, **report)
+
+
+def _ask_followups(url: str, token: str, world: Path, k: int, n: int) -> dict:
+    """Replay ``n`` held-out follow-ups with earlier clicks in their session at their ts, post those clicks, ask
+    again (see ``serve_and_ask``); the ``ServingReport`` fields of the comparison."""
+    chosen = [f for f in followups(world) if f.earlier_clicks][:n]
+    if not chosen:
+        return {"before_events": [], "clicked": [], "after_events": [], "events_k": k,
+                "events_summary": "no held-out follow-up search with earlier clicks in its session [SYNTHETIC]"}
+
+    def ask() -> list[list[int]]:
+        return [[i["item_id"] for i in call(url, "/v1/retrieve", {"query": f.query, "user_id": f.user_id, "k": k,
+                                                                    "filter": False, "ts": f.ts})["data"]]
+                for f in chosen]
+
+    def rank(top: list[int], targets: list[int]) -> int | None:
+        found = [top.index(t) + 1 for t in targets if t in top]
+        return min(found) if found else None
+
+    before = ask()
+    clicks = list({(b.user_id, b.item_id, b.ts): b.model_dump() for f in chosen for b in f.earlier_clicks}.values())
+    for lo in range(0, len(clicks), 500):  # serve.max_events per request
+        call(url, "/v1/events", {"behaviours": clicks[lo:lo + 500]}, token)
+    after = ask()
+    recall = [np.mean([len(set(top) & set(f.targets)) / len(f.targets) for top, f in zip(tops, chosen, strict=True)])
+              for tops in (before, after)]
+    ranks = [[rank(top, f.targets) or k + 1 for top, f in zip(tops, chosen, strict=True)] for tops in (before, after)]
+    up = sum(a < b for b, a in zip(*ranks, strict=True))
+    down = sum(a > b for b, a in zip(*ranks, strict=True))
+    f = chosen[0]
+    r0, r1 = rank(before[0], f.targets), rank(after[0], f.targets)
+    summary = (f"follow-up '{f.query}' of user {f.user_id} replayed at its logged time: its clicked/bought items "
+               f"rank {r0 or f'>{k}'} before and {r1 or f'>{k}'} after posting the session's "
+               f"{len(f.earlier_clicks)} earlier clicks to POST /v1/events; over {len(chosen)} such follow-ups "
+               f"Recall@{k} {recall[0]:.4f} -> {recall[1]:.4f}, the best target moved up for {up} and down for "
+               f"{down} [SYNTHETIC]")
+    return {"before_events": before[0][:5], "clicked": [b.item_id for b in f.earlier_clicks],
+            "after_events": after[0][:5], "followup_query": f.query, "followup_user": f.user_id,
+            "target_rank_before": r0, "target_rank_after": r1, "events_k": k, "followups_asked": len(chosen),
+            "recall_before": float(recall[0]), "recall_after": float(recall[1]), "moved_up": up,
+            "moved_down": down, "events_summary": summary}
