@@ -170,3 +170,46 @@ def page_table(stats: list[PageStats], label: str) -> str:
 
 def as_dicts(stats: list[PageStats]) -> list[dict]:
     return [asdict(s) for s in stats]
+
+
+def run_retriever(run: str | Path, store: str | Path, **options: object) -> Retriever:
+    """A ``Retriever`` of a demo-style run directory (``world/``, ``index/`` with ``CURRENT``) over a behaviour store
+    built at ``store`` from every day of the world (when missing)."""
+    from ray_mgdspr.index.shards import current_version
+    from ray_mgdspr.serve.engine import verify_release
+    from ray_mgdspr.serve.store import SqliteStore, build_sqlite_store
+
+    run = Path(run)
+    version = current_version(run / "index")
+    if version is None:
+        raise ValueError(f"{run / 'index'}: no CURRENT index version (run `make demo` first)")
+    release = verify_release(run / "index", version)
+    if not Path(store).is_file():
+        build_sqlite_store(run / "world", store)
+    return Retriever(release, run / "world", SqliteStore(store, release.bundle.features), **options)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m ray_mgdspr.serve.pages runs/demo``: the page-fill table of a run (synthetic worlds only)."""
+    import argparse
+    import json
+    import tempfile
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("run", type=Path)
+    parser.add_argument("--ks", type=int, nargs="+", default=[5, 10, 50])
+    parser.add_argument("--searches", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        retriever = run_retriever(args.run, Path(tmp) / "store.sqlite")
+        stats = page_report(retriever, args.run / "world", tuple(args.ks), args.searches, args.seed)
+    items = read_manifest(args.run / "world").tables.get("items", 0)
+    print(page_table(stats, f"SYNTHETIC, {items:,} items, {args.run}"))
+    if args.json:
+        args.json.write_text(json.dumps(as_dicts(stats), indent=1))
+
+
+if __name__ == "__main__":
+    main()

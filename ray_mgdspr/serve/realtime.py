@@ -174,3 +174,27 @@ def realtime_table(r: RealtimeReport, label: str) -> str:
               f"({r.clicks_appended} clicks appended); H_qu changed for {int(r.changed.sum())}; the best target "
               f"moved up for {up}, down for {down}"]
     return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m ray_mgdspr.serve.realtime runs/demo``: follow-up Recall@K with / without the session's earlier
+    clicks in the store (synthetic worlds only)."""
+    import argparse
+
+    from ray_mgdspr.serve.pages import run_retriever
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("run", type=Path)
+    parser.add_argument("--k", type=int, default=50)
+    parser.add_argument("--followups", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        retriever = run_retriever(args.run, Path(tmp) / "store.sqlite")
+        report = realtime_recall(retriever, args.run / "world", args.k, args.followups, args.seed, work_dir=tmp)
+    items = read_manifest(args.run / "world").tables.get("items", 0)
+    print(realtime_table(report, f"SYNTHETIC, {items:,} items, {args.run}"))
+
+
+if __name__ == "__main__":
+    main()
