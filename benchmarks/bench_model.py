@@ -80,7 +80,7 @@ def measure(variant: str, world: str, device: str, steps: int, warmup: int) -> d
     model_cfg = resolve_buckets(ModelConfig(kind=kind, sparse_ids=device == "cpu"), world_max_ids(world))
     loss_cfg = LossConfig(kind="hinge" if kind == "dnn" else "softmax")
     model = build_model(model_cfg, {k: vocab.num_ids(k) for k in KINDS}).to(device)
-    optimizer = make_optimizer(model.parameters(), OptimConfig())
+    optimizer = make_optimizer(model.parameters(), OptimConfig(kind="adagrad"))  # the paper's step
     catalogue = Catalogue.from_featurizer(featurizer, read_table(world, "items", columns=["item_id"])["item_id"])
     batches = [as_tensors(featurizer(r), device) for r in rows]
     for i, b in enumerate(batches):

@@ -72,7 +72,7 @@ def _ddp_worker(rank: int, world: int, port: int, steps: int, result: dict) -> N
     torch.manual_seed(rank)
     model = build_model(ModelConfig(**PAPER), {"words": VOCAB, "chars": VOCAB, "bigrams": VOCAB}).to(device)
     ddp = DistributedDataParallel(model, device_ids=[rank])
-    optimizer = make_optimizer(ddp.parameters(), OptimConfig())
+    optimizer = make_optimizer(ddp.parameters(), OptimConfig(kind="adagrad"))  # the paper's step
     loss_cfg = LossConfig(gather_positives=True)
     batch = as_tensors(random_batch(BATCH, FEATURES, VOCAB, 1_000_000, seed=rank), device)
     m = extra_negatives(loss_cfg, BATCH * world)  # the pool: every rank's positives + m sampled items

@@ -192,6 +192,11 @@ class ModelConfig(StrictModel):
     trm: bool = Field(True, description="ablation -trm: False fuses by concatenation + MLP instead of [CLS]")
     personalise: bool = Field(True, description="False: query only, no behaviour attention")
     type_embeddings: bool = Field(False, description="learned token-group embeddings in the fusion (not in paper)")
+    item_id_init: Literal["zero", "normal"] = Field(
+        "zero", description="item ID rows at start: zero (an item starts as its title's vector) or N(0, 1/d)")
+    cls_init: Literal["zero", "normal"] = Field(
+        "zero", description="[CLS] at start: zero (the fusion starts as attention pooling of the tokens) or "
+        "N(0, 1/d)")
 
     @model_validator(mode="after")
     def _heads_divide_d(self) -> ModelConfig:
@@ -220,12 +225,20 @@ class LossConfig(StrictModel):
 
 
 class OptimConfig(StrictModel):
-    """Adagrad as in TF (spec §9.4) with global-norm clipping."""
+    """The optimiser (spec §9.4: Adagrad as in TF) with global-norm clipping; docs/model.md, "Convergence"."""
 
-    lr: float = Field(0.1, gt=0)
-    initial_accumulator: float = Field(0.1, ge=0)
+    kind: Literal["adam", "adagrad"] = Field(
+        "adam", description="adam: Adam on the dense layers, SparseAdam on the sparse tables (leaves the initial "
+        "loss plateau in tens of steps); adagrad: the paper's, with TF's accumulator")
+    lr: float | None = Field(None, gt=0, description="None: 3e-3 for adam, the paper's 0.1 for adagrad")
+    initial_accumulator: float = Field(0.1, ge=0, description="adagrad only: TF's starting accumulator")
     clip_norm: float = Field(3.0, gt=0)
     batch_size: int = Field(256, ge=1)
+
+    @property
+    def learning_rate(self) -> float:
+        """``lr``, or the kind's default: 3e-3 for Adam (measured, docs/model.md), the paper's 0.1 for Adagrad."""
+        return self.lr if self.lr is not None else {"adam": 3e-3, "adagrad": 0.1}[self.kind]
 
 
 # --------------------------------------------------------------------------------------------------

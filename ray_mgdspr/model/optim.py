@@ -1,21 +1,95 @@
-"""Adagrad as TF configures it (spec §9.4) and global-norm clipping that also handles sparse gradients."""
+"""Optimisers (spec §9.4) and global-norm clipping that also handles sparse gradients.
+
+Two kinds (``optim.kind``):
+
+* ``adagrad``: Adagrad as TF configures it (lr 0.1, initial accumulator 0.1), the paper's choice, tuned for
+  tens of millions of steps.
+* ``adam``: Adam on the dense layers and SparseAdam on the tables with sparse gradients
+  (``model.sparse_ids``), the usual split of recommender stacks (dense Adam, sparse embedding optimiser). Its
+  per-coordinate step is bounded by lr, so a run of a few hundred steps does not throw the randomly initialised
+  attention layers around the way Adagrad's first steps do (docs/model.md, "Convergence").
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
 from ray_mgdspr.config import OptimConfig
 
 
-def make_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.Adagrad:
-    """Adagrad(lr 0.1, initial accumulator 0.1): TF's defaults; PyTorch would start the accumulator at 0.
+class CombinedOptimizer:
+    """Several optimisers over disjoint parameters, stepped, zeroed and checkpointed as one.
 
-    Adagrad accepts the sparse gradients of the ID and token tables (``ModelConfig.sparse_ids``).
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Embedding(3, 2, sparse=True), torch.nn.Linear(2, 1))
+        >>> opt = model_optimizer(model, OptimConfig(kind="adam"))
+        >>> [type(o).__name__ for o in opt.optimizers]
+        ['Adam', 'SparseAdam']
     """
-    torch.sparse.check_sparse_tensor_invariants.disable()  # explicit: Adagrad builds sparse tensors each step
-    return torch.optim.Adagrad(list(params), lr=cfg.lr, initial_accumulator_value=cfg.initial_accumulator)
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    @property
+    def state(self) -> dict:
+        return {k: v for o in self.optimizers for k, v in o.state.items()}
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for o in self.optimizers:
+            o.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizers": [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict["optimizers"]
+        if len(saved) != len(self.optimizers):
+            raise ValueError(f"checkpoint holds {len(saved)} optimiser states, this model needs "
+                             f"{len(self.optimizers)} (was it saved with another optim.kind or model.sparse_ids?)")
+        for o, s in zip(self.optimizers, saved, strict=True):
+            o.load_state_dict(s)
+
+    def __repr__(self) -> str:
+        return f"CombinedOptimizer({', '.join(type(o).__name__ for o in self.optimizers)})"
+
+
+def make_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig,
+                   sparse_params: Iterable[torch.nn.Parameter] = ()) -> torch.optim.Optimizer | CombinedOptimizer:
+    """The optimiser ``cfg.kind`` names over ``params``.
+
+    Args:
+        params: every trainable parameter.
+        sparse_params: those whose gradients are sparse (the ``sparse=True`` tables); only ``adam`` needs to
+            know them (SparseAdam takes them, Adam the rest). Adagrad accepts both kinds of gradient.
+    """
+    params = [p for p in params if p.requires_grad]
+    if cfg.kind == "adagrad":
+        torch.sparse.check_sparse_tensor_invariants.disable()  # explicit: Adagrad builds sparse tensors each step
+        return torch.optim.Adagrad(params, lr=cfg.learning_rate, initial_accumulator_value=cfg.initial_accumulator)
+    sparse = {id(p) for p in sparse_params}
+    dense = [p for p in params if id(p) not in sparse]
+    tables = [p for p in params if id(p) in sparse]
+    parts: list[torch.optim.Optimizer] = [torch.optim.Adam(dense, lr=cfg.learning_rate)] if dense else []
+    if tables:
+        parts.append(torch.optim.SparseAdam(tables, lr=cfg.learning_rate))
+    return CombinedOptimizer(parts)
+
+
+def model_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer | CombinedOptimizer:
+    """``make_optimizer`` over a model's parameters, its sparse-gradient tables found by their modules."""
+    sparse = [m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding) and m.sparse]
+    return make_optimizer(model.parameters(), cfg, sparse)
 
 
 def clip_grad_norm(params: Iterable[torch.nn.Parameter], max_norm: float) -> torch.Tensor:

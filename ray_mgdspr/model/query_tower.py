@@ -139,7 +139,8 @@ class Fusion(nn.Module):
         super().__init__()
         self.cfg = cfg
         if cfg.trm:
-            self.cls = nn.Parameter(torch.randn(cfg.d) * cfg.d**-0.5)
+            # zero: the first steps read the tokens (uniform attention), not [CLS]'s own random vector
+            self.cls = nn.Parameter(torch.zeros(cfg.d) if cfg.cls_init == "zero" else torch.randn(cfg.d) * cfg.d**-0.5)
             self.block = transformer_layer(cfg.d, cfg.heads, cfg.attn_dropout)
             # one learned embedding per token position, so the layer can tell the groups apart (not in the paper)
             self.types = nn.Embedding(n_tokens + 1, cfg.d) if cfg.type_embeddings else None

@@ -53,3 +53,5 @@ class Tables(nn.Module):
         for table in self.children():
             nn.init.normal_(table.weight, std=d**-0.5)
             nn.init.zeros_(table.weight[0])
+        if cfg.item_id_init == "zero":  # H_item starts as the title's vector: items sharing words start close
+            nn.init.zeros_(self.item.weight)

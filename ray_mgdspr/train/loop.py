@@ -26,7 +26,7 @@ from ray_mgdspr.data.world import read_table
 from ray_mgdspr.model.layers import as_tensors
 from ray_mgdspr.model.loss import compute_loss
 from ray_mgdspr.model.mgdspr import TwoTower, build_model
-from ray_mgdspr.model.optim import clip_grad_norm, make_optimizer
+from ray_mgdspr.model.optim import clip_grad_norm, model_optimizer
 from ray_mgdspr.model.tables import resolve_buckets
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ def fit_local(
     generator = torch.Generator().manual_seed(seed)
     if model is None:
         model = build_model(resolve_buckets(model_cfg, world_max_ids(world)), {k: vocab.num_ids(k) for k in KINDS})
-    optimizer = make_optimizer(model.parameters(), optim_cfg)
+    optimizer = model_optimizer(model, optim_cfg)
     examples = featurizer.examples(train_days)
     if examples.num_rows == 0:
         raise ValueError(f"{world}: no training examples (searches with a click or buy) on days {train_days}")

@@ -40,7 +40,7 @@ from ray_mgdspr.data.world import read_manifest, read_table, table_files
 from ray_mgdspr.eval.metrics import recall_at_k
 from ray_mgdspr.model.bundle import BundleManifest, save_bundle
 from ray_mgdspr.model.mgdspr import TwoTower, build_model
-from ray_mgdspr.model.optim import make_optimizer
+from ray_mgdspr.model.optim import model_optimizer
 from ray_mgdspr.model.tables import resolve_buckets
 from ray_mgdspr.train.loop import Catalogue, extra_negatives, retrieve_featurized, train_step, world_max_ids
 
@@ -235,7 +235,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     generator = torch.Generator(device=device).manual_seed(t.seed + rank)
 
     model = build_model(cfg.model, config["vocab_sizes"])
-    optimizer = make_optimizer(model.parameters(), cfg.optim)
+    optimizer = model_optimizer(model, cfg.optim)
     progress = _restore(model, optimizer)
     ddp = ray.train.torch.prepare_model(model)  # Ray: DDP (gloo on CPU, nccl on GPU), moved to the device
     catalogue = Catalogue(**ray.get(config["catalogue"]))

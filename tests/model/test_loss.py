@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from ray_mgdspr.config import LossConfig, OptimConfig
 from ray_mgdspr.model.loss import accidental_hits, compute_loss, hinge_loss, softmax_loss
-from ray_mgdspr.model.optim import clip_grad_norm, make_optimizer
+from ray_mgdspr.model.optim import clip_grad_norm, make_optimizer, model_optimizer
 
 
 def test_softmax_loss_by_hand_with_temperature_and_one_mixed_negative() -> None:
@@ -106,7 +107,7 @@ def test_clip_handles_sparse_gradients_like_dense() -> None:
 
 def test_adagrad_starts_its_accumulator_like_tf() -> None:
     p = torch.nn.Parameter(torch.zeros(2))
-    opt = make_optimizer([p], OptimConfig())
+    opt = make_optimizer([p], OptimConfig(kind="adagrad"))
     p.grad = torch.tensor([1.0, 0.0])
     opt.step()
     # TF: acc = 0.1 + g^2 = 1.1; step = lr * g / sqrt(acc)
@@ -137,3 +138,27 @@ def test_scoring_i_mix_without_building_it_equals_the_spec_sketch() -> None:
     torch.testing.assert_close(ours, ref)
     for g, g_ref in zip(grads, torch.autograd.grad(ref, leaves), strict=True):
         torch.testing.assert_close(g, g_ref)
+
+
+def test_adam_steps_dense_layers_and_sparse_tables_and_round_trips_its_state() -> None:
+    torch.manual_seed(0)
+    table, lin = torch.nn.Embedding(6, 3, sparse=True), torch.nn.Linear(3, 1)
+    model = torch.nn.ModuleDict({"table": table, "lin": lin})
+    opt = model_optimizer(model, OptimConfig(kind="adam", lr=0.01))
+    before = [p.detach().clone() for p in model.parameters()]
+    lin(table(torch.tensor([1, 2]))).sum().backward()
+    opt.step()
+    after = list(model.parameters())
+    assert all(not torch.equal(b, a) for b, a in zip(before, after, strict=True))  # both optimisers stepped
+    assert torch.equal(before[0][3:], after[0][3:].detach())  # untouched table rows stay put (SparseAdam)
+    fresh = model_optimizer(model, OptimConfig(kind="adam", lr=0.01))
+    fresh.load_state_dict(opt.state_dict())
+    assert fresh.state_dict()["optimizers"][1]["state"][0]["step"] == 1
+    with pytest.raises(ValueError, match="optimiser states"):
+        model_optimizer(model, OptimConfig(kind="adam")).load_state_dict({"optimizers": [{}]})
+
+
+def test_default_learning_rate_depends_on_the_optimiser() -> None:
+    assert OptimConfig().learning_rate == 3e-3
+    assert OptimConfig(kind="adagrad").learning_rate == 0.1
+    assert OptimConfig(kind="adagrad", lr=0.5).learning_rate == 0.5
