@@ -120,18 +120,24 @@ def query_command(
     k: Annotated[int, typer.Option(help="results per channel")] = 10,
     filter_: Annotated[bool, typer.Option("--filter/--no-filter", help="relevance control")] = True,
     lexical: Annotated[bool, typer.Option(help="add the BM25 lexical channel")] = False,
+    ts: Annotated[int | None, typer.Option(help="request time, epoch ms (replay a logged search: the user's "
+                                           "histories are read as of then; default now)")] = None,
     url: UrlOpt = DEFAULT_URL,
     as_json: Annotated[bool, typer.Option("--json", help="print the raw response")] = False,
 ) -> None:
     """Ask the retrieval endpoint (`mgdspr serve`) for a query's items."""
     body = {"query": text, "user_id": user, "k": k, "filter": filter_,
             "channels": ["embedding", "lexical"] if lexical else ["embedding"]}
+    if ts is not None:
+        body["ts"] = ts
     r = _call(url, "/v1/retrieve", body)
     if as_json:
         console.print_json(data=r)
         return
     t = Table(title=escape(f"'{text}' -> {r['count']} items from version {r['version']} "
-                           f"(filtered {r['filtered']}; key terms {r['key_terms']})"), title_justify="left")
+                           f"(filtered {r['filtered']}; key terms {r['key_terms']}"
+                           + (f"; the {r['fallback']} fallback added {r['fallback_added']}" if r.get("fallback")
+                              else "") + ")"), title_justify="left")
     for col in ("#", "item", "channels", "score", "title"):
         t.add_column(col)
     for i, item in enumerate(r["data"], 1):

@@ -72,7 +72,7 @@ def test_serve_query_promote_status_from_the_command_line(tmp_path: Path, deploy
         assert any("serving version v1" in x for x in lines), "".join(lines[-30:])
         assert (tmp_path / "store" / "behaviours.sqlite").is_file()  # built from the world on first start
 
-        q = _run("query", "red dress", "--k", "5", "--user", "3", "--url", url)
+        q = _run("query", "red dress", "--k", "5", "--user", "3", "--ts", "4000000000000", "--url", url)
         assert q.returncode == 0, q.stderr
         assert "from version v1" in q.stdout and "latency ms" in q.stdout
         bad = _run("query", "   ", "--url", url)
