@@ -67,6 +67,8 @@ class ChoiceSignals(StrictModel):
     relevant_share: float = Field(0.6, ge=0, le=1, description="share of the page that matches the leaf")
     attractive_share: float = Field(0.25, ge=0, le=1, description="share of popular/discounted off-leaf items")
     rank_noise: float = Field(1.0, ge=0, description="std of the noise in the engine's page ordering")
+    candidates: int = Field(8, ge=1, description="leaf items the engine draws (by popularity) per relevant page "
+                            "slot before it scores them: more lets personalisation reach beyond the popular items")
     a_relevance: float = Field(2.0, description="weight of graded relevance (0, 1, 2)")
     b_brand: float = Field(1.5, description="weight of the user's brand preference")
     c_shop: float = Field(0.8, description="weight of the user's shop preference")
@@ -76,6 +78,12 @@ class ChoiceSignals(StrictModel):
     g_taste: float = Field(1.0, description="weight of the share of wanted attribute values the item has")
     bias: float = Field(-3.5, description="click logit intercept")
     noise: float = Field(1.0, ge=0, description="std of per-impression logit noise")
+    click_noise: float = Field(1.0, ge=0, description="multiplies P(click) of irrelevant (grade 0) items: 0 = no "
+                               "clicks on irrelevant items, 1 = the choice model as is, more = noisier clicks "
+                               "(docs/simulator.md maps it to the share of clicks on irrelevant items)")
+    page_personalisation: float = Field(2.0, ge=0, description="weight of the searching user's affinity (the "
+                                        "brand, shop, price and taste terms above) in the engine's page score: "
+                                        "0 = pages built without the user")
     buy_bias: float = Field(-3.0, description="buy-after-click logit intercept")
     buy_relevance: float = Field(1.5, description="buy-after-click weight of relevance")
     buy_price: float = Field(1.5, description="buy-after-click weight of price fit")

@@ -172,11 +172,13 @@ USERS = TableSpec(
             _f("cate1_pref", pa.list_(pa.float32()), "long-term preference over first-level categories"),
             _f("price_pref", pa.float32(), "preferred log-price offset from the leaf median (z units)"),
             _f("taste_attr_value_ids", pa.list_(pa.int32()), "preferred attribute value per slot"),
-            _f("fav_brand_ids", pa.list_(pa.int32()), "favourite brands when the simulation starts (they drift)"),
-            _f("fav_shop_ids", pa.list_(pa.int32()), "favourite shops when the simulation starts"),
+            _f("fav_brand_ids", pa.list_(pa.int32()), "favourite brands on the last simulated day (the test day; "
+               "they drift day by day before it)"),
+            _f("fav_shop_ids", pa.list_(pa.int32()), "favourite shops"),
         ]
     ),
-    "The simulator's latent user preferences: ground truth for tests and analysis, never a model input.",
+    "The simulator's latent user preferences on the test day: ground truth for the oracle rankings, tests and "
+    "analysis, never a model input.",
     key="user_id",
     required=False,
     synthetic_only=True,

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from ray_mgdspr.config import SimulateConfig
+from ray_mgdspr.config import ChoiceSignals, SimulateConfig
 from ray_mgdspr.data.schema import TIMESTAMP
 from ray_mgdspr.data.simulator.catalogue import Catalogue
 from ray_mgdspr.data.simulator.relevance import grade_items
@@ -87,6 +87,31 @@ class Taste:
         pref = users.cate1_pref[who[:, None], cat.item_cate1[items]]
         long_term = np.clip(np.log(pref * cat.n_cate1 + 1e-9), -3.0, 2.0)
         return cls(brand.astype(np.float64), shop.astype(np.float64), price_fit, attrs, long_term)
+
+    def take(self, pick: np.ndarray) -> Taste:
+        """The features of the columns ``pick`` (E, P) of each row."""
+        return Taste(*(np.take_along_axis(getattr(self, f), pick, axis=1)
+                       for f in ("brand", "shop", "price_fit", "attrs", "long_term")))
+
+    def affinity(self, ch: ChoiceSignals) -> np.ndarray:
+        """The personal part of the click logit: brand, shop, price fit and attribute taste (E, C)."""
+        return ch.b_brand * self.brand + ch.c_shop * self.shop + ch.d_price * self.price_fit + ch.g_taste * self.attrs
+
+
+def examination(valid: np.ndarray) -> np.ndarray:
+    """P(the user looks at each shown item): position bias 1/log2(r + 2) at shown rank r (E, P)."""
+    return np.where(valid, 1.0 / np.log2(np.cumsum(valid, axis=1) + 1), 0.0)
+
+
+def click_probability(cat: Catalogue, ch: ChoiceSignals, page: np.ndarray, grade: np.ndarray, taste: Taste,
+                      noise: np.ndarray | float = 0.0) -> np.ndarray:
+    """P(click | examined) of each page item (E, P): the choice model's sigmoid; on irrelevant (grade 0) items
+    ``click_noise`` multiplies the odds (0: never clicked, 1: the choice model as is)."""
+    with np.errstate(divide="ignore"):  # click_noise 0: log 0 = -inf, P = 0
+        log_odds = np.log(ch.click_noise) if ch.click_noise != 1 else 0.0
+    logit = (ch.a_relevance * grade + taste.affinity(ch) + ch.e_quality * cat.item_quality[page]
+             + ch.f_discount * cat.item_discount[page] + ch.bias + noise + np.where(grade == 0, log_odds, 0.0))
+    return _sigmoid(logit)
 
 
 class DaySimulator:
@@ -205,8 +230,8 @@ class DaySimulator:
                      short_followups=int(short.sum()), partial_queries=int(partial.sum()))
 
         # result pages and choices
-        page, valid, grade = self._pages(leaf[s_of], cate1[s_of], intent_brand, intent_values, rng)
-        taste = Taste.of(cat, users, q_user, page, desired[s_of], extra_brand=intent_brand)
+        page, valid, grade, taste = self.pages(leaf[s_of], cate1[s_of], intent_brand, intent_values, q_user,
+                                               desired[s_of], rng)
         click, buy, collect = self._choose(page, valid, grade, taste, rng)
         rank_pos = np.cumsum(valid, axis=1) - 1
         click_ts = q_ts[:, None] + 5 + 3 * rank_pos + rng.integers(0, 3, page.shape)
@@ -251,23 +276,31 @@ class DaySimulator:
         brand = np.where(fav_ok, fav, sample_brands_in(cat, cate1, rng))
         return np.where(rng.random(len(su)) < qs.brand_rate, brand, -1)
 
-    def _pages(self, leaf: np.ndarray, cate1: np.ndarray, brand: np.ndarray, values: np.ndarray,
-               rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Result pages (Q, P): item ids in shown order, a validity mask (duplicates removed), grades."""
+    def pages(self, leaf: np.ndarray, cate1: np.ndarray, brand: np.ndarray, values: np.ndarray, who: np.ndarray,
+              desired: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray, Taste]:
+        """Result pages (Q, P) of the logging engine: item ids in shown order, a validity mask (duplicates removed),
+        grades, and the searching users' taste features of each page item.
+
+        The engine scores candidates by relevance, popularity and, with ``choice.page_personalisation``, the
+        searching user's affinity (the click model's brand, shop, price and taste terms), as a personalised engine
+        does; 0 builds pages without the user.
+        """
         cat, ch = self.cat, self.cfg.choice
         p = ch.page_size
         n_rel = round(p * ch.relevant_share)
         n_attr = round(p * ch.attractive_share)
         sizes = (n_rel, n_attr, p - n_rel - n_attr)
         groups = [
-            cat.by_leaf.sample(np.repeat(leaf, 3 * sizes[0]).reshape(-1, 3 * sizes[0]), rng),
+            cat.by_leaf.sample(np.repeat(leaf, ch.candidates * sizes[0]).reshape(-1, ch.candidates * sizes[0]), rng),
             cat.attractive_by_cate1.sample(np.repeat(cate1, 2 * sizes[1]).reshape(-1, 2 * sizes[1]), rng),
             cat.by_cate1.sample(np.repeat(cate1, 2 * sizes[2]).reshape(-1, 2 * sizes[2]), rng),
         ]
         cand = np.concatenate(groups, axis=1)
         grade = grade_items(cat.item_leaf, cat.item_brand, cat.item_slot_value, leaf, brand, values, cand)
-        # the engine: relevance first, popularity next, noise on top
-        score = 1.5 * grade + 0.3 * np.log(cat.item_pop[cand] * cat.n_items) + rng.normal(0, ch.rank_noise, cand.shape)
+        taste = Taste.of(cat, self.users, who, cand, desired, extra_brand=brand)
+        # the engine: relevance first, popularity next, the user's affinity, noise on top
+        score = (1.5 * grade + 0.3 * np.log(cat.item_pop[cand] * cat.n_items)
+                 + ch.page_personalisation * taste.affinity(ch) + rng.normal(0, ch.rank_noise, cand.shape))
         score[_duplicates(cand) | (cand < 0)] = -np.inf
         chosen, lo = [], 0
         for g, size in zip(groups, sizes, strict=True):
@@ -280,19 +313,15 @@ class DaySimulator:
         pick = np.take_along_axis(pick, order, axis=1)
         page = np.take_along_axis(cand, pick, axis=1)
         valid = np.isfinite(np.take_along_axis(score, pick, axis=1))
-        return page, valid, np.take_along_axis(grade, pick, axis=1)
+        return page, valid, np.take_along_axis(grade, pick, axis=1), taste.take(pick)
 
     def _choose(self, page: np.ndarray, valid: np.ndarray, grade: np.ndarray, taste: Taste,
                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Clicks (position bias x choice model), then buys and collects among the clicks."""
-        cat, ch = self.cat, self.cfg.choice
-        rank_pos = np.cumsum(valid, axis=1) - 1
-        examined = rng.random(page.shape) < 1.0 / np.log2(rank_pos + 2)
-        logit = (ch.a_relevance * grade + ch.b_brand * taste.brand + ch.c_shop * taste.shop
-                 + ch.d_price * taste.price_fit + ch.e_quality * cat.item_quality[page]
-                 + ch.f_discount * cat.item_discount[page] + ch.g_taste * taste.attrs + ch.bias
-                 + rng.normal(0, ch.noise, page.shape))
-        click = valid & examined & (rng.random(page.shape) < _sigmoid(logit))
+        ch = self.cfg.choice
+        examined = rng.random(page.shape) < examination(valid)
+        p = click_probability(self.cat, ch, page, grade, taste, rng.normal(0, ch.noise, page.shape))
+        click = valid & examined & (rng.random(page.shape) < p)
         buy = click & (rng.random(page.shape) < _sigmoid(
             ch.buy_bias + ch.buy_relevance * grade + ch.buy_price * taste.price_fit
             + ch.buy_long_term * taste.long_term))

@@ -54,8 +54,7 @@ def simulate(cfg: SimulateConfig, out: str | Path, overwrite: bool = False,
     stats: Counter = Counter()
     with WorldWriter(out, overwrite=overwrite) as w:
         for spec, table in ((schema.CATEGORIES, cat.category_table()), (schema.ATTRIBUTES, cat.attribute_table()),
-                            (schema.BRANDS, cat.brand_table()), (schema.SHOPS, cat.shop_table()),
-                            (schema.USERS, users.table())):
+                            (schema.BRANDS, cat.brand_table()), (schema.SHOPS, cat.shop_table())):
             w.write(spec, table)
         with w.day_writer(schema.ITEMS) as dw:
             for i, chunk in enumerate(cat.item_tables(ITEM_CHUNK_ROWS, cfg.title_synonym_rate)):
@@ -74,6 +73,7 @@ def simulate(cfg: SimulateConfig, out: str | Path, overwrite: bool = False,
                     ev.write(result.search_events)
                     stats.update(result.stats)
             _tell(progress, "days", d + 1, len(days))
+        w.write(schema.USERS, users.table())  # the state of the last simulated day: the test day's ground truth
         manifest.stats = summarise(stats)
         w.commit(manifest)
     return manifest

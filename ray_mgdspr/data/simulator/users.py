@@ -109,6 +109,18 @@ class Users:
         mix[bursting, self.burst_cate1[users[bursting]]] += w
         return mix
 
+    @classmethod
+    def from_table(cls, table: pa.Table) -> Users:
+        """The users of a world's ``users`` table (the test day's state; interest bursts are not recorded)."""
+        t = table.sort_by("user_id")
+        stack = lambda c, dt: np.stack(t[c].to_numpy(zero_copy_only=False)).astype(dt)  # noqa: E731
+        n = t.num_rows
+        return cls(activity=t["activity"].to_numpy().astype(np.float64), cate1_pref=stack("cate1_pref", np.float64),
+                   price_pref=t["price_pref"].to_numpy().astype(np.float64),
+                   taste=stack("taste_attr_value_ids", np.int32), fav_brands=stack("fav_brand_ids", np.int32),
+                   fav_shops=stack("fav_shop_ids", np.int32), burst_cate1=np.full(n, -1, np.int32),
+                   burst_until=np.full(n, -(10**6), np.int32))
+
     def table(self) -> pa.Table:
         return pa.table(
             {
