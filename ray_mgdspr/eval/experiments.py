@@ -59,7 +59,7 @@ def plan_runs(cfg: ProjectConfig, ev: EvalConfig) -> list[RunSpec]:
                                  cfg.optim, ann if v == "mgdspr" else ()))
     # baselines first, then the main table seed by seed, then the sweeps: a report rendered from an interrupted
     # journal (--from-json) is balanced; within a group the slowest first, so the tail of the plan is short
-    cost = {"bm25": 0, "minilm": 1, "dnn_hinge": 2}
+    cost = {"oracle_grade": 0, "oracle_agnostic": 0, "oracle_aware": 0, "bm25": 0, "minilm": 1, "dnn_hinge": 2}
     group = {v: 0 if v in UNTRAINED else 1 for v in ev.variants}
     return sorted(specs, key=lambda s: (group.get(s.variant, 2), s.seed, -cost.get(s.variant, 3)))
 

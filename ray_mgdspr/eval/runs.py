@@ -5,6 +5,9 @@ The variants of the report and what each changes (spec §6.3, §9.11):
 ========================  =====================================================================================
 name                      what
 ========================  =====================================================================================
+``oracle_aware``          the simulator's ground truth: P(click) of every item for this user (``data/simulator/oracle.py``)
+``oracle_agnostic``       the same for a random searcher of the intent's category: the ceiling without the user
+``oracle_grade``          the ground-truth grade alone (exact, partial, irrelevant), popularity breaking ties
 ``bm25``                  BM25 over titles (bm25s), untrained
 ``minilm``                all-MiniLM-L6-v2 zero-shot (packaged weights), untrained
 ``dnn_hinge``             the DNN two-tower (mean-pooled features + MLP) with the pairwise hinge loss
@@ -38,6 +41,7 @@ import numpy as np
 import torch
 
 from ray_mgdspr.config import IndexConfig, LossConfig, ModelConfig, OptimConfig
+from ray_mgdspr.data.simulator.oracle import ORACLES, Oracle
 from ray_mgdspr.data.vocab import KINDS
 from ray_mgdspr.eval.baselines import bm25_topk, exact_topk, minilm_topk
 from ray_mgdspr.eval.evalset import EvalSet
@@ -51,8 +55,12 @@ from ray_mgdspr.train.loop import embed_catalogue, fit_local, world_max_ids
 
 log = logging.getLogger(__name__)
 
-UNTRAINED = ("bm25", "minilm")
+ORACLE_LABELS = {"oracle_aware": "oracle: user-aware propensity × exposure",
+                 "oracle_agnostic": "oracle: user-agnostic propensity × exposure",
+                 "oracle_grade": "oracle: ground-truth grade only"}
+UNTRAINED = ("bm25", "minilm", *ORACLES)
 LABELS = {
+    **ORACLE_LABELS,
     "bm25": "BM25 (titles)", "minilm": "MiniLM zero-shot", "dnn_hinge": "DNN two-tower + hinge",
     "mgdspr": "MGDSPR (full)", "no_mgs": "-mgs", "no_trm": "-trm", "tau1": "τ = 1", "no_imix": "no I_mix",
     "no_personalise": "no personalisation", "mgdspr_hinge": "MGDSPR + hinge loss",
@@ -118,6 +126,8 @@ def run_one(spec: RunSpec, data: EvalSet) -> dict[str, Any]:
     record: dict[str, Any] = {"lang": spec.lang, "variant": spec.variant, "seed": spec.seed}
     if spec.variant == "bm25":
         topk = bm25_topk(data.items["item_id"].to_numpy(), data.items["title_words"], data.query_words, k)
+    elif spec.variant in ORACLES:
+        topk = Oracle.from_world(data.world).topk(data.events, spec.variant, k)
     elif spec.variant == "minilm":
         topk = minilm_topk(data.items["item_id"].to_numpy(), data.items["title"].to_pylist(),
                            data.events["query"].to_pylist(), k)

@@ -23,7 +23,7 @@ from ray_mgdspr.train.loop import embed_catalogue, fit_local
 FEATURES = FeatureConfig(realtime_len=10, short_len=10, long_len=10, his_queries=3)
 MODEL = ModelConfig(d=16, heads=2)
 LOSS = LossConfig(pool_size=128, n_hard=32)
-OPTIM = OptimConfig(batch_size=32, lr=1.0)
+OPTIM = OptimConfig(batch_size=32)
 
 
 @pytest.fixture(scope="module")

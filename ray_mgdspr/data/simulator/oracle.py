@@ -64,6 +64,10 @@ class Oracle:
         if not manifest.synthetic:
             raise ValueError(f"world {world}: oracle rankings need the simulator's ground truth; "
                              f"{manifest.label} has none")
+        missing = {"page_personalisation", "candidates", "click_noise"} - manifest.config.get("choice", {}).keys()
+        if missing:  # its generative story differs from this simulator's: an oracle would rank the wrong world
+            raise ValueError(f"world {world} was simulated before the simulator had {sorted(missing)}; simulate it "
+                             "again (`mgdspr simulate --overwrite`) to get oracle rankings")
         cfg = SimulateConfig.model_validate(manifest.config)
         cat = Catalogue.build(cfg, load_lexicon(cfg.lang))
         users = Users.from_table(read_table(world, "users"))
