@@ -500,9 +500,9 @@ def demo_table(world: Path, bundle: Path, index_path: Path, k: int = 50, max_eve
         index_path: an index version directory built from the bundle (``<index root>/<version>``).
         k: the cut-off; max_events: held-out searches scored (a seeded sample).
     """
+    from ray_mgdspr.data.simulator.oracle import ORACLES, Oracle
     from ray_mgdspr.eval.baselines import bm25_topk
     from ray_mgdspr.eval.evalset import EvalSet
-    from ray_mgdspr.data.simulator.oracle import ORACLES, Oracle
     from ray_mgdspr.eval.runs import ORACLE_LABELS, query_vectors, retrieve_exact
     from ray_mgdspr.index.search import IndexReader
     from ray_mgdspr.model.bundle import load_bundle

@@ -5,7 +5,7 @@ The variants of the report and what each changes (spec §6.3, §9.11):
 ========================  =====================================================================================
 name                      what
 ========================  =====================================================================================
-``oracle_aware``          the simulator's ground truth: P(click) of every item for this user (``data/simulator/oracle.py``)
+``oracle_aware``          the simulator's ground truth: P(click) of every item for this user (``oracle.py``)
 ``oracle_agnostic``       the same for a random searcher of the intent's category: the ceiling without the user
 ``oracle_grade``          the ground-truth grade alone (exact, partial, irrelevant), popularity breaking ties
 ``bm25``                  BM25 over titles (bm25s), untrained
