@@ -11,6 +11,7 @@ synthetic world and is labelled so.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import secrets
 import shutil
@@ -23,7 +24,7 @@ import pyarrow.compute as pc
 import torch
 from ray import serve
 
-from ray_mgdspr.config import ProjectConfig
+from ray_mgdspr.config import ProjectConfig, SimulateConfig
 from ray_mgdspr.data.features import Featurizer
 from ray_mgdspr.data.simulator.simulate import Progress, simulate
 from ray_mgdspr.data.validate import ValidationReport, validate_world
@@ -108,7 +109,7 @@ def run_demo(cfg: ProjectConfig, out: str | Path, progress: Progress | None = No
     """Run every stage that exists so far into ``out`` (replacing an earlier demo there)."""
     out = Path(out)
     world = out / "world"
-    manifest = simulate(cfg.simulate, world, overwrite=True, progress=progress)
+    manifest = simulate(dated(cfg.simulate), world, overwrite=True, progress=progress)
     report = validate_world(world)
     if not report.ok:
         raise DemoError("the simulated world failed validation:\n" + "\n".join(map(str, report.problems)))
@@ -136,6 +137,15 @@ def run_demo(cfg: ProjectConfig, out: str | Path, progress: Progress | None = No
     log.info("demo artifacts in %s", out)
     return DemoResult(out, world, vocab_path, manifest, report, vocab, training, embeddings, index, recall, k,
                       serving, evaluation)
+
+
+def dated(sim: SimulateConfig, today: dt.date | None = None) -> SimulateConfig:
+    """The demo's world with its test day today (unless the config sets ``base_date`` itself), so that a request
+    without ``ts`` (the wall clock) finds the user's histories recent, as a live endpoint would."""
+    if "base_date" in sim.model_fields_set:
+        return sim
+    today = today or dt.date.today()
+    return sim.model_copy(update={"base_date": today - dt.timedelta(days=sim.train_days)})
 
 
 @torch.inference_mode()

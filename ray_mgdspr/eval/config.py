@@ -39,10 +39,17 @@ class EvalConfig(StrictModel):
         [(0.0, 0.2), (0.2, 0.4), (0.4, 0.6), (0.6, 0.8), (0.8, 1.0)], description="[a, b] ranges of the α sweep")
     ann_factories: list[str] = Field(["HNSW32", "IVF64,Flat"],
                                      description="ANN indexes whose recall loss is measured (besides index.factory)")
+    noise_levels: list[float] = Field(
+        [1.0, 12.0, 300.0], description="simulate.choice.click_noise of the click-noise worlds (language "
+        "noise_lang): on the eval preset 1, 12 and 300 put ~5 %, ~20 % and ~38 % of clicks on irrelevant items "
+        "(docs/simulator.md); [] skips the sweep. A level equal to the project's own is its main world")
+    noise_variants: list[str] = Field(["oracle_aware", "bm25", "mgdspr", "tau1", "no_imix"],
+                                      description="runs per click-noise world (seeds as the main table)")
+    noise_lang: Literal["en", "zh"] = Field("en", description="language of the click-noise worlds")
     task_cpus: float = Field(1.0, gt=0, description="CPUs per Ray task (one run each); fractional on a laptop")
     event_seed: int = Field(0, description="seed of the held-out event sample")
 
-    @field_validator("variants")
+    @field_validator("variants", "noise_variants")
     @classmethod
     def _known(cls, variants: list[str]) -> list[str]:
         unknown = [v for v in variants if v not in MAIN_VARIANTS]
@@ -67,7 +74,7 @@ class EvalConfig(StrictModel):
 
 QUICK = {"seeds": 2, "steps": 60, "curve_every": 30, "ks": [10, 50, 100], "focus_k": 10, "max_events": 150,
          "tau_sweep": [1.0, 2.0, 4.0], "alpha_sweep": [(0.2, 0.4), (0.4, 0.6), (0.8, 1.0)],
-         "ann_factories": ["IVF16,Flat"]}
+         "ann_factories": ["IVF16,Flat"], "noise_levels": [1.0, 300.0]}
 """``--quick``: every code path at toy scale (tests, smoke runs); the numbers mean nothing."""
 
 

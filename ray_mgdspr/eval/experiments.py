@@ -41,6 +41,14 @@ def sweep_variants(ev: EvalConfig, loss_tau: float, loss_alpha: tuple[float, flo
     return ["mgdspr_hinge", *taus, *alphas]
 
 
+def noise_worlds(cfg: ProjectConfig, ev: EvalConfig) -> dict[str, float]:
+    """World key -> ``click_noise`` of the click-noise sweep; the project's own level is its main world (its key
+    is the language) when that world is evaluated anyway."""
+    own = cfg.simulate.choice.click_noise
+    return {(ev.noise_lang if level == own and ev.noise_lang in ev.langs else f"{ev.noise_lang}-noise{level:g}"): level
+            for level in ev.noise_levels}
+
+
 def plan_runs(cfg: ProjectConfig, ev: EvalConfig) -> list[RunSpec]:
     """Every run of the report, in the order they are started."""
     ks = tuple(sorted(set(ev.ks)))
@@ -57,6 +65,13 @@ def plan_runs(cfg: ProjectConfig, ev: EvalConfig) -> list[RunSpec]:
         for v, s in runs:
             specs.append(RunSpec(lang, v, s, ev.steps, ks, (ev.focus_k,), ev.curve_every, cfg.model, cfg.loss,
                                  cfg.optim, ann if v == "mgdspr" else ()))
+    main = {(s.lang, s.variant, s.seed) for s in specs}
+    for key in noise_worlds(cfg, ev):
+        for v in ev.noise_variants:
+            for s in range(1 if v in UNTRAINED else ev.seeds):
+                if (key, v, s) not in main:
+                    specs.append(RunSpec(key, v, s, ev.steps, ks, (ev.focus_k,), ev.curve_every, cfg.model, cfg.loss,
+                                         cfg.optim))
     # baselines first, then the main table seed by seed, then the sweeps: a report rendered from an interrupted
     # journal (--from-json) is balanced; within a group the slowest first, so the tail of the plan is short
     cost = {"oracle_grade": 0, "oracle_agnostic": 0, "oracle_aware": 0, "bm25": 0, "minilm": 1, "dnn_hinge": 2}
@@ -65,16 +80,23 @@ def plan_runs(cfg: ProjectConfig, ev: EvalConfig) -> list[RunSpec]:
 
 
 def prepare_world(cfg: ProjectConfig, ev: EvalConfig, lang: str, work: Path,
-                  world: Path | None = None) -> tuple[Path, Vocabulary]:
-    """The world of ``lang`` (simulated into ``work/worlds/<lang>`` unless given or already there) and its vocab."""
+                  world: Path | None = None, key: str | None = None,
+                  click_noise: float | None = None) -> tuple[Path, Vocabulary]:
+    """The world of ``lang`` (simulated into ``work/worlds/<key>`` unless given or already there) and its vocab.
+
+    ``key``: the world's name (default ``lang``); ``click_noise``: a click-noise world's level.
+    """
     from ray_mgdspr.data.simulator.simulate import simulate
 
+    key = key or lang
     if world is None:
-        world = work / "worlds" / lang
+        world = work / "worlds" / key
         sim = cfg.simulate.model_copy(update={"lang": lang})
+        if click_noise is not None:
+            sim = sim.model_copy(update={"choice": sim.choice.model_copy(update={"click_noise": click_noise})})
         if not _same_world(world, sim.model_dump(mode="json")):
             simulate(sim, world, overwrite=True)
-    vocab_path = work / f"vocab-{lang}.json"
+    vocab_path = work / f"vocab-{key}.json"
     vocab = build_vocab_from_world(world, cfg.vocab)
     vocab.save(vocab_path)
     return world, vocab
@@ -183,10 +205,20 @@ def evaluate(cfg: ProjectConfig, ev: EvalConfig, out: Path, work: Path | None = 
         worlds[lang] = {"path": str(path), "scale": data.scale(), "label": data.manifest.label,
                         "seed": data.manifest.seed}
         say(f"world {lang}: {data.scale()} [{data.manifest.label}]")
+    noise = []
+    for key, level in noise_worlds(cfg, ev).items():
+        if key not in evalsets:
+            path, vocab = prepare_world(cfg, ev, ev.noise_lang, work, key=key, click_noise=level)
+            evalsets[key] = data = EvalSet.load(path, vocab, cfg.features, ev.max_events, ev.event_seed)
+            worlds[key] = {"path": str(path), "scale": data.scale(), "label": data.manifest.label,
+                           "seed": data.manifest.seed, "noise_of": ev.noise_lang}
+        share = evalsets[key].manifest.stats.get("irrelevant_click_share", float("nan"))
+        noise.append({"world": key, "click_noise": level, "irrelevant_click_share": share})
+        say(f"click-noise world {key}: click_noise {level:g}, {share:.1%} of clicks on irrelevant items")
     specs = plan_runs(cfg, ev)
     report = {"command": command, "seconds": 0.0, "label": "SYNTHETIC", "planned": len(specs),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores", "config": cfg.model_dump(mode="json"),
-              "eval": ev.model_dump(mode="json"), "worlds": worlds}
+              "eval": ev.model_dump(mode="json"), "worlds": worlds, "noise": noise}
     (work / META).write_text(json.dumps(report, indent=1, ensure_ascii=False))  # --from-json: a partial report
     say(f"{len(specs)} runs as Ray tasks of {ev.task_cpus:g} CPU")
     connect_ray(cfg.ray, address)

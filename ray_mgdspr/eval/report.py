@@ -321,6 +321,37 @@ def ann_table(summary: Summary, lang: str, ks: list[int]) -> str:
     return "\n".join(lines)
 
 
+def noise_findings(summary: Summary, key: str, ks: list[int], focus_k: int) -> list[Finding]:
+    """The two relevance claims (τ and I_mix trade a little recall for much more relevance) on one click-noise world."""
+    rk, pg = f"recall@{max(ks)}", f"p_good@{focus_k}"
+    return [_trade(summary, key, name, rk, pg, f"{part} trades a little recall for much more relevance",
+                   "Recall slightly down, P_good up a lot")
+            for part, name in (("τ = 2 (vs τ = 1)", "tau1"), ("I_mix", "no_imix"))]
+
+
+def noise_section(report: dict[str, Any], summary: Summary, ks: list[int], focus_k: int) -> list[str]:
+    """The paper's relevance claims as a function of click noise: one row per click-noise world."""
+    rk, pg = f"recall@{max(ks)}", f"p_good@{focus_k}"
+    variants = [v for v in ("mgdspr", "tau1", "no_imix") if v in report["eval"]["noise_variants"]]
+    head = [f"{LABELS[v]} {m}" for m in (f"Recall@{max(ks)}", f"P_good@{focus_k}") for v in variants]
+    lines = ["| click_noise | clicks on irrelevant items | " + " | ".join(head) + " | τ and I_mix |",
+             "|---:|---:|" + "---:|" * len(head) + "---|"]
+    for row in report["noise"]:
+        key = row["world"]
+        cells = [_cell(summary[key, v], m) if (key, v) in summary else "not run" for m in (rk, pg) for v in variants]
+        verdict = "; ".join(f"{f.claim.split(' trades')[0]}: **{f.status}**"
+                            for f in noise_findings(summary, key, ks, focus_k))
+        lines.append(f"| {row['click_noise']:g} | {row['irrelevant_click_share']:.1%} | " + " | ".join(cells)
+                     + f" | {verdict} |")
+    lang = report["eval"]["noise_lang"]
+    return [f"## Click noise and the paper's relevance claims: world `{lang}`", "",
+            f"SYNTHETIC: the `{lang}` world simulated again at each `simulate.choice.click_noise` level (same seed, "
+            "same catalogue and users; only the odds of a click on an irrelevant item change). Mean ± std over "
+            f"{report['eval']['seeds']} seeds per trained variant. The paper's claim: τ = 2 and I_mix trade a little "
+            "recall for much more relevance (status rule as for the findings below; rows per level are in the "
+            "findings table under the world's name).", "", "\n".join(lines), ""]
+
+
 def findings_table(found: list[Finding]) -> str:
     lines = ["| paper finding | paper | world | status | measured |", "|---|---|---|---|---|"]
     for f in found:
@@ -354,7 +385,8 @@ def render(report: dict[str, Any], summary: Summary) -> str:
         "seeds; BM25 and MiniLM are deterministic (one run). Raw numbers: `report.json`.",
         "",
     ]
-    for lang, w in worlds.items():
+    main_worlds = {lang: w for lang, w in worlds.items() if "noise_of" not in w}
+    for lang, w in main_worlds.items():
         scale = w["scale"]
         md += [f"## Main table: world `{lang}`", "", scale_label(lang, scale),
                f"K = {max(ks)} is {max(ks) / scale['items']:.0%} of this catalogue (the paper: 1,000 of ~100M).", "",
@@ -371,7 +403,9 @@ def render(report: dict[str, Any], summary: Summary) -> str:
            "recall\" holds when recall falls by a smaller relative amount than P_good rises. Sweeps: Spearman "
            "rank correlation of the swept value with Recall and with P_good (1 seed per point unless stated).",
            ""]
-    for lang in worlds:
+    if report.get("noise"):
+        md += noise_section(report, summary, ks, focus_k)
+    for lang in main_worlds:
         if lang not in ev["sweep_langs"]:
             continue
         scale = worlds[lang]["scale"]
@@ -383,7 +417,7 @@ def render(report: dict[str, Any], summary: Summary) -> str:
                "α-range sweep:", "", sweep_table(summary, lang, "alpha", ks, focus_k), ""]
         if f"sweeps-{lang}.png" in report["plots"]:
             md += [f"![sweeps]({f'sweeps-{lang}.png'})", ""]
-    for lang, w in worlds.items():
+    for lang, w in main_worlds.items():
         if summary.get((lang, "mgdspr"), {}).get("ann"):
             md += [f"## Recall lost by the ANN index: world `{lang}`", "", scale_label(lang, w["scale"]),
                    "Full MGDSPR, its vectors built into real index versions (`index.shards`, searched with "
@@ -467,10 +501,13 @@ def write_report(out: Path, report: dict[str, Any], records: list[dict[str, Any]
                                "alpha": [report["config"]["loss"]["alpha_low"], report["config"]["loss"]["alpha_high"]]}
     ev = report["eval"]
     ks = sorted(ev["ks"])
-    found = [f for lang in report["worlds"]
+    main_worlds = [lang for lang, w in report["worlds"].items() if "noise_of" not in w]
+    found = [f for lang in main_worlds
              for f in findings(summary, lang, ks, ev["focus_k"], curves=lang in ev["sweep_langs"])]
+    found += [f for row in report.get("noise", []) if row["world"] not in main_worlds
+              for f in noise_findings(summary, row["world"], ks, ev["focus_k"])]
     plots = []
-    for lang in report["worlds"]:
+    for lang in main_worlds:
         if plot_convergence(summary, lang, ks, out / f"convergence-{lang}.png"):
             plots.append(f"convergence-{lang}.png")
         if plot_sweeps(summary, lang, ks, ev["focus_k"], out / f"sweeps-{lang}.png"):
@@ -528,6 +565,7 @@ def demo_table(world: Path, bundle: Path, index_path: Path, k: int = 50, max_eve
 
 
 REPORT_KEYS = ("command", "seconds", "label", "machine", "config", "eval", "worlds")
+OPTIONAL_KEYS = ("noise",)
 
 
 def rerender(report_json: Path, out: Path) -> Path:
@@ -543,5 +581,5 @@ def rerender(report_json: Path, out: Path) -> Path:
         if not journal.is_file():
             raise FileNotFoundError(f"{journal}: no journal of finished runs beside {report_json}")
         records = [json.loads(line) for line in journal.read_text().splitlines() if line.strip()]
-    meta = {k: raw[k] for k in (*REPORT_KEYS, "planned") if k in raw}
+    meta = {k: raw[k] for k in (*REPORT_KEYS, *OPTIONAL_KEYS, "planned") if k in raw}
     return write_report(Path(out), meta, records)

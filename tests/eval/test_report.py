@@ -71,8 +71,16 @@ def test_report_command_end_to_end(tmp_path: Path) -> None:
     raw = json.loads((out / "report.json").read_text())
     assert "SYNTHETIC" in md and md.count("**SYNTHETIC data** —") >= 3  # main table, sweeps, ANN: each labelled
     for label in ("BM25 (titles)", "MiniLM zero-shot", "DNN two-tower + hinge", "MGDSPR (full)", "-mgs", "-trm",
-                  "τ = 1", "no I_mix", "no personalisation"):
+                  "τ = 1", "no I_mix", "no personalisation", "oracle: user-aware propensity × exposure",
+                  "oracle: user-agnostic propensity × exposure", "oracle: ground-truth grade only"):
         assert f"| {label} |" in md
+    assert "**Personalisation headroom**" in md and "of the headroom" in md
+    # the click-noise sweep: the main world is level 1, the other level its own world with the three variants
+    assert "## Click noise and the paper's relevance claims" in md and "| 300 |" in md
+    noisy = {(r["variant"], r["seed"]) for r in raw["records"] if r["lang"] == "en-noise300"}
+    assert {("mgdspr", 1), ("tau1", 1), ("no_imix", 1), ("bm25", 0), ("oracle_aware", 0)} <= noisy
+    assert any(f["lang"] == "en-noise300" for f in raw["findings"])
+    assert raw["noise"][1]["irrelevant_click_share"] > raw["noise"][0]["irrelevant_click_share"]
     assert {f["status"] for f in raw["findings"]} <= {"matched", "matched (within seed noise)", "partly matched",
                                                       "not matched"}
     assert {p.name for p in out.glob("*.png")} == {"convergence-en.png", "sweeps-en.png"}
