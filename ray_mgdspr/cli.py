@@ -219,16 +219,17 @@ def demo(
         console.print(escape(f"  user {ex.user_id} '{ex.query}' -> top {len(ex.results)} after the relevance filter "
                              f"(key terms {ex.key_terms}, {ex.filtered} filtered; * = the user clicked or bought it; "
                              f"{ex.latency_ms['total']:.0f} ms):"), soft_wrap=True)
+        if ex.relaxed_to:
+            console.print(escape(f"    (too few items have every key term: {ex.fallback_added} of them are of the "
+                                 f"query's product type {ex.relaxed_to} only, ranked by BM25)"), soft_wrap=True)
         for title, hit in ex.results:
             console.print(escape(f"    {'*' if hit else ' '} {title}"), soft_wrap=True)
         if not ex.results:
-            console.print(f"    (none of the top {ex.filtered} embedding hits has every key term: the filter "
-                          "removed them all)", soft_wrap=True)
+            console.print(f"    (no catalogue item has every key term, and the query names no product type to "
+                          f"relax to: the filter removed all {ex.filtered} hits)", soft_wrap=True)
     lexical = [f"{'+'.join(i['channels'])}: {i['title']}" for i in s.lexical["data"]]
     console.print(escape(f"  embedding + lexical (BM25) channels, unfiltered: {lexical}"), soft_wrap=True)
-    changed = "changed" if s.after_events != s.before_events else "did not change"
-    console.print(f"  after POST /v1/events (clicks on items {s.clicked}) the same user's top 5 for the same query "
-                  f"{changed}: {s.before_events} -> {s.after_events}", soft_wrap=True)
+    console.print(escape(f"  after POST /v1/events: {s.events_summary}"), soft_wrap=True)
     console.print("evaluation of the demo model against BM25 on held-out searches:")
     console.print(result.evaluation, markup=False, highlight=False, soft_wrap=True)
     console.print(f"demo done in {time.perf_counter() - t0:.1f}s: world {result.world} (valid), "

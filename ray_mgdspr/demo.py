@@ -79,6 +79,7 @@ class SearchExample:
     key_terms: list[str]
     latency_ms: dict[str, float]
     fallback_added: int = 0  # items the lexical fallback added because the filter left the page short
+    relaxed_to: list[str] | None = None  # no item had every key term: the page was filled with these (product type)
 
 
 @dataclass
@@ -193,7 +194,7 @@ def serve_and_ask(cfg: ProjectConfig, out: Path, world: Path, shown: int = 3, ev
             examples.append(SearchExample(e["query"], e["user_id"], [(i["title"], i["item_id"] in targets)
                                                                      for i in r["data"]],
                                           r["filtered"], r["key_terms"], r["latency_ms"],
-                                          r.get("fallback_added", 0)))
+                                          r.get("fallback_added", 0), r.get("relaxed_to")))
         first = events.to_pylist()[0]
         first_ts = int(first["ts"].timestamp() * 1000)
         lexical = call(url, "/v1/retrieve", {"query": first["query"], "k": 3, "channels": ["embedding", "lexical"],

@@ -100,6 +100,18 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     assert (tmp_path / "demo" / "index" / "CURRENT").read_text().strip() == manifest["version"]
 
 
+def test_demo_dates_its_world_so_that_the_test_day_is_today() -> None:
+    import datetime as dt
+
+    from ray_mgdspr.config import SimulateConfig
+    from ray_mgdspr.demo import dated
+
+    sim = dated(load_preset("demo").simulate, today=dt.date(2026, 12, 1))
+    assert sim.base_date + dt.timedelta(days=sim.train_days) == dt.date(2026, 12, 1)  # day 8, the test day
+    own = SimulateConfig(base_date=dt.date(2020, 1, 1))
+    assert dated(own).base_date == dt.date(2020, 1, 1)  # a config that dates its world keeps its date
+
+
 def test_schema_and_config_show() -> None:
     r = run("schema")
     assert r.returncode == 0 and "### `search_events`" in r.stdout

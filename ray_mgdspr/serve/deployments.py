@@ -51,6 +51,8 @@ from ray_mgdspr.serve.engine import (
     fill_page,
     merge_hits,
     needs_fallback,
+    needs_relaxing,
+    relaxed_terms,
     response_body,
     verify_release,
 )
@@ -61,7 +63,7 @@ from ray_mgdspr.serve.store import open_store
 log = logging.getLogger("ray.serve")
 
 TOKEN_ENV = "MGDSPR_SERVE_TOKEN"
-STAGES = ("encode", "search", "merge", "lexical", "filter", "fallback", "total")
+STAGES = ("encode", "search", "merge", "lexical", "filter", "fallback", "relaxed", "total")
 
 
 def version_app_name(app_name: str, version: str) -> str:
@@ -323,6 +325,8 @@ class Ingress:
                                 registry=self.registry)
         self.fallbacks = Counter("mgdspr_fallback_pages", "responses the lexical fallback filled because the "
                                  "filter left fewer than k embedding hits", registry=self.registry)
+        self.relaxed = Counter("mgdspr_relaxed_pages", "responses filled with the query's product type because too "
+                               "few items have every key term", registry=self.registry)
         self.version_gauge = Gauge("mgdspr_serving_version", "1 for the version this replica serves",
                                    ["version"], registry=self.registry)
 
@@ -465,6 +469,13 @@ class Ingress:
             fill_page(result, await v.head.search.remote(enc.words, fetch, enc.terms), k)
             latency["fallback"] = time.perf_counter() - t
             self.fallbacks.inc()
+        if needs_relaxing(result, k, req.filter, req.channels, self.cfg.fallback, enc.terms):
+            # still short: too few items have every key term; fill with the query's product type (BM25-ranked)
+            t = time.perf_counter()
+            relaxed = relaxed_terms(enc.terms)
+            fill_page(result, await v.head.search.remote(enc.words, fetch, relaxed), k, relaxed)
+            latency["relaxed"] = time.perf_counter() - t
+            self.relaxed.inc()
         latency["total"] = time.perf_counter() - t0
         for stage, seconds in latency.items():
             self.latency.labels(stage).observe(seconds)

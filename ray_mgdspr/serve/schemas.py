@@ -58,9 +58,12 @@ class RetrieveResponse(BaseModel):
     fallback: Channel | None = Field(None, description="the channel that filled a page the filter left with "
                                      "fewer than k embedding hits (serve.fallback); null: the fallback did not run")
     fallback_added: int = Field(0, description="items the fallback added (its hits are listed with their channel)")
+    relaxed_to: list[str] | None = Field(None, description="when too few items have every key term: the key terms "
+                                         "(the query's product type) the fallback's added items were checked "
+                                         "against instead; null: every item on the page has every key term")
     key_terms: list[str] = Field(description="catalogue terms found in the query (what the filter checks)")
     latency_ms: dict[str, float] = Field(description="per stage: encode, search (shard fan-out), merge, "
-                                         "lexical, filter, fallback (when it ran), total")
+                                         "lexical, filter, fallback and relaxed (when they ran), total")
 
 
 class EventsRequest(Strict):

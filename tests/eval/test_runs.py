@@ -118,3 +118,6 @@ def test_demo_table_compares_the_served_model_with_bm25(data: EvalSet, tmp_path:
     assert "served index" in lines[-3] and "BM25" in lines[-1]
     assert served == exact  # a Flat index answers exactly like the brute-force search
     assert served != bm25
+    assert [line.split("|")[1].strip() for line in lines[4:7]] == [
+        "oracle: user-aware propensity × exposure", "oracle: user-agnostic propensity × exposure",
+        "oracle: ground-truth grade only"]

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 
 from ray_mgdspr.data.world import read_table
-from ray_mgdspr.serve.engine import Retriever, assemble, merge_hits, verify_release
+from ray_mgdspr.serve.engine import Retriever, assemble, merge_hits, relaxed_terms, verify_release
 from ray_mgdspr.serve.pages import held_out_searches, page_report
 from ray_mgdspr.serve.relevance import ItemMatcher, RelevanceFilter, matches
 from ray_mgdspr.serve.store import SqliteStore
@@ -69,6 +69,8 @@ def test_short_pages_at_most_one_percent_with_the_fallback(retriever: Retriever,
         .short_rate
     assert stats[5, "filter on"].p_good > stats[5, "filter off"].p_good
     assert stats[5, "filter on"].fallback_rate == 0  # world_en's 1,500 items lie within the depth: never needed
+    assert stats[5, "filter on"].relaxed_rate > 0  # but its small leaves often hold fewer than k exact items
+    assert stats[5, "filter on"].empty_rate < stats[5, "filter on, old depth, no fallback"].empty_rate
 
 
 def test_lexical_fallback_fills_a_page_no_embedding_hit_passes(retriever: Retriever, deployment: Any) -> None:
@@ -93,8 +95,40 @@ def test_lexical_fallback_fills_a_page_no_embedding_hit_passes(retriever: Retrie
             assert r["fallback"] == "lexical" and r["fallback_added"] == r["count"] <= 5
             assert all(i["channels"] == ["lexical"] and set(i["scores"]) == {"lexical"} for i in r["items"])
             ids = np.array([[i["item_id"] for i in r["items"]]])
-            assert relevance.pass_mask([e.words], ids).all()  # never padded with items that fail the filter
+            if r["relaxed_to"] is None:
+                assert relevance.pass_mask([e.words], ids).all()  # never padded with items that fail the filter
             assert "fallback" in r["latency_ms"] and dry["fallback"] is None
     finally:
         retriever.filter_depth, retriever.fallback = saved, "lexical"
     assert found >= 3
+
+
+def test_relaxed_fill_keeps_the_product_type_when_too_few_items_have_every_key_term(retriever: Retriever,
+                                                                                      deployment: Any) -> None:
+    """A page still short after the strict filter and the lexical fallback is filled with BM25 hits of the query's
+    product type (its category terms), after every strictly passing item; never with another product type."""
+    relevance = RelevanceFilter.from_world(deployment.world)
+    items = relevance.items
+    searches = held_out_searches(deployment.world, 300)
+    enc = retriever.encoder.encode(searches["query"].to_pylist(), searches["user_id"].to_pylist(),
+                                   searches["ts"].to_pylist())
+    relaxed_pages = 0
+    for e in enc:
+        r = retriever.answer(e, 10)
+        if not r["items"]:
+            assert relaxed_terms(e.terms) is None or r["relaxed_to"] is not None  # relaxing was tried
+            continue
+        ids = np.array([i["item_id"] for i in r["items"]])
+        strict = relevance.pass_mask([e.words], ids[None, :])[0]
+        if r["relaxed_to"] is None:
+            assert strict.all()
+            continue
+        relaxed_pages += 1
+        category = relaxed_terms(e.terms)
+        assert r["relaxed_to"] == [t.text for t in category] and "relaxed" in r["latency_ms"]
+        first_fail = int(np.argmin(strict)) if not strict.all() else len(strict)
+        assert strict[:first_fail].all()
+        rest = items.take(np.searchsorted(items["item_id"].to_numpy(), ids[first_fail:]))
+        assert matches(category, rest).all()  # the product type is kept
+    print(f"{relaxed_pages} of {len(enc)} pages relaxed to the product type (SYNTHETIC)")
+    assert relaxed_pages >= 3
