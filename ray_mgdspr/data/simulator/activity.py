@@ -151,8 +151,7 @@ class DaySimulator:
         cand = cat.by_cate1.sample(np.repeat(cate1, BROWSE_CANDIDATES).reshape(-1, BROWSE_CANDIDATES), rng)
         taste = Taste.of(cat, self.users, u, cand, self.users.taste[u])
         ch = cfg.choice
-        utility = ch.b_brand * taste.brand + ch.c_shop * taste.shop + ch.d_price * taste.price_fit \
-            + ch.g_taste * taste.attrs + rng.gumbel(size=cand.shape)
+        utility = taste.affinity(ch) + rng.gumbel(size=cand.shape)
         pick = utility.argmax(axis=1)[:, None]
         items = np.take_along_axis(cand, pick, axis=1)[:, 0]
         one = lambda a: np.take_along_axis(a, pick, axis=1)[:, 0]  # noqa: E731
