@@ -235,6 +235,8 @@ def demo(
     console.print(f"demo done in {time.perf_counter() - t0:.1f}s: world {result.world} (valid), "
                   f"vocabulary {result.vocab_path}, model {result.training.bundle}, index {result.out / 'index'} "
                   f"(version {result.training.manifest.version}) [SYNTHETIC data]", soft_wrap=True)
+    console.print(escape(f"serve it again: `.venv/bin/mgdspr serve -c {result.serving_config}`, then, in another "
+                         "shell, `.venv/bin/mgdspr query 'red dress'`"), soft_wrap=True)
 
 
 def _on_ray(cfg: ProjectConfig, address: str | None, job: Callable[[], T]) -> T:

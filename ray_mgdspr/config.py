@@ -376,6 +376,11 @@ class IndexConfig(StrictModel):
 # serve
 
 
+# one POST /v1/events behaviour at its largest values, with its separator:
+# {"user_id": 9223372036854775807, "item_id": 9223372036854775807, "action": "collect", "ts": 253402300799999},
+BEHAVIOUR_JSON_BYTES = 110
+
+
 class DeploymentConfig(StrictModel):
     """Resources and scaling of one Serve deployment (per replica); whole CPUs/GPUs on a real cluster."""
 
@@ -441,9 +446,10 @@ class ServeConfig(StrictModel):
     torch_threads: int = Field(1, ge=1, description="intra-op threads of the query encoder")
     default_k: int = Field(50, ge=1)
     max_k: int = Field(1000, ge=1, description="largest k a request may ask for")
-    filter_fetch: int = Field(20, ge=1, description="with the relevance filter on, each channel fetches k x this "
-                              "many candidates so that k items that pass usually remain")
-    max_fetch: int = Field(1000, ge=1, description="at most this many candidates per channel (never below k)")
+    filter_fetch: int = Field(20, ge=1, description="with the relevance filter on, the lexical channel (and the "
+                              "fallback) fetches k x this many candidates so that k items that pass usually remain")
+    max_fetch: int = Field(1000, ge=1, description="at most this many lexical candidates (never below k); the "
+                           "embedding channel's depth is serve.filter_depth")
     filter_depth: int = Field(9600, ge=1, description="with the relevance filter on and key terms in the query, "
                               "the embedding channel searches this deep (the paper's 9,600), capped by the "
                               "catalogue size; each shard returns only its hits down to its k-th passing one")
@@ -451,8 +457,15 @@ class ServeConfig(StrictModel):
         "lexical", description="when fewer than k embedding hits pass the filter, fill the page with the lexical "
         "(BM25) channel's passing hits (runs only then); none: leave the page short")
     max_query_chars: int = Field(256, ge=1, description="longer queries are refused with 422")
-    max_body_bytes: int = Field(16_384, ge=256, description="larger request bodies are refused with 413")
-    max_events: int = Field(1000, ge=1, description="events per POST /v1/events")
+    max_body_bytes: int = Field(16_384, ge=256, description="larger bodies of POST /v1/retrieve and "
+                                "/v1/admin/promote are refused with 413")
+    max_events: int = Field(1000, ge=1, description="events (behaviours + past queries) per POST /v1/events")
+    max_events_bytes: int = Field(131_072, ge=256, description="larger bodies of POST /v1/events are refused "
+                                  "with 413; must hold serve.max_events behaviours at their largest values "
+                                  f"({BEHAVIOUR_JSON_BYTES} bytes each)")
+    retry_backoff_ms: float = Field(50.0, gt=0, description="a read (encoder, shard, lexical call) that failed "
+                                    "because its replica died or is unavailable is retried on another replica "
+                                    "after this wait, doubling per attempt, within serve.request_timeout_s")
     token: str | None = Field(None, description="bearer token of the write paths (events, promotion); the "
                               "MGDSPR_SERVE_TOKEN environment variable overrides; none set: writes are refused")
     batch_size: int = Field(32, ge=1, description="@serve.batch size of the encoder and the shards")
@@ -480,6 +493,11 @@ class ServeConfig(StrictModel):
     def _k_bounds(self) -> ServeConfig:
         if self.default_k > self.max_k:
             raise ValueError(f"default_k {self.default_k} > max_k {self.max_k}")
+        need = self.max_events * BEHAVIOUR_JSON_BYTES + 64
+        if self.max_events_bytes < need:
+            raise ValueError(f"max_events={self.max_events} behaviours of up to {BEHAVIOUR_JSON_BYTES} bytes of "
+                             f"JSON each need max_events_bytes >= {need} (got {self.max_events_bytes}): raise "
+                             "max_events_bytes or lower max_events")
         return self
 
 

@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 import torch
 from ray import serve
 
-from ray_mgdspr.config import ProjectConfig, SimulateConfig
+from ray_mgdspr.config import ProjectConfig, SimulateConfig, config_to_yaml
 from ray_mgdspr.data.features import Featurizer
 from ray_mgdspr.data.simulator.simulate import Progress, simulate
 from ray_mgdspr.data.validate import ValidationReport, validate_world
@@ -68,6 +68,7 @@ class DemoResult:
     k: int
     serving: ServingReport
     evaluation: str  # Markdown table: the demo model against BM25 on held-out searches
+    serving_config: Path  # the project config that serves this demo again: `mgdspr serve -c <it>`
 
 
 @dataclass
@@ -135,9 +136,29 @@ def run_demo(cfg: ProjectConfig, out: str | Path, progress: Progress | None = No
     recall = answer_held_out(world, training.bundle, reader, k, cfg.train.eval_events)
     serving = serve_and_ask(cfg, out, world)
     evaluation = demo_table(world, training.bundle, out / "index" / index.version, k=k)
+    config_path = write_serving_config(cfg.model_copy(update={"index": index_cfg}), out)
     log.info("demo artifacts in %s", out)
     return DemoResult(out, world, vocab_path, manifest, report, vocab, training, embeddings, index, recall, k,
-                      serving, evaluation)
+                      serving, evaluation, config_path)
+
+
+def write_serving_config(cfg: ProjectConfig, out: Path) -> Path:
+    """``out/config.yaml``: the demo's config with absolute paths to what it built (world, model, index, behaviour
+    store), so that ``mgdspr serve -c out/config.yaml`` serves the demo's version again (written atomically)."""
+    root = out.resolve()
+    serve_cfg = cfg.serve.model_copy(update={"index_root": str(root / "index"), "world": str(root / "world"),
+                                             "store": str(root / "store" / "behaviours.sqlite")})
+    cfg = cfg.model_copy(update={
+        "simulate": dated(cfg.simulate), "serve": serve_cfg,
+        "train": cfg.train.model_copy(update={k: str(Path(getattr(cfg.train, k)).resolve())
+                                              for k in ("world", "storage_path", "out")}),
+        "index": cfg.index.model_copy(update={"out": str(root / "index")}),
+        "embed": cfg.embed.model_copy(update={"out": str(root / "embeddings")})})
+    path, tmp = out / "config.yaml", out / ".config.yaml.tmp"
+    tmp.write_text("# written by `mgdspr demo`: serve this demo again with `mgdspr serve -c " + str(path) + "`\n"
+                   + config_to_yaml(cfg))
+    tmp.replace(path)
+    return path
 
 
 def dated(sim: SimulateConfig, today: dt.date | None = None) -> SimulateConfig:

@@ -3,7 +3,12 @@
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
+from collections.abc import Callable
+
+import httpx
 
 from ray_mgdspr.config import SimulateConfig
 
@@ -44,3 +49,54 @@ def wait_for_state_api(timeout_s: float = 60.0) -> None:
             if time.monotonic() > deadline:
                 return  # the tests fall back to finding worker processes without it
             time.sleep(0.5)
+
+
+# ------------------------------------------------------------------ the endpoint under load (tests/serve)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Load:
+    """Clients posting /v1/retrieve in a loop until stopped; records (status, version, error, time answered)."""
+
+    def __init__(self, base: str, clients: int, **body: object) -> None:
+        self.base, self.body, self.stop = base, body or {"query": "red dress", "k": 20}, threading.Event()
+        self.results: list[list[tuple[int, str | None, str, float]]] = [[] for _ in range(clients)]
+        self.retry_after: list[str | None] = []  # the Retry-After header of each non-200 answer
+        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)]
+
+    def _run(self, i: int) -> None:
+        with httpx.Client(base_url=self.base, timeout=30) as c:
+            while not self.stop.is_set():
+                r = c.post("/v1/retrieve", json=self.body)
+                body = r.json()
+                self.results[i].append((r.status_code, body.get("version"), body.get("error", ""), time.time()))
+                if r.status_code != 200:
+                    self.retry_after.append(r.headers.get("retry-after"))
+
+    def __enter__(self) -> Load:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(60)
+
+    @property
+    def all(self) -> list[tuple[int, str | None, str, float]]:
+        return [r for rs in self.results for r in rs]
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")

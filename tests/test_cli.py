@@ -98,6 +98,14 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     assert [h["epoch"] for h in history] == list(range(1, epochs + 1))
     assert "answered from the index" in r.stdout and "verified" in r.stdout
     assert (tmp_path / "demo" / "index" / "CURRENT").read_text().strip() == manifest["version"]
+    # `mgdspr serve -c <out>/config.yaml` serves what the demo built (test_serve_cli runs `mgdspr serve -c`)
+    from ray_mgdspr.serve.app import AppArgs, resolve
+
+    written = tmp_path / "demo" / "config.yaml"
+    assert f"mgdspr serve -c {written}" in r.stdout
+    served = resolve(AppArgs(config=str(written)))
+    assert served.index_root == str((tmp_path / "demo" / "index").resolve())
+    assert Path(served.store).is_file() and (Path(served.world) / "manifest.json").is_file()
 
 
 def test_demo_dates_its_world_so_that_the_test_day_is_today() -> None:

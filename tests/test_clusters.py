@@ -79,6 +79,10 @@ def test_rayservice_embeds_the_generated_serve_config() -> None:
     assert embedded == generated
     assert manifest["spec"]["serveConfigV2"] == yaml.safe_dump(generated, sort_keys=False)
     assert cfg.shard.max_replicas > cfg.shard.min_replicas  # autoscaling on
+    # production: a read whose replica dies is retried on another one, so every stage it calls has >= 2
+    assert min(cfg.encoder.min_replicas, cfg.shard.min_replicas, cfg.head.min_replicas, cfg.ingress.min_replicas) >= 2
+    gpu = load_config(REPO / "clusters/configs/gpu.yaml").serve
+    assert min(gpu.encoder.min_replicas, gpu.shard.min_replicas, gpu.head.min_replicas) >= 2
 
 
 def test_rayjob_runs_an_existing_job_script() -> None:

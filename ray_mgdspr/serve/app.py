@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from ray_mgdspr.config import ProjectConfig, ServeConfig, load_config
+from ray_mgdspr.index.shards import current_version
 from ray_mgdspr.serve.deployments import Ingress, VersionManager
 from ray_mgdspr.serve.store import build_sqlite_store
 
@@ -92,6 +93,10 @@ def start(args: AppArgs) -> ServeConfig:
     first version answers ``/healthz``.
     """
     cfg = resolve(args)
+    if cfg.version is None and current_version(cfg.index_root) is None:
+        raise FileNotFoundError(f"nothing to serve: the index root {cfg.index_root} has no CURRENT version; build "
+                                "one (`mgdspr pipeline`, `mgdspr index build`), set serve.index_root, or, after "
+                                "`make demo`, serve the demo with `mgdspr serve -c runs/demo/config.yaml`")
     serve.start(proxy_location=cfg.proxy_location, http_options={"host": cfg.host, "port": cfg.port},
                 logging_config=LOGGING)
     serve.run(build_app(args), name=cfg.app_name, route_prefix="/", logging_config=LOGGING)

@@ -23,15 +23,18 @@ import hmac
 import json
 import logging
 import os
+import sqlite3
 import time
+import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -46,6 +49,7 @@ from ray_mgdspr.serve.engine import (
     ReleaseError,
     ShardSearcher,
     assemble,
+    each_alone,
     embedding_depth,
     fetch_size,
     fill_page,
@@ -56,6 +60,7 @@ from ray_mgdspr.serve.engine import (
     response_body,
     verify_release,
 )
+from ray_mgdspr.serve.errors import RETRYABLE, HttpError, cause, public_message, unavailable
 from ray_mgdspr.serve.relevance import KeyTerm
 from ray_mgdspr.serve.schemas import EventsRequest, PromoteRequest, RetrieveRequest, VersionInfo
 from ray_mgdspr.serve.store import open_store
@@ -64,6 +69,7 @@ log = logging.getLogger("ray.serve")
 
 TOKEN_ENV = "MGDSPR_SERVE_TOKEN"
 STAGES = ("encode", "search", "merge", "lexical", "filter", "fallback", "relaxed", "total")
+R = TypeVar("R")
 
 
 def version_app_name(app_name: str, version: str) -> str:
@@ -74,6 +80,13 @@ def _batched(fn: Any, cfg: ServeConfig) -> None:
     """Apply the configured batch size and wait to a ``@serve.batch`` method."""
     fn.set_max_batch_size(cfg.batch_size)
     fn.set_batch_wait_timeout_s(cfg.batch_wait_ms / 1000)
+
+
+def _own(result: R | Exception) -> R:
+    """One caller's share of a batch (``engine.each_alone``): its result, or its own failure raised."""
+    if isinstance(result, Exception):
+        raise result
+    return result
 
 
 # ------------------------------------------------------------------------------------- version app
@@ -88,12 +101,19 @@ class QueryEncoderDeployment:
         release = verify_release(cfg.index_root, version, check_files=False)  # load_bundle checks its files
         self.core = QueryEncoder(release.bundle_path, cfg.world, open_store(cfg.store, release.bundle.features),
                                  threads=cfg.torch_threads)
-        _batched(self.encode, cfg)
+        _batched(self._encode, cfg)
+
+    async def encode(self, request: tuple[str, int | None, int]) -> Encoded:
+        """H_qu of one (query, user id, ts), computed in a batch with concurrent requests."""
+        return _own(await self._encode(request))
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
-    async def encode(self, requests: list[tuple[str, int | None, int]]) -> list[Encoded]:
+    async def _encode(self, requests: list[tuple[str, int | None, int]]) -> list[Encoded | Exception]:
+        return await asyncio.to_thread(each_alone, self._encode_now, requests)
+
+    def _encode_now(self, requests: list[tuple[str, int | None, int]]) -> list[Encoded]:
         queries, users, ts = (list(x) for x in zip(*requests, strict=True))
-        return await asyncio.to_thread(self.core.encode, queries, users, ts)
+        return self.core.encode(queries, users, ts)
 
 
 @serve.deployment
@@ -105,14 +125,21 @@ class IndexShard:
         release = verify_release(cfg.index_root, version, check_files=False)  # load_shard checks its files
         self.core = ShardSearcher(release.index_path, shard_no, cfg.backend or "auto", nprobe=cfg.nprobe or 16,
                                   ef_search=cfg.ef_search or 128, faiss_threads=cfg.faiss_threads)
-        _batched(self.search, cfg)
+        _batched(self._search, cfg)
+
+    async def search(self, request: tuple[np.ndarray, int, tuple[KeyTerm, ...], int | None]) -> Hits:
+        """One request: (H_qu, depth, key terms, k when the filter is on else None; see ``ShardSearcher.search``),
+        searched in a batch with concurrent requests."""
+        return _own(await self._search(request))
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
-    async def search(self, requests: list[tuple[np.ndarray, int, tuple[KeyTerm, ...], int | None]]) -> list[Hits]:
-        """Each request: (H_qu, depth, key terms, k when the filter is on else None; see ``ShardSearcher.search``)."""
-        return await asyncio.to_thread(self.core.search, np.stack([r[0] for r in requests]),
-                                       [r[1] for r in requests], [r[2] for r in requests],
-                                       need=[r[3] for r in requests])
+    async def _search(self, requests: list[tuple[np.ndarray, int, tuple[KeyTerm, ...], int | None]]
+                      ) -> list[Hits | Exception]:
+        return await asyncio.to_thread(each_alone, self._search_now, requests)
+
+    def _search_now(self, requests: list[tuple[np.ndarray, int, tuple[KeyTerm, ...], int | None]]) -> list[Hits]:
+        return self.core.search(np.stack([r[0] for r in requests]), [r[1] for r in requests],
+                                [r[2] for r in requests], need=[r[3] for r in requests])
 
 
 @serve.deployment
@@ -211,9 +238,9 @@ class VersionManager:
                                     logging_config={"enable_access_log": False})
             await self._wait_running(name)
         except (ReleaseError, PromotionRefused, RuntimeError, ValueError) as e:
-            self.info.last_error = f"{version}: {e}"
+            self.info.last_error = public_message(f"{version}: {e}")  # GET /v1/version shows it: no paths
             self._refused.add(version)
-            log.error("version %s refused, %s keeps serving: %s", version, self.info.version, e)
+            log.error("version %s refused, %s keeps serving: %s", version, self.info.version, e)  # in full
             if not isinstance(e, ReleaseError):
                 await asyncio.to_thread(serve.delete, name, _blocking=False)
             if initial:
@@ -282,15 +309,24 @@ class VersionManager:
 app = FastAPI(title="ray-mgdspr retrieval", version="1", docs_url="/docs", redoc_url=None)
 
 
-class HttpError(Exception):
-    def __init__(self, status: int, message: str, **extra: Any) -> None:
-        super().__init__(message)
-        self.status, self.message, self.extra = status, message, extra
+def request_id(request: Request) -> str:
+    """Serve's id of this request (its proxy sets ``x-request-id``, echoing a client's own), else a new one."""
+    return request.headers.get("x-request-id") or uuid.uuid4().hex
 
 
 @app.exception_handler(HttpError)
-async def _http_error(_: Request, e: HttpError) -> JSONResponse:
-    return JSONResponse({"error": e.message, **e.extra}, status_code=e.status)
+async def _http_error(request: Request, e: HttpError) -> JSONResponse:
+    return JSONResponse({"error": e.message, **e.extra, "request_id": request_id(request)}, status_code=e.status,
+                        headers=e.headers)
+
+
+@app.exception_handler(Exception)
+async def _bug(request: Request, e: Exception) -> JSONResponse:
+    """The last resort: whatever escaped a route is a bug, answered 500 with the request id, never a traceback."""
+    rid = request_id(request)
+    log.error("request %s %s failed (a bug)", rid, request.url.path, exc_info=e)
+    return JSONResponse({"error": "internal error; the server log has its traceback under this request id",
+                         "request_id": rid}, status_code=500)
 
 
 @dataclass(frozen=True)
@@ -303,10 +339,37 @@ class _Serving:
     head: DeploymentHandle
 
 
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _inline(schema: Any, defs: dict) -> Any:
+    """A JSON schema with its ``#/$defs/...`` references replaced by what they name."""
+    if isinstance(schema, dict):
+        if "$ref" in schema:
+            return _inline(defs[schema["$ref"].rsplit("/", 1)[-1]], defs)
+        return {k: _inline(v, defs) for k, v in schema.items() if k != "$defs"}
+    if isinstance(schema, list):
+        return [_inline(v, defs) for v in schema]
+    return schema
+
+
+def _body(model: type[BaseModel]) -> dict:
+    """The OpenAPI request body of a route that parses its body itself (size, encoding, then the strict model),
+    so that ``/openapi.json`` documents it and schema-driven clients and fuzzers can generate it."""
+    schema = model.model_json_schema()
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": _inline(schema, schema.get("$defs", {}))}}}}
+
+
 @serve.deployment
 @serve.ingress(app)
 class Ingress:
-    """HTTP: validation, auth, fan-out to the shards, merge, relevance filter, metrics."""
+    """HTTP: validation, auth, fan-out to the shards, merge, relevance filter, metrics.
+
+    Errors follow ``serve/errors.py``: 4xx name the field and the problem, 503 (with ``Retry-After``) only when
+    a stage is unavailable, 500 for a bug. Reads are idempotent: one that fails because its replica died is
+    retried on another replica within the request's deadline (``_read``)."""
 
     def __init__(self, settings: dict, manager: DeploymentHandle) -> None:
         self.cfg = ServeConfig.model_validate(settings)
@@ -327,22 +390,26 @@ class Ingress:
                                  "filter left fewer than k embedding hits", registry=self.registry)
         self.relaxed = Counter("mgdspr_relaxed_pages", "responses filled with the query's product type because too "
                                "few items have every key term", registry=self.registry)
+        self.retries = Counter("mgdspr_retried_calls", "reads retried on another replica after theirs died or was "
+                               "unavailable, by stage", ["stage"], registry=self.registry)
         self.version_gauge = Gauge("mgdspr_serving_version", "1 for the version this replica serves",
                                    ["version"], registry=self.registry)
 
     # ------------------------------------------------------------------ version
 
-    async def _current(self) -> _Serving:
+    async def _current(self, deadline: float | None = None) -> _Serving:
         if self._refresher is None:
             self._refresher = asyncio.get_running_loop().create_task(self._refresh_forever())
         if self.serving is None:
-            await self._refresh()
+            await self._refresh(deadline)
         if self.serving is None:
-            raise HttpError(503, "no version is loaded yet; retry shortly")
+            raise unavailable("no version is loaded yet; retry shortly")
         return self.serving
 
-    async def _refresh(self) -> None:
-        info = VersionInfo.model_validate(await self.manager.active.remote())
+    async def _refresh(self, deadline: float | None = None) -> None:
+        deadline = deadline or time.monotonic() + self.cfg.request_timeout_s
+        info = VersionInfo.model_validate(await self._read("manager", lambda: self.manager.active.remote(),
+                                                           deadline))
         if info.version is None or (self.serving and self.serving.version == info.version):
             return
         name = version_app_name(self.cfg.app_name, info.version)
@@ -362,34 +429,57 @@ class Ingress:
                 log.exception("asking the version manager failed; keeping %s",
                               self.serving.version if self.serving else None)
 
+    async def _read(self, stage: str, call: Callable[[], Awaitable[R]], deadline: float) -> R:
+        """``call()`` (a handle call), retried while its replica died or is unavailable (``errors.RETRYABLE``):
+        Serve routes the retry to another replica (or waits for a replacement), after ``serve.retry_backoff_ms``,
+        doubling, until ``deadline`` (monotonic seconds). Raises a 503 when the deadline comes first; any other
+        failure (a bug in the stage) is raised as it is."""
+        wait = self.cfg.retry_backoff_ms / 1000
+        while True:
+            try:
+                return await call()
+            except RETRYABLE as e:
+                if time.monotonic() + wait >= deadline:
+                    raise unavailable(f"the {stage} stage is unavailable (a replica is restarting or overloaded); "
+                                      "retry") from e
+                self.retries.labels(stage).inc()
+                log.warning("%s call failed (%s); retrying on another replica in %.0f ms", stage,
+                            type(cause(e)).__name__, wait * 1000)
+                await asyncio.sleep(wait)
+                wait *= 2
+
     # ------------------------------------------------------------------ input
 
-    async def _json(self, request: Request, endpoint: str) -> Any:
-        """The request body as JSON, after the size and encoding checks (413 / 400)."""
+    async def _json(self, request: Request, endpoint: str, limit: str = "max_body_bytes") -> Any:
+        """The request body as JSON, after the size and encoding checks (413 / 400); ``limit``: the
+        ``ServeConfig`` field that bounds this endpoint's body."""
+        max_bytes = getattr(self.cfg, limit)
         declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.cfg.max_body_bytes:
-            raise HttpError(413, f"request body of {declared} bytes exceeds serve.max_body_bytes="
-                                 f"{self.cfg.max_body_bytes}")
+        if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+            raise HttpError(413, f"{endpoint}: request body of {declared} bytes exceeds serve.{limit}={max_bytes}")
         body = await request.body()
-        if len(body) > self.cfg.max_body_bytes:
-            raise HttpError(413, f"request body of {len(body)} bytes exceeds serve.max_body_bytes="
-                                 f"{self.cfg.max_body_bytes}")
+        if len(body) > max_bytes:
+            raise HttpError(413, f"{endpoint}: request body of {len(body)} bytes exceeds serve.{limit}={max_bytes}")
         try:
             text = body.decode("utf-8")
         except UnicodeDecodeError as e:
             raise HttpError(400, f"{endpoint}: request body is not valid UTF-8 (byte {e.start})") from None
         try:
-            return json.loads(text)
+            return json.loads(text, parse_constant=_no_constant)
         except json.JSONDecodeError as e:
             raise HttpError(400, f"{endpoint}: request body is not valid JSON ({e.msg} at line {e.lineno} "
                                  f"column {e.colno})") from None
+        except ValueError as e:  # NaN / Infinity: not JSON (RFC 8259), though Python's parser takes them
+            raise HttpError(400, f"{endpoint}: request body is not valid JSON ({e})") from None
+        except RecursionError:
+            raise HttpError(400, f"{endpoint}: request body nests too deep to parse") from None
 
     def _parse(self, model: type, data: Any, endpoint: str) -> Any:
         try:
             return model.model_validate(data)
         except ValidationError as e:
             problems = [{"field": ".".join(str(p) for p in err["loc"]) or "(body)", "problem": err["msg"]}
-                        for err in e.errors()]
+                        for err in e.errors(include_url=False, include_input=False)]
             raise HttpError(422, f"{endpoint}: invalid request: " + "; ".join(
                 f"{p['field']}: {p['problem']}" for p in problems), problems=problems) from None
 
@@ -400,45 +490,63 @@ class Ingress:
         if not hmac.compare_digest(given.encode(), f"Bearer {self._token}".encode()):
             raise HttpError(401, f"{what} needs the header 'Authorization: Bearer <token>'")
 
-    def _count(self, endpoint: str, code: int) -> None:
-        self.requests.labels(endpoint, str(code)).inc()
+    async def _respond(self, endpoint: str, request: Request, handle: Callable[[float], Awaitable[dict]],
+                       timeout_s: float | None = None) -> JSONResponse:
+        """Run one route's ``handle(deadline)`` within ``timeout_s`` (default ``serve.request_timeout_s``), count
+        its status, and map what it raised onto the taxonomy (``serve/errors.py``)."""
+        timeout_s = timeout_s or self.cfg.request_timeout_s
+        deadline = time.monotonic() + timeout_s
+        try:
+            body = await asyncio.wait_for(handle(deadline), timeout_s)
+        except HttpError as e:
+            self.requests.labels(endpoint, str(e.status)).inc()
+            raise
+        except TimeoutError:  # a stage overloaded, or every replica of one restarting: retryable
+            self.requests.labels(endpoint, "503").inc()
+            raise unavailable(f"{endpoint}: no answer within {timeout_s} s (a stage is overloaded or "
+                              "restarting); retry") from None
+        except RETRYABLE as e:
+            self.requests.labels(endpoint, "503").inc()
+            raise unavailable(f"{endpoint}: a stage is unavailable ({type(cause(e)).__name__}); retry") from None
+        except sqlite3.OperationalError as e:  # the behaviour store is locked or unreachable
+            self.requests.labels(endpoint, "503").inc()
+            log.warning("%s: behaviour store: %s", endpoint, e)
+            raise unavailable(f"{endpoint}: the behaviour store is busy; retry") from None
+        except Exception as e:
+            self.requests.labels(endpoint, "500").inc()
+            rid = request_id(request)
+            log.error("request %s to %s failed (a bug)", rid, endpoint, exc_info=e)
+            raise HttpError(500, f"{endpoint}: internal error; the server log has its traceback under this "
+                                 "request id") from None
+        self.requests.labels(endpoint, "200").inc()
+        return JSONResponse(body)
 
     # ------------------------------------------------------------------ routes
 
-    @app.post("/v1/retrieve")
+    @app.post("/v1/retrieve", openapi_extra=_body(RetrieveRequest))
     async def retrieve(self, request: Request) -> JSONResponse:
-        try:
+        async def handle(deadline: float) -> dict:
             req: RetrieveRequest = self._parse(RetrieveRequest, await self._json(request, "retrieve"), "retrieve")
             k = req.k if req.k is not None else self.cfg.default_k
             if not 1 <= k <= self.cfg.max_k:
-                raise HttpError(422, f"retrieve: k must be between 1 and serve.max_k={self.cfg.max_k} (got {k})")
+                raise HttpError(422, f"retrieve: k must be between 1 and serve.max_k={self.cfg.max_k} (got {k})",
+                                problems=[{"field": "k", "problem": f"not in 1..{self.cfg.max_k}"}])
             if len(req.query) > self.cfg.max_query_chars:
                 raise HttpError(422, f"retrieve: query has {len(req.query)} characters, more than "
-                                     f"serve.max_query_chars={self.cfg.max_query_chars}")
-            body = await asyncio.wait_for(self._answer(req, k), self.cfg.request_timeout_s)
-        except HttpError as e:
-            self._count("retrieve", e.status)
-            raise
-        except TimeoutError:  # a stage overloaded, or a replica died with requests on it: retryable
-            self._count("retrieve", 503)
-            raise HttpError(503, "retrieve: no answer within serve.request_timeout_s="
-                                 f"{self.cfg.request_timeout_s} (a stage is overloaded or restarting); retry") \
-                from None
-        except Exception as e:  # a replica died or is restarting: retryable, never a crash of the server
-            self._count("retrieve", 503)
-            log.warning("retrieve failed: %r", e)
-            raise HttpError(503, f"retrieve: a stage is unavailable ({type(e).__name__}); retry") from None
-        self._count("retrieve", 200)
-        return JSONResponse(body)
+                                     f"serve.max_query_chars={self.cfg.max_query_chars}",
+                                problems=[{"field": "query", "problem": "too long"}])
+            return await self._answer(req, k, deadline)
 
-    async def _answer(self, req: RetrieveRequest, k: int) -> dict:
-        v = await self._current()
+        return await self._respond("retrieve", request, handle)
+
+    async def _answer(self, req: RetrieveRequest, k: int, deadline: float) -> dict:
+        v = await self._current(deadline)
         t0 = time.perf_counter()
         latency: dict[str, float] = {}
         ts = req.ts or int(time.time() * 1000)
-        enc: Encoded = await v.encoder.encode.remote((req.query, req.user_id, ts))
+        enc: Encoded = await self._read("encode", lambda: v.encoder.encode.remote((req.query, req.user_id, ts)),
+                                        deadline)
         latency["encode"] = time.perf_counter() - t0
-
 
         async def timed(stage: str, call: Any) -> Any:
             t = time.perf_counter()
@@ -446,15 +554,19 @@ class Ingress:
             latency[stage] = time.perf_counter() - t
             return result
 
+        def lexical(terms: tuple[KeyTerm, ...]) -> Awaitable[Hits]:
+            return self._read("lexical", lambda: v.head.search.remote(enc.words, fetch, terms), deadline)
+
         fetch = fetch_size(k, req.filter, self.cfg.filter_fetch, self.cfg.max_fetch)
         depth = embedding_depth(k, req.filter, enc.terms, self.cfg.filter_depth)
         need = k if req.filter else None
         calls = {}  # the channels run concurrently: the shard fan-out ("search") beside BM25 ("lexical")
         if "embedding" in req.channels:
-            calls["embedding"] = timed("search", asyncio.gather(
-                *(s.search.remote((enc.embedding, depth, enc.terms, need)) for s in v.shards)))
+            calls["embedding"] = timed("search", asyncio.gather(*(
+                self._read("search", lambda s=s: s.search.remote((enc.embedding, depth, enc.terms, need)), deadline)
+                for s in v.shards)))
         if "lexical" in req.channels:
-            calls["lexical"] = timed("lexical", v.head.search.remote(enc.words, fetch, enc.terms))
+            calls["lexical"] = timed("lexical", lexical(enc.terms))
         found: dict[str, Hits] = dict(zip(calls, await asyncio.gather(*calls.values()), strict=True))
         if "embedding" in found:
             t = time.perf_counter()
@@ -466,14 +578,14 @@ class Ingress:
         if needs_fallback(result, found, k, req.filter, req.channels, self.cfg.fallback):
             # the filter left the page short: BM25's passing hits fill it (only then: one more hop)
             t = time.perf_counter()
-            fill_page(result, await v.head.search.remote(enc.words, fetch, enc.terms), k)
+            fill_page(result, await lexical(enc.terms), k)
             latency["fallback"] = time.perf_counter() - t
             self.fallbacks.inc()
         if needs_relaxing(result, k, req.filter, req.channels, self.cfg.fallback, enc.terms):
             # still short: too few items have every key term; fill with the query's product type (BM25-ranked)
             t = time.perf_counter()
             relaxed = relaxed_terms(enc.terms)
-            fill_page(result, await v.head.search.remote(enc.words, fetch, relaxed), k, relaxed)
+            fill_page(result, await lexical(relaxed), k, relaxed)
             latency["relaxed"] = time.perf_counter() - t
             self.relaxed.inc()
         latency["total"] = time.perf_counter() - t0
@@ -482,44 +594,43 @@ class Ingress:
         self.filtered.inc(result.filtered)
         return response_body(v.version, result, enc.terms, {s: round(x * 1000, 3) for s, x in latency.items()})
 
-    @app.post("/v1/events")
+    @app.post("/v1/events", openapi_extra=_body(EventsRequest))
     async def events(self, request: Request) -> JSONResponse:
-        try:
+        async def handle(_: float) -> dict:
             self._authorize(request, "POST /v1/events")
-            req: EventsRequest = self._parse(EventsRequest, await self._json(request, "events"), "events")
+            req: EventsRequest = self._parse(EventsRequest, await self._json(request, "events", "max_events_bytes"),
+                                             "events")
             n = len(req.behaviours) + len(req.queries)
             if n > self.cfg.max_events:
                 raise HttpError(422, f"events: {n} events in one request, more than serve.max_events="
-                                     f"{self.cfg.max_events}")
+                                     f"{self.cfg.max_events}", problems=[{"field": "(body)", "problem": "too many"}])
             if self._store is None:
                 self._store = open_store(self.cfg.store, FeatureConfig())  # appending reads no windows
             await asyncio.to_thread(self._store.append, req.behaviours, req.queries)
-        except HttpError as e:
-            self._count("events", e.status)
-            raise
-        self._count("events", 200)
-        return JSONResponse({"appended": {"behaviours": len(req.behaviours), "queries": len(req.queries)}})
+            return {"appended": {"behaviours": len(req.behaviours), "queries": len(req.queries)}}
 
-    @app.post("/v1/admin/promote")
+        return await self._respond("events", request, handle)
+
+    @app.post("/v1/admin/promote", openapi_extra=_body(PromoteRequest))
     async def promote(self, request: Request) -> JSONResponse:
-        try:
+        async def handle(_: float) -> dict:
             self._authorize(request, "POST /v1/admin/promote")
             req: PromoteRequest = self._parse(PromoteRequest, await self._json(request, "promote"), "promote")
             try:
                 info = await self.manager.promote.remote(req.version)
-            except PromotionRefused as e:
-                raise HttpError(409, f"version {req.version} refused; the serving version is unchanged: {e}") \
-                    from None
+            except PromotionRefused as e:  # Ray's wrapper of it carries the manager's traceback: not for clients
+                raise HttpError(409, f"version {req.version} refused; the serving version is unchanged: "
+                                     f"{public_message(str(cause(e)))}") from None
             await self._refresh()
-        except HttpError as e:
-            self._count("promote", e.status)
-            raise
-        self._count("promote", 200)
-        return JSONResponse(info)
+            return info
+
+        # loading a version takes up to serve.load_timeout_s, not a read's request_timeout_s
+        return await self._respond("promote", request, handle, timeout_s=self.cfg.load_timeout_s + 30)
 
     @app.get("/v1/version")
     async def version(self) -> JSONResponse:
-        return JSONResponse(await self.manager.describe.remote())
+        return JSONResponse(await self._read("manager", lambda: self.manager.describe.remote(),
+                                             time.monotonic() + self.cfg.request_timeout_s))
 
     @app.get("/healthz")
     async def healthz(self) -> JSONResponse:
@@ -529,4 +640,3 @@ class Ingress:
     @app.get("/metrics")
     async def metrics(self) -> Response:
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
-

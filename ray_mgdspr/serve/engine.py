@@ -8,9 +8,12 @@ it was built from (recorded in the index manifest). ``verify_release`` checks bo
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import faiss
 import numpy as np
@@ -27,6 +30,28 @@ from ray_mgdspr.serve.relevance import ItemMatcher, KeyTerm, RelevanceFilter
 from ray_mgdspr.serve.store import Store
 
 CHANNELS = ("embedding", "lexical")
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def each_alone(fn: Callable[[Sequence[T]], list[R]], batch: Sequence[T]) -> list[R | Exception]:
+    """``fn`` over a batch of requests (one result per request); when it raises, ``fn`` over each request alone,
+    so that one request that fails fails only itself, never the others batched with it. A request that still
+    fails gets its exception in its place (the Serve deployments raise it for that caller only)."""
+    try:
+        return list(fn(batch))
+    except Exception as e:
+        if len(batch) == 1:
+            return [e]
+        log.warning("a batch of %d failed (%r); answering its requests one by one", len(batch), e)
+    out: list[R | Exception] = []
+    for request in batch:
+        try:
+            out.append(fn([request])[0])
+        except Exception as e:
+            out.append(e)
+    return out
 
 
 class ReleaseError(ValueError):

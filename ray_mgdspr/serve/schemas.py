@@ -1,4 +1,10 @@
-"""HTTP request and response bodies of the retrieval endpoint (separate models, limits on every field)."""
+"""HTTP request and response bodies of the retrieval endpoint (separate models, limits on every field).
+
+Request bodies are strict and closed (``Strict``): a value of the wrong JSON type is refused, never coerced
+(``true`` is not the integer 1, ``"5"`` is not 5, ``5.0`` is not an integer, ``"no"`` is not false), an
+unknown key is refused at every level, and every id and timestamp is bounded to what the stores hold (int64,
+epoch milliseconds up to year 9999), so no request value can overflow a later stage.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +12,15 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ray_mgdspr.serve.store import Behaviour, PastQuery
+from ray_mgdspr.serve.store import Behaviour, EpochMs, Id, PastQuery
 
 Channel = Literal["embedding", "lexical"]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A request body: no coercion, no unknown keys (``store.Event`` is the same for events)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class RetrieveRequest(Strict):
@@ -20,13 +28,13 @@ class RetrieveRequest(Strict):
     ingress with the configured values; these are the fixed ones."""
 
     query: str = Field(description="the query as typed")
-    user_id: int | None = Field(None, ge=0, description="personalises with the user's histories; unknown or "
-                                "absent: no personalisation")
-    k: int | None = Field(None, description="items per channel (default: serve.default_k)")
+    user_id: Id | None = Field(None, description="personalises with the user's histories; unknown or "
+                               "absent: no personalisation")
+    k: int | None = Field(None, description="items per channel, 1 to serve.max_k (default: serve.default_k)")
     filter: bool = Field(True, description="relevance control: drop items that miss the query's key terms")
     channels: list[Channel] = Field(["embedding"], min_length=1, max_length=2,
                                     description="embedding (MGDSPR + ANN) and/or lexical (BM25 over titles)")
-    ts: int | None = Field(None, gt=0, description="request time in epoch ms (replaying logs); default now")
+    ts: EpochMs | None = Field(None, description="request time in epoch ms (replaying logs); default now")
 
     @field_validator("query")
     @classmethod

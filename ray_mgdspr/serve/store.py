@@ -25,11 +25,11 @@ import tempfile
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Annotated, Literal, Protocol
 
 import numpy as np
 import pyarrow as pa
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from ray_mgdspr.config import FeatureConfig
 from ray_mgdspr.data.features import DAY_MS, LONG_ACTIONS
@@ -44,21 +44,37 @@ _QUERY_SCHEMA = pa.schema([("user_id", pa.int64()), ("ts", pa.int64()), ("query_
 _CHUNK = 200_000
 
 
-class Behaviour(BaseModel):
+MAX_ID = 2**63 - 1  # ids are int64 in every table, the featurizer and both stores
+MAX_TS_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z: later instants are not dates (numpy, SQLite, Redis)
+MAX_WORDS, MAX_WORD_CHARS = 64, 64  # a past query's words
+
+Id = Annotated[int, Field(ge=0, le=MAX_ID, description=f"a non-negative int64 (at most {MAX_ID})")]
+EpochMs = Annotated[int, Field(gt=0, le=MAX_TS_MS, description="epoch milliseconds, at most year 9999")]
+Word = Annotated[str, Field(min_length=1, max_length=MAX_WORD_CHARS)]
+
+
+class Event(BaseModel):
+    """Strict, closed: what comes from outside (``POST /v1/events``) is never coerced (no bool or "5" for an
+    integer) and an unknown key is an error, as at the top level of every request body."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class Behaviour(Event):
     """One user action on an item (``POST /v1/events``)."""
 
-    user_id: int = Field(ge=0)
-    item_id: int = Field(ge=0)
+    user_id: Id
+    item_id: Id
     action: Action
-    ts: int = Field(gt=0, description="epoch milliseconds")
+    ts: EpochMs
 
 
-class PastQuery(BaseModel):
+class PastQuery(Event):
     """One query a user searched, as words."""
 
-    user_id: int = Field(ge=0)
-    ts: int = Field(gt=0, description="epoch milliseconds")
-    query_words: list[str]
+    user_id: Id
+    ts: EpochMs
+    query_words: list[Word] = Field(max_length=MAX_WORDS)
 
 
 class Store(Protocol):

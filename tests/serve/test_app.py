@@ -6,13 +6,12 @@ ones promoted (noted where it matters).
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
-import socket
-import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,9 @@ import httpx
 import numpy as np
 import pytest
 import ray
+from helpers import Load, free_port, wait_for
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from ray import serve
 
 from ray_mgdspr.config import ServeConfig
@@ -27,17 +29,12 @@ from ray_mgdspr.index.shards import current_version, set_current
 from ray_mgdspr.serve.app import AppArgs, start
 from ray_mgdspr.serve.engine import Retriever, verify_release
 from ray_mgdspr.serve.relevance import RelevanceFilter
-from ray_mgdspr.serve.store import SqliteStore
+from ray_mgdspr.serve.schemas import RetrieveResponse
+from ray_mgdspr.serve.store import MAX_ID, MAX_TS_MS, SqliteStore
 
 pytestmark = pytest.mark.slow
 TOKEN = "test-token-123"
 FILTER_DEPTH = 200  # below world_en's 1,500 items, so that the lexical fallback can run
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +153,17 @@ BAD = [
     (b'{"query": "\xff\xfe"}', 400, "not valid UTF-8"),
     (b'[1, 2]', 422, "(body)"),
     (b'{"query": "' + b"y" * 20000 + b'"}', 413, "max_body_bytes"),
+    # values that once passed validation and overflowed the behaviour store, failing a whole batch
+    (b'{"query": "dress", "user_id": 9223372036854775808}', 422, "user_id: Input should be less than or equal"),
+    (b'{"query": "dress", "ts": 1000000000000000000000000000000}', 422, "ts: Input should be less than or equal"),
+    # no coercion: a bool, a string or a float is not an integer, a string is not a bool
+    (b'{"query": "dress", "k": true}', 422, "k: Input should be a valid integer"),
+    (b'{"query": "dress", "k": "5"}', 422, "k: Input should be a valid integer"),
+    (b'{"query": "dress", "k": 5.0}', 422, "k: Input should be a valid integer"),
+    (b'{"query": "dress", "filter": "no"}', 422, "filter: Input should be a valid boolean"),
+    (b'{"query": "dress", "user_id": "42"}', 422, "user_id: Input should be a valid integer"),
+    (b'{"query": "dress", "k": NaN}', 400, "NaN is not a JSON value"),
+    (b'[' * 5000 + b']' * 5000, 400, "nests too deep"),
 ]
 
 
@@ -163,8 +171,116 @@ BAD = [
 def test_bad_input_is_a_clear_4xx(client: httpx.Client, body: bytes, status: int, message: str) -> None:
     r = client.post("/v1/retrieve", content=body, headers={"content-type": "application/json"})
     assert r.status_code == status, r.text
-    assert message in r.json()["error"]
+    assert message in r.json()["error"] and r.json()["request_id"]
     assert client.get("/healthz").status_code == 200
+
+
+def test_out_of_range_values_fail_only_their_own_request(server: tuple[str, ServeConfig],
+                                                         client: httpx.Client) -> None:
+    """The values that used to overflow the store inside a @serve.batch are refused alone; concurrent valid
+    requests (batched with them before) are all answered."""
+    bad = [{"query": "red dress", "user_id": 2**63}, {"query": "red dress", "ts": 10**30},
+           {"query": "red dress", "user_id": 2**64, "ts": 2**70}]
+    with Load(server[0], clients=4, query="red dress", k=20, user_id=7) as load:
+        for body in bad * 10:
+            r = client.post("/v1/retrieve", json=body)
+            assert r.status_code == 422, r.text
+    assert load.all and all(r[0] == 200 for r in load.all), Counter(r[0] for r in load.all)
+    auth = {"authorization": f"Bearer {TOKEN}"}
+    for event in ({"user_id": 2**63, "item_id": 1, "action": "click", "ts": 5},
+                  {"user_id": 1, "item_id": 1, "action": "click", "ts": 10**30},
+                  {"user_id": 1, "item_id": 1, "action": "click", "ts": 5, "weight": 2}):
+        r = client.post("/v1/events", json={"behaviours": [event]}, headers=auth)
+        assert r.status_code == 422, r.text
+    # serve.max_events behaviours at their largest values fit the events body limit
+    largest = [{"user_id": MAX_ID - i, "item_id": MAX_ID, "action": "collect", "ts": MAX_TS_MS} for i in range(1000)]
+    r = client.post("/v1/events", json={"behaviours": largest}, headers=auth)
+    assert r.status_code == 200 and r.json()["appended"]["behaviours"] == 1000, r.text
+    assert retrieve(client, query="dress", user_id=MAX_ID, ts=MAX_TS_MS, k=5)["count"] == 5
+
+
+# ------------------------------------------------------------------ fuzzing (hypothesis, over real HTTP)
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                 max_size=3), max_leaves=6)
+INTS = st.one_of(st.integers(-5, 5000), st.integers(), st.sampled_from([2**63 - 1, 2**63, -2**63 - 1, 10**30,
+                                                                        MAX_TS_MS, MAX_TS_MS + 1]))
+TEXT = st.text(st.characters(codec="utf-8"), max_size=300) | st.sampled_from(["red dress", "连衣裙 红色", "🙂", "\x00"])
+
+
+def _field(valid: st.SearchStrategy) -> st.SearchStrategy:
+    """Mostly a value of the right kind (valid or at and past its bounds), sometimes any JSON value."""
+    return st.one_of(valid, valid, JSON)
+
+
+def _closed(required: dict, optional: dict) -> st.SearchStrategy:
+    """Objects with these fields, sometimes with an unknown key or without a required one."""
+    body = st.fixed_dictionaries({k: _field(v) for k, v in required.items()},
+                                 optional={k: _field(v) for k, v in optional.items()})
+    extra = st.dictionaries(st.text(min_size=1, max_size=8), JSON, max_size=1)
+    drop = st.sampled_from([None, *required])
+    return st.tuples(body, extra, drop).map(lambda t: {k: v for k, v in {**t[0], **t[1]}.items() if k != t[2]})
+
+
+RETRIEVE_BODIES = _closed({"query": TEXT}, {
+    "user_id": INTS | st.none(), "k": INTS | st.none(), "filter": st.booleans(), "ts": INTS | st.none(),
+    "channels": st.lists(st.sampled_from(["embedding", "lexical", "sql"]), max_size=3)})
+BEHAVIOUR = _closed({"user_id": INTS, "item_id": INTS, "action": st.sampled_from(["click", "buy", "collect", "cart",
+                                                                                  "like"]), "ts": INTS}, {})
+PAST_QUERY = _closed({"user_id": INTS, "ts": INTS, "query_words": st.lists(TEXT, max_size=70)}, {})
+EVENTS_BODIES = _closed({}, {"behaviours": st.lists(BEHAVIOUR, max_size=5), "queries": st.lists(PAST_QUERY,
+                                                                                                  max_size=3)})
+PROMOTE_BODIES = _closed({"version": st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,140}", fullmatch=True) | TEXT}, {})
+
+
+def _raw(bodies: st.SearchStrategy) -> st.SearchStrategy:
+    """Request bodies as bytes: mostly JSON objects from ``bodies``, sometimes any JSON or any bytes."""
+    return st.one_of(bodies.map(json.dumps), bodies.map(json.dumps), JSON.map(json.dumps)).map(str.encode) | \
+        st.binary(max_size=64)
+
+
+FUZZ = settings(max_examples=1000, deadline=None, derandomize=True, database=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
+                                       HealthCheck.data_too_large])
+
+
+def _check(r: httpx.Response, answered: dict[int, int]) -> None:
+    assert r.status_code < 500, r.text
+    answered[r.status_code] = answered.get(r.status_code, 0) + 1
+    body = r.json()
+    if r.status_code >= 400:
+        assert body["error"] and body["request_id"]
+        for leak in ("Traceback", "\x1b[", "/tmp/", "pid=", "actor_id"):
+            assert leak not in r.text
+
+
+@pytest.mark.parametrize(("path", "bodies"), [("/v1/retrieve", RETRIEVE_BODIES), ("/v1/events", EVENTS_BODIES),
+                                              ("/v1/admin/promote", PROMOTE_BODIES)])
+def test_fuzzed_requests_get_no_5xx_and_valid_ones_alongside_are_answered(
+        server: tuple[str, ServeConfig], client: httpx.Client, deployment: Any, path: str,
+        bodies: st.SearchStrategy) -> None:
+    """1,000 generated bodies per endpoint (hypothesis, derandomized: the same ones on every run), with the
+    token on the write paths, against the real endpoint; two clients send valid searches meanwhile."""
+    answered: dict[int, int] = {}
+    auth = {"authorization": f"Bearer {TOKEN}"}
+    served = set(deployment.versions) | {p.name for p in deployment.index_root.iterdir()}
+
+    @FUZZ
+    @given(body=_raw(bodies))
+    def fuzz(body: bytes) -> None:
+        if path.endswith("promote") and any(v.encode() in body for v in served):
+            return  # a real version would really be promoted (test_version_swap does that)
+        r = client.post(path, content=body, headers={"content-type": "application/json", **auth})
+        _check(r, answered)
+        if path == "/v1/retrieve" and r.status_code == 200:
+            RetrieveResponse.model_validate(r.json())
+
+    with Load(server[0], clients=2, query="red dress", k=10, user_id=3) as load:
+        fuzz()
+    print(f"{path}: {sum(answered.values())} fuzzed requests answered {dict(sorted(answered.items()))}")
+    assert sum(answered.values()) >= 900 and len(answered) >= 2  # both valid and refused bodies were generated
+    assert load.all and all(r[0] == 200 for r in load.all), Counter(r[0] for r in load.all)
 
 
 def test_events_need_the_token_and_change_the_next_result(client: httpx.Client) -> None:
@@ -189,45 +305,6 @@ def test_metrics(client: httpx.Client) -> None:
     assert 'mgdspr_requests_total{code="422",endpoint="retrieve"}' in text
     assert 'mgdspr_stage_seconds_bucket{le="0.005",stage="encode"}' in text
     assert 'mgdspr_serving_version{version="v1"} 1.0' in text
-
-
-class Load:
-    """Clients posting /v1/retrieve in a loop until stopped; records (status, version, error, time answered)."""
-
-    def __init__(self, base: str, clients: int, **body: object) -> None:
-        self.base, self.body, self.stop = base, body or {"query": "red dress", "k": 20}, threading.Event()
-        self.results: list[list[tuple[int, str | None, str, float]]] = [[] for _ in range(clients)]
-        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)]
-
-    def _run(self, i: int) -> None:
-        with httpx.Client(base_url=self.base, timeout=30) as c:
-            while not self.stop.is_set():
-                r = c.post("/v1/retrieve", json=self.body)
-                body = r.json()
-                self.results[i].append((r.status_code, body.get("version"), body.get("error", ""), time.time()))
-
-    def __enter__(self) -> Load:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(60)
-
-    @property
-    def all(self) -> list[tuple[int, str | None, str, float]]:
-        return [r for rs in self.results for r in rs]
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def test_version_swap_under_load_has_no_failures_and_no_mixing(server: tuple[str, ServeConfig], client: httpx.Client,
@@ -263,6 +340,8 @@ def test_broken_version_is_refused_and_the_old_keeps_serving(server: tuple[str, 
         r = client.post("/v1/admin/promote", json={"version": "v3"}, headers=auth, timeout=300)
     assert r.status_code == 409 and "serving version is unchanged" in r.json()["error"]
     assert "does not match its sha256" in r.json()["error"]  # refused before anything loads it
+    for leak in ("Traceback", "\x1b[", str(deployment.index_root), "pid=", "ip=", "actor_id", "ray::"):
+        assert leak not in r.text  # the manager's exception, not Ray's wrapper with its remote traceback
     assert "v3" in client.get("/v1/version").json()["last_error"]
     assert all(r[0] == 200 and r[1] == "v2" for r in load.all)
     missing = client.post("/v1/admin/promote", json={"version": "nope"}, headers=auth)
@@ -278,11 +357,13 @@ def test_moving_current_rolls_back(client: httpx.Client, deployment: Any) -> Non
 
 
 def test_killed_shard_replica_fails_clearly_and_recovers(server: tuple[str, ServeConfig]) -> None:
+    """1 replica (the laptop default): reads wait for the replacement within their deadline; those whose deadline
+    ends first are 503 with Retry-After, only inside the restart window (2 replicas: test_faults.py)."""
     names = [a for a in ray.util.list_named_actors(all_namespaces=True)
              if "mgdspr-v1" in a["name"] and "shard-0" in a["name"]]
     assert len(names) == 1, names
     replica = ray.get_actor(names[0]["name"], namespace=names[0]["namespace"])
-    with Load(server[0], clients=4) as load:
+    with Load(server[0], clients=8) as load:
         time.sleep(1.0)
         killed = time.time()
         ray.kill(replica, no_restart=True)
@@ -295,6 +376,7 @@ def test_killed_shard_replica_fails_clearly_and_recovers(server: tuple[str, Serv
     results = load.all
     failures = [r for r in results if r[0] != 200]
     assert all(status == 503 and "retry" in error for status, _, error, _ in failures), failures[:3]
+    assert all(after == "1" for after in load.retry_after)  # a 503 says when to retry
     assert all(killed <= at <= recovered for *_, at in failures)  # errors only while the shard restarts
     after = [r for r in results if r[3] > recovered]
     assert after and all(r[0] == 200 for r in after)
