@@ -232,11 +232,11 @@ def demo(
     console.print(escape(f"  after POST /v1/events: {s.events_summary}"), soft_wrap=True)
     console.print("evaluation of the demo model against BM25 on held-out searches:")
     console.print(result.evaluation, markup=False, highlight=False, soft_wrap=True)
+    console.print(escape(f"serve it again: `.venv/bin/mgdspr serve -c {result.serving_config}`, then, in another "
+                         "shell, `.venv/bin/mgdspr query 'red dress'`"), soft_wrap=True)
     console.print(f"demo done in {time.perf_counter() - t0:.1f}s: world {result.world} (valid), "
                   f"vocabulary {result.vocab_path}, model {result.training.bundle}, index {result.out / 'index'} "
                   f"(version {result.training.manifest.version}) [SYNTHETIC data]", soft_wrap=True)
-    console.print(escape(f"serve it again: `.venv/bin/mgdspr serve -c {result.serving_config}`, then, in another "
-                         "shell, `.venv/bin/mgdspr query 'red dress'`"), soft_wrap=True)
 
 
 def _on_ray(cfg: ProjectConfig, address: str | None, job: Callable[[], T]) -> T:

@@ -80,10 +80,10 @@ def test_load_real_data(tmp_path: Path) -> None:
 @pytest.mark.timeout(900)
 def test_demo_end_to_end(tmp_path: Path) -> None:
     """The README's main job as a user runs it: simulate, validate, vocabulary, Ray training (real Ray), embedding,
-    index, Serve over HTTP, the evaluation table. Two epochs instead of the preset's six keep the suite short; the
+    index, Serve over HTTP, the evaluation table. One epoch instead of the preset's eight keeps the suite short; the
     README's exact command is run from a clean clone before each release."""
     cfg = load_preset("demo")
-    epochs = 2
+    epochs = 1
     config = tmp_path / "demo.yaml"
     config.write_text(config_to_yaml(cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs})})))
     r = run("demo", "--out", str(tmp_path / "demo"), "--config", str(config), timeout=840)

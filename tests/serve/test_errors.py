@@ -93,3 +93,28 @@ def test_public_messages_carry_no_internals() -> None:
     for leak in ("\x1b", "/srv", "4242", "10.1.2.3", "abc123def", "Traceback", "deployments.py"):
         assert leak not in out
     assert len(public_message("x " * 5000)) <= 600
+
+
+def test_a_bug_is_a_500_with_the_request_id_and_no_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    """The ingress's last-resort handler: what escaped a route is answered 500 with the request id (the one Serve's
+    proxy put in ``x-request-id``); the traceback goes to the server log under that id, never into the body."""
+    import asyncio
+
+    from starlette.requests import Request
+
+    from ray_mgdspr.serve.deployments import _bug, _http_error
+    from ray_mgdspr.serve.errors import unavailable
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/retrieve", "headers": [(b"x-request-id", b"rid-7")],
+             "query_string": b""}
+    try:
+        raise KeyError("/srv/secret/path.sqlite")
+    except KeyError as e:
+        with caplog.at_level("ERROR", logger="ray.serve"):
+            r = asyncio.run(_bug(Request(scope), e))
+    assert r.status_code == 500 and json.loads(r.body) == {
+        "error": "internal error; the server log has its traceback under this request id", "request_id": "rid-7"}
+    assert "rid-7" in caplog.text and "/srv/secret/path.sqlite" in caplog.text  # the log has it all
+    r = asyncio.run(_http_error(Request(scope), unavailable("the encoder stage is unavailable; retry")))
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert json.loads(r.body)["request_id"] == "rid-7"
