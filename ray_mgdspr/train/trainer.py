@@ -45,7 +45,50 @@ from ray_mgdspr.model.tables import resolve_buckets
 from ray_mgdspr.train.loop import Catalogue, extra_negatives, retrieve_featurized, train_step, world_max_ids
 
 log = logging.getLogger(__name__)
-STATE = "state.pt"
+STATE = "state.pt"  # model and optimiser tensors, loaded with torch.load(weights_only=True): no pickle
+PROGRESS = "progress.json"  # epoch, step, history: plain JSON
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is refused: the message names the file and what is wrong with it."""
+
+
+def save_checkpoint(d: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    progress: dict[str, Any]) -> None:
+    """Write a checkpoint directory: tensors in ``state.pt``, progress in ``progress.json``. Nothing in it needs
+    pickle to load (checkpoints live on shared storage; loading one must never run code)."""
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, Path(d) / STATE)
+    (Path(d) / PROGRESS).write_text(json.dumps(progress))
+
+
+def load_checkpoint(d: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(tensors, progress)`` of a checkpoint directory written by ``save_checkpoint``.
+
+    ``state.pt`` is read with ``torch.load(weights_only=True)``: tensors, numbers, strings and plain containers
+    only, so a planted pickle payload is refused instead of run.
+
+    Raises:
+        CheckpointError: a file is missing, or ``state.pt`` holds anything else (naming the file).
+    """
+    state_path, progress_path = Path(d) / STATE, Path(d) / PROGRESS
+    if not progress_path.is_file():
+        raise CheckpointError(f"{progress_path}: missing; the checkpoint was written by an older ray-mgdspr (which "
+                              "pickled its progress) or is incomplete: start the run under a new run_name")
+    try:
+        tensors = torch.load(state_path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{state_path}: missing; the checkpoint is incomplete") from None
+    except Exception as e:  # pickle.UnpicklingError for a payload; RuntimeError for a truncated file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{state_path}: refused: it holds more than tensors and plain containers, so loading "
+                              f"it could run code (torch.load weights_only): {first}") from None
+    if not isinstance(tensors, dict) or set(tensors) != {"model", "optimizer"}:
+        raise CheckpointError(f"{state_path}: not a ray-mgdspr checkpoint (expected the keys model, optimizer)")
+    try:
+        progress = json.loads(progress_path.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{progress_path}: not valid JSON ({e})") from None
+    return tensors, progress
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -184,9 +227,9 @@ def train(cfg: ProjectConfig) -> TrainResult:
     if result.checkpoint is None:
         raise RuntimeError(f"run {t.run_name}: training ended without a checkpoint; see the log above")
     with result.checkpoint.as_directory() as d:
-        state = torch.load(Path(d) / STATE, map_location="cpu", weights_only=False)
+        tensors, state = load_checkpoint(d)
     model = build_model(model_cfg, loop_config["vocab_sizes"])
-    model.load_state_dict(state["model"])
+    model.load_state_dict(tensors["model"])
     metrics = state["history"]
     out = Path(t.out) if t.out else run / "bundle"
     metadata = {"data": manifest.label, "world": str(world), "run": t.run_name, "examples": n_examples,
@@ -207,9 +250,9 @@ def _restore(model: TwoTower, optimizer: torch.optim.Optimizer) -> dict[str, Any
     if ckpt is None:
         return {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "history": []}
     with ckpt.as_directory() as d:
-        state = torch.load(Path(d) / STATE, map_location="cpu", weights_only=False)
-    model.load_state_dict(state.pop("model"))
-    optimizer.load_state_dict(state.pop("optimizer"))
+        tensors, state = load_checkpoint(d)
+    model.load_state_dict(tensors["model"])
+    optimizer.load_state_dict(tensors["optimizer"])
     state["resumed_at"] = [*state.get("resumed_at", []), state["global_step"]]  # restarts, kept in the bundle
     return state
 
@@ -290,5 +333,5 @@ def _report(metrics: dict[str, Any], model: TwoTower, optimizer: torch.optim.Opt
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory(prefix="mgdspr-ckpt-") as d:
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), **progress}, Path(d) / STATE)
+        save_checkpoint(d, model, optimizer, progress)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
