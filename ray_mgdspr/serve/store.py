@@ -133,6 +133,9 @@ class SqliteStore:
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=10.0, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
+        # an acknowledged append is on disk: each commit fsyncs the WAL (survives a killed process and a power
+        # loss; WAL's default NORMAL would survive only the former)
+        self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA busy_timeout=10000")
         self._db.executescript(_DDL)
 

@@ -20,11 +20,13 @@ import ray
 from helpers import Load, free_port, wait_for
 from ray import serve
 
-from ray_mgdspr.config import ServeConfig
+from ray_mgdspr.config import FeatureConfig, ServeConfig
 from ray_mgdspr.serve.app import AppArgs, start
+from ray_mgdspr.serve.store import SqliteStore
 
 pytestmark = pytest.mark.slow
 TWO = {"min_replicas": 2, "max_replicas": 2}
+TOKEN = "faults-token-789"
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +34,7 @@ def server(deployment: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     store = tmp_path_factory.mktemp("faults") / "behaviours.sqlite"
     shutil.copy(deployment.store, store)
     overrides = {"port": free_port(), "index_root": str(deployment.index_root), "world": str(deployment.world),
-                 "store": str(store), "version": "v1", "watch_current_s": 0,
+                 "store": str(store), "version": "v1", "watch_current_s": 0, "token": TOKEN,
                  "encoder": {**TWO, "num_cpus": 0.2}, "shard": {**TWO, "num_cpus": 0.2},
                  "head": {**TWO, "num_cpus": 0.1}}
     started = not ray.is_initialized()
@@ -83,3 +85,33 @@ def test_killing_one_of_two_replicas_under_load_fails_no_read(server: tuple[str,
           "(one ingress replica's count)")
     assert len(during) > 0
     assert len(failed) / len(results) < 0.001, Counter(r[:3] for r in failed)
+
+
+def test_acknowledged_events_survive_a_killed_ingress(server: tuple[str, ServeConfig]) -> None:
+    """Events answered 200 are committed (SQLite, WAL, synchronous=FULL) before the answer: killing the ingress
+    replica that wrote them loses none; its replacement and the encoder read them back."""
+    base, cfg = server
+    user, ts = 987_654, 4_000_000_000_000
+    clicks = [{"user_id": user, "item_id": item, "action": "click", "ts": ts - 1000 * n}
+              for n, item in enumerate([11, 22, 33, 44, 55], 1)]
+
+    def ask() -> list[float]:
+        r = httpx.post(f"{base}/v1/retrieve", json={"query": "dress", "user_id": user, "ts": ts, "k": 10,
+                                                    "filter": False}, timeout=60)
+        assert r.status_code == 200, r.text
+        return [i["scores"]["embedding"] for i in r.json()["data"]]
+
+    before = ask()
+    r = httpx.post(f"{base}/v1/events", json={"behaviours": clicks}, headers={"authorization": f"Bearer {TOKEN}"},
+                   timeout=60)
+    assert r.status_code == 200 and r.json()["appended"]["behaviours"] == 5, r.text
+    ingress = [a for a in ray.util.list_named_actors(all_namespaces=True) if "#Ingress#" in a["name"]]
+    for a in ingress:
+        ray.kill(ray.get_actor(a["name"], namespace=a["namespace"]), no_restart=True)
+    old = {a["name"] for a in ingress}
+    wait_for(lambda: any("#Ingress#" in a["name"] and a["name"] not in old
+                         for a in ray.util.list_named_actors(all_namespaces=True)), 180, "a new ingress replica")
+    wait_for(lambda: httpx.get(f"{base}/healthz", timeout=30).status_code == 200, 120, "the endpoint to answer")
+    rows, _ = SqliteStore(cfg.store, FeatureConfig()).histories([user], [ts])
+    assert sorted(rows["item_id"].to_pylist()) == [11, 22, 33, 44, 55]
+    assert ask() != before  # the served encoder reads them too
