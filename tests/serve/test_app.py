@@ -301,6 +301,9 @@ def test_events_need_the_token_and_change_the_next_result(client: httpx.Client) 
 
 
 def test_metrics(client: httpx.Client) -> None:
+    """Passes alone: it makes the requests whose counters it checks."""
+    retrieve(client, query="dress", k=5)
+    assert client.post("/v1/retrieve", json={"query": "dress", "k": 0}).status_code == 422
     text = client.get("/metrics").text
     assert 'mgdspr_requests_total{code="200",endpoint="retrieve"}' in text
     assert 'mgdspr_requests_total{code="422",endpoint="retrieve"}' in text
