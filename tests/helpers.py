@@ -6,7 +6,9 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import httpx
 
@@ -100,3 +102,28 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
             return
         time.sleep(0.2)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+@contextmanager
+def running_endpoint(overrides: dict[str, Any]) -> Iterator[tuple[str, Any]]:
+    """The retrieval endpoint with these ``serve:`` overrides on a local Ray (started here unless one runs, with
+    8 logical CPUs: two versions side by side during a swap hold ~3.5 CPUs of fractional replicas); yields its
+    URL and resolved ``ServeConfig``, then shuts Serve (and the Ray it started) down."""
+    import logging
+
+    import ray
+    from ray import serve
+
+    from ray_mgdspr.serve.app import AppArgs, start
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=8, include_dashboard=False, logging_level=logging.WARNING,
+                 log_to_driver=False)
+    try:
+        cfg = start(AppArgs(serve=overrides))
+        yield f"http://127.0.0.1:{cfg.port}", cfg
+    finally:
+        serve.shutdown()
+        if started:
+            ray.shutdown()

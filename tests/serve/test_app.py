@@ -7,7 +7,6 @@ ones promoted (noted where it matters).
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 import time
 from collections import Counter
@@ -19,14 +18,13 @@ import httpx
 import numpy as np
 import pytest
 import ray
-from helpers import Load, free_port, wait_for
+from helpers import Load, free_port, running_endpoint, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from ray import serve
 
 from ray_mgdspr.config import ServeConfig
 from ray_mgdspr.index.shards import current_version, set_current
-from ray_mgdspr.serve.app import AppArgs, start
 from ray_mgdspr.serve.engine import Retriever, verify_release
 from ray_mgdspr.serve.relevance import RelevanceFilter
 from ray_mgdspr.serve.schemas import RetrieveResponse
@@ -54,16 +52,8 @@ def server(deployment: Any, store_copy: Path) -> Iterator[tuple[str, ServeConfig
         "encoder": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 0.5,
                     "downscale_delay_s": 3},
     }
-    started = not ray.is_initialized()
-    if started:
-        # logical CPUs: two versions side by side during a swap hold ~3.5 CPUs of fractional replicas
-        ray.init(address="local", num_cpus=8, include_dashboard=False, logging_level=logging.WARNING,
-                 log_to_driver=False)
-    cfg = start(AppArgs(serve=overrides))
-    yield f"http://127.0.0.1:{cfg.port}", cfg
-    serve.shutdown()
-    if started:
-        ray.shutdown()
+    with running_endpoint(overrides) as endpoint:
+        yield endpoint
 
 
 @pytest.fixture(scope="module")

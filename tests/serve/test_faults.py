@@ -7,7 +7,6 @@ The 1-replica case (the laptop default: failures bounded to the restart window, 
 
 from __future__ import annotations
 
-import logging
 import shutil
 import time
 from collections import Counter
@@ -17,11 +16,10 @@ from typing import Any
 import httpx
 import pytest
 import ray
-from helpers import Load, free_port, wait_for
+from helpers import Load, free_port, running_endpoint, wait_for
 from ray import serve
 
 from ray_mgdspr.config import FeatureConfig, ServeConfig
-from ray_mgdspr.serve.app import AppArgs, start
 from ray_mgdspr.serve.store import SqliteStore
 
 pytestmark = pytest.mark.slow
@@ -37,15 +35,8 @@ def server(deployment: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterato
                  "store": str(store), "version": "v1", "watch_current_s": 0, "token": TOKEN,
                  "encoder": {**TWO, "num_cpus": 0.2}, "shard": {**TWO, "num_cpus": 0.2},
                  "head": {**TWO, "num_cpus": 0.1}}
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=8, include_dashboard=False, logging_level=logging.WARNING,
-                 log_to_driver=False)
-    cfg = start(AppArgs(serve=overrides))
-    yield f"http://127.0.0.1:{cfg.port}", cfg
-    serve.shutdown()
-    if started:
-        ray.shutdown()
+    with running_endpoint(overrides) as endpoint:
+        yield endpoint
 
 
 def _replicas(stage: str) -> list[dict]:
