@@ -105,10 +105,12 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 @contextmanager
-def running_endpoint(overrides: dict[str, Any]) -> Iterator[tuple[str, Any]]:
+def running_endpoint(overrides: dict[str, Any], metrics_export_port: int | None = None
+                     ) -> Iterator[tuple[str, Any]]:
     """The retrieval endpoint with these ``serve:`` overrides on a local Ray (started here unless one runs, with
-    8 logical CPUs: two versions side by side during a swap hold ~3.5 CPUs of fractional replicas); yields its
-    URL and resolved ``ServeConfig``, then shuts Serve (and the Ray it started) down."""
+    8 logical CPUs: two versions side by side during a swap hold ~3.5 CPUs of fractional replicas, and Ray's
+    Prometheus export on ``metrics_export_port`` when given); yields its URL and resolved ``ServeConfig``, then
+    shuts Serve (and the Ray it started) down."""
     import logging
 
     import ray
@@ -119,7 +121,8 @@ def running_endpoint(overrides: dict[str, Any]) -> Iterator[tuple[str, Any]]:
     started = not ray.is_initialized()
     if started:
         ray.init(address="local", num_cpus=8, include_dashboard=False, logging_level=logging.WARNING,
-                 log_to_driver=False)
+                 log_to_driver=False,
+                 **({"_metrics_export_port": metrics_export_port} if metrics_export_port else {}))
     try:
         cfg = start(AppArgs(serve=overrides))
         yield f"http://127.0.0.1:{cfg.port}", cfg

@@ -33,7 +33,6 @@ from typing import Any, TypeVar
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -61,6 +60,7 @@ from ray_mgdspr.serve.engine import (
     verify_release,
 )
 from ray_mgdspr.serve.errors import RETRYABLE, HttpError, cause, public_message, unavailable
+from ray_mgdspr.serve.metrics import ServingMetrics
 from ray_mgdspr.serve.relevance import KeyTerm
 from ray_mgdspr.serve.schemas import EventsRequest, PromoteRequest, RetrieveRequest, VersionInfo
 from ray_mgdspr.serve.store import open_store
@@ -378,22 +378,7 @@ class Ingress:
         self._refresher: asyncio.Task | None = None
         self._store = None
         self._token = os.environ.get(TOKEN_ENV) or self.cfg.token
-        self.registry = CollectorRegistry()
-        self.requests = Counter("mgdspr_requests", "HTTP requests by endpoint and status code",
-                                ["endpoint", "code"], registry=self.registry)
-        self.latency = Histogram("mgdspr_stage_seconds", "latency of each stage of /v1/retrieve", ["stage"],
-                                 registry=self.registry,
-                                 buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
-        self.filtered = Counter("mgdspr_filtered_items", "hits removed by the relevance filter",
-                                registry=self.registry)
-        self.fallbacks = Counter("mgdspr_fallback_pages", "responses the lexical fallback filled because the "
-                                 "filter left fewer than k embedding hits", registry=self.registry)
-        self.relaxed = Counter("mgdspr_relaxed_pages", "responses filled with the query's product type because too "
-                               "few items have every key term", registry=self.registry)
-        self.retries = Counter("mgdspr_retried_calls", "reads retried on another replica after theirs died or was "
-                               "unavailable, by stage", ["stage"], registry=self.registry)
-        self.version_gauge = Gauge("mgdspr_serving_version", "1 for the version this replica serves",
-                                   ["version"], registry=self.registry)
+        self.metrics = ServingMetrics()  # exported through Ray (all replicas) and GET /metrics (this one)
 
     # ------------------------------------------------------------------ version
 
@@ -417,8 +402,7 @@ class Ingress:
             info.version, serve.get_deployment_handle("encoder", name),
             [serve.get_deployment_handle(f"shard-{s}", name) for s in range(info.shards or 0)],
             serve.get_deployment_handle("head", name))
-        self.version_gauge.clear()
-        self.version_gauge.labels(info.version).set(1)
+        self.metrics.serving(info.version)
 
     async def _refresh_forever(self) -> None:
         while True:
@@ -442,7 +426,7 @@ class Ingress:
                 if time.monotonic() + wait >= deadline:
                     raise unavailable(f"the {stage} stage is unavailable (a replica is restarting or overloaded); "
                                       "retry") from e
-                self.retries.labels(stage).inc()
+                self.metrics.retries.labels(stage).inc()
                 log.warning("%s call failed (%s); retrying on another replica in %.0f ms", stage,
                             type(cause(e)).__name__, wait * 1000)
                 await asyncio.sleep(wait)
@@ -499,26 +483,26 @@ class Ingress:
         try:
             body = await asyncio.wait_for(handle(deadline), timeout_s)
         except HttpError as e:
-            self.requests.labels(endpoint, str(e.status)).inc()
+            self.metrics.requests.labels(endpoint, str(e.status)).inc()
             raise
         except TimeoutError:  # a stage overloaded, or every replica of one restarting: retryable
-            self.requests.labels(endpoint, "503").inc()
+            self.metrics.requests.labels(endpoint, "503").inc()
             raise unavailable(f"{endpoint}: no answer within {timeout_s} s (a stage is overloaded or "
                               "restarting); retry") from None
         except RETRYABLE as e:
-            self.requests.labels(endpoint, "503").inc()
+            self.metrics.requests.labels(endpoint, "503").inc()
             raise unavailable(f"{endpoint}: a stage is unavailable ({type(cause(e)).__name__}); retry") from None
         except sqlite3.OperationalError as e:  # the behaviour store is locked or unreachable
-            self.requests.labels(endpoint, "503").inc()
+            self.metrics.requests.labels(endpoint, "503").inc()
             log.warning("%s: behaviour store: %s", endpoint, e)
             raise unavailable(f"{endpoint}: the behaviour store is busy; retry") from None
         except Exception as e:
-            self.requests.labels(endpoint, "500").inc()
+            self.metrics.requests.labels(endpoint, "500").inc()
             rid = request_id(request)
             log.error("request %s to %s failed (a bug)", rid, endpoint, exc_info=e)
             raise HttpError(500, f"{endpoint}: internal error; the server log has its traceback under this "
                                  "request id") from None
-        self.requests.labels(endpoint, "200").inc()
+        self.metrics.requests.labels(endpoint, "200").inc()
         return JSONResponse(body)
 
     # ------------------------------------------------------------------ routes
@@ -580,18 +564,18 @@ class Ingress:
             t = time.perf_counter()
             fill_page(result, await lexical(enc.terms), k)
             latency["fallback"] = time.perf_counter() - t
-            self.fallbacks.inc()
+            self.metrics.fallbacks.inc()
         if needs_relaxing(result, k, req.filter, req.channels, self.cfg.fallback, enc.terms):
             # still short: too few items have every key term; fill with the query's product type (BM25-ranked)
             t = time.perf_counter()
             relaxed = relaxed_terms(enc.terms)
             fill_page(result, await lexical(relaxed), k, relaxed)
             latency["relaxed"] = time.perf_counter() - t
-            self.relaxed.inc()
+            self.metrics.relaxed.inc()
         latency["total"] = time.perf_counter() - t0
         for stage, seconds in latency.items():
-            self.latency.labels(stage).observe(seconds)
-        self.filtered.inc(result.filtered)
+            self.metrics.stage_seconds.labels(stage).observe(seconds)
+        self.metrics.filtered.inc(result.filtered)
         return response_body(v.version, result, enc.terms, {s: round(x * 1000, 3) for s, x in latency.items()})
 
     @app.post("/v1/events", openapi_extra=_body(EventsRequest))
@@ -639,4 +623,6 @@ class Ingress:
 
     @app.get("/metrics")
     async def metrics(self) -> Response:
-        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+        """This ingress replica's series only; Prometheus should scrape Ray's export (``serve/metrics.py``)."""
+        body, content_type = self.metrics.text()
+        return Response(body, media_type=content_type)

@@ -25,6 +25,7 @@ from ray_mgdspr.serve.store import SqliteStore
 pytestmark = pytest.mark.slow
 TWO = {"min_replicas": 2, "max_replicas": 2}
 TOKEN = "faults-token-789"
+METRICS_PORT = free_port()  # Ray's Prometheus export of this node (every replica's series)
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +35,38 @@ def server(deployment: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     overrides = {"port": free_port(), "index_root": str(deployment.index_root), "world": str(deployment.world),
                  "store": str(store), "version": "v1", "watch_current_s": 0, "token": TOKEN,
                  "encoder": {**TWO, "num_cpus": 0.2}, "shard": {**TWO, "num_cpus": 0.2},
-                 "head": {**TWO, "num_cpus": 0.1}}
-    with running_endpoint(overrides) as endpoint:
+                 "head": {**TWO, "num_cpus": 0.1}, "ingress": {**TWO, "num_cpus": 0.1}}
+    with running_endpoint(overrides, metrics_export_port=METRICS_PORT) as endpoint:
         yield endpoint
+
+
+def _exported(name: str, **labels: str) -> tuple[float, set[str]]:
+    """The sum of ``name`` over every series Ray exports with these labels, and the replicas they come from."""
+    text = httpx.get(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=30).text
+    total, replicas = 0.0, set()
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+            replicas |= {part.split("=", 1)[1].strip('"') for part in line[line.index("{") + 1:line.rindex("}")]
+                         .split(",") if part.startswith("replica=")}
+    return total, replicas
+
+
+def test_exported_request_totals_add_up_across_two_ingress_replicas(server: tuple[str, ServeConfig]) -> None:
+    """Ray's metrics export carries every ingress replica's counters (labelled by replica): after N requests the
+    exported total has grown by exactly N, whichever replicas answered; GET /metrics is one replica's view."""
+    wait_for(lambda: _running("Ingress", app="mgdspr") == 2, 120, "2 ingress replicas")
+    series = "ray_mgdspr_requests_total"
+    before, _ = _exported(series, endpoint="retrieve", code="200")
+    n = 40
+    with httpx.Client(base_url=server[0], timeout=60) as c:
+        for i in range(n):
+            assert c.post("/v1/retrieve", json={"query": "red dress", "k": 5, "user_id": i}).status_code == 200
+    wait_for(lambda: _exported(series, endpoint="retrieve", code="200")[0] == before + n, 90,
+             f"the exported total to grow by {n}")
+    _, replicas = _exported(series, endpoint="retrieve", code="200")
+    assert len(replicas) == 2, replicas  # both ingress replicas answered some and both are exported
+    assert _exported("ray_mgdspr_stage_seconds_count", stage="total")[0] >= n
 
 
 def _replicas(stage: str) -> list[dict]:
@@ -44,8 +74,8 @@ def _replicas(stage: str) -> list[dict]:
             if "mgdspr-v1#" in a["name"] and f"#{stage}#" in a["name"]]
 
 
-def _running(stage: str) -> int:
-    return serve.status().applications["mgdspr-v1"].deployments[stage].replica_states.get("RUNNING", 0)
+def _running(stage: str, app: str = "mgdspr-v1") -> int:
+    return serve.status().applications[app].deployments[stage].replica_states.get("RUNNING", 0)
 
 
 @pytest.mark.parametrize("stage", ["shard-0", "encoder"])
