@@ -25,7 +25,7 @@ from ray_mgdspr.serve.store import SqliteStore
 pytestmark = pytest.mark.slow
 TWO = {"min_replicas": 2, "max_replicas": 2}
 TOKEN = "faults-token-789"
-METRICS_PORT = free_port()  # Ray's Prometheus export of this node (every replica's series)
+EXPORT: dict[str, int] = {}  # "port": Ray's Prometheus export of this node (every replica's series)
 
 
 @pytest.fixture(scope="module")
@@ -36,13 +36,15 @@ def server(deployment: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterato
                  "store": str(store), "version": "v1", "watch_current_s": 0, "token": TOKEN,
                  "encoder": {**TWO, "num_cpus": 0.2}, "shard": {**TWO, "num_cpus": 0.2},
                  "head": {**TWO, "num_cpus": 0.1}, "ingress": {**TWO, "num_cpus": 0.1}}
-    with running_endpoint(overrides, metrics_export_port=METRICS_PORT) as endpoint:
+    assert not ray.is_initialized(), "an earlier test left Ray running: its metrics export is not this module's"
+    EXPORT["port"] = free_port()  # chosen now: a port chosen at collection could be taken by the time this runs
+    with running_endpoint(overrides, metrics_export_port=EXPORT["port"]) as endpoint:
         yield endpoint
 
 
 def _exported(name: str, **labels: str) -> tuple[float, set[str]]:
     """The sum of ``name`` over every series Ray exports with these labels, and the replicas they come from."""
-    text = httpx.get(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=30).text
+    text = httpx.get(f"http://127.0.0.1:{EXPORT['port']}/metrics", timeout=30).text
     total, replicas = 0.0, set()
     for line in text.splitlines():
         if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
@@ -52,10 +54,18 @@ def _exported(name: str, **labels: str) -> tuple[float, set[str]]:
     return total, replicas
 
 
+def _export_answers() -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{EXPORT['port']}/metrics", timeout=10).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def test_exported_request_totals_add_up_across_two_ingress_replicas(server: tuple[str, ServeConfig]) -> None:
     """Ray's metrics export carries every ingress replica's counters (labelled by replica): after N requests the
     exported total has grown by exactly N, whichever replicas answered; GET /metrics is one replica's view."""
     wait_for(lambda: _running("Ingress", app="mgdspr") == 2, 120, "2 ingress replicas")
+    wait_for(_export_answers, 120, "Ray's metrics agent to export on its port")  # it starts after the node
     series = "ray_mgdspr_requests_total"
     before, _ = _exported(series, endpoint="retrieve", code="200")
     n = 40
