@@ -58,7 +58,20 @@ def test_eval_section_is_split_off_and_checked(tmp_path: Path) -> None:
         load_eval_config(cfg_file)
 
 
+@pytest.fixture
+def own_ray() -> object:
+    """`mgdspr eval` starts a local Ray in this process and leaves it running (as a CLI may); stop it after the
+    test, so that later modules start their own Ray with their own settings."""
+    import ray
+
+    running = ray.is_initialized()
+    yield
+    if not running and ray.is_initialized():
+        ray.shutdown()
+
+
 @pytest.mark.slow
+@pytest.mark.usefixtures("own_ray")
 def test_report_command_end_to_end(tmp_path: Path) -> None:
     """`mgdspr eval --quick` on a tiny simulated world: Ray tasks, every variant, tables, plots, JSON."""
     app = typer.Typer()
