@@ -21,13 +21,14 @@ def call(url: str, path: str, body: dict[str, Any] | None = None, token: str | N
          timeout: float = 600, retries: int = 3) -> dict[str, Any]:
     """GET ``url + path`` (or POST ``body`` as JSON) and return the JSON answer.
 
-    A 503 (a stage unavailable: docs/serving.md, "Errors and retries") is retried up to ``retries`` times after
-    its ``Retry-After``; every other error is final.
+    A read (a GET, or ``/v1/retrieve``) answered 503 (a stage unavailable: docs/serving.md, "Errors and
+    retries") is retried up to ``retries`` times after its ``Retry-After``; writes (events, promotion) and every
+    other error are final, since a write that timed out may still have happened.
 
     Raises:
         EndpointError: an HTTP error (with the server's ``error`` message) or a connection failure.
     """
-    for _ in range(retries):
+    for _ in range(retries if body is None or path == "/v1/retrieve" else 0):
         try:
             return _call_once(url, path, body, token, timeout)
         except EndpointError as e:
