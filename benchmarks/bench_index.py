@@ -296,6 +296,7 @@ def embedding_bench(tmp: str, n_items: int, repeats: int) -> dict:
     import torch
 
     from ray_mgdspr.config import EmbedConfig, FeatureConfig, LossConfig, ModelConfig, VocabConfig, load_preset
+    from ray_mgdspr.data.features import ITEM_COLUMNS, PriceLevels
     from ray_mgdspr.data.simulator.simulate import simulate
     from ray_mgdspr.data.vocab import KINDS, build_vocab_from_world
     from ray_mgdspr.index.embed import ItemEmbedder, embed_catalogue, read_embeddings
@@ -328,9 +329,9 @@ def embedding_bench(tmp: str, n_items: int, repeats: int) -> dict:
 
     def loop(limit: int | None = None) -> tuple[float, float, np.ndarray, np.ndarray]:
         t0 = time.perf_counter()
-        items = pq.read_table(f"{world}/items.parquet", columns=["item_id", "title_words"])
+        items = pq.read_table(f"{world}/items.parquet", columns=ITEM_COLUMNS)
         items = items.slice(0, limit) if limit else items
-        embedder = ItemEmbedder(bundle)
+        embedder = ItemEmbedder(bundle, PriceLevels.of_world(world))
         t1 = time.perf_counter()
         parts = [embedder(items.slice(lo, batch)) for lo in range(0, items.num_rows, batch)]
         t2 = time.perf_counter()

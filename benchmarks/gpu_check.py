@@ -108,13 +108,13 @@ def check_ddp(steps: int) -> dict:
 @torch.inference_mode()
 def check_item_tower(n: int = 1_000_000, batch: int = 8192) -> dict:
     model = build_model(ModelConfig(**PAPER), {"words": VOCAB, "chars": VOCAB, "bigrams": VOCAB}).cuda().eval()
-    ids = torch.randint(0, 1_000_000, (batch,), device="cuda")
-    titles = torch.randint(1, VOCAB, (batch, FEATURES.max_title_words), device="cuda")
+    items = as_tensors({k: v for k, v in random_batch(batch, FEATURES, VOCAB, 1_000_000).items()
+                        if k.startswith("item_")}, "cuda")
     out = {}
     for name, bf16 in (("fp32", False), ("bf16", True)):
         def run(bf16: bool = bf16) -> None:
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-                model.embed_items(ids, titles)
+                model.embed_items(items)
 
         rate = batch / statistics.median(_timed(run, 20))
         out[name] = {"items_per_s": rate, "catalogue_s_at_1M": n / rate}

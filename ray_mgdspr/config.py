@@ -182,7 +182,8 @@ class FeatureConfig(StrictModel):
 
 
 class ModelConfig(StrictModel):
-    """Sizes and switches of the two towers (spec §2, §3, §8, §9). Defaults are the paper's."""
+    """Sizes and switches of the two towers (spec §2, §3, §8, §9). Defaults are the paper's except where a field
+    says otherwise (init: docs/model.md, "Convergence"; item side information: "Item side information")."""
 
     kind: Literal["mgdspr", "dnn"] = Field("mgdspr", description="dnn: the mean-pooling two-tower baseline")
     d: int = Field(128, ge=8, description="embedding size everywhere")
@@ -200,6 +201,12 @@ class ModelConfig(StrictModel):
     trm: bool = Field(True, description="ablation -trm: False fuses by concatenation + MLP instead of [CLS]")
     personalise: bool = Field(True, description="False: query only, no behaviour attention")
     type_embeddings: bool = Field(False, description="learned token-group embeddings in the fusion (not in paper)")
+    item_side_info: bool = Field(
+        True, description="item tower also reads the item's leaf, first-level category, brand, shop and price level "
+        "(not in the paper, whose item tower is ID + title; docs/model.md, \"Item side information\")")
+    price_level: bool = Field(
+        True, description="behaviour side information includes the item's price level (not in the paper); with "
+        "item_side_info, so does the item tower")
     item_id_init: Literal["zero", "normal"] = Field(
         "zero", description="item ID rows at start: zero (an item starts as its title's vector) or N(0, 1/d)")
     cls_init: Literal["zero", "normal"] = Field(

@@ -29,28 +29,33 @@ with ``-1`` for padding and for missing (null) values; the model hashes them int
     his_query_words        [B, his_queries, max_query_words]   words of the user's latest his_queries queries of
                                                                query_history with ts < row ts, most recent first,
                                                                then all-PAD rows
-    rt_item, rt_shop, rt_leaf, rt_cate1, rt_brand
+    rt_item, rt_shop, rt_leaf, rt_cate1, rt_brand, rt_price
                            [B, realtime_len]                   R^u: the latest realtime_len clicks with
                                                                ts < row ts, of any age
-    st_item, st_shop, st_leaf, st_cate1, st_brand
+    st_item, st_shop, st_leaf, st_cate1, st_brand, st_price
                            [B, short_len]                      S^u: the latest short_len clicks older than R^u's
                                                                with ts >= row ts - short_days
-    lt_item, lt_shop, lt_leaf, lt_brand
+    lt_item, lt_shop, lt_leaf, lt_brand, lt_price
                            [B, 3, long_len]                    L^u: axis 1 is the action (click, buy, collect);
                                                                per action the latest long_len behaviours with
                                                                row ts - long_days <= ts < row ts - short_days
     item_id                [B]                                 the positive item (only when the input has item_id)
     item_title             [B, max_title_words]                its title words (only when the input has item_id)
+    item_shop, item_leaf, item_cate1, item_brand, item_price
+                           [B]                                 its side information (only when the input has
+                                                               item_id)
 
 All behaviour sequences (R^u, S^u and each action of L^u) are in **chronological order, oldest first, and
-right-padded with -1**; a user without history gets all -1 sequences and all-PAD history queries. Side
-information (shop, leaf, cate1, brand) of a behaviour comes from the ``items`` table by item id (-1 when null
-or the item is unknown). Every window ends strictly before the row's ts, so an event's own clicks and query
-never leak into its features; ties in ts keep the day files' order. ``short_days``/``long_days`` are rounded to
-whole milliseconds. L^u's click window is defined by time alone, so a user with few clicks can have one click in
-both R^u (which has no age limit) and L^u. ``cart`` behaviours (real logs only) are not used anywhere. Words
-(query, history, title) are lower-cased (Arrow ``utf8_lower``) before encoding, as the vocabulary counts them
-lower-cased. :meth:`Featurizer.items` gives the item-tower features (``item_id``, ``item_title``) of any ids.
+right-padded with -1**; a user without history gets all -1 sequences and all-PAD history queries. Side information
+(shop, leaf, cate1, brand, price) of a behaviour or an item comes from the ``items`` table by item id (-1 when null
+or the item is unknown); ``price`` is the item's price level, the decile of its price among the items of its leaf
+category in the items table the featurizer loaded (:class:`PriceLevels`). Every window ends strictly before the
+row's ts, so an event's own clicks and query never leak into its features; ties in ts keep the day files' order.
+``short_days``/``long_days`` are rounded to whole milliseconds. L^u's click window is defined by time alone, so a
+user with few clicks can have one click in both R^u (which has no age limit) and L^u. ``cart`` behaviours (real
+logs only) are not used anywhere. Words (query, history, title) are lower-cased (Arrow ``utf8_lower``) before
+encoding, as the vocabulary counts them lower-cased. :meth:`Featurizer.items` gives the item-tower features
+(``item_id``, ``item_title``, ``item_<side>``) of any ids.
 
 How
 ---
@@ -88,8 +93,13 @@ log = logging.getLogger(__name__)
 DAY_MS = 86_400_000
 LONG_ACTIONS = ("click", "buy", "collect")
 """Order of axis 1 of the ``lt_*`` arrays."""
-SIDE = ("shop", "leaf", "cate1", "brand")
-"""Side information of a behaviour item, looked up in the items table."""
+SIDE = ("shop", "leaf", "cate1", "brand", "price")
+"""Side information of an item (a behaviour's or the item tower's), looked up in the items table; ``price`` is
+the item's price level (:class:`PriceLevels`), the others are the table's ``<name>_id`` columns."""
+LONG_SIDE = ("shop", "leaf", "brand", "price")
+"""Side information of the L^u behaviours (L_shop, L_leaf, L_brand of spec §2.2, and the price level)."""
+PRICE_LEVELS = 10
+"""Number of price levels: deciles of price within the item's leaf category (:class:`PriceLevels`)."""
 MISSING = -1
 """Padding and missing value of raw entity ids."""
 EVENT_COLUMNS = ["event_id", "user_id", "ts", "query", "query_words"]
@@ -244,13 +254,17 @@ class Featurizer:
         """Item-tower features of any item ids.
 
         Args:
-            item_ids: [B] raw item ids; ids not in the items table get an all-PAD title.
+            item_ids: [B] raw item ids; ids not in the items table get an all-PAD title and -1 side information.
 
         Returns:
-            ``item_id`` [B] and ``item_title`` [B, max_title_words] (word ids, PAD 0).
+            ``item_id`` [B], ``item_title`` [B, max_title_words] (word ids, PAD 0) and the side information
+            ``item_shop``, ``item_leaf``, ``item_cate1``, ``item_brand``, ``item_price`` [B] (-1 when missing).
         """
         item_ids = np.asarray(item_ids, np.int64)
-        return {"item_id": item_ids, "item_title": self._titles[self._item_rows(item_ids)].astype(np.int64)}
+        rows = self._item_rows(item_ids)
+        out = {"item_id": item_ids, "item_title": self._titles[rows].astype(np.int64)}
+        out.update({f"item_{s}": self._side[s][rows] for s in SIDE})
+        return out
 
     def _query_features(self, batch: Batch) -> dict[str, np.ndarray]:
         """``query_chars`` / ``query_bigrams`` / ``query_words`` of the batch's queries."""
@@ -282,7 +296,7 @@ class Featurizer:
             tl = self._actions[action]
             hi = self._position(tl, rank, ts - short_ms)
             lo = np.maximum(self._position(tl, rank, ts - long_ms), hi - c.long_len)
-            long_parts.append(self._gather(tl, lo, hi, c.long_len, "lt", ("item", "shop", "leaf", "brand")))
+            long_parts.append(self._gather(tl, lo, hi, c.long_len, "lt", ("item", *LONG_SIDE)))
         out.update({k: np.stack([p[k] for p in long_parts], axis=1) for k in long_parts[0]})
         return out
 
@@ -323,13 +337,13 @@ class Featurizer:
 
     def _load_items(self) -> None:
         """Sorted item ids, their title word ids and side information, each with a trailing padding row."""
-        items = _read(self.world, "items", None, ["item_id", "title_words", *(f"{s}_id" for s in SIDE)])
-        order = np.argsort(items["item_id"].to_numpy(), kind="stable")
-        items = items.take(pa.array(order))
-        self._item_ids = items["item_id"].to_numpy()
-        titles = encode_words(self.vocab, items["title_words"], self.config.max_title_words)
-        self._titles = _with_pad_row(titles.astype(np.int32), PAD)
-        self._side = {s: _with_pad_row(_fill(items[f"{s}_id"]), MISSING) for s in SIDE}
+        items = _read(self.world, "items", None, ITEM_COLUMNS)
+        items = items.take(pa.array(np.argsort(items["item_id"].to_numpy(), kind="stable")))
+        self.prices = PriceLevels(_fill(items["leaf_id"]), _prices(items["price"]))
+        f = item_features(items, self.vocab, self.config.max_title_words, self.prices)
+        self._item_ids = f["item_id"]
+        self._titles = _with_pad_row(f["item_title"].astype(np.int32), PAD)
+        self._side = {s: _with_pad_row(f[f"item_{s}"], MISSING) for s in SIDE}
 
     def _item_rows(self, item_ids: np.ndarray) -> np.ndarray:
         """Row of each id in the sorted items arrays; the padding row for unknown ids."""
@@ -353,6 +367,64 @@ class Featurizer:
 
 
 # ------------------------------------------------------------------------------------------- helpers
+
+
+class PriceLevels:
+    """Price level of any (leaf, price): how many of the leaf's decile edges lie below the price (0 cheapest ...
+    ``levels - 1`` dearest), with the edges cut from a catalogue; -1 for a missing price or leaf, or a leaf the
+    catalogue has no priced item of. Small and picklable: Ray Data's embedding actors get the driver's.
+
+    Args:
+        leaf: (N,) leaf ids of the catalogue (-1 missing); price: (N,) prices (NaN missing).
+
+    Example:
+        >>> levels = PriceLevels(np.array([0, 0, 0, 0, 1]), np.array([1.0, 5.0, 7.0, 9.0, 3.0]), levels=4)
+        >>> levels(np.array([0, 0, 0, 0, 1, 2, 0]), np.array([1.0, 5.0, 7.0, 9.0, 3.0, 3.0, np.nan])).tolist()
+        [0, 1, 2, 3, 0, -1, -1]
+    """
+
+    def __init__(self, leaf: np.ndarray, price: np.ndarray, levels: int = PRICE_LEVELS) -> None:
+        ok = (leaf >= 0) & np.isfinite(price)
+        lf, pr = leaf[ok], price[ok]
+        order = np.lexsort((pr, lf))
+        lf, pr = lf[order], pr[order]
+        self.leaves, start, count = np.unique(lf, return_index=True, return_counts=True)
+        # edge j: the dearest price of the leaf's j-th 1/levels by rank (G, levels - 1); one-item leaves: its price
+        at = start[:, None] + np.maximum((np.arange(1, levels) * count[:, None]) // levels - 1, 0)
+        self.edges = pr[at] if len(lf) else np.zeros((0, levels - 1))
+
+    def __call__(self, leaf: np.ndarray, price: np.ndarray) -> np.ndarray:
+        """(N,) int64 levels of items with these leaf ids and prices."""
+        g = np.minimum(np.searchsorted(self.leaves, leaf), max(len(self.leaves) - 1, 0))
+        known = (leaf >= 0) & np.isfinite(price) & (len(self.leaves) > 0)
+        known &= self.leaves[g] == leaf if len(self.leaves) else False
+        level = (self.edges[g] < price[:, None]).sum(1) if len(self.leaves) else np.zeros(len(leaf), np.int64)
+        return np.where(known, level, MISSING).astype(np.int64)
+
+    @classmethod
+    def of_world(cls, world: str | Path) -> PriceLevels:
+        """The edges of a world's catalogue (its ``items`` table)."""
+        items = _read(Path(world), "items", None, ["leaf_id", "price"])
+        return cls(_fill(items["leaf_id"]), _prices(items["price"]))
+
+
+ITEM_COLUMNS = ["item_id", "title_words", "price", *(f"{s}_id" for s in SIDE if s != "price")]
+"""Columns of the ``items`` table that item features are made from."""
+
+
+def item_features(items: pa.Table, vocab: Vocabulary, max_title_words: int,
+                  prices: PriceLevels) -> dict[str, np.ndarray]:
+    """Item-tower features of rows of the ``items`` table (``ITEM_COLUMNS``), in row order: ``item_id``,
+    ``item_title`` (word ids, PAD 0) and ``item_<side>`` (-1 when missing), as ``Featurizer.items`` returns."""
+    out = {"item_id": items["item_id"].to_numpy().astype(np.int64),
+           "item_title": encode_words(vocab, items["title_words"], max_title_words).astype(np.int64)}
+    out.update({f"item_{s}": _fill(items[f"{s}_id"]) for s in SIDE if s != "price"})
+    out["item_price"] = prices(out["item_leaf"], _prices(items["price"]))
+    return out
+
+
+def _prices(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    return column.to_numpy(zero_copy_only=False).astype(np.float64)  # nulls -> NaN
 
 
 def explode_positives(events: pa.Table) -> pa.Table:

@@ -1,13 +1,14 @@
 """Catalogue embedding: the bundle's item tower over every item, as a Ray Data actor pool.
 
 ```
-items.parquet (item_id, title_words) ─▶ map_batches(ItemEmbedder, ActorPoolStrategy(embed.actors))
+items.parquet (ITEM_COLUMNS) ─▶ map_batches(ItemEmbedder, ActorPoolStrategy(embed.actors))
                                      ─▶ <embed.out>/<model version>/part-*.parquet (item_id, embedding)
 ```
 
-Each actor loads only the item tower, once. The catalogue streams block by block, so memory is bounded
-by the blocks in flight, not the catalogue size. The set is written into a temporary directory and renamed
-into place when complete, with ``embeddings.json`` (model version and checksum, rows, dim) beside it.
+Each actor loads only the item tower, once. The catalogue streams block by block, so memory is bounded by the blocks
+in flight, not the catalogue size; the price levels' edges (a few per leaf category) are cut once, by the driver,
+from the catalogue's leaf and price columns and handed to every actor. The set is written into a temporary directory
+and renamed into place when complete, with ``embeddings.json`` (model version and checksum, rows, dim) beside it.
 ``read_embeddings`` accepts the vector column both as Ray's Arrow tensor type and as ``list<float>``.
 """
 
@@ -28,31 +29,30 @@ import torch
 from ray_mgdspr.artifacts import replace_dir
 from ray_mgdspr.config import EmbedConfig
 from ray_mgdspr.data import schema
-from ray_mgdspr.data.features import encode_words
+from ray_mgdspr.data.features import ITEM_COLUMNS, PriceLevels, item_features
 from ray_mgdspr.model.bundle import load_bundle, read_bundle_manifest
+from ray_mgdspr.model.layers import as_tensors
 
 MANIFEST = "embeddings.json"
 
 
 class ItemEmbedder:
-    """Callable class for ``map_batches``: item rows (``item_id``, ``title_words``) -> (``item_id``,
-    ``embedding``). Loads the item tower of ``bundle`` once per actor, on ``device`` (``auto``: CUDA when
-    the actor has a GPU)."""
+    """Callable class for ``map_batches``: item rows (``ITEM_COLUMNS``) -> (``item_id``, ``embedding``). Loads
+    the item tower of ``bundle`` once per actor, on ``device`` (``auto``: CUDA when the actor has a GPU);
+    ``prices``: the catalogue's price levels (``PriceLevels.of_world``)."""
 
-    def __init__(self, bundle: str, device: str = "auto") -> None:
+    def __init__(self, bundle: str, prices: PriceLevels, device: str = "auto") -> None:
         self.model, self.vocab, manifest = load_bundle(bundle, towers=("item",))
-        self.width = manifest.features.max_title_words
+        self.width, self.prices = manifest.features.max_title_words, prices
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                                    "cpu" if device == "auto" else device)
         self.model.to(self.device)
 
     @torch.inference_mode()
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
-        ids = batch["item_id"].to_numpy().copy()  # Arrow buffers are read-only; torch wants writable memory
-        titles = encode_words(self.vocab, batch["title_words"], self.width)
-        h = self.model.embed_items(torch.as_tensor(ids, device=self.device),
-                                   torch.as_tensor(titles, device=self.device))
-        return {"item_id": ids, "embedding": h.float().cpu().numpy()}
+        features = item_features(batch, self.vocab, self.width, self.prices)
+        h = self.model.embed_items(as_tensors(features, self.device))
+        return {"item_id": features["item_id"], "embedding": h.float().cpu().numpy()}
 
 
 @dataclass
@@ -79,8 +79,10 @@ def embed_catalogue(world: str | Path, bundle: str | Path, cfg: EmbedConfig, ove
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        ds = ray.data.read_parquet(str(items), num_cpus=cfg.cpus_per_actor).select_columns(["item_id", "title_words"])
-        ds = ds.map_batches(ItemEmbedder, fn_constructor_kwargs={"bundle": str(Path(bundle).resolve())},
+        prices = PriceLevels.of_world(world)
+        ds = ray.data.read_parquet(str(items), num_cpus=cfg.cpus_per_actor).select_columns(ITEM_COLUMNS)
+        ds = ds.map_batches(ItemEmbedder, fn_constructor_kwargs={"bundle": str(Path(bundle).resolve()),
+                                                                 "prices": prices},
                             compute=ray.data.ActorPoolStrategy(size=cfg.actors), num_cpus=cfg.cpus_per_actor,
                             num_gpus=cfg.gpus_per_actor or None, batch_size=cfg.batch_size, batch_format="pyarrow")
         ds.write_parquet(str(tmp))

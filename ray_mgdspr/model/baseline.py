@@ -9,8 +9,9 @@ import torch
 import torch.nn as nn
 
 from ray_mgdspr.config import ModelConfig
+from ray_mgdspr.model.item_tower import item_side
 from ray_mgdspr.model.layers import masked_mean, mlp
-from ray_mgdspr.model.query_tower import LONG_ATTRIBUTES, SIDE_INFO
+from ray_mgdspr.model.query_tower import LONG_ATTRIBUTES, PRICE, SIDE_INFO
 from ray_mgdspr.model.tables import Tables
 
 
@@ -20,7 +21,9 @@ class DNNQueryTower(nn.Module):
     def __init__(self, cfg: ModelConfig, tables: Tables) -> None:
         super().__init__()
         self.cfg, self.tables = cfg, tables
-        n = 4 + (2 * len(SIDE_INFO) + len(LONG_ATTRIBUTES) if cfg.personalise else 0)
+        price = PRICE if cfg.price_level else ()
+        self.side, self.long = SIDE_INFO + price, LONG_ATTRIBUTES + price
+        n = 4 + (2 * len(self.side) + len(self.long) if cfg.personalise else 0)
         self.mlp = mlp(n * cfg.d, 2 * cfg.d, cfg.d)
 
     def _tokens(self, table: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
@@ -38,19 +41,23 @@ class DNNQueryTower(nn.Module):
             self._tokens(t.words, b["his_query_words"]),
         ]
         if self.cfg.personalise:
-            parts += [self._ids(getattr(t, f), b[f"{seq}_{f}"]) for seq in ("rt", "st") for f in SIDE_INFO]
-            parts += [self._ids(getattr(t, f), b[f"lt_{f}"]) for f in LONG_ATTRIBUTES]
+            parts += [self._ids(getattr(t, f), b[f"{seq}_{f}"]) for seq in ("rt", "st") for f in self.side]
+            parts += [self._ids(getattr(t, f), b[f"lt_{f}"]) for f in self.long]
         return self.mlp(torch.cat(parts, dim=-1))
 
 
 class DNNItemTower(nn.Module):
-    """concat(item ID embedding, mean title words) -> MLP -> (B, d)."""
+    """concat(item ID embedding, mean title words[, side information]) -> MLP -> (B, d)."""
 
     def __init__(self, cfg: ModelConfig, tables: Tables) -> None:
         super().__init__()
         self.item, self.words = tables.item, tables.words
-        self.mlp = mlp(2 * cfg.d, 2 * cfg.d, cfg.d)
+        self.side = item_side(cfg)
+        self.side_tables = nn.ModuleDict({f: getattr(tables, f) for f in self.side})
+        self.mlp = mlp((2 + len(self.side)) * cfg.d, 2 * cfg.d, cfg.d)
 
-    def forward(self, item_id: torch.Tensor, item_title: torch.Tensor) -> torch.Tensor:
-        title = masked_mean(self.words(item_title), item_title > 0)
-        return self.mlp(torch.cat([self.item(item_id), title], dim=-1))
+    def forward(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
+        """x: ``item_id`` (B,), ``item_title`` (B, T)[, ``item_<side>`` (B,)] -> (B, d)."""
+        title = masked_mean(self.words(x["item_title"]), x["item_title"] > 0)
+        side = [self.side_tables[f](x[f"item_{f}"]) for f in self.side]
+        return self.mlp(torch.cat([self.item(x["item_id"]), title, *side], dim=-1))

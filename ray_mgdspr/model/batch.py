@@ -9,7 +9,9 @@ from __future__ import annotations
 import numpy as np
 
 from ray_mgdspr.config import FeatureConfig
-from ray_mgdspr.model.query_tower import LONG_ATTRIBUTES, SIDE_INFO
+from ray_mgdspr.data.features import PRICE_LEVELS
+from ray_mgdspr.model.item_tower import ITEM_SIDE_INFO
+from ray_mgdspr.model.query_tower import LONG_ATTRIBUTES, PRICE, SIDE_INFO
 
 
 def query_shapes(f: FeatureConfig) -> dict[str, tuple[int, ...]]:
@@ -20,15 +22,15 @@ def query_shapes(f: FeatureConfig) -> dict[str, tuple[int, ...]]:
         "query_words": (f.max_query_words,),
         "his_query_words": (f.his_queries, f.max_query_words),
     }
-    shapes |= {f"rt_{a}": (f.realtime_len,) for a in SIDE_INFO}
-    shapes |= {f"st_{a}": (f.short_len,) for a in SIDE_INFO}
-    shapes |= {f"lt_{a}": (3, f.long_len) for a in LONG_ATTRIBUTES}
+    shapes |= {f"rt_{a}": (f.realtime_len,) for a in SIDE_INFO + PRICE}
+    shapes |= {f"st_{a}": (f.short_len,) for a in SIDE_INFO + PRICE}
+    shapes |= {f"lt_{a}": (3, f.long_len) for a in LONG_ATTRIBUTES + PRICE}
     return shapes
 
 
 def item_shapes(f: FeatureConfig) -> dict[str, tuple[int, ...]]:
     """Per-example shape of the item-tower inputs."""
-    return {"item_id": (), "item_title": (f.max_title_words,)}
+    return {"item_id": (), "item_title": (f.max_title_words,)} | {f"item_{a}": () for a in ITEM_SIDE_INFO + PRICE}
 
 
 def random_batch(
@@ -42,7 +44,7 @@ def random_batch(
     out: dict[str, np.ndarray] = {}
     for key, shape in (query_shapes(f) | item_shapes(f)).items():
         token = key.startswith(("query_", "his_")) or key == "item_title"
-        high = vocab_size if token else n_items
+        high = vocab_size if token else PRICE_LEVELS if key.endswith("_price") else n_items
         x = rng.integers(1 if token else 0, high, size=(batch_size, *shape))
         if shape:
             n = rng.integers(0, int(shape[-1] * fill) + 1, size=(batch_size, *shape[:-1], 1))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -30,7 +31,9 @@ from ray_mgdspr.config import FeatureConfig, LossConfig, ModelConfig
 from ray_mgdspr.data.vocab import KINDS, Vocabulary
 from ray_mgdspr.model.mgdspr import TwoTower, build_model
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: the item tower may read side information (``model.item_side_info``, ``model.price_level``). A format-1
+bundle predates them: it is read with both off, which is what it was trained with."""
 MANIFEST = "manifest.json"
 TOWER_FILES = {"query": "query_tower.pt", "item": "item_tower.pt"}
 VOCAB_FILE = "vocab.json"
@@ -92,14 +95,25 @@ def save_bundle(
     return manifest
 
 
-def read_bundle_manifest(path: str | Path) -> BundleManifest:
-    """The manifest of the bundle at ``path``, after checking every file against its checksum."""
+def parse_bundle_manifest(path: str | Path) -> BundleManifest:
+    """The manifest of the bundle at ``path`` (a format-1 manifest read as format 2), without checking its files."""
     path = Path(path)
     if not (path / MANIFEST).is_file():
         raise FileNotFoundError(f"{path}: not a model bundle (no {MANIFEST})")
-    manifest = BundleManifest.model_validate_json((path / MANIFEST).read_text())
+    raw = json.loads((path / MANIFEST).read_text())
+    if isinstance(raw, dict) and raw.get("format_version") == 1:
+        raw = {**raw, "format_version": FORMAT_VERSION,
+               "model": {"item_side_info": False, "price_level": False, **raw.get("model", {})}}
+    manifest = BundleManifest.model_validate(raw)
     if manifest.format_version != FORMAT_VERSION:
         raise ValueError(f"{path}: bundle format {manifest.format_version}, this code reads {FORMAT_VERSION}")
+    return manifest
+
+
+def read_bundle_manifest(path: str | Path) -> BundleManifest:
+    """The manifest of the bundle at ``path``, after checking every file against its checksum."""
+    path = Path(path)
+    manifest = parse_bundle_manifest(path)
     for name, sha in manifest.files.items():
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path}: bundle file {name} is missing")

@@ -1,7 +1,10 @@
-"""The item tower ψ(i) of spec §3: H_item = e_i + tanh(W_t · mean(title word embeddings)).
+"""The item tower ψ(i) of spec §3: H_item = e_i + tanh(W_t · mean(title word embeddings)) [+ tanh(W_s · side)].
 
-Only the item ID and the title are used (the paper found LSTM/Transformer title encoders worse than mean
-pooling: titles are keyword stacks without grammar).
+The paper uses the item ID and the title (it found LSTM/Transformer title encoders worse than mean pooling:
+titles are keyword stacks without grammar). With ``ModelConfig.item_side_info`` (the default here, not the
+paper's) the tower also reads the item's side information, the same tables the behaviour sequences use:
+side = concat(e_leaf, e_cate1, e_brand, e_shop[, e_price]). A catalogue whose ID rows see few clicks each gets
+its brand, shop and price level from rows shared by many items (docs/model.md, "Item side information").
 """
 
 from __future__ import annotations
@@ -10,31 +13,54 @@ import torch
 import torch.nn as nn
 
 from ray_mgdspr.config import ModelConfig
-from ray_mgdspr.model.layers import HashedEmbedding, masked_mean
+from ray_mgdspr.model.layers import masked_mean
+from ray_mgdspr.model.tables import Tables
+
+ITEM_SIDE_INFO = ("leaf", "cate1", "brand", "shop")
+"""Side information the item tower reads with ``item_side_info`` (plus ``price`` with ``price_level``)."""
+
+
+def item_side(cfg: ModelConfig) -> tuple[str, ...]:
+    """The side information the item tower of this config reads (tables of ``Tables``)."""
+    return ITEM_SIDE_INFO + (("price",) if cfg.price_level else ()) if cfg.item_side_info else ()
+
+
+def item_inputs(cfg: ModelConfig) -> tuple[str, ...]:
+    """Keys of the item-tower batch this config reads (``item_id``, ``item_title``, ``item_<side>``)."""
+    return ("item_id", "item_title", *(f"item_{f}" for f in item_side(cfg)))
 
 
 class ItemTower(nn.Module):
-    """ψ: (item ids, title word ids) -> H_item (B, d).
+    """ψ: item features -> H_item (B, d).
 
     Args:
-        cfg: model sizes.
-        item: the item ID table (shared with the behaviour sequences of the query tower).
-        words: the word table (shared with query and history words, spec §9.5).
+        cfg: model sizes and switches.
+        tables: the shared tables (item IDs are shared with the behaviour sequences, words with the query and
+            history words, spec §9.5; side information with the behaviours' side information).
 
     Example:
-        >>> cfg = ModelConfig(d=8, heads=2, item_buckets=100)
-        >>> tower = ItemTower(cfg, HashedEmbedding(100, 8), nn.Embedding(40, 8, padding_idx=0))
-        >>> tower(torch.tensor([3, 7]), torch.tensor([[1, 2, 0], [5, 0, 0]])).shape
+        >>> cfg = ModelConfig(d=8, heads=2, item_buckets=100, shop_buckets=10, brand_buckets=10, category_buckets=10)
+        >>> tower = ItemTower(cfg, Tables(cfg, {"words": 40, "chars": 40, "bigrams": 40}))
+        >>> side = {f"item_{f}": torch.tensor([1, -1]) for f in ("leaf", "cate1", "brand", "shop", "price")}
+        >>> tower({"item_id": torch.tensor([3, 7]), "item_title": torch.tensor([[1, 2, 0], [5, 0, 0]]), **side}).shape
         torch.Size([2, 8])
     """
 
-    def __init__(self, cfg: ModelConfig, item: HashedEmbedding, words: nn.Embedding) -> None:
+    def __init__(self, cfg: ModelConfig, tables: Tables) -> None:
         super().__init__()
-        self.item, self.words = item, words
+        self.item, self.words = tables.item, tables.words
         self.W_t = nn.Linear(cfg.d, cfg.d, bias=False)
+        self.side = item_side(cfg)
+        if self.side:
+            self.side_tables = nn.ModuleDict({f: getattr(tables, f) for f in self.side})
+            self.W_s = nn.Linear(len(self.side) * cfg.d, cfg.d)
 
-    def forward(self, item_id: torch.Tensor, item_title: torch.Tensor) -> torch.Tensor:
-        """item_id: (B,) raw ids; item_title: (B, T) word ids, 0 = PAD -> (B, d)."""
-        e_i = self.item(item_id)
-        title = masked_mean(self.words(item_title), item_title > 0)
-        return e_i + torch.tanh(self.W_t(title))
+    def forward(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
+        """x: ``item_id`` (B,) raw ids, ``item_title`` (B, T) word ids (0 = PAD), ``item_<side>`` (B,) raw ids
+        (-1 = missing) -> (B, d)."""
+        e_i = self.item(x["item_id"])
+        title = masked_mean(self.words(x["item_title"]), x["item_title"] > 0)
+        h = e_i + torch.tanh(self.W_t(title))
+        if self.side:
+            h = h + torch.tanh(self.W_s(torch.cat([self.side_tables[f](x[f"item_{f}"]) for f in self.side], -1)))
+        return h

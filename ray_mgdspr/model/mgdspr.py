@@ -36,20 +36,21 @@ class TwoTower(nn.Module):
         self.query_tower = query_tower
         self.item_tower = item_tower
 
-    def embed_items(self, item_id: torch.Tensor, item_title: torch.Tensor) -> torch.Tensor:
-        """H_item (B, d) of raw item ids (B,) with their title word ids (B, T)."""
-        return self.item_tower(item_id, item_title)
+    def embed_items(self, items: dict[str, torch.Tensor]) -> torch.Tensor:
+        """H_item (B, d) of item features: ``item_id`` (B,), ``item_title`` (B, T) and, when the item tower reads
+        side information, ``item_<side>`` (B,) (``Featurizer.items``; ``item_tower.item_inputs`` lists them)."""
+        return self.item_tower(items)
 
     def forward(
         self, b: dict[str, torch.Tensor], extra: dict[str, torch.Tensor] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """H_qu (B, d) of each search, H_item (B, d) of its positive item, and H_item (M, d) of ``extra`` items
-        (``item_id``, ``item_title``: the sampled negatives) or None.
+        (item features, as in ``embed_items``: the sampled negatives) or None.
 
         One forward computes everything a training step needs, so DistributedDataParallel sees one call.
         """
-        h_extra = None if extra is None else self.embed_items(extra["item_id"], extra["item_title"])
-        return self.query_tower(b), self.embed_items(b["item_id"], b["item_title"]), h_extra
+        h_extra = None if extra is None else self.embed_items(extra)
+        return self.query_tower(b), self.embed_items(b), h_extra
 
 
 def build_model(cfg: ModelConfig, vocab_sizes: dict[str, int]) -> TwoTower:
@@ -57,4 +58,4 @@ def build_model(cfg: ModelConfig, vocab_sizes: dict[str, int]) -> TwoTower:
     tables = Tables(cfg, vocab_sizes)
     if cfg.kind == "dnn":
         return TwoTower(cfg, tables, DNNQueryTower(cfg, tables), DNNItemTower(cfg, tables))
-    return TwoTower(cfg, tables, QueryTower(cfg, tables), ItemTower(cfg, tables.item, tables.words))
+    return TwoTower(cfg, tables, QueryTower(cfg, tables), ItemTower(cfg, tables))

@@ -23,6 +23,7 @@ from ray_mgdspr.model.tables import Tables
 
 SIDE_INFO = ("item", "leaf", "cate1", "brand", "shop")  # per behaviour item, real-time and short-term (§9.8)
 LONG_ATTRIBUTES = ("item", "shop", "leaf", "brand")  # L_item, L_shop, L_leaf, L_brand (§2.2)
+PRICE = ("price",)  # the price level, with ModelConfig.price_level (not in the paper)
 
 
 class MGS(nn.Module):
@@ -65,16 +66,17 @@ def history_attention(q: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor) -> 
 
 
 class BehaviourItems(nn.Module):
-    """One vector per real-time/short-term behaviour: concat(item, leaf, cate1, brand, shop) -> Linear -> d."""
+    """One vector per real-time/short-term behaviour: concat(item, leaf, cate1, brand, shop[, price]) -> Linear -> d."""
 
     def __init__(self, cfg: ModelConfig, tables: Tables) -> None:
         super().__init__()
         self.tables = tables
-        self.proj = nn.Linear(len(SIDE_INFO) * cfg.d, cfg.d)
+        self.fields = SIDE_INFO + (PRICE if cfg.price_level else ())
+        self.proj = nn.Linear(len(self.fields) * cfg.d, cfg.d)
 
     def forward(self, b: dict[str, torch.Tensor], prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T, d) behaviours and their mask (B, T) from ``{prefix}_item``, ``{prefix}_leaf``, ..."""
-        parts = [getattr(self.tables, f)(b[f"{prefix}_{f}"]) for f in SIDE_INFO]
+        parts = [getattr(self.tables, f)(b[f"{prefix}_{f}"]) for f in self.fields]
         return self.proj(torch.cat(parts, dim=-1)), b[f"{prefix}_item"] >= 0
 
 
@@ -103,6 +105,7 @@ class UserBehaviourAttention(nn.Module):
         super().__init__()
         self.tables = tables
         self.items = BehaviourItems(cfg, tables)
+        self.long_fields = LONG_ATTRIBUTES + (PRICE if cfg.price_level else ())
         self.lstm = ResidualLSTM(cfg.d, 2, cfg.dropout)
         self.real_att = SelfAttention(cfg.d, cfg.heads, cfg.attn_dropout)
         self.short_att = SelfAttention(cfg.d, cfg.heads, cfg.attn_dropout)
@@ -118,7 +121,7 @@ class UserBehaviourAttention(nn.Module):
 
     def long_term(self, q_mgs: torch.Tensor, b: dict[str, torch.Tensor]) -> torch.Tensor:
         h_long = torch.zeros_like(q_mgs)
-        for f in LONG_ATTRIBUTES:
+        for f in self.long_fields:
             ids = b[f"lt_{f}"]  # (B, 3, T): click, buy, collect
             l_f = masked_mean(getattr(self.tables, f)(ids), ids >= 0)  # (B, 3, d): h_click, h_buy, h_collect
             h_long = h_long + zero_attention(q_mgs, l_f, (ids >= 0).any(-1))  # H_a_f

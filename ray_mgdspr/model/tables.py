@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from ray_mgdspr.config import ModelConfig
+from ray_mgdspr.data.features import PRICE_LEVELS
 from ray_mgdspr.model.layers import HashedEmbedding
 
 BUCKETS = ("item_buckets", "shop_buckets", "brand_buckets", "category_buckets")
@@ -27,8 +28,8 @@ def resolve_buckets(cfg: ModelConfig, max_ids: dict[str, int]) -> ModelConfig:
 
 
 class Tables(nn.Module):
-    """Token tables (words, characters, bigrams; row 0 = PAD) and hashed ID tables (item, shop, brand, leaf
-    and first-level category; row 0 = padding/missing).
+    """Token tables (words, characters, bigrams; row 0 = PAD), hashed ID tables (item, shop, brand, leaf
+    and first-level category; row 0 = padding/missing) and, with ``cfg.price_level``, the price level table.
 
     Args:
         cfg: model sizes (``d``, ``*_buckets``, ``sparse_ids``).
@@ -50,6 +51,8 @@ class Tables(nn.Module):
         self.brand = HashedEmbedding(cfg.brand_buckets, d, sparse)
         self.leaf = HashedEmbedding(cfg.category_buckets, d, sparse)
         self.cate1 = HashedEmbedding(cfg.category_buckets, d, sparse)
+        if cfg.price_level:
+            self.price = HashedEmbedding(PRICE_LEVELS + 1, d, sparse)
         for table in self.children():
             nn.init.normal_(table.weight, std=d**-0.5)
             nn.init.zeros_(table.weight[0])

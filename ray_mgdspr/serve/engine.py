@@ -24,7 +24,7 @@ from ray_mgdspr.index.lexical import Bm25Index
 from ray_mgdspr.index.manifest import IndexManifest, read_manifest
 from ray_mgdspr.index.search import Shard, load_shard, top_order
 from ray_mgdspr.index.shards import IndexCorruptError, verify_index
-from ray_mgdspr.model.bundle import BundleManifest, load_bundle, read_bundle_manifest
+from ray_mgdspr.model.bundle import BundleManifest, load_bundle, parse_bundle_manifest, read_bundle_manifest
 from ray_mgdspr.model.layers import as_tensors
 from ray_mgdspr.serve.relevance import ItemMatcher, KeyTerm, RelevanceFilter
 from ray_mgdspr.serve.store import Store
@@ -95,7 +95,7 @@ def verify_release(index_root: str | Path, version: str, check_files: bool = Tru
         raise ReleaseError(f"version {version}: the index manifest names no model bundle (rebuild the index)")
     bundle_path = Path(index.bundle)
     try:
-        bundle = read_bundle_manifest(bundle_path) if check_files else _bundle_manifest(bundle_path)
+        bundle = read_bundle_manifest(bundle_path) if check_files else parse_bundle_manifest(bundle_path)
     except (FileNotFoundError, ValueError) as e:
         raise ReleaseError(f"version {version}: bundle {bundle_path}: {e}") from None
     if bundle.version != index.model_version:
@@ -107,10 +107,6 @@ def verify_release(index_root: str | Path, version: str, check_files: bool = Tru
     if bundle.model.d != index.dim:
         raise ReleaseError(f"version {version}: bundle d={bundle.model.d} but index dim={index.dim}")
     return Release(version, path, bundle_path, index, bundle)
-
-
-def _bundle_manifest(path: Path) -> BundleManifest:
-    return BundleManifest.model_validate_json((path / "manifest.json").read_text())
 
 
 @dataclass

@@ -34,23 +34,33 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Catalogue:
-    """Item-tower inputs of the whole catalogue: what negatives are sampled from and what gets embedded."""
+    """Item-tower inputs of the whole catalogue: what negatives are sampled from and what gets embedded.
 
-    item_id: np.ndarray  # (N,)
-    item_title: np.ndarray  # (N, T)
+    ``features``: ``Featurizer.items`` of every item (``item_id`` (N,), ``item_title`` (N, T), ``item_<side>``
+    (N,)), in catalogue order.
+    """
+
+    features: dict[str, np.ndarray]
 
     @classmethod
     def from_featurizer(cls, featurizer: Featurizer, item_ids: np.ndarray) -> Catalogue:
         f = featurizer.items(np.asarray(item_ids, np.int64))
-        return cls(np.array(f["item_id"]), np.array(f["item_title"]))  # own, writable copies
+        return cls({k: np.array(v) for k, v in f.items()})  # own, writable copies
+
+    @property
+    def item_id(self) -> np.ndarray:
+        return self.features["item_id"]
 
     def __len__(self) -> int:
         return len(self.item_id)
 
+    def rows(self, index: np.ndarray | slice) -> dict[str, np.ndarray]:
+        """Every feature of the items at ``index``."""
+        return {k: v[index] for k, v in self.features.items()}
+
     def sample(self, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """``n`` items drawn uniformly with replacement."""
-        i = rng.integers(0, len(self), size=n)
-        return {"item_id": self.item_id[i], "item_title": self.item_title[i]}
+        return self.rows(rng.integers(0, len(self), size=n))
 
 
 def world_max_ids(world: str | Path) -> dict[str, int]:
@@ -100,7 +110,7 @@ def train_step(
     negatives: dict[str, torch.Tensor], loss_cfg: LossConfig, clip_norm: float,
     generator: torch.Generator | None = None,
 ) -> dict[str, float]:
-    """One optimisation step on ``batch``; ``negatives`` are the sampled pool items (item_id, item_title).
+    """One optimisation step on ``batch``; ``negatives`` are the sampled pool items (item features).
 
     ``model`` is a :class:`TwoTower`, or one wrapped in DistributedDataParallel.
 
@@ -180,8 +190,7 @@ def embed_catalogue(
     model.eval()
     parts = []
     for s in range(0, len(catalogue), batch_size):
-        ids = torch.as_tensor(catalogue.item_id[s : s + batch_size], device=device)
-        parts.append(model.embed_items(ids, torch.as_tensor(catalogue.item_title[s : s + batch_size], device=device)))
+        parts.append(model.embed_items(as_tensors(catalogue.rows(slice(s, s + batch_size)), device)))
     return torch.cat(parts)
 
 

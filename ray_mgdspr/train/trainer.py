@@ -281,7 +281,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     optimizer = model_optimizer(model, cfg.optim)
     progress = _restore(model, optimizer)
     ddp = ray.train.torch.prepare_model(model)  # Ray: DDP (gloo on CPU, nccl on GPU), moved to the device
-    catalogue = Catalogue(**ray.get(config["catalogue"]))
+    catalogue = Catalogue(ray.get(config["catalogue"]))
     held_out = ray.get(config["eval"]) if rank == 0 else None
     shard = ray.train.get_dataset_shard("train")  # Ray: this worker's stream of featurized examples
     bs, n_neg = cfg.optim.batch_size, extra_negatives(cfg.loss, cfg.optim.batch_size * world_size)

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ray_mgdspr.config import FeatureConfig, VocabConfig
-from ray_mgdspr.data.features import DAY_MS, LONG_ACTIONS, Featurizer
+from ray_mgdspr.data.features import DAY_MS, LONG_ACTIONS, Featurizer, PriceLevels
 from ray_mgdspr.data.vocab import PAD, Vocabulary, build_vocab_from_world
 from ray_mgdspr.data.world import read_manifest, read_table
 
@@ -23,7 +23,8 @@ CFG = FeatureConfig()
 TINY = FeatureConfig(max_query_chars=6, max_query_bigrams=5, max_query_words=3, max_title_words=4, his_queries=3,
                      realtime_len=5, short_len=7, long_len=4, short_days=1.5, long_days=4.0)
 """Short sequences and windows, so that every truncation and window edge is hit often."""
-SIDE = ("shop", "leaf", "cate1", "brand")
+SIDE = ("shop", "leaf", "cate1", "brand", "price")
+LONG_SIDE = ("shop", "leaf", "brand", "price")
 POISON = 987_654_321
 
 
@@ -38,10 +39,10 @@ def contract_keys(with_item: bool) -> dict[str, tuple[int, ...]]:
     for f in ("item", *SIDE):
         keys[f"rt_{f}"] = (c.realtime_len,)
         keys[f"st_{f}"] = (c.short_len,)
-    for f in ("item", "shop", "leaf", "brand"):
+    for f in ("item", *LONG_SIDE):
         keys[f"lt_{f}"] = (3, c.long_len)
     if with_item:
-        keys.update(item_id=(), item_title=(c.max_title_words,))
+        keys.update(item_id=(), item_title=(c.max_title_words,), **{f"item_{f}": () for f in SIDE})
     return keys
 
 
@@ -142,7 +143,17 @@ class Reference:
     def __init__(self, world: Path, vocab: Vocabulary) -> None:
         self.vocab = vocab
         items = read_table(world, "items").to_pylist()
-        self.side = {r["item_id"]: {s: -1 if r[f"{s}_id"] is None else r[f"{s}_id"] for s in SIDE} for r in items}
+        self.side = {r["item_id"]: {s: -1 if r[f"{s}_id"] is None else r[f"{s}_id"] for s in SIDE if s != "price"}
+                     for r in items}
+        prices: dict[int, list[float]] = defaultdict(list)
+        for r in items:
+            if r["leaf_id"] is not None and r["price"] is not None:
+                prices[r["leaf_id"]].append(r["price"])
+        for r in items:  # the price level: how many of the leaf's 9 decile edges lie below the price
+            ps = sorted(prices.get(r["leaf_id"], []))
+            edges = [ps[max(j * len(ps) // 10 - 1, 0)] for j in range(1, 10)] if ps else []
+            level = sum(e < r["price"] for e in edges) if edges and r["price"] is not None else -1
+            self.side[r["item_id"]]["price"] = level
         self.behaviours: dict[int, list[tuple[int, str, int]]] = defaultdict(list)
         b = read_table(world, "behaviours")
         ts = b["ts"].cast(pa.int64()).to_pylist()
@@ -169,7 +180,7 @@ class Reference:
         per_action = []
         for action in LONG_ACTIONS:
             items = [i for t, a, i in mine if a == action and ts - long <= t < ts - short][-c.long_len:]
-            per_action.append(self._sequence("lt", items, c.long_len, ("item", "shop", "leaf", "brand")))
+            per_action.append(self._sequence("lt", items, c.long_len, ("item", *LONG_SIDE)))
         out.update({k: [p[k] for p in per_action] for k in per_action[0]})
         earlier = [w for t, w in self.queries.get(user, []) if t < ts][-c.his_queries:][::-1] if c.his_queries else []
         his = [padded(self.vocab.encode_one("words", [x.lower() for x in w]), c.max_query_words, PAD) for w in earlier]
@@ -335,6 +346,25 @@ def test_item_features_encode_titles_and_unknown_items_are_pad(world_en: Path, f
         want = feat_en.vocab.encode_one("words", [w.lower() for w in titles[i]])
         assert row.tolist() == padded(want, CFG.max_title_words, PAD)
     assert (out["item_title"][-1] == PAD).all()
+    side = read_table(world_en, "items").slice(0, 30).to_pylist()[::-1]
+    for f in ("shop", "leaf", "cate1", "brand"):
+        assert out[f"item_{f}"].tolist() == [-1 if r[f"{f}_id"] is None else r[f"{f}_id"] for r in side] + [-1], f
+    assert out["item_price"][-1] == -1 and ((out["item_price"][:-1] >= 0) & (out["item_price"][:-1] < 10)).all()
+
+
+def test_price_levels_are_deciles_within_each_leaf(world_en: Path, feat_en: Featurizer) -> None:
+    items = read_table(world_en, "items")
+    level = feat_en.items(items["item_id"].to_numpy())["item_price"]
+    leaf, price = items["leaf_id"].to_numpy(zero_copy_only=False), items["price"].to_numpy(zero_copy_only=False)
+    for lf in np.unique(leaf):
+        mine = leaf == lf
+        order = np.argsort(price[mine], kind="stable")
+        assert (np.diff(level[mine][order]) >= 0).all(), f"leaf {lf}: dearer items never get a lower level"
+        if mine.sum() >= 50 and len(np.unique(price[mine])) == mine.sum():
+            counts = np.bincount(level[mine], minlength=10)
+            assert counts.min() >= mine.sum() // 10 - 1 and counts.max() <= -(-mine.sum() // 10) + 1, counts
+    unknown = PriceLevels(np.array([0, 0]), np.array([1.0, 2.0]))(np.array([3, 0, -1]), np.array([1.0, np.nan, 1.0]))
+    assert unknown.tolist() == [-1, -1, -1]
 
 
 # ------------------------------------------------------------------------------ missing data

@@ -16,12 +16,14 @@ import ray
 import torch
 
 from ray_mgdspr.config import EmbedConfig, FeatureConfig, IndexConfig, LossConfig, ModelConfig, VocabConfig
+from ray_mgdspr.data.features import Featurizer
 from ray_mgdspr.data.vocab import KINDS, build_vocab_from_world
 from ray_mgdspr.index.build import build_index
-from ray_mgdspr.index.embed import ItemEmbedder, embed_catalogue, read_embeddings, vectors_of
+from ray_mgdspr.index.embed import embed_catalogue, read_embeddings, vectors_of
 from ray_mgdspr.index.search import IndexReader
 from ray_mgdspr.index.shards import current_version, list_versions
-from ray_mgdspr.model.bundle import save_bundle
+from ray_mgdspr.model.bundle import load_bundle, save_bundle
+from ray_mgdspr.model.layers import as_tensors
 from ray_mgdspr.model.mgdspr import build_model
 from ray_mgdspr.model.tables import resolve_buckets
 from ray_mgdspr.train.loop import world_max_ids
@@ -57,10 +59,16 @@ def test_actor_pool_embedding_equals_an_in_process_pass(ray_session: None, world
     items = pq.read_table(world_en / "items.parquet", columns=["item_id", "title_words"])
     assert r.rows == items.num_rows and r.dim == 16 and r.path == tmp_path / "v-test"
     ids, vectors = read_embeddings(r.path)
-    reference = ItemEmbedder(str(bundle))(items)
-    order, ref_order = np.argsort(ids), np.argsort(reference["item_id"])
-    assert np.array_equal(ids[order], reference["item_id"][ref_order])
-    np.testing.assert_allclose(vectors[order], reference["embedding"][ref_order], rtol=1e-5, atol=1e-6)
+    # the reference: the featurizer's item features (its own price levels from the whole catalogue), in-process
+    model, vocab, manifest = load_bundle(bundle, towers=("item",))
+    with torch.inference_mode():
+        ref_ids = np.sort(items["item_id"].to_numpy())
+        features = Featurizer(world_en, vocab, manifest.features, history_days=[]).items(ref_ids)
+        assert (features["item_price"] >= 0).mean() > 0.9  # the tower reads real price levels, not padding
+        reference = model.embed_items(as_tensors(features)).numpy()
+    order = np.argsort(ids)
+    assert np.array_equal(ids[order], ref_ids)
+    np.testing.assert_allclose(vectors[order], reference, rtol=1e-5, atol=1e-6)
     info = json.loads((r.path / "embeddings.json").read_text())
     assert info["model_version"] == "v-test" and info["rows"] == items.num_rows
     assert [p.name for p in tmp_path.iterdir()] == ["v-test"]  # no temporary directory left

@@ -47,7 +47,7 @@ def test_round_trip_and_towers_alone(tmp_path: Path, vocab: Vocabulary) -> None:
     torch.testing.assert_close(item, item2)
     # Each tower alone: the item tower's output does not depend on the query tower file, and vice versa.
     item_only, _, _ = load_bundle(tmp_path / "b", towers=("item",))
-    torch.testing.assert_close(item_only.embed_items(b["item_id"], b["item_title"]), item)
+    torch.testing.assert_close(item_only.embed_items(b), item)
     (tmp_path / "b" / "item_tower.pt").unlink()
     with pytest.raises(FileNotFoundError, match=r"item_tower\.pt is missing"):
         load_bundle(tmp_path / "b", towers=("query",))
@@ -89,3 +89,26 @@ def test_manifest_is_readable_json(tmp_path: Path, vocab: Vocabulary) -> None:
     save_bundle(tmp_path / "b", _model(vocab, 0), vocab, FEATURES, LossConfig())
     raw = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert raw["model"]["d"] == 16 and raw["parameters"]["query"] > raw["parameters"]["item"] > 0
+
+
+def test_format_1_bundle_loads_as_the_paper_item_tower(tmp_path: Path, vocab: Vocabulary) -> None:
+    """A bundle written before item side information (format 1, no such keys) loads with both switches off."""
+    torch.manual_seed(0)
+    paper = CFG.model_copy(update={"item_side_info": False, "price_level": False})
+    model = build_model(paper, {k: vocab.num_ids(k) for k in KINDS}).eval()
+    save_bundle(tmp_path / "b", model, vocab, FEATURES, LossConfig(), version="old")
+    path = tmp_path / "b" / "manifest.json"
+    raw = json.loads(path.read_text())
+    raw["format_version"] = 1
+    for key in ("item_side_info", "price_level"):
+        del raw["model"][key]
+    path.write_text(json.dumps(raw))
+    loaded, _, manifest = load_bundle(tmp_path / "b")
+    assert manifest.model.item_side_info is False and manifest.model.price_level is False
+    b = {k: v for k, v in _batch(vocab).items() if not k.endswith("_price") and k not in
+         ("item_leaf", "item_cate1", "item_brand", "item_shop")}
+    torch.testing.assert_close(loaded.embed_items(b), model.embed_items(b))
+    raw["format_version"] = 7
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="bundle format 7, this code reads 2"):
+        load_bundle(tmp_path / "b")

@@ -8,9 +8,10 @@ import torch
 
 from ray_mgdspr.config import FeatureConfig, ModelConfig
 from ray_mgdspr.model.batch import item_shapes, query_shapes, random_batch
+from ray_mgdspr.model.item_tower import item_inputs
 from ray_mgdspr.model.layers import HashedEmbedding, as_tensors, masked_mean, zero_attention
 from ray_mgdspr.model.mgdspr import TwoTower, build_model
-from ray_mgdspr.model.query_tower import LONG_ATTRIBUTES, SIDE_INFO, history_attention
+from ray_mgdspr.model.query_tower import LONG_ATTRIBUTES, PRICE, SIDE_INFO, history_attention
 
 D, B, VOCAB, ITEMS = 16, 5, 40, 60
 SIZES = {"words": VOCAB, "chars": VOCAB, "bigrams": VOCAB}
@@ -121,14 +122,42 @@ def test_no_personalisation_ignores_behaviours() -> None:
 
 
 def test_item_tower_is_id_plus_tanh_of_mean_title() -> None:
-    m, b = model_of(), batch()
-    h = m.embed_items(b["item_id"], b["item_title"])
+    m, b = model_of(item_side_info=False), batch()
+    h = m.embed_items(b)
     t = m.item_tower
     for i in range(B):
         ids = b["item_title"][i][b["item_title"][i] > 0]
         title = m.tables.words.weight[ids].mean(0) if len(ids) else torch.zeros(D)
         e_i = m.tables.item.weight[1 + b["item_id"][i] % (ITEMS)]
         torch.testing.assert_close(h[i], e_i + torch.tanh(t.W_t.weight @ title))
+    assert item_inputs(m.cfg) == ("item_id", "item_title")
+
+
+def test_item_tower_with_side_information_adds_tanh_of_the_side_tables() -> None:
+    m, b = model_of(), batch()
+    h, t, tables = m.embed_items(b), m.item_tower, m.tables
+    side = ("leaf", "cate1", "brand", "shop", "price")
+    assert item_inputs(m.cfg) == ("item_id", "item_title", *(f"item_{f}" for f in side))
+    for i in range(B):
+        ids = b["item_title"][i][b["item_title"][i] > 0]
+        title = tables.words.weight[ids].mean(0) if len(ids) else torch.zeros(D)
+        e_i = tables.item.weight[1 + b["item_id"][i] % ITEMS]
+        rows = [getattr(tables, f)(b[f"item_{f}"][i : i + 1])[0] for f in side]
+        want = e_i + torch.tanh(t.W_t.weight @ title) + torch.tanh(t.W_s(torch.cat(rows)))
+        torch.testing.assert_close(h[i], want)
+    # the side tables are the behaviours' own (one row per brand learns from both towers)
+    assert t.side_tables["brand"] is tables.brand and t.side_tables["price"] is tables.price
+    # a missing side value reads the padding row
+    missing = {**b, "item_brand": torch.full_like(b["item_brand"], -1)}
+    assert not torch.allclose(m.embed_items(missing), h)
+
+
+def test_price_level_switch_removes_the_price_inputs() -> None:
+    m = model_of(price_level=False)
+    assert not hasattr(m.tables, "price") and "item_price" not in item_inputs(m.cfg)
+    b = {k: v for k, v in batch().items() if not k.endswith("_price")}
+    q, item, _ = m(b)  # runs without any price key
+    assert q.shape == item.shape == (B, D)
 
 
 def _widen(b: dict[str, torch.Tensor], extra: int) -> dict[str, torch.Tensor]:
@@ -174,7 +203,7 @@ def test_gradients_reach_every_parameter(kind: str) -> None:
     (q @ item.T).logsumexp(1).sum().backward()
     dead = [n for n, p in m.named_parameters() if _grad_mass(p) == 0]
     assert dead == []
-    for name in ("words", "chars", "bigrams", *SIDE_INFO, *LONG_ATTRIBUTES):
+    for name in ("words", "chars", "bigrams", *SIDE_INFO, *LONG_ATTRIBUTES, *PRICE):
         grad = getattr(m.tables, name).weight.grad.to_dense()
         assert torch.equal(grad[0], torch.zeros(D)), f"{name}: the padding row must not learn"
 
