@@ -6,7 +6,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, TypeVar
 
@@ -69,8 +69,9 @@ def _config(config: str | None, preset: str | None) -> ProjectConfig:
 @contextmanager
 def _progress() -> Iterator[callable]:
     """A rich progress display driven by ``progress(what, done, total)`` callbacks."""
+    # no redirection of sys.stdout/stderr through the bar: what Ray prints must reach the demo's log file
     with Progress(TextColumn("{task.description:>10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err, transient=False) as bar:
+                  console=err, transient=False, redirect_stdout=False, redirect_stderr=False) as bar:
         tasks: dict[str, int] = {}
 
         def update(what: str, done: int, total: int) -> None:
@@ -190,23 +191,37 @@ def schema() -> None:
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="where the demo writes its artifacts")] = Path("runs/demo"),
     config: ConfigOpt = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Ray's own output (worker logs, Ray Data progress, "
+                                          "Serve) in the terminal too, not only in OUT/demo.log")] = False,
 ) -> None:
     """Run the main job end to end on the embedded demo world (synthetic)."""
     from ray_mgdspr.demo import DemoError, run_demo
+    from ray_mgdspr.runtime import terminal_only_for
 
     cfg = _config(config, None)
     t0 = time.perf_counter()
+    log_path = out / "demo.log"
+    if not verbose:
+        out.mkdir(parents=True, exist_ok=True)
+        log_path.unlink(missing_ok=True)
+        console.print(f"Ray's own output goes to {log_path} (--verbose shows it here)")
     try:
-        with _progress() as progress:
+        with nullcontext() if verbose else terminal_only_for([console, err], log_path), _progress() as progress:
             result = run_demo(cfg, out, progress=progress)
     except DemoError as e:
         raise _fail(str(e), code=1) from None
+    except Exception:
+        if not verbose:
+            err.print(f"[bold red]the demo failed[/]; Ray's output is in {log_path}")
+        raise
     m = result.manifest
-    console.print(_world_summary(m, "demo world"))
+    console.print(escape(f"demo world {result.world} [{m.label}]: " + ", ".join(f"{name} {rows:,}"
+                                                                               for name, rows in m.tables.items())),
+                  soft_wrap=True)
     console.print(_signal_summary(m))
     v = result.vocab
     console.print(f"vocabulary {result.vocab_path}: " + ", ".join(
-        f"{kind} {v.num_ids(kind):,} ids" for kind in ("words", "chars", "bigrams")))
+        f"{kind} {v.num_ids(kind):,} ids" for kind in ("words", "chars", "bigrams")), soft_wrap=True)
     console.print(_training_summary(result.training))
     e, ix = result.embeddings, result.index
     console.print(f"embedded {e.rows:,} items (d={e.dim}) in {e.seconds:.1f}s; index {ix.version}: "

@@ -16,6 +16,8 @@ import logging
 import secrets
 import shutil
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,34 +110,53 @@ class ServingReport:
 
 
 def run_demo(cfg: ProjectConfig, out: str | Path, progress: Progress | None = None) -> DemoResult:
-    """Run every stage that exists so far into ``out`` (replacing an earlier demo there)."""
+    """Run every stage that exists so far into ``out`` (replacing an earlier demo there).
+
+    ``progress(what, done, total)`` hears the simulator's progress and, per later stage, ``(stage, 0, 1)`` when it
+    starts and ``(stage, 1, 1)`` when it is done.
+    """
     out = Path(out)
     world = out / "world"
+    tell = progress or (lambda _what, _done, _total: None)
+
+    @contextmanager
+    def stage(name: str) -> Iterator[None]:
+        tell(name, 0, 1)
+        yield
+        tell(name, 1, 1)
+
     manifest = simulate(dated(cfg.simulate), world, overwrite=True, progress=progress)
-    report = validate_world(world)
+    with stage("validate"):
+        report = validate_world(world)
     if not report.ok:
         raise DemoError("the simulated world failed validation:\n" + "\n".join(map(str, report.problems)))
-    vocab = build_vocab_from_world(world, cfg.vocab)
-    vocab_path = out / "vocab.json"
-    vocab.save(vocab_path)
+    with stage("vocabulary"):
+        vocab = build_vocab_from_world(world, cfg.vocab)
+        vocab_path = out / "vocab.json"
+        vocab.save(vocab_path)
     run = {"world": str(world), "storage_path": str(out / "train"), "out": str(out / "model")}
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update=run)})
     shutil.rmtree(out / "train" / cfg.train.run_name, ignore_errors=True)  # a fresh run, not a resume
-    connect_ray(cfg.ray)
-    training = train(cfg)
-    embeddings = embed_catalogue(world, training.bundle, cfg.embed.model_copy(update={"out": str(out / "embeddings")}),
-                                 overwrite=True)
+    with stage("train"):
+        connect_ray(cfg.ray)
+        training = train(cfg)
+    with stage("embed"):
+        embeddings = embed_catalogue(world, training.bundle,
+                                     cfg.embed.model_copy(update={"out": str(out / "embeddings")}), overwrite=True)
     index_cfg = cfg.index.model_copy(update={"out": str(out / "index")})
     shutil.rmtree(out / "index", ignore_errors=True)  # versions are immutable: the demo starts a fresh root
-    index = build_index(world, embeddings.path, index_cfg)
-    problems = verify_index(out / "index" / index.version)
+    with stage("index"):
+        index = build_index(world, embeddings.path, index_cfg)
+        problems = verify_index(out / "index" / index.version)
     if problems:
         raise DemoError("the index failed verification:\n" + "\n".join(problems))
     reader = IndexReader(out / "index" / index.version, index_cfg.backend)
     k = cfg.train.eval_k
     recall = answer_held_out(world, training.bundle, reader, k, cfg.train.eval_events)
-    serving = serve_and_ask(cfg, out, world)
-    evaluation = demo_table(world, training.bundle, out / "index" / index.version, k=k)
+    with stage("serve"):
+        serving = serve_and_ask(cfg, out, world)
+    with stage("evaluate"):
+        evaluation = demo_table(world, training.bundle, out / "index" / index.version, k=k)
     config_path = write_serving_config(cfg.model_copy(update={"index": index_cfg}), out)
     log.info("demo artifacts in %s", out)
     return DemoResult(out, world, vocab_path, manifest, report, vocab, training, embeddings, index, recall, k,

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 from ray_mgdspr.config import RayConfig
 
@@ -27,3 +32,39 @@ def connect_ray(cfg: RayConfig, address: str | None = None) -> None:
     else:
         # "local": always a new Ray of our own, never whichever `ray start` cluster happens to run here
         ray.init(address="local", num_cpus=cfg.local_num_cpus, logging_level=logging.WARNING)
+
+
+@contextmanager
+def terminal_only_for(consoles: list[Any], log: Path) -> Iterator[None]:
+    """Everything this process writes to its stdout and stderr goes to ``log`` (appended), except what
+    ``consoles`` (rich consoles) print: they keep the terminal.
+
+    The redirection is of file descriptors 1 and 2, so it also catches what Ray forwards from its workers, Ray
+    Data's progress bars, Serve's and Ray's loggers, C++ warnings and libraries that print; a console made with
+    ``stderr=True`` keeps the terminal's stderr, any other its stdout. Restored on exit, also after an error.
+    """
+    log.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    terminal = {fd: os.fdopen(os.dup(saved[fd]), "w", buffering=1, encoding="utf-8") for fd in (1, 2)}
+    before = [(c, c.file) for c in consoles]
+    for c in consoles:
+        c.file = terminal[2 if c.stderr else 1]
+    try:
+        with log.open("ab") as f:
+            os.dup2(f.fileno(), 1)
+            os.dup2(f.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os.dup2(saved[1], 1)
+                os.dup2(saved[2], 2)
+    finally:
+        for c, file in before:
+            c.file = file
+        for fd in (1, 2):
+            terminal[fd].close()
+            os.close(saved[fd])

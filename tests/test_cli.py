@@ -91,6 +91,13 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     last = r.stdout.strip().splitlines()[-1]
     assert last.startswith("demo done in") and "[SYNTHETIC data]" in last
     assert "training by epoch" in r.stdout and "recall@50" in r.stdout
+    # quiet: the project's own lines only; Ray's output (workers, Ray Data, Serve) is all in the log file
+    shown = (r.stdout + r.stderr).splitlines()
+    assert len(shown) <= 80, f"{len(shown)} lines:\n" + "\n".join(shown)
+    log = (tmp_path / "demo" / "demo.log").read_text(errors="replace")
+    for ray_line in ("RayTrainWorker", "ServeController", "Dataset"):
+        assert ray_line in log and ray_line not in r.stdout + r.stderr, ray_line
+    assert f"Ray's own output goes to {tmp_path / 'demo' / 'demo.log'}" in r.stdout
     assert (tmp_path / "demo" / "vocab.json").is_file()
     manifest = json.loads((tmp_path / "demo" / "model" / "manifest.json").read_text())
     assert manifest["metadata"]["data"].startswith("SYNTHETIC") and manifest["metadata"]["epochs"] == epochs

@@ -29,6 +29,7 @@ def eval_command(
     steps: Annotated[int | None, typer.Option(min=1, help="training steps per run")] = None,
     variant: Annotated[list[str] | None, typer.Option(help="main-table row, repeatable (default: all)")] = None,
     sweeps: Annotated[bool, typer.Option(help="the convergence curves and the τ / α sweeps")] = True,
+    noise: Annotated[bool, typer.Option(help="the click-noise worlds (eval.noise_levels)")] = True,
     world: Annotated[Path | None, typer.Option(help="evaluate this simulated world (one --lang)")] = None,
     work: Annotated[Path | None, typer.Option(help="worlds and vocabularies (default: OUT/work)")] = None,
     quick: Annotated[bool, typer.Option(help="toy scale: tiny world, few steps (smoke runs, tests)")] = False,
@@ -58,6 +59,8 @@ def eval_command(
                         if v})
         if not sweeps:
             changes["sweep_langs"] = []
+        if not noise:
+            changes["noise_levels"] = []
         ev = ev.model_validate({**ev.model_dump(), **changes})
     except (ConfigError, ValueError) as e:
         raise _fail(str(e)) from None
