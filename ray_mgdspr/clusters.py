@@ -16,6 +16,7 @@ A file's kind is read from its content:
   (``ray.serve.schema.ServeDeploySchema``), the import path ``ray_mgdspr.serve.app:build_app``, its ``args`` as
   ``AppArgs`` and ``args.serve`` as ``ServeConfig`` fields merged over the named config's ``serve:`` section.
 * **Project config** (only stage sections such as ``train:``, ``serve:``): ``ray_mgdspr.config.load_config``.
+* **Monitoring** (a Grafana dashboard, a Prometheus scrape config, a PodMonitor): ``ray_mgdspr/monitoring.py``.
 
 Specs sized for a project config name it (launcher: ``metadata.mgdspr_config``; KubeRay: the annotation
 ``mgdspr/config``, a RayJob's ``--config``, a RayService's ``args.config``); every resource request of that
@@ -47,12 +48,14 @@ from rich.console import Console
 from rich.markup import escape
 
 from ray_mgdspr.config import ConfigError, ProjectConfig, ServeConfig, load_config, parse_config
+from ray_mgdspr.monitoring import GRAFANA, PODMONITOR, PROMETHEUS, detect_monitoring_kind, validate_monitoring
 
 IMPORT_PATH = "ray_mgdspr.serve.app:build_app"  # == ray_mgdspr.serve.app.IMPORT_PATH (a test ties them)
 IMAGE_ROOT = "/home/ray/ray-mgdspr"  # where clusters/docker/Dockerfile puts the repository in the image
 CONFIG_ANNOTATION = "mgdspr/config"  # KubeRay: the project config a RayCluster is sized for
 CONFIG_METADATA = "mgdspr_config"  # launcher: metadata.mgdspr_config, the same
 KUBERAY_KINDS = ("RayCluster", "RayJob", "RayService")
+MONITORING_KINDS = (GRAFANA, PROMETHEUS, PODMONITOR)
 KUBERAY_API = "ray.io/v1"
 
 LAUNCHER = "launcher"
@@ -97,9 +100,12 @@ def load_documents(path: Path, source: str) -> tuple[list[Any], list[str]]:
 
 
 def detect_kind(doc: Any) -> str | None:
-    """``launcher``, ``RayCluster``/``RayJob``/``RayService``, ``serve-config``, ``project-config`` or None."""
+    """``launcher``, ``RayCluster``/``RayJob``/``RayService``, ``serve-config``, ``project-config``, a monitoring
+    file's kind (``monitoring.py``: Grafana dashboard, Prometheus config, PodMonitor) or None."""
     if not isinstance(doc, dict):
         return None
+    if monitoring := detect_monitoring_kind(doc):
+        return monitoring
     if "apiVersion" in doc or "kind" in doc:
         return doc.get("kind") if doc.get("kind") in KUBERAY_KINDS else None
     if "provider" in doc:
@@ -689,14 +695,17 @@ def validate_file(path: str | Path, root: str | Path | None = None) -> list[str]
             what = f"kind {doc.get('kind')!r}" if isinstance(doc, dict) and "kind" in doc else "content"
             problems.append(f"{src}: {'kind' if 'kind' in what else '(top level)'}: unknown {what}: expected a "
                             "Ray cluster launcher spec (provider:), a KubeRay manifest (apiVersion: ray.io/v1, "
-                            f"kind: {' | '.join(KUBERAY_KINDS)}), a Serve config (applications:) or a project "
-                            "config (stage sections: train:, serve:, ...)")
+                            f"kind: {' | '.join(KUBERAY_KINDS)}), a Serve config (applications:), a project "
+                            "config (stage sections: train:, serve:, ...), a Grafana dashboard (panels:), a "
+                            "Prometheus config (scrape_configs:) or a PodMonitor")
         elif kind == LAUNCHER:
             problems += validate_launcher(doc, src, base)
         elif kind in KUBERAY_KINDS:
             problems += validate_kuberay(doc, src, base)
         elif kind == SERVE_CONFIG:
             problems += validate_serve_config(doc, src, base)
+        elif kind in MONITORING_KINDS:
+            problems += validate_monitoring(kind, doc, src)
         else:
             problems += validate_project_config(doc, src)
     return problems
@@ -712,7 +721,7 @@ def file_kind(path: str | Path) -> str:
 # --------------------------------------------------------------------------------------------------
 # the command
 
-cluster_app = typer.Typer(help="Cluster specs: Ray cluster launcher YAMLs and KubeRay manifests.",
+cluster_app = typer.Typer(help="Cluster specs: Ray cluster launcher YAMLs, KubeRay manifests, monitoring files.",
                           no_args_is_help=True)
 
 
@@ -723,7 +732,8 @@ def _cluster() -> None:
 
 @cluster_app.command("validate")
 def validate_command(files: Annotated[list[Path], typer.Argument(help="spec files (launcher, KubeRay, Serve "
-                                                                 "config, project config)")]) -> None:
+                                                                 "config, project config, Grafana dashboard, "
+                                                                 "Prometheus config, PodMonitor)")]) -> None:
     """Check cluster specs offline with Ray's own schemas and the project's rules; exit 1 on any problem."""
     out = Console(soft_wrap=True, highlight=False)
     bad = 0

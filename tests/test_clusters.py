@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from ray_mgdspr.clusters import IMAGE_ROOT, IMPORT_PATH, cluster_app, detect_kind, validate_file
 
 REPO = Path(__file__).resolve().parents[1]
-SPECS = sorted(p for p in (REPO / "clusters").rglob("*") if p.suffix in (".yaml", ".yml"))
+SPECS = sorted(p for p in (REPO / "clusters").rglob("*") if p.suffix in (".yaml", ".yml", ".json"))
 
 
 def _rel(p: Path) -> str:
@@ -26,7 +26,8 @@ def _rel(p: Path) -> str:
 
 def test_clusters_dir_has_every_kind() -> None:
     kinds = {detect_kind(yaml.safe_load(p.read_text())) for p in SPECS}
-    assert {"launcher", "RayCluster", "RayJob", "RayService"} <= kinds
+    assert {"launcher", "RayCluster", "RayJob", "RayService", "grafana-dashboard", "prometheus-config",
+            "PodMonitor"} <= kinds
     assert {p.name for p in (REPO / "clusters" / "launcher").glob("*.yaml")} >= {"local.yaml", "aws.yaml",
                                                                                    "gcp.yaml"}
 
@@ -221,6 +222,28 @@ BROKEN: list[tuple[str, str, Edit, list[str]]] = [
      ["spec.serveConfigV2: not valid YAML (line 1 of the string)"]),
     ("project-config-typo", "configs/gpu.yaml", lambda d: d["train"].update(num_worker=4),
      ["train.num_worker: unknown key"]),
+    ("dashboard-renamed-metric", "monitoring/grafana-serving.json",
+     lambda d: d["panels"][0]["targets"][0].update(expr="sum(rate(ray_mgdspr_request_total[5m]))"),
+     ["panels[0].targets[0].expr: ray_mgdspr_request_total is not a series the endpoint exports"]),
+    ("dashboard-local-metric-name", "monitoring/grafana-serving.json",
+     lambda d: d["panels"][1]["targets"][0].update(expr="sum(rate(mgdspr_requests_total[5m]))"),
+     ["panels[1].targets[0].expr: reads no ray_mgdspr_* series"]),
+    ("dashboard-unbalanced", "monitoring/grafana-serving.json",
+     lambda d: d["panels"][3]["targets"][1].update(
+         expr="histogram_quantile(0.99, rate(ray_mgdspr_stage_seconds_bucket[5m])"),
+     ["panels[3].targets[1].expr: unbalanced ()"]),
+    ("dashboard-fixed-datasource", "monitoring/grafana-serving.json",
+     lambda d: d["panels"][2].update(datasource={"type": "prometheus", "uid": "P1809F7CD0C75ACF3"}),
+     ["panels[2].datasource: 'P1809F7CD0C75ACF3': use the dashboard's ${datasource} variable"]),
+    ("dashboard-off-grid", "monitoring/grafana-serving.json", lambda d: d["panels"][4]["gridPos"].update(x=20),
+     ["panels[4].gridPos: x 20 + w 12 must lie within 24 columns"]),
+    ("dashboard-duplicate-id", "monitoring/grafana-serving.json", lambda d: d["panels"][5].update(id=1),
+     ["panels[5].id: 1 is used by another panel"]),
+    ("prometheus-no-targets", "monitoring/prometheus.yaml", lambda d: d["scrape_configs"][0].pop("file_sd_configs"),
+     ["scrape_configs[0]: no targets"]),
+    ("podmonitor-wrong-port", "kuberay/podmonitor.yaml",
+     lambda d: d["spec"]["podMetricsEndpoints"][0].update(port="dashboard"),
+     ["spec.podMetricsEndpoints[0].port: 'dashboard': Ray's metrics export is the containers' 'metrics' port"]),
 ]
 
 

@@ -60,7 +60,7 @@ from ray_mgdspr.serve.engine import (
     verify_release,
 )
 from ray_mgdspr.serve.errors import RETRYABLE, HttpError, cause, public_message, unavailable
-from ray_mgdspr.serve.metrics import ServingMetrics
+from ray_mgdspr.serve.metrics import BatchSizes, ServingMetrics
 from ray_mgdspr.serve.relevance import KeyTerm
 from ray_mgdspr.serve.schemas import EventsRequest, PromoteRequest, RetrieveRequest, VersionInfo
 from ray_mgdspr.serve.store import open_store
@@ -101,6 +101,7 @@ class QueryEncoderDeployment:
         release = verify_release(cfg.index_root, version, check_files=False)  # load_bundle checks its files
         self.core = QueryEncoder(release.bundle_path, cfg.world, open_store(cfg.store, release.bundle.features),
                                  threads=cfg.torch_threads)
+        self.batch_sizes = BatchSizes("encoder")
         _batched(self._encode, cfg)
 
     async def encode(self, request: tuple[str, int | None, int]) -> Encoded:
@@ -109,6 +110,7 @@ class QueryEncoderDeployment:
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def _encode(self, requests: list[tuple[str, int | None, int]]) -> list[Encoded | Exception]:
+        self.batch_sizes.observe(len(requests))
         return await asyncio.to_thread(each_alone, self._encode_now, requests)
 
     def _encode_now(self, requests: list[tuple[str, int | None, int]]) -> list[Encoded]:
@@ -125,6 +127,7 @@ class IndexShard:
         release = verify_release(cfg.index_root, version, check_files=False)  # load_shard checks its files
         self.core = ShardSearcher(release.index_path, shard_no, cfg.backend or "auto", nprobe=cfg.nprobe or 16,
                                   ef_search=cfg.ef_search or 128, faiss_threads=cfg.faiss_threads)
+        self.batch_sizes = BatchSizes("shard")
         _batched(self._search, cfg)
 
     async def search(self, request: tuple[np.ndarray, int, tuple[KeyTerm, ...], int | None]) -> Hits:
@@ -135,6 +138,7 @@ class IndexShard:
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def _search(self, requests: list[tuple[np.ndarray, int, tuple[KeyTerm, ...], int | None]]
                       ) -> list[Hits | Exception]:
+        self.batch_sizes.observe(len(requests))
         return await asyncio.to_thread(each_alone, self._search_now, requests)
 
     def _search_now(self, requests: list[tuple[np.ndarray, int, tuple[KeyTerm, ...], int | None]]) -> list[Hits]:

@@ -19,6 +19,32 @@ from prometheus_client import Histogram as LocalHistogram
 from ray.serve import metrics as ray_metrics
 
 STAGE_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+"""Upper bounds of the batch-size histogram (``serve.batch_size`` is at most 32 by default)."""
+
+METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "mgdspr_requests": ("counter", "HTTP requests by endpoint and status code", ("endpoint", "code")),
+    "mgdspr_stage_seconds": ("histogram", "latency of each stage of /v1/retrieve", ("stage",)),
+    "mgdspr_filtered_items": ("counter", "hits removed by the relevance filter", ()),
+    "mgdspr_fallback_pages": ("counter", "responses the lexical fallback filled because the filter left fewer "
+                              "than k embedding hits", ()),
+    "mgdspr_relaxed_pages": ("counter", "responses filled with the query's product type because too few items "
+                             "have every key term", ()),
+    "mgdspr_retried_calls": ("counter", "reads retried on another replica after theirs died or was unavailable, "
+                             "by stage", ("stage",)),
+    "mgdspr_serving_version": ("gauge", "1 for the version this replica serves", ("version",)),
+    "mgdspr_batch_size": ("histogram", "requests per @serve.batch call of the encoder and the shards (Ray's "
+                          "export only)", ("stage",)),
+}
+"""Every metric the endpoint records: name -> (type, help, labels). Ray exports each as ``ray_<name>`` (counters
+``ray_<name>_total``, histograms ``_bucket``/``_sum``/``_count``) with ``application``, ``deployment`` and
+``replica`` labels added; the dashboards in ``clusters/monitoring/`` are checked against this table."""
+
+
+def exported_series(prefix: str = "ray_") -> set[str]:
+    """The Prometheus series names of ``METRICS`` as Ray's export writes them."""
+    suffixes = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}
+    return {f"{prefix}{name}{s}" for name, (kind, _, _) in METRICS.items() for s in suffixes[kind]}
 
 
 class Metric:
@@ -64,21 +90,15 @@ class ServingMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.requests = self._counter("mgdspr_requests", "HTTP requests by endpoint and status code",
-                                      ("endpoint", "code"))
-        self.stage_seconds = self._histogram("mgdspr_stage_seconds", "latency of each stage of /v1/retrieve",
-                                             ("stage",))
-        self.filtered = self._counter("mgdspr_filtered_items", "hits removed by the relevance filter")
-        self.fallbacks = self._counter("mgdspr_fallback_pages", "responses the lexical fallback filled because the "
-                                       "filter left fewer than k embedding hits")
-        self.relaxed = self._counter("mgdspr_relaxed_pages", "responses filled with the query's product type "
-                                     "because too few items have every key term")
-        self.retries = self._counter("mgdspr_retried_calls", "reads retried on another replica after theirs died "
-                                     "or was unavailable, by stage", ("stage",))
-        self._version = Metric(LocalGauge("mgdspr_serving_version", "1 for the version this replica serves",
-                                          ["version"], registry=self.registry),
-                               ray_metrics.Gauge("mgdspr_serving_version", "1 for the version this replica serves",
-                                                 tag_keys=("version",)), ("version",))
+        self.requests = self._counter("mgdspr_requests")
+        self.stage_seconds = self._histogram("mgdspr_stage_seconds")
+        self.filtered = self._counter("mgdspr_filtered_items")
+        self.fallbacks = self._counter("mgdspr_fallback_pages")
+        self.relaxed = self._counter("mgdspr_relaxed_pages")
+        self.retries = self._counter("mgdspr_retried_calls")
+        _, doc, labels = METRICS["mgdspr_serving_version"]
+        self._version = Metric(LocalGauge("mgdspr_serving_version", doc, list(labels), registry=self.registry),
+                               ray_metrics.Gauge("mgdspr_serving_version", doc, tag_keys=labels), labels)
         self._serving: str | None = None
 
     def serving(self, version: str) -> None:
@@ -93,10 +113,26 @@ class ServingMetrics:
         """This replica's series in the Prometheus text format, and its content type."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
-    def _counter(self, name: str, doc: str, labels: tuple[str, ...] = ()) -> Metric:
+    def _counter(self, name: str) -> Metric:
+        _, doc, labels = METRICS[name]
         return Metric(LocalCounter(name, doc, list(labels), registry=self.registry),
                       ray_metrics.Counter(name, doc, tag_keys=labels), labels)
 
-    def _histogram(self, name: str, doc: str, labels: tuple[str, ...]) -> Metric:
+    def _histogram(self, name: str) -> Metric:
+        _, doc, labels = METRICS[name]
         return Metric(LocalHistogram(name, doc, list(labels), registry=self.registry, buckets=STAGE_BUCKETS),
                       ray_metrics.Histogram(name, doc, boundaries=list(STAGE_BUCKETS), tag_keys=labels), labels)
+
+
+class BatchSizes:
+    """``mgdspr_batch_size{stage}``: the size of each ``@serve.batch`` call of an encoder or shard replica, into
+    Ray's export only (those replicas serve no ``/metrics``)."""
+
+    def __init__(self, stage: str) -> None:
+        _, doc, labels = METRICS["mgdspr_batch_size"]
+        self.tags = {"stage": stage}
+        self.histogram = ray_metrics.Histogram("mgdspr_batch_size", doc, boundaries=list(BATCH_BUCKETS),
+                                               tag_keys=labels)
+
+    def observe(self, size: int) -> None:
+        self.histogram.observe(size, tags=self.tags)

@@ -78,6 +78,11 @@ def test_exported_request_totals_add_up_across_two_ingress_replicas(server: tupl
     _, replicas = _exported(series, endpoint="retrieve", code="200")
     assert len(replicas) == 2, replicas  # both ingress replicas answered some and both are exported
     assert _exported("ray_mgdspr_stage_seconds_count", stage="total")[0] >= n
+    # the encoder's and shards' @serve.batch sizes: every request was in one batch of each (sum of sizes >= n)
+    wait_for(lambda: min(_exported("ray_mgdspr_batch_size_sum", stage=s)[0] for s in ("encoder", "shard")) >= n,
+             90, "the batch sizes of the encoder and the shards")
+    sizes, count = (_exported(f"ray_mgdspr_batch_size_{x}", stage="encoder")[0] for x in ("sum", "count"))
+    assert 1 <= sizes / count <= 32
 
 
 def _replicas(stage: str) -> list[dict]:
