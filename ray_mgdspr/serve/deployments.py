@@ -28,11 +28,12 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -311,6 +312,8 @@ class VersionManager:
 
 
 app = FastAPI(title="ray-mgdspr retrieval", version="1", docs_url="/docs", redoc_url=None)
+UI_PAGE = (Path(__file__).parent / "ui.html").read_text(encoding="utf-8")
+"""The search page served at ``GET /ui``."""
 
 
 def request_id(request: Request) -> str:
@@ -624,6 +627,11 @@ class Ingress:
     async def healthz(self) -> JSONResponse:
         v = await self._current()
         return JSONResponse({"status": "ok", "version": v.version})
+
+    @app.get("/ui")
+    async def ui(self) -> HTMLResponse:
+        """The search page (``serve/ui.html``): read-only without the token, like the API it calls."""
+        return HTMLResponse(UI_PAGE, headers={"cache-control": "no-cache"})
 
     @app.get("/metrics")
     async def metrics(self) -> Response:

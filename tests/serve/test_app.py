@@ -6,8 +6,12 @@ ones promoted (noted where it matters).
 
 from __future__ import annotations
 
+import html
 import json
+import os
+import re
 import shutil
+import subprocess
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -72,6 +76,43 @@ def test_health_and_version(client: httpx.Client) -> None:
     assert client.get("/healthz").json() == {"status": "ok", "version": "v1"}
     info = client.get("/v1/version").json()
     assert info["version"] == "v1" and info["shards"] == 2 and info["dim"] == 16
+
+
+def _browser() -> str:
+    """The headless browser of the search page's test: Chromium from the distribution (``.ci/run`` installs it and
+    sets MGDSPR_REQUIRE_BROWSER=1, so CI cannot skip this test)."""
+    found = next((b for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+    if found is None:
+        if os.environ.get("MGDSPR_REQUIRE_BROWSER") == "1":
+            pytest.fail("no chromium on PATH but MGDSPR_REQUIRE_BROWSER=1 (.ci/run installs it with apt-get)")
+        pytest.skip("no chromium on PATH (apt-get install chromium; .ci/run does)")
+    return found
+
+
+def _headless(browser: str, url: str, *flags: str) -> str:
+    r = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                        "--virtual-time-budget=20000", *flags, url], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout
+
+
+def test_search_page_shows_the_endpoint_answer_in_a_real_browser(client: httpx.Client, server: tuple[str, Any],
+                                                                 tmp_path: Path) -> None:
+    page = client.get("/ui")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert TOKEN not in page.text and 'id="token"' in page.text  # the page holds no secret; a click asks for it
+    browser = _browser()
+    url = f"{server[0]}/ui?q=red+dress&user=3&k=5&filter=0"
+    dom = _headless(browser, url, "--dump-dom")
+    want = [i["title"] for i in retrieve(client, query="red dress", user_id=3, k=5, filter=False)["data"]]
+    rows = re.findall(r'<tr class="result">.*?<td class="title">(.*?)</td>', dom)
+    assert [html.unescape(t) for t in rows] == want, dom[-3000:]
+    assert "5 results from version v1" in dom and "serving v1" in dom
+    shot = tmp_path / "search-page.png"
+    _headless(browser, url, f"--screenshot={shot}", "--window-size=1200,700")
+    assert shot.stat().st_size > 10_000  # a rendered page, not a blank one
+    if os.environ.get("MGDSPR_SCREENSHOT_DIR"):  # CI keeps it as an artifact
+        shutil.copy(shot, Path(os.environ["MGDSPR_SCREENSHOT_DIR"]) / shot.name)
 
 
 def test_merged_topk_equals_the_ray_free_core(client: httpx.Client, deployment: Any, store_copy: Path) -> None:
