@@ -19,8 +19,11 @@ from prometheus_client import Histogram as LocalHistogram
 from ray.serve import metrics as ray_metrics
 
 STAGE_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10)
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
-"""Upper bounds of the batch-size histogram (``serve.batch_size`` is at most 32 by default)."""
+BATCH_BUCKETS = tuple(n + 0.5 for n in range(65))
+"""Bounds of the batch-size histogram, one bucket per size 1..64. Ray 2.60's export writes a histogram's ``_sum``
+from its buckets' midpoints (measured: 20 batches of 1 in a (0, 1] bucket exported a ``_sum`` of 10, and Ray
+Serve's own ``ray_serve_actual_batch_size`` reads a mean batch of 0.5 the same way), so each integer size sits at
+a bucket's midpoint and ``rate(_sum) / rate(_count)`` is the exact mean batch size."""
 
 METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "mgdspr_requests": ("counter", "HTTP requests by endpoint and status code", ("endpoint", "code")),
