@@ -339,8 +339,8 @@ class Featurizer:
         """Sorted item ids, their title word ids and side information, each with a trailing padding row."""
         items = _read(self.world, "items", None, ITEM_COLUMNS)
         items = items.take(pa.array(np.argsort(items["item_id"].to_numpy(), kind="stable")))
-        self.prices = PriceLevels(_fill(items["leaf_id"]), _prices(items["price"]))
-        f = item_features(items, self.vocab, self.config.max_title_words, self.prices)
+        prices = PriceLevels(_fill(items["leaf_id"]), _prices(items["price"]))
+        f = item_features(items, self.vocab, self.config.max_title_words, prices)
         self._item_ids = f["item_id"]
         self._titles = _with_pad_row(f["item_title"].astype(np.int32), PAD)
         self._side = {s: _with_pad_row(f[f"item_{s}"], MISSING) for s in SIDE}
@@ -390,16 +390,15 @@ class PriceLevels:
         lf, pr = lf[order], pr[order]
         self.leaves, start, count = np.unique(lf, return_index=True, return_counts=True)
         # edge j: the dearest price of the leaf's j-th 1/levels by rank (G, levels - 1); one-item leaves: its price
-        at = start[:, None] + np.maximum((np.arange(1, levels) * count[:, None]) // levels - 1, 0)
-        self.edges = pr[at] if len(lf) else np.zeros((0, levels - 1))
+        self.edges = pr[start[:, None] + np.maximum((np.arange(1, levels) * count[:, None]) // levels - 1, 0)]
 
     def __call__(self, leaf: np.ndarray, price: np.ndarray) -> np.ndarray:
         """(N,) int64 levels of items with these leaf ids and prices."""
-        g = np.minimum(np.searchsorted(self.leaves, leaf), max(len(self.leaves) - 1, 0))
-        known = (leaf >= 0) & np.isfinite(price) & (len(self.leaves) > 0)
-        known &= self.leaves[g] == leaf if len(self.leaves) else False
-        level = (self.edges[g] < price[:, None]).sum(1) if len(self.leaves) else np.zeros(len(leaf), np.int64)
-        return np.where(known, level, MISSING).astype(np.int64)
+        if not len(self.leaves):
+            return np.full(len(leaf), MISSING, np.int64)
+        g = np.minimum(np.searchsorted(self.leaves, leaf), len(self.leaves) - 1)
+        known = (leaf >= 0) & np.isfinite(price) & (self.leaves[g] == leaf)
+        return np.where(known, (self.edges[g] < price[:, None]).sum(1), MISSING).astype(np.int64)
 
     @classmethod
     def of_world(cls, world: str | Path) -> PriceLevels:
