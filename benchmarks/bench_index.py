@@ -18,7 +18,7 @@ What it measures (data: SYNTHETIC):
    matplotlib needed). The largest size is the run of part 1.
 3. ``embedding``: the bundle's item tower (seeded, untrained, paper sizes d = 128) over a simulated
    catalogue: ``embed_catalogue`` (Ray Data actor pool, ``ray.init(num_cpus=4)``) against the baseline, a
-   plain in-process loop ``ItemEmbedder(bundle)(batch)`` that reads and writes the same Parquet, in
+   plain in-process loop ``ItemEmbedder(bundle, prices)(batch)`` that reads and writes the same Parquet, in
    items/s; the outputs are compared. Goal: actor pool >= 0.8x the loop.
 
 Every index build and every search session runs in a fresh subprocess, so its peak memory is its own.
