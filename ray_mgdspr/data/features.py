@@ -93,9 +93,11 @@ log = logging.getLogger(__name__)
 DAY_MS = 86_400_000
 LONG_ACTIONS = ("click", "buy", "collect")
 """Order of axis 1 of the ``lt_*`` arrays."""
-SIDE = ("shop", "leaf", "cate1", "brand", "price")
-"""Side information of an item (a behaviour's or the item tower's), looked up in the items table; ``price`` is
-the item's price level (:class:`PriceLevels`), the others are the table's ``<name>_id`` columns."""
+ID_SIDE = ("shop", "leaf", "cate1", "brand")
+"""Side information that is an id: the items table's ``<name>_id`` columns."""
+SIDE = (*ID_SIDE, "price")
+"""Side information of an item (a behaviour's or the item tower's), looked up in the items table: the ``ID_SIDE``
+ids and ``price``, the item's price level (:class:`PriceLevels`)."""
 LONG_SIDE = ("shop", "leaf", "brand", "price")
 """Side information of the L^u behaviours (L_shop, L_leaf, L_brand of spec §2.2, and the price level)."""
 PRICE_LEVELS = 10
@@ -407,7 +409,7 @@ class PriceLevels:
         return cls(_fill(items["leaf_id"]), _prices(items["price"]))
 
 
-ITEM_COLUMNS = ["item_id", "title_words", "price", *(f"{s}_id" for s in SIDE if s != "price")]
+ITEM_COLUMNS = ["item_id", "title_words", "price", *(f"{s}_id" for s in ID_SIDE)]
 """Columns of the ``items`` table that item features are made from."""
 
 
@@ -417,7 +419,7 @@ def item_features(items: pa.Table, vocab: Vocabulary, max_title_words: int,
     ``item_title`` (word ids, PAD 0) and ``item_<side>`` (-1 when missing), as ``Featurizer.items`` returns."""
     out = {"item_id": items["item_id"].to_numpy().astype(np.int64),
            "item_title": encode_words(vocab, items["title_words"], max_title_words).astype(np.int64)}
-    out.update({f"item_{s}": _fill(items[f"{s}_id"]) for s in SIDE if s != "price"})
+    out.update({f"item_{s}": _fill(items[f"{s}_id"]) for s in ID_SIDE})
     out["item_price"] = prices(out["item_leaf"], _prices(items["price"]))
     return out
 

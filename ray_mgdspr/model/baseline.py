@@ -11,7 +11,7 @@ import torch.nn as nn
 from ray_mgdspr.config import ModelConfig
 from ray_mgdspr.model.item_tower import item_side
 from ray_mgdspr.model.layers import masked_mean, mlp
-from ray_mgdspr.model.query_tower import LONG_ATTRIBUTES, PRICE, SIDE_INFO
+from ray_mgdspr.model.query_tower import LONG_ATTRIBUTES, SIDE_INFO, priced
 from ray_mgdspr.model.tables import Tables
 
 
@@ -21,8 +21,7 @@ class DNNQueryTower(nn.Module):
     def __init__(self, cfg: ModelConfig, tables: Tables) -> None:
         super().__init__()
         self.cfg, self.tables = cfg, tables
-        price = PRICE if cfg.price_level else ()
-        self.side, self.long = SIDE_INFO + price, LONG_ATTRIBUTES + price
+        self.side, self.long = SIDE_INFO + priced(cfg), LONG_ATTRIBUTES + priced(cfg)
         n = 4 + (2 * len(self.side) + len(self.long) if cfg.personalise else 0)
         self.mlp = mlp(n * cfg.d, 2 * cfg.d, cfg.d)
 

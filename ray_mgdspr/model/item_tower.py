@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from ray_mgdspr.config import ModelConfig
 from ray_mgdspr.model.layers import masked_mean
+from ray_mgdspr.model.query_tower import priced
 from ray_mgdspr.model.tables import Tables
 
 ITEM_SIDE_INFO = ("leaf", "cate1", "brand", "shop")
@@ -22,7 +23,7 @@ ITEM_SIDE_INFO = ("leaf", "cate1", "brand", "shop")
 
 def item_side(cfg: ModelConfig) -> tuple[str, ...]:
     """The side information the item tower of this config reads (tables of ``Tables``)."""
-    return ITEM_SIDE_INFO + (("price",) if cfg.price_level else ()) if cfg.item_side_info else ()
+    return ITEM_SIDE_INFO + priced(cfg) if cfg.item_side_info else ()
 
 
 def item_inputs(cfg: ModelConfig) -> tuple[str, ...]:

@@ -26,6 +26,11 @@ LONG_ATTRIBUTES = ("item", "shop", "leaf", "brand")  # L_item, L_shop, L_leaf, L
 PRICE = ("price",)  # the price level, with ModelConfig.price_level (not in the paper)
 
 
+def priced(cfg: ModelConfig) -> tuple[str, ...]:
+    """``PRICE`` when the config reads the price level, else nothing: appended to a tuple of side information."""
+    return PRICE if cfg.price_level else ()
+
+
 class MGS(nn.Module):
     """Multi-Granular Semantic unit (spec §2.1): Q_mgs, 6 tokens (1 token, q_seg, under the -mgs ablation)."""
 
@@ -71,7 +76,7 @@ class BehaviourItems(nn.Module):
     def __init__(self, cfg: ModelConfig, tables: Tables) -> None:
         super().__init__()
         self.tables = tables
-        self.fields = SIDE_INFO + (PRICE if cfg.price_level else ())
+        self.fields = SIDE_INFO + priced(cfg)
         self.proj = nn.Linear(len(self.fields) * cfg.d, cfg.d)
 
     def forward(self, b: dict[str, torch.Tensor], prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,7 +110,7 @@ class UserBehaviourAttention(nn.Module):
         super().__init__()
         self.tables = tables
         self.items = BehaviourItems(cfg, tables)
-        self.long_fields = LONG_ATTRIBUTES + (PRICE if cfg.price_level else ())
+        self.long_fields = LONG_ATTRIBUTES + priced(cfg)
         self.lstm = ResidualLSTM(cfg.d, 2, cfg.dropout)
         self.real_att = SelfAttention(cfg.d, cfg.heads, cfg.attn_dropout)
         self.short_att = SelfAttention(cfg.d, cfg.heads, cfg.attn_dropout)
