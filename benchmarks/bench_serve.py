@@ -7,7 +7,8 @@ What it measures (data: SYNTHETIC, a simulated world; part 3's catalogues are sy
    deployment per shard) on a local Ray (``ray.init(address="local", num_cpus=8)``, the shipped deployment
    defaults: 0.25 CPU per replica, autoscaling between 1 and 2 replicas for ingress and encoder), and
    (b) the baseline, a monolith: a small FastAPI app around ``ray_mgdspr.serve.engine.Retriever`` (the same
-   QueryEncoder, ShardSearchers, merge and relevance filter, in one process; requests run in a thread via
+   resolved serve section, request checks and ``engine.answer`` over the same QueryEncoder, ShardSearchers,
+   merge and relevance filter, in one process; requests run in a thread via
    ``asyncio.to_thread``) run by uvicorn with one worker in a subprocess, with the same ``POST
    /v1/retrieve`` body and response. Both serve the same bundle, index version and behaviour store, and
    both run 1 faiss and 1 torch thread per searcher / encoder; their top-k are compared on a sample of
@@ -249,16 +250,15 @@ def synthetic_versions(setup: Setup, tmp: Path, sizes: list[int], shard_counts: 
 
 
 def monolith_app(spec: dict[str, Any]) -> FastAPI:
-    """FastAPI around the Ray-free ``Retriever``: the same body, response and stages as the Serve ingress."""
+    """FastAPI around the Ray-free ``Retriever`` of the same resolved serve section as the Serve app: the same
+    request checks, ``engine.answer`` and response as the Serve ingress."""
     from pydantic import ValidationError
 
-    from ray_mgdspr.serve.engine import Retriever, verify_release
+    from ray_mgdspr.config import ResolvedServeConfig
+    from ray_mgdspr.serve.engine import RequestRefused, Retriever
     from ray_mgdspr.serve.schemas import RetrieveRequest
-    from ray_mgdspr.serve.store import SqliteStore
 
-    release = verify_release(spec["index_root"], spec["version"])
-    core = Retriever(release, spec["world"], SqliteStore(spec["store"], release.bundle.features),
-                     backend=spec["backend"], faiss_threads=1, torch_threads=1)
+    core = Retriever.open(ResolvedServeConfig.model_validate(spec["serve"]))
     app = FastAPI(title="retrieval monolith (benchmark baseline)")
 
     @app.post("/v1/retrieve")
@@ -267,16 +267,14 @@ def monolith_app(spec: dict[str, Any]) -> FastAPI:
             req = RetrieveRequest.model_validate_json(await request.body())
         except ValidationError as e:
             return JSONResponse({"error": str(e)}, status_code=422)
-        k = req.k if req.k is not None else spec["default_k"]
-        out = await asyncio.to_thread(core.retrieve, req.query, req.user_id, k, req.filter, tuple(req.channels),
-                                      req.ts)
-        return JSONResponse({"version": out["version"], "data": out["items"], "count": out["count"],
-                             "filtered": out["filtered"], "key_terms": out["key_terms"],
-                             "latency_ms": out["latency_ms"]})
+        try:
+            return JSONResponse(await asyncio.to_thread(core.request, req))
+        except RequestRefused as e:
+            return JSONResponse({"error": str(e)}, status_code=422)
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
-        return JSONResponse({"status": "ok", "version": release.version, "instance": spec["instance"]})
+        return JSONResponse({"status": "ok", "version": core.release.version, "instance": spec["instance"]})
 
     return app
 
@@ -288,10 +286,18 @@ def monolith_main(spec: dict[str, Any]) -> None:
                 access_log=False)
 
 
+def serve_overrides(setup: Setup) -> dict[str, Any]:
+    """The ``serve:`` section both systems run: the Serve app (``AppArgs``) and, resolved, the monolith."""
+    return {"index_root": str(setup.index_root), "world": str(setup.world), "store": str(setup.store),
+            "version": VERSION, "token": TOKEN, "drain_s": 1.0, "watch_current_s": 0.0}
+
+
 def start_monolith(setup: Setup, port: int) -> subprocess.Popen:
+    from ray_mgdspr.serve.app import AppArgs, resolve
+
     instance = f"bench-serve-{os.getpid()}-{time.time_ns()}"  # proves that the port answers with our process
-    spec = {"index_root": str(setup.index_root), "version": VERSION, "world": str(setup.world),
-            "store": str(setup.store), "port": port, "backend": "auto", "default_k": K, "instance": instance}
+    spec = {"serve": resolve(AppArgs(serve=serve_overrides(setup))).model_dump(), "port": port,
+            "instance": instance}
     # Ray gives every replica below 2 CPUs OMP_NUM_THREADS=1; the monolith gets the same, since
     # Retriever(faiss_threads=1) sets it only in the constructing thread (engine.py ShardSearcher.__init__)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -906,10 +912,7 @@ def main() -> None:
                      log_to_driver=False)
             ray_started = True
             t = time.perf_counter()
-            cfg = start(AppArgs(serve={
-                "port": free_port(), "index_root": str(setup.index_root), "world": str(setup.world),
-                "store": str(setup.store), "version": VERSION, "token": TOKEN, "drain_s": 1.0,
-                "watch_current_s": 0.0}))
+            cfg = start(AppArgs(serve={**serve_overrides(setup), "port": free_port()}))
             setup.timings["serve_start_s"] = time.perf_counter() - t
             serve_base, mono_base = f"http://127.0.0.1:{cfg.port}", f"http://127.0.0.1:{mono_port}"
             health = httpx.get(f"{serve_base}/healthz", timeout=30).json()

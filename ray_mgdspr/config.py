@@ -489,12 +489,15 @@ class ServeConfig(StrictModel):
     shard: DeploymentConfig = DeploymentConfig(max_replicas=1)
     head: DeploymentConfig = DeploymentConfig(max_replicas=1, num_cpus=0.1)
 
-    def resolved(self, project: ProjectConfig) -> ServeConfig:
-        """This section with every ``None`` default filled from the other sections."""
-        return self.model_copy(update={
-            "index_root": self.index_root or project.index.out, "world": self.world or project.train.world,
-            "backend": self.backend or project.index.backend, "nprobe": self.nprobe or project.index.nprobe,
-            "ef_search": self.ef_search or project.index.ef_search})
+    def resolved(self, project: ProjectConfig) -> ResolvedServeConfig:
+        """This section with every field it inherits (``None``: index_root, world, backend, nprobe, ef_search)
+        filled from the project's other sections: the one place those defaults are resolved."""
+        inherited = {"index_root": project.index.out, "world": project.train.world,
+                     "backend": project.index.backend, "nprobe": project.index.nprobe,
+                     "ef_search": project.index.ef_search}
+        values = self.model_dump()
+        return ResolvedServeConfig.model_validate(
+            {**values, **{name: value for name, value in inherited.items() if values[name] is None}})
 
     @model_validator(mode="after")
     def _k_bounds(self) -> ServeConfig:
@@ -506,6 +509,18 @@ class ServeConfig(StrictModel):
                              f"JSON each need max_events_bytes >= {need} (got {self.max_events_bytes}): raise "
                              "max_events_bytes or lower max_events")
         return self
+
+
+class ResolvedServeConfig(ServeConfig):
+    """The serve section as the endpoint runs it (``ServeConfig.resolved``): what it inherits is filled in, so
+    nothing downstream (deployments, ``serve.engine.Retriever``) restates a default. Deployments validate their
+    settings with it, so an unresolved section fails at once, naming the field."""
+
+    index_root: str
+    world: str
+    backend: Literal["auto", "faiss-cpu", "faiss-gpu", "torch"]
+    nprobe: int = Field(ge=1)
+    ef_search: int = Field(ge=1)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -14,10 +14,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
-from ray_mgdspr.config import ProjectConfig, ServeConfig, load_config
+from ray_mgdspr.config import ProjectConfig, ResolvedServeConfig, ServeConfig, load_config
 from ray_mgdspr.index.shards import current_version
-from ray_mgdspr.serve.deployments import Ingress, VersionManager
+from ray_mgdspr.serve.ingress import Ingress
 from ray_mgdspr.serve.store import build_sqlite_store
+from ray_mgdspr.serve.versions import VersionManager
 
 log = logging.getLogger(__name__)
 IMPORT_PATH = "ray_mgdspr.serve.app:build_app"
@@ -33,8 +34,9 @@ class AppArgs(BaseModel):
     serve: dict[str, Any] = Field(default_factory=dict, description="overrides of the config's serve section")
 
 
-def resolve(args: AppArgs) -> ServeConfig:
-    """The serve section of ``args.config`` with ``args.serve`` applied and every default filled in."""
+def resolve(args: AppArgs) -> ResolvedServeConfig:
+    """The serve section of ``args.config`` with ``args.serve`` applied, resolved (``ServeConfig.resolved``), its
+    paths made absolute: what every deployment of the endpoint and a ``Retriever`` of it run with."""
     project = load_config(args.config) if args.config else ProjectConfig()
     merged = ServeConfig.model_validate({**project.serve.model_dump(exclude_unset=True), **args.serve})
     cfg = merged.resolved(project)
@@ -45,7 +47,7 @@ def resolve(args: AppArgs) -> ServeConfig:
     return cfg
 
 
-def ensure_store(cfg: ServeConfig) -> None:
+def ensure_store(cfg: ResolvedServeConfig) -> None:
     """Build the SQLite behaviour store from the world's logs when it does not exist yet."""
     if "://" in cfg.store or Path(cfg.store).is_file():
         return
@@ -64,7 +66,7 @@ def build_app(args: AppArgs | dict[str, Any]) -> serve.Application:
     return Ingress.options(**cfg.ingress.serve_options()).bind(settings, manager)
 
 
-def serve_config(args: AppArgs, cfg: ServeConfig) -> dict[str, Any]:
+def serve_config(args: AppArgs, cfg: ResolvedServeConfig) -> dict[str, Any]:
     """A Serve config (``serve deploy`` / ``serve run`` / a KubeRay RayService ``serveConfigV2``)."""
     return {
         "proxy_location": cfg.proxy_location,
@@ -86,7 +88,7 @@ def write_serve_config(args: AppArgs, out: str | Path) -> Path:
     return out
 
 
-def start(args: AppArgs) -> ServeConfig:
+def start(args: AppArgs) -> ResolvedServeConfig:
     """Start Serve's HTTP proxy on the configured address and deploy the app; returns the resolved config.
 
     Needs a connected Ray (``runtime.connect_ray``). Returns once the front application runs and the

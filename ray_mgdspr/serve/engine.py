@@ -1,6 +1,7 @@
 """The Ray-free serving core: one version's query encoder, shard searchers, lexical channel, and the
-assembly of a response. The Serve deployments (``serve/deployments.py``) wrap these one per replica;
-``Retriever`` runs them all in one process (tests, the benchmark's monolith).
+assembly of a response. ``answer`` is the one code path from an encoded query to the response: the Serve ingress
+runs it over deployment handles (``serve/ingress.py``, the deployments wrap these classes one per replica), and
+``Retriever`` runs it over the same classes in one process (tests, evaluation, the benchmark's monolith).
 
 A *release* is what one version id names: the index version ``<index_root>/<version>`` and the model bundle
 it was built from (recorded in the index manifest). ``verify_release`` checks both before anything loads it.
@@ -10,24 +11,26 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, Protocol, TypeVar
 
 import faiss
 import numpy as np
 import torch
 
+from ray_mgdspr.config import ResolvedServeConfig, ServeConfig
 from ray_mgdspr.data.features import Featurizer
 from ray_mgdspr.index.lexical import Bm25Index
 from ray_mgdspr.index.manifest import IndexManifest, read_manifest
 from ray_mgdspr.index.search import Shard, load_shard, top_order
-from ray_mgdspr.index.shards import IndexCorruptError, verify_index
+from ray_mgdspr.index.shards import IndexCorruptError, current_version, verify_index
 from ray_mgdspr.model.bundle import BundleManifest, load_bundle, parse_bundle_manifest, read_bundle_manifest
 from ray_mgdspr.model.layers import as_tensors
 from ray_mgdspr.serve.relevance import ItemMatcher, KeyTerm, RelevanceFilter
-from ray_mgdspr.serve.store import Store
+from ray_mgdspr.serve.schemas import RetrieveRequest
+from ray_mgdspr.serve.store import Store, open_store
 
 CHANNELS = ("embedding", "lexical")
 log = logging.getLogger(__name__)
@@ -371,79 +374,201 @@ def _add(out: Assembled, by_id: dict[int, dict], item: int, title: str, channel:
         entry["scores"][channel] = score
 
 
-def response_body(version: str, result: Assembled, terms: tuple[KeyTerm, ...], latency_ms: dict[str, float],
-                  items_key: str = "data") -> dict:
-    """The fields of ``schemas.RetrieveResponse`` (``items_key``: "data" over HTTP, "items" in ``Retriever``)."""
-    return {"version": version, items_key: result.items, "count": len(result.items), "filtered": result.filtered,
+def response_body(version: str, result: Assembled, terms: tuple[KeyTerm, ...], latency_s: dict[str, float]
+                  ) -> dict:
+    """The response of ``POST /v1/retrieve`` (the fields of ``schemas.RetrieveResponse``); stage times in ms."""
+    return {"version": version, "data": result.items, "count": len(result.items), "filtered": result.filtered,
             "fallback": result.fallback, "fallback_added": result.fallback_added, "relaxed_to": result.relaxed_to,
-            "key_terms": [t.text for t in terms], "latency_ms": latency_ms}
+            "key_terms": [t.text for t in terms],
+            "latency_ms": {stage: round(s * 1000, 3) for stage, s in latency_s.items()}}
+
+
+# ------------------------------------------------------------------------------------- the answer
+
+
+class RequestRefused(ValueError):
+    """A request the configuration refuses (k out of bounds, query too long): the ingress answers 422.
+
+    Attributes:
+        field: the request field at fault. problem: what is wrong with it, in a few words.
+    """
+
+    def __init__(self, field: str, problem: str, message: str) -> None:
+        super().__init__(message)
+        self.field, self.problem = field, problem
+
+
+def request_k(req: RetrieveRequest, cfg: ServeConfig) -> int:
+    """The k a request asks for (``serve.default_k`` when it names none), after the configured limits that the
+    request schema cannot know: k within 1..``serve.max_k``, the query at most ``serve.max_query_chars``.
+
+    Raises:
+        RequestRefused: naming the field, the configured limit and the value.
+    """
+    k = req.k if req.k is not None else cfg.default_k
+    if not 1 <= k <= cfg.max_k:
+        raise RequestRefused("k", f"not in 1..{cfg.max_k}",
+                             f"k must be between 1 and serve.max_k={cfg.max_k} (got {k})")
+    if len(req.query) > cfg.max_query_chars:
+        raise RequestRefused("query", "too long", f"query has {len(req.query)} characters, more than "
+                                                  f"serve.max_query_chars={cfg.max_query_chars}")
+    return k
+
+
+class Stages(Protocol):
+    """The calls one answer makes, wherever the stages run: in this process (``Retriever``) or behind Serve
+    handles with retries (the ingress). ``answer`` is the only code that decides what to call, how deep, and
+    what the response holds."""
+
+    async def encode(self, query: str, user_id: int | None, ts: int) -> Encoded:
+        """H_qu of one query with the user's histories."""
+
+    async def shards(self, embedding: np.ndarray, depth: int, terms: tuple[KeyTerm, ...], need: int | None
+                     ) -> list[Hits]:
+        """Every shard's hits of one query (``ShardSearcher.search``), in shard order."""
+
+    async def lexical(self, words: list[str], k: int, terms: tuple[KeyTerm, ...]) -> Hits:
+        """The lexical channel's top k of one query, with verdicts against ``terms``."""
+
+    async def together(self, *calls: Awaitable[Any]) -> list[Any]:
+        """The results of ``calls``, run concurrently where the stages can (the shard fan-out beside BM25)."""
+
+
+async def retrieve(req: RetrieveRequest, k: int, cfg: ServeConfig, version: str, stages: Stages) -> dict:
+    """The response to a request (its k from ``request_k``): encode, then ``answer``."""
+    t0 = time.perf_counter()
+    ts = req.ts or int(time.time() * 1000)
+    enc = await stages.encode(req.query, req.user_id, ts)
+    return await answer(enc, k, req.filter, tuple(req.channels), cfg, version, stages,
+                        {"encode": time.perf_counter() - t0}, t0)
+
+
+async def answer(enc: Encoded, k: int, apply_filter: bool, channels: tuple[str, ...], cfg: ServeConfig,
+                 version: str, stages: Stages, latency: dict[str, float] | None = None,
+                 t0: float | None = None) -> dict:
+    """The response to an encoded query: the asked channels (embedding: every shard, at ``embedding_depth``;
+    lexical: at ``fetch_size``), the merge, the relevance filter, the lexical fallback and the relaxed fill
+    (``serve.fallback``), as ``schemas.RetrieveResponse`` fields.
+
+    Args:
+        latency: stage seconds measured before (``encode``); the answer adds its own stages and ``total``.
+        t0: ``time.perf_counter()`` when the request began (default: now).
+    """
+    t0 = time.perf_counter() if t0 is None else t0
+    latency = {} if latency is None else latency
+    fetch = fetch_size(k, apply_filter, cfg.filter_fetch, cfg.max_fetch)
+    depth = embedding_depth(k, apply_filter, enc.terms, cfg.filter_depth)
+
+    async def timed(stage: str, call: Awaitable[T]) -> T:
+        t = time.perf_counter()
+        result = await call
+        latency[stage] = time.perf_counter() - t
+        return result
+
+    calls: dict[str, Awaitable[Any]] = {}
+    if "embedding" in channels:
+        calls["embedding"] = timed("search", stages.shards(enc.embedding, depth, enc.terms,
+                                                           k if apply_filter else None))
+    if "lexical" in channels:
+        calls["lexical"] = timed("lexical", stages.lexical(enc.words, fetch, enc.terms))
+    found: dict[str, Hits] = dict(zip(calls, await stages.together(*calls.values()), strict=True))
+    if "embedding" in found:
+        t = time.perf_counter()
+        found["embedding"] = merge_hits(found["embedding"], depth)
+        latency["merge"] = time.perf_counter() - t
+    t = time.perf_counter()
+    result = assemble(found, k, apply_filter)
+    latency["filter"] = time.perf_counter() - t
+    if needs_fallback(result, found, k, apply_filter, channels, cfg.fallback):
+        # the filter left the page short: BM25's passing hits fill it (only then: one more call)
+        fill_page(result, await timed("fallback", stages.lexical(enc.words, fetch, enc.terms)), k)
+    if needs_relaxing(result, k, apply_filter, channels, cfg.fallback, enc.terms):
+        # still short: too few items have every key term; fill with the query's product type (BM25-ranked)
+        relaxed = relaxed_terms(enc.terms)
+        fill_page(result, await timed("relaxed", stages.lexical(enc.words, fetch, relaxed)), k, relaxed)
+    latency["total"] = time.perf_counter() - t0
+    return response_body(version, result, enc.terms, latency)
+
+
+def run_now(call: Coroutine[Any, Any, T]) -> T:
+    """The result of a coroutine that never suspends (``answer`` over ``LocalStages``), without an event loop:
+    callable from any thread, at no cost beyond the call itself."""
+    try:
+        call.send(None)
+    except StopIteration as done:
+        return done.value
+    call.close()
+    raise RuntimeError("a local serving stage suspended; LocalStages must not await anything that waits")
+
+
+class LocalStages:
+    """The stages of one version in this process, one after another (``Retriever``)."""
+
+    def __init__(self, encoder: QueryEncoder, shards: list[ShardSearcher], lexical: LexicalChannel) -> None:
+        self.encoder, self.searchers, self.lexical_channel = encoder, shards, lexical
+
+    async def encode(self, query: str, user_id: int | None, ts: int) -> Encoded:
+        return self.encoder.encode([query], [user_id], [ts])[0]
+
+    async def shards(self, embedding: np.ndarray, depth: int, terms: tuple[KeyTerm, ...], need: int | None
+                     ) -> list[Hits]:
+        need_rows = None if need is None else [need]
+        return [s.search(embedding[None, :], depth, [terms], need=need_rows)[0] for s in self.searchers]
+
+    async def lexical(self, words: list[str], k: int, terms: tuple[KeyTerm, ...]) -> Hits:
+        return self.lexical_channel.search([words], k, [terms])[0]
+
+    async def together(self, *calls: Awaitable[Any]) -> list[Any]:
+        return [await call for call in calls]
 
 
 class Retriever:
-    """A whole version in one process: encoder, every shard, the lexical channel (no Ray).
-
-    The reference the Serve graph is tested against, and the single-process monolith of the benchmark.
+    """A whole version in one process (no Ray), configured as the endpoint is: the same ``ServeConfig`` (every
+    depth, limit and the fallback), the same request checks (``request_k``), the same ``answer``, the same
+    response. What the Serve graph is tested against, the benchmark's monolith, and the evaluation of pages.
 
     Args:
-        filter_fetch, max_fetch: the lexical channel's depth with the filter on (``fetch_size``).
-        filter_depth: the embedding channel's depth with the filter on (``embedding_depth``).
-        fallback: ``lexical``: fill a page the filter left short from BM25's passing hits; ``none``: do not.
+        release: the verified version (``verify_release``).
+        cfg: the resolved serve section (``ServeConfig.resolved``): world, backend, nprobe, ef_search, threads,
+            limits, depths and the fallback.
+        store: the behaviour store (default: ``open_store(cfg.store)``).
     """
 
-    def __init__(self, release: Release, world: str | Path, store: Store, backend: str = "auto",
-                 faiss_threads: int = 1, torch_threads: int = 1, filter_fetch: int = 20,
-                 max_fetch: int = 1000, filter_depth: int = 9600, fallback: str = "lexical") -> None:
-        self.release, self.filter_fetch, self.max_fetch = release, filter_fetch, max_fetch
-        self.filter_depth, self.fallback = filter_depth, fallback
-        self.encoder = QueryEncoder(release.bundle_path, world, store, threads=torch_threads)
-        self.shards = [ShardSearcher(release.index_path, s, backend, faiss_threads=faiss_threads)
+    def __init__(self, release: Release, cfg: ResolvedServeConfig, store: Store | None = None) -> None:
+        self.release, self.cfg = release, cfg
+        store = open_store(cfg.store, release.bundle.features) if store is None else store
+        self.encoder = QueryEncoder(release.bundle_path, cfg.world, store, threads=cfg.torch_threads)
+        self.shards = [ShardSearcher(release.index_path, s, cfg.backend, nprobe=cfg.nprobe,
+                                     ef_search=cfg.ef_search, faiss_threads=cfg.faiss_threads)
                        for s in range(release.shards)]
-        self.lexical = LexicalChannel(world)
+        self.lexical = LexicalChannel(cfg.world)
+        self.stages = LocalStages(self.encoder, self.shards, self.lexical)
 
-    def retrieve(self, query: str, user_id: int | None, k: int, apply_filter: bool = True,
+    @classmethod
+    def open(cls, cfg: ResolvedServeConfig, version: str | None = None, store: Store | None = None) -> Retriever:
+        """The ``Retriever`` of ``version`` (default: ``serve.version``, else the index root's ``CURRENT``)."""
+        version = version or cfg.version or current_version(cfg.index_root)
+        if version is None:
+            raise ReleaseError(f"nothing to serve: {cfg.index_root} has no CURRENT version and no version is named")
+        return cls(verify_release(cfg.index_root, version), cfg, store)
+
+    def retrieve(self, query: str, user_id: int | None = None, k: int | None = None, apply_filter: bool = True,
                  channels: tuple[str, ...] = ("embedding",), ts: int | None = None) -> dict:
-        """One request, answered as the HTTP endpoint answers it (``schemas.RetrieveResponse`` fields, the items
-        under ``items``)."""
-        t0 = time.perf_counter()
-        enc = self.encoder.encode([query], [user_id], [ts or int(time.time() * 1000)])[0]
-        latency = {"encode": _ms(t0)}
-        return self.answer(enc, k, apply_filter, channels, latency, t0)
+        """One request, answered and refused as ``POST /v1/retrieve`` answers and refuses it.
 
-    def answer(self, enc: Encoded, k: int, apply_filter: bool = True, channels: tuple[str, ...] = ("embedding",),
-               latency: dict[str, float] | None = None, t0: float | None = None) -> dict:
+        Raises:
+            pydantic.ValidationError: what the request schema refuses. RequestRefused: what the configured
+                limits refuse.
+        """
+        req = RetrieveRequest(query=query, user_id=user_id, k=k, filter=apply_filter, channels=list(channels),
+                              ts=ts)
+        return self.request(req)
+
+    def request(self, req: RetrieveRequest) -> dict:
+        """The response to a parsed request body (``retrieve`` without building it)."""
+        return run_now(retrieve(req, request_k(req, self.cfg), self.cfg, self.release.version, self.stages))
+
+    def answer(self, enc: Encoded, k: int, apply_filter: bool = True, channels: tuple[str, ...] = ("embedding",)
+               ) -> dict:
         """The response to an encoded query (``retrieve`` after the encoder; evaluation encodes in batches)."""
-        t0 = time.perf_counter() if t0 is None else t0
-        latency = {} if latency is None else latency
-        found: dict[str, Hits] = {}
-        fetch = fetch_size(k, apply_filter, self.filter_fetch, self.max_fetch)
-        if "embedding" in channels:
-            depth = embedding_depth(k, apply_filter, enc.terms, self.filter_depth)
-            need = [k] if apply_filter else None
-            t = time.perf_counter()
-            parts = [s.search(enc.embedding[None, :], depth, [enc.terms], need=need)[0] for s in self.shards]
-            latency["search"] = _ms(t)
-            t = time.perf_counter()
-            found["embedding"] = merge_hits(parts, depth)
-            latency["merge"] = _ms(t)
-        if "lexical" in channels:
-            t = time.perf_counter()
-            found["lexical"] = self.lexical.search([enc.words], fetch, [enc.terms])[0]
-            latency["lexical"] = _ms(t)
-        t = time.perf_counter()
-        result = assemble(found, k, apply_filter)
-        latency["filter"] = _ms(t)
-        if needs_fallback(result, found, k, apply_filter, channels, self.fallback):
-            t = time.perf_counter()
-            fill_page(result, self.lexical.search([enc.words], fetch, [enc.terms])[0], k)
-            latency["fallback"] = _ms(t)
-        if needs_relaxing(result, k, apply_filter, channels, self.fallback, enc.terms):
-            t = time.perf_counter()
-            relaxed = relaxed_terms(enc.terms)
-            fill_page(result, self.lexical.search([enc.words], fetch, [relaxed])[0], k, relaxed)
-            latency["relaxed"] = _ms(t)
-        latency["total"] = _ms(t0)
-        return response_body(self.release.version, result, enc.terms, latency, items_key="items")
-
-
-def _ms(t0: float) -> float:
-    return round((time.perf_counter() - t0) * 1000, 3)
+        return run_now(answer(enc, k, apply_filter, channels, self.cfg, self.release.version, self.stages))

@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ray_mgdspr.config import ProjectConfig, ServeConfig
 from ray_mgdspr.data.simulator.relevance import EXACT, RelevanceJudge
 from ray_mgdspr.data.world import read_manifest, read_table
 from ray_mgdspr.serve.engine import Encoded, Retriever
@@ -119,18 +120,19 @@ def page_report(retriever: Retriever, world: str | Path, ks: tuple[int, ...] = (
     for lo in range(0, len(queries), batch_size):
         encoded += retriever.encoder.encode(queries[lo:lo + batch_size], users[lo:lo + batch_size],
                                             ts[lo:lo + batch_size])
-    saved = retriever.filter_depth, retriever.fallback
+    configured = retriever.cfg
     out = []
     try:
         for k in ks:
             for mode in modes:
                 apply_filter, depth, fallback = MODES[mode]
-                retriever.filter_depth = (min(k * retriever.filter_fetch, retriever.max_fetch) if depth == "old"
-                                          else saved[0] if depth is None else depth)
-                retriever.fallback = saved[1] if fallback is None else fallback
+                retriever.cfg = configured.model_copy(update={
+                    "filter_depth": (min(k * configured.filter_fetch, configured.max_fetch) if depth == "old"
+                                     else configured.filter_depth if depth is None else depth),
+                    "fallback": configured.fallback if fallback is None else fallback})
                 out.append(_measure(retriever, encoded, k, apply_filter, mode, exact, judge, searches))
     finally:
-        retriever.filter_depth, retriever.fallback = saved
+        retriever.cfg = configured
     return out
 
 
@@ -142,7 +144,7 @@ def _measure(retriever: Retriever, encoded: list[Encoded], k: int, apply_filter:
         t = time.perf_counter()
         r = retriever.answer(enc, k, apply_filter)
         latency.append((time.perf_counter() - t) * 1000)
-        ids = [i["item_id"] for i in r["items"]][:k]
+        ids = [i["item_id"] for i in r["data"]][:k]
         pages[row, :len(ids)] = ids
         counts.append(r["count"])
         relaxed.append(r["relaxed_to"] is not None)
@@ -176,21 +178,21 @@ def as_dicts(stats: list[PageStats]) -> list[dict]:
     return [asdict(s) for s in stats]
 
 
-def run_retriever(run: str | Path, store: str | Path, **options: object) -> Retriever:
+def run_retriever(run: str | Path, store: str | Path, **serve: object) -> Retriever:
     """A ``Retriever`` of a demo-style run directory (``world/``, ``index/`` with ``CURRENT``) over a behaviour store
-    built at ``store`` from every day of the world (when missing)."""
+    built at ``store`` from every day of the world (when missing); ``serve``: overrides of the serve section's
+    defaults (``ServeConfig`` fields)."""
     from ray_mgdspr.index.shards import current_version
-    from ray_mgdspr.serve.engine import verify_release
-    from ray_mgdspr.serve.store import SqliteStore, build_sqlite_store
+    from ray_mgdspr.serve.store import build_sqlite_store
 
     run = Path(run)
-    version = current_version(run / "index")
-    if version is None:
+    if current_version(run / "index") is None:
         raise ValueError(f"{run / 'index'}: no CURRENT index version (run `make demo` first)")
-    release = verify_release(run / "index", version)
     if not Path(store).is_file():
         build_sqlite_store(run / "world", store)
-    return Retriever(release, run / "world", SqliteStore(store, release.bundle.features), **options)
+    cfg = ServeConfig.model_validate({"index_root": str(run / "index"), "world": str(run / "world"),
+                                      "store": str(store), **serve}).resolved(ProjectConfig())
+    return Retriever.open(cfg)
 
 
 def main(argv: list[str] | None = None) -> None:

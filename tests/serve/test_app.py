@@ -29,10 +29,10 @@ from ray import serve
 
 from ray_mgdspr.config import ServeConfig
 from ray_mgdspr.index.shards import current_version, set_current
-from ray_mgdspr.serve.engine import Retriever, verify_release
+from ray_mgdspr.serve.engine import Retriever
 from ray_mgdspr.serve.relevance import RelevanceFilter
 from ray_mgdspr.serve.schemas import RetrieveResponse
-from ray_mgdspr.serve.store import MAX_ID, MAX_TS_MS, SqliteStore
+from ray_mgdspr.serve.store import MAX_ID, MAX_TS_MS
 
 pytestmark = pytest.mark.slow
 TOKEN = "test-token-123"
@@ -115,24 +115,23 @@ def test_search_page_shows_the_endpoint_answer_in_a_real_browser(client: httpx.C
         shutil.copy(shot, Path(os.environ["MGDSPR_SCREENSHOT_DIR"]) / shot.name)
 
 
-def test_merged_topk_equals_the_ray_free_core(client: httpx.Client, deployment: Any, store_copy: Path) -> None:
-    core = Retriever(verify_release(deployment.index_root, "v1"), deployment.world,
-                     SqliteStore(store_copy, deployment.features), max_fetch=2000, filter_depth=FILTER_DEPTH)
+def test_merged_topk_equals_the_ray_free_core(client: httpx.Client, server: tuple[str, ServeConfig]) -> None:
+    core = Retriever.open(server[1], "v1")  # the configured system: the endpoint's own resolved serve section
     ts = 4_000_000_000_000
     for query, user in [("red dress", 3), ("running shoes", None), ("portable car cover", 17)]:
         got = retrieve(client, query=query, user_id=user, k=20, filter=False, ts=ts)
         want = core.retrieve(query, user, 20, apply_filter=False, ts=ts)
         assert got["version"] == "v1" and got["count"] == 20
-        assert [i["item_id"] for i in got["data"]] == [i["item_id"] for i in want["items"]]
+        assert [i["item_id"] for i in got["data"]] == [i["item_id"] for i in want["data"]]
         np.testing.assert_allclose([i["scores"]["embedding"] for i in got["data"]],
-                                   [i["scores"]["embedding"] for i in want["items"]], rtol=1e-5)
+                                   [i["scores"]["embedding"] for i in want["data"]], rtol=1e-5)
         assert set(got["latency_ms"]) == {"encode", "search", "merge", "filter", "total"}
         # with the filter: the shards' passing prefixes, the merge and the fallback give the core's page
         for k in (5, 50):
             got = retrieve(client, query=query, user_id=user, k=k, ts=ts)
             want = core.retrieve(query, user, k, ts=ts)
             assert [(i["item_id"], i["channels"]) for i in got["data"]] == \
-                [(i["item_id"], i["channels"]) for i in want["items"]]
+                [(i["item_id"], i["channels"]) for i in want["data"]]
             assert {f: got[f] for f in ("count", "filtered", "fallback", "fallback_added", "key_terms")} == \
                 {f: want[f] for f in ("count", "filtered", "fallback", "fallback_added", "key_terms")}
 

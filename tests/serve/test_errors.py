@@ -102,8 +102,8 @@ def test_a_bug_is_a_500_with_the_request_id_and_no_traceback(caplog: pytest.LogC
 
     from starlette.requests import Request
 
-    from ray_mgdspr.serve.deployments import _bug, _http_error
     from ray_mgdspr.serve.errors import unavailable
+    from ray_mgdspr.serve.ingress import _bug, _http_error
 
     scope = {"type": "http", "method": "POST", "path": "/v1/retrieve", "headers": [(b"x-request-id", b"rid-7")],
              "query_string": b""}

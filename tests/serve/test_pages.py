@@ -9,8 +9,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from ray_mgdspr.config import ProjectConfig, ServeConfig
 from ray_mgdspr.data.world import read_table
-from ray_mgdspr.serve.engine import Retriever, assemble, merge_hits, relaxed_terms, verify_release
+from ray_mgdspr.serve.engine import Retriever, assemble, merge_hits, relaxed_terms
 from ray_mgdspr.serve.pages import held_out_searches, page_report
 from ray_mgdspr.serve.relevance import ItemMatcher, RelevanceFilter, matches
 from ray_mgdspr.serve.store import SqliteStore
@@ -18,8 +19,9 @@ from ray_mgdspr.serve.store import SqliteStore
 
 @pytest.fixture(scope="module")
 def retriever(deployment: Any) -> Retriever:
-    return Retriever(verify_release(deployment.index_root, "v1"), deployment.world,
-                     SqliteStore(deployment.store, deployment.features))
+    cfg = ServeConfig(index_root=str(deployment.index_root), world=str(deployment.world),
+                      store=str(deployment.store)).resolved(ProjectConfig())
+    return Retriever.open(cfg, "v1", SqliteStore(deployment.store, deployment.features))
 
 
 @pytest.fixture(scope="module")
@@ -78,28 +80,28 @@ def test_lexical_fallback_fills_a_page_no_embedding_hit_passes(retriever: Retrie
     searches = held_out_searches(deployment.world, 300)
     enc = retriever.encoder.encode(searches["query"].to_pylist(), searches["user_id"].to_pylist(),
                                    searches["ts"].to_pylist())
-    saved = retriever.filter_depth
-    retriever.filter_depth = 5  # a shallow embedding search, so that none of its hits may pass
+    saved = retriever.cfg
+    shallow = saved.model_copy(update={"filter_depth": 5})  # a shallow embedding search: none of its hits may pass
     try:
         found = 0
         for e in enc:
-            retriever.fallback = "none"
+            retriever.cfg = shallow.model_copy(update={"fallback": "none"})
             dry = retriever.answer(e, 5)
             if dry["count"] or not e.terms:
                 continue
-            retriever.fallback = "lexical"
+            retriever.cfg = shallow.model_copy(update={"fallback": "lexical"})
             r = retriever.answer(e, 5)
             if not r["count"]:
                 continue  # BM25 found nothing that passes either
             found += 1
             assert r["fallback"] == "lexical" and r["fallback_added"] == r["count"] <= 5
-            assert all(i["channels"] == ["lexical"] and set(i["scores"]) == {"lexical"} for i in r["items"])
-            ids = np.array([[i["item_id"] for i in r["items"]]])
+            assert all(i["channels"] == ["lexical"] and set(i["scores"]) == {"lexical"} for i in r["data"])
+            ids = np.array([[i["item_id"] for i in r["data"]]])
             if r["relaxed_to"] is None:
                 assert relevance.pass_mask([e.words], ids).all()  # never padded with items that fail the filter
             assert "fallback" in r["latency_ms"] and dry["fallback"] is None
     finally:
-        retriever.filter_depth, retriever.fallback = saved, "lexical"
+        retriever.cfg = saved
     assert found >= 3
 
 
@@ -115,10 +117,10 @@ def test_relaxed_fill_keeps_the_product_type_when_too_few_items_have_every_key_t
     relaxed_pages = 0
     for e in enc:
         r = retriever.answer(e, 10)
-        if not r["items"]:
+        if not r["data"]:
             assert relaxed_terms(e.terms) is None or r["relaxed_to"] is not None  # relaxing was tried
             continue
-        ids = np.array([i["item_id"] for i in r["items"]])
+        ids = np.array([i["item_id"] for i in r["data"]])
         strict = relevance.pass_mask([e.words], ids[None, :])[0]
         if r["relaxed_to"] is None:
             assert strict.all()

@@ -9,16 +9,18 @@ from typing import Any
 import pyarrow.compute as pc
 import pytest
 
+from ray_mgdspr.config import ProjectConfig, ServeConfig
 from ray_mgdspr.data.world import read_manifest, read_table
-from ray_mgdspr.serve.engine import Retriever, verify_release
+from ray_mgdspr.serve.engine import Retriever
 from ray_mgdspr.serve.realtime import followups, realtime_recall
 from ray_mgdspr.serve.store import SqliteStore, build_sqlite_store
 
 
 @pytest.fixture(scope="module")
 def retriever(deployment: Any) -> Retriever:
-    return Retriever(verify_release(deployment.index_root, "v1"), deployment.world,
-                     SqliteStore(deployment.store, deployment.features))
+    cfg = ServeConfig(index_root=str(deployment.index_root), world=str(deployment.world),
+                      store=str(deployment.store)).resolved(ProjectConfig())
+    return Retriever.open(cfg, "v1", SqliteStore(deployment.store, deployment.features))
 
 
 def test_store_of_some_days(deployment: Any, tmp_path: Path) -> None:

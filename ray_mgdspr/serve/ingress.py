@@ -1,0 +1,349 @@
+"""The HTTP front of the retrieval endpoint: ``Ingress`` (FastAPI on Serve: validation, auth, metrics, and the
+stages of ``engine.answer`` called over the serving version's deployment handles, with retries).
+
+The front application (``serve.app_name``, route ``/``) is ``Ingress`` and ``VersionManager``
+(``serve/versions.py``). A request reads the serving version once and calls only that version's application, so
+it is answered by one version end to end.
+"""
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import sqlite3
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import BaseModel, ValidationError
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from ray_mgdspr.config import FeatureConfig, ResolvedServeConfig
+from ray_mgdspr.serve.engine import Encoded, Hits, RequestRefused, request_k, retrieve
+from ray_mgdspr.serve.errors import RETRYABLE, HttpError, cause, public_message, unavailable
+from ray_mgdspr.serve.metrics import ServingMetrics
+from ray_mgdspr.serve.relevance import KeyTerm
+from ray_mgdspr.serve.schemas import EventsRequest, PromoteRequest, RetrieveRequest, RetrieveResponse, VersionInfo
+from ray_mgdspr.serve.store import open_store
+from ray_mgdspr.serve.versions import PromotionRefused, version_app_name
+
+log = logging.getLogger("ray.serve")
+
+TOKEN_ENV = "MGDSPR_SERVE_TOKEN"
+R = TypeVar("R")
+
+
+app = FastAPI(title="ray-mgdspr retrieval", version="1", docs_url="/docs", redoc_url=None)
+UI_PAGE = (Path(__file__).parent / "ui.html").read_text(encoding="utf-8")
+"""The search page served at ``GET /ui``."""
+
+
+def request_id(request: Request) -> str:
+    """Serve's id of this request (its proxy sets ``x-request-id``, echoing a client's own), else a new one."""
+    return request.headers.get("x-request-id") or uuid.uuid4().hex
+
+
+@app.exception_handler(HttpError)
+async def _http_error(request: Request, e: HttpError) -> JSONResponse:
+    return JSONResponse({"error": e.message, **e.extra, "request_id": request_id(request)}, status_code=e.status,
+                        headers=e.headers)
+
+
+@app.exception_handler(Exception)
+async def _bug(request: Request, e: Exception) -> JSONResponse:
+    """The last resort: whatever escaped a route is a bug, answered 500 with the request id, never a traceback."""
+    rid = request_id(request)
+    log.error("request %s %s failed (a bug)", rid, request.url.path, exc_info=e)
+    return JSONResponse({"error": "internal error; the server log has its traceback under this request id",
+                         "request_id": rid}, status_code=500)
+
+
+@dataclass(frozen=True)
+class _Serving:
+    """One version's handles, read once per request."""
+
+    version: str
+    encoder: DeploymentHandle
+    shards: list[DeploymentHandle]
+    head: DeploymentHandle
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _inline(schema: Any, defs: dict) -> Any:
+    """A JSON schema with its ``#/$defs/...`` references replaced by what they name."""
+    if isinstance(schema, dict):
+        if "$ref" in schema:
+            return _inline(defs[schema["$ref"].rsplit("/", 1)[-1]], defs)
+        return {k: _inline(v, defs) for k, v in schema.items() if k != "$defs"}
+    if isinstance(schema, list):
+        return [_inline(v, defs) for v in schema]
+    return schema
+
+
+def _body(model: type[BaseModel]) -> dict:
+    """The OpenAPI request body of a route that parses its body itself (size, encoding, then the strict model),
+    so that ``/openapi.json`` documents it and schema-driven clients and fuzzers can generate it."""
+    schema = model.model_json_schema()
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": _inline(schema, schema.get("$defs", {}))}}}}
+
+
+class _HandleStages:
+    """``engine.Stages`` over one version's deployment handles: each call retried within the request's deadline
+    (``Ingress._read``), the shard fan-out and BM25 run concurrently."""
+
+    def __init__(self, ingress: "Ingress", serving: _Serving, deadline: float) -> None:
+        self.ingress, self.serving, self.deadline = ingress, serving, deadline
+
+    async def encode(self, query: str, user_id: int | None, ts: int) -> Encoded:
+        return await self.ingress._read("encode", lambda: self.serving.encoder.encode.remote((query, user_id, ts)),
+                                        self.deadline)
+
+    async def shards(self, embedding: np.ndarray, depth: int, terms: tuple[KeyTerm, ...], need: int | None
+                     ) -> list[Hits]:
+        return list(await asyncio.gather(*(
+            self.ingress._read("search", lambda s=s: s.search.remote((embedding, depth, terms, need)), self.deadline)
+            for s in self.serving.shards)))
+
+    async def lexical(self, words: list[str], k: int, terms: tuple[KeyTerm, ...]) -> Hits:
+        return await self.ingress._read("lexical", lambda: self.serving.head.search.remote(words, k, terms),
+                                        self.deadline)
+
+    async def together(self, *calls: Awaitable[Any]) -> list[Any]:
+        return list(await asyncio.gather(*calls))
+
+
+@serve.deployment
+@serve.ingress(app)
+class Ingress:
+    """HTTP: validation, auth, fan-out to the shards, merge, relevance filter, metrics.
+
+    Errors follow ``serve/errors.py``: 4xx name the field and the problem, 503 (with ``Retry-After``) only when
+    a stage is unavailable, 500 for a bug. Reads are idempotent: one that fails because its replica died is
+    retried on another replica within the request's deadline (``_read``)."""
+
+    def __init__(self, settings: dict, manager: DeploymentHandle) -> None:
+        self.cfg = ResolvedServeConfig.model_validate(settings)
+        self.manager = manager
+        self.serving: _Serving | None = None
+        self._refresher: asyncio.Task | None = None
+        self._store = None
+        self._token = os.environ.get(TOKEN_ENV) or self.cfg.token
+        self.metrics = ServingMetrics()  # exported through Ray (all replicas) and GET /metrics (this one)
+
+    # ------------------------------------------------------------------ version
+
+    async def _current(self, deadline: float | None = None) -> _Serving:
+        if self._refresher is None:
+            self._refresher = asyncio.get_running_loop().create_task(self._refresh_forever())
+        if self.serving is None:
+            await self._refresh(deadline)
+        if self.serving is None:
+            raise unavailable("no version is loaded yet; retry shortly")
+        return self.serving
+
+    async def _refresh(self, deadline: float | None = None) -> None:
+        deadline = deadline or time.monotonic() + self.cfg.request_timeout_s
+        info = VersionInfo.model_validate(await self._read("manager", lambda: self.manager.active.remote(),
+                                                           deadline))
+        if info.version is None or (self.serving and self.serving.version == info.version):
+            return
+        name = version_app_name(self.cfg.app_name, info.version)
+        self.serving = _Serving(
+            info.version, serve.get_deployment_handle("encoder", name),
+            [serve.get_deployment_handle(f"shard-{s}", name) for s in range(info.shards or 0)],
+            serve.get_deployment_handle("head", name))
+        self.metrics.serving(info.version)
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.version_refresh_s)
+            try:
+                await self._refresh()
+            except Exception:
+                log.exception("asking the version manager failed; keeping %s",
+                              self.serving.version if self.serving else None)
+
+    async def _read(self, stage: str, call: Callable[[], Awaitable[R]], deadline: float) -> R:
+        """``call()`` (a handle call), retried while its replica died or is unavailable (``errors.RETRYABLE``):
+        Serve routes the retry to another replica (or waits for a replacement), after ``serve.retry_backoff_ms``,
+        doubling, until ``deadline`` (monotonic seconds). Raises a 503 when the deadline comes first; any other
+        failure (a bug in the stage) is raised as it is."""
+        wait = self.cfg.retry_backoff_ms / 1000
+        while True:
+            try:
+                return await call()
+            except RETRYABLE as e:
+                if time.monotonic() + wait >= deadline:
+                    raise unavailable(f"the {stage} stage is unavailable (a replica is restarting or overloaded); "
+                                      "retry") from e
+                self.metrics.retries.labels(stage).inc()
+                log.warning("%s call failed (%s); retrying on another replica in %.0f ms", stage,
+                            type(cause(e)).__name__, wait * 1000)
+                await asyncio.sleep(wait)
+                wait *= 2
+
+    # ------------------------------------------------------------------ input
+
+    async def _json(self, request: Request, endpoint: str, limit: str = "max_body_bytes") -> Any:
+        """The request body as JSON, after the size and encoding checks (413 / 400); ``limit``: the
+        ``ServeConfig`` field that bounds this endpoint's body."""
+        max_bytes = getattr(self.cfg, limit)
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+            raise HttpError(413, f"{endpoint}: request body of {declared} bytes exceeds serve.{limit}={max_bytes}")
+        body = await request.body()
+        if len(body) > max_bytes:
+            raise HttpError(413, f"{endpoint}: request body of {len(body)} bytes exceeds serve.{limit}={max_bytes}")
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise HttpError(400, f"{endpoint}: request body is not valid UTF-8 (byte {e.start})") from None
+        try:
+            return json.loads(text, parse_constant=_no_constant)
+        except json.JSONDecodeError as e:
+            raise HttpError(400, f"{endpoint}: request body is not valid JSON ({e.msg} at line {e.lineno} "
+                                 f"column {e.colno})") from None
+        except ValueError as e:  # NaN / Infinity: not JSON (RFC 8259), though Python's parser takes them
+            raise HttpError(400, f"{endpoint}: request body is not valid JSON ({e})") from None
+        except RecursionError:
+            raise HttpError(400, f"{endpoint}: request body nests too deep to parse") from None
+
+    def _parse(self, model: type, data: Any, endpoint: str) -> Any:
+        try:
+            return model.model_validate(data)
+        except ValidationError as e:
+            problems = [{"field": ".".join(str(p) for p in err["loc"]) or "(body)", "problem": err["msg"]}
+                        for err in e.errors(include_url=False, include_input=False)]
+            raise HttpError(422, f"{endpoint}: invalid request: " + "; ".join(
+                f"{p['field']}: {p['problem']}" for p in problems), problems=problems) from None
+
+    def _authorize(self, request: Request, what: str) -> None:
+        if not self._token:
+            raise HttpError(403, f"{what} is disabled: set the {TOKEN_ENV} environment variable or serve.token")
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {self._token}".encode()):
+            raise HttpError(401, f"{what} needs the header 'Authorization: Bearer <token>'")
+
+    async def _respond(self, endpoint: str, request: Request, handle: Callable[[float], Awaitable[dict]],
+                       timeout_s: float | None = None) -> JSONResponse:
+        """Run one route's ``handle(deadline)`` within ``timeout_s`` (default ``serve.request_timeout_s``), count
+        its status, and map what it raised onto the taxonomy (``serve/errors.py``)."""
+        timeout_s = timeout_s or self.cfg.request_timeout_s
+        deadline = time.monotonic() + timeout_s
+        try:
+            body = await asyncio.wait_for(handle(deadline), timeout_s)
+        except HttpError as e:
+            self.metrics.requests.labels(endpoint, str(e.status)).inc()
+            raise
+        except TimeoutError:  # a stage overloaded, or every replica of one restarting: retryable
+            self.metrics.requests.labels(endpoint, "503").inc()
+            raise unavailable(f"{endpoint}: no answer within {timeout_s} s (a stage is overloaded or "
+                              "restarting); retry") from None
+        except RETRYABLE as e:
+            self.metrics.requests.labels(endpoint, "503").inc()
+            raise unavailable(f"{endpoint}: a stage is unavailable ({type(cause(e)).__name__}); retry") from None
+        except sqlite3.OperationalError as e:  # the behaviour store is locked or unreachable
+            self.metrics.requests.labels(endpoint, "503").inc()
+            log.warning("%s: behaviour store: %s", endpoint, e)
+            raise unavailable(f"{endpoint}: the behaviour store is busy; retry") from None
+        except Exception as e:
+            self.metrics.requests.labels(endpoint, "500").inc()
+            rid = request_id(request)
+            log.error("request %s to %s failed (a bug)", rid, endpoint, exc_info=e)
+            raise HttpError(500, f"{endpoint}: internal error; the server log has its traceback under this "
+                                 "request id") from None
+        self.metrics.requests.labels(endpoint, "200").inc()
+        return JSONResponse(body)
+
+    # ------------------------------------------------------------------ routes
+
+    @app.post("/v1/retrieve", openapi_extra=_body(RetrieveRequest), responses={200: {"model": RetrieveResponse}})
+    async def retrieve(self, request: Request) -> JSONResponse:
+        async def handle(deadline: float) -> dict:
+            req: RetrieveRequest = self._parse(RetrieveRequest, await self._json(request, "retrieve"), "retrieve")
+            try:
+                k = request_k(req, self.cfg)
+            except RequestRefused as e:
+                raise HttpError(422, f"retrieve: {e}", problems=[{"field": e.field, "problem": e.problem}]) from None
+            v = await self._current(deadline)
+            body = await retrieve(req, k, self.cfg, v.version, _HandleStages(self, v, deadline))
+            self._observe(body)
+            return body
+
+        return await self._respond("retrieve", request, handle)
+
+    def _observe(self, body: dict) -> None:
+        """The metrics of one answer: stage times, the filter's removals, fallbacks and relaxed fills."""
+        for stage, ms in body["latency_ms"].items():
+            self.metrics.stage_seconds.labels(stage).observe(ms / 1000)
+        self.metrics.filtered.inc(body["filtered"])
+        if body["fallback"] is not None:
+            self.metrics.fallbacks.inc()
+        if body["relaxed_to"] is not None:
+            self.metrics.relaxed.inc()
+
+    @app.post("/v1/events", openapi_extra=_body(EventsRequest))
+    async def events(self, request: Request) -> JSONResponse:
+        async def handle(_: float) -> dict:
+            self._authorize(request, "POST /v1/events")
+            req: EventsRequest = self._parse(EventsRequest, await self._json(request, "events", "max_events_bytes"),
+                                             "events")
+            n = len(req.behaviours) + len(req.queries)
+            if n > self.cfg.max_events:
+                raise HttpError(422, f"events: {n} events in one request, more than serve.max_events="
+                                     f"{self.cfg.max_events}", problems=[{"field": "(body)", "problem": "too many"}])
+            if self._store is None:
+                self._store = open_store(self.cfg.store, FeatureConfig())  # appending reads no windows
+            await asyncio.to_thread(self._store.append, req.behaviours, req.queries)
+            return {"appended": {"behaviours": len(req.behaviours), "queries": len(req.queries)}}
+
+        return await self._respond("events", request, handle)
+
+    @app.post("/v1/admin/promote", openapi_extra=_body(PromoteRequest))
+    async def promote(self, request: Request) -> JSONResponse:
+        async def handle(_: float) -> dict:
+            self._authorize(request, "POST /v1/admin/promote")
+            req: PromoteRequest = self._parse(PromoteRequest, await self._json(request, "promote"), "promote")
+            try:
+                info = await self.manager.promote.remote(req.version)
+            except PromotionRefused as e:  # Ray's wrapper of it carries the manager's traceback: not for clients
+                raise HttpError(409, f"version {req.version} refused; the serving version is unchanged: "
+                                     f"{public_message(str(cause(e)))}") from None
+            await self._refresh()
+            return info
+
+        # loading a version takes up to serve.load_timeout_s, not a read's request_timeout_s
+        return await self._respond("promote", request, handle, timeout_s=self.cfg.load_timeout_s + 30)
+
+    @app.get("/v1/version")
+    async def version(self) -> JSONResponse:
+        return JSONResponse(await self._read("manager", lambda: self.manager.describe.remote(),
+                                             time.monotonic() + self.cfg.request_timeout_s))
+
+    @app.get("/healthz")
+    async def healthz(self) -> JSONResponse:
+        v = await self._current()
+        return JSONResponse({"status": "ok", "version": v.version})
+
+    @app.get("/ui")
+    async def ui(self) -> HTMLResponse:
+        """The search page (``serve/ui.html``): read-only without the token, like the API it calls."""
+        return HTMLResponse(UI_PAGE, headers={"cache-control": "no-cache"})
+
+    @app.get("/metrics")
+    async def metrics(self) -> Response:
+        """This ingress replica's series only; Prometheus should scrape Ray's export (``serve/metrics.py``)."""
+        body, content_type = self.metrics.text()
+        return Response(body, media_type=content_type)

@@ -1,0 +1,283 @@
+"""One served version as a Serve application, and the version manager that deploys, switches and drains them.
+
+A version application (``<app_name>-<version>``, no route) holds ``encoder`` (``QueryEncoderDeployment``),
+``shard-0`` .. ``shard-{S-1}`` (``IndexShard``, one deployment per shard, since replicas of one deployment are
+load-balanced, not fanned out) and ``head`` (``VersionHead``: the lexical channel; it binds the others into one
+application). Each wraps a Ray-free class of ``serve/engine.py``.
+
+``VersionManager`` (one replica, in the front application beside ``serve/ingress.py``'s ``Ingress``) says which
+version serves. Promotion deploys the new version's application beside the old, waits until every replica has
+loaded and verified it, flips the manager's choice (ingress replicas follow within ``version_refresh_s``), and
+deletes the old application after ``drain_s``. A version that fails verification or loading is deleted and the
+old one keeps serving. Replicas started later (autoscaling, restarts) load their own application's version.
+The index side of a version (staging, commit, ``CURRENT``) is ``index/`` 's.
+"""
+
+import asyncio
+import logging
+import time
+from typing import Any, TypeVar
+
+import numpy as np
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from ray_mgdspr.config import ResolvedServeConfig
+from ray_mgdspr.index.shards import current_version, set_current
+from ray_mgdspr.model.bundle import bundle_summary
+from ray_mgdspr.serve.engine import (
+    Encoded,
+    Hits,
+    LexicalChannel,
+    QueryEncoder,
+    ReleaseError,
+    ShardSearcher,
+    each_alone,
+    verify_release,
+)
+from ray_mgdspr.serve.errors import public_message
+from ray_mgdspr.serve.metrics import BatchSizes
+from ray_mgdspr.serve.relevance import KeyTerm
+from ray_mgdspr.serve.schemas import VersionInfo
+from ray_mgdspr.serve.store import open_store
+
+log = logging.getLogger("ray.serve")
+R = TypeVar("R")
+
+
+def version_app_name(app_name: str, version: str) -> str:
+    return f"{app_name}-{version}"
+
+
+def _batched(fn: Any, cfg: ResolvedServeConfig) -> None:
+    """Apply the configured batch size and wait to a ``@serve.batch`` method."""
+    fn.set_max_batch_size(cfg.batch_size)
+    fn.set_batch_wait_timeout_s(cfg.batch_wait_ms / 1000)
+
+
+def _own(result: R | Exception) -> R:
+    """One caller's share of a batch (``engine.each_alone``): its result, or its own failure raised."""
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+# ------------------------------------------------------------------------------------- a version
+
+
+@serve.deployment
+class QueryEncoderDeployment:
+    """H_qu of batched requests (``@serve.batch``), with histories from the behaviour store."""
+
+    def __init__(self, settings: dict, version: str) -> None:
+        cfg = ResolvedServeConfig.model_validate(settings)
+        release = verify_release(cfg.index_root, version, check_files=False)  # load_bundle checks its files
+        self.core = QueryEncoder(release.bundle_path, cfg.world, open_store(cfg.store, release.bundle.features),
+                                 threads=cfg.torch_threads)
+        self.batch_sizes = BatchSizes("encoder")
+        _batched(self._encode, cfg)
+
+    async def encode(self, request: tuple[str, int | None, int]) -> Encoded:
+        """H_qu of one (query, user id, ts), computed in a batch with concurrent requests."""
+        return _own(await self._encode(request))
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    async def _encode(self, requests: list[tuple[str, int | None, int]]) -> list[Encoded | Exception]:
+        self.batch_sizes.observe(len(requests))
+        return await asyncio.to_thread(each_alone, self._encode_now, requests)
+
+    def _encode_now(self, requests: list[tuple[str, int | None, int]]) -> list[Encoded]:
+        queries, users, ts = (list(x) for x in zip(*requests, strict=True))
+        return self.core.encode(queries, users, ts)
+
+
+@serve.deployment
+class IndexShard:
+    """One shard of one version: batched top-k with each hit's relevance verdict."""
+
+    def __init__(self, settings: dict, version: str, shard_no: int) -> None:
+        cfg = ResolvedServeConfig.model_validate(settings)
+        release = verify_release(cfg.index_root, version, check_files=False)  # load_shard checks its files
+        self.core = ShardSearcher(release.index_path, shard_no, cfg.backend, nprobe=cfg.nprobe,
+                                  ef_search=cfg.ef_search, faiss_threads=cfg.faiss_threads)
+        self.batch_sizes = BatchSizes("shard")
+        _batched(self._search, cfg)
+
+    async def search(self, request: tuple[np.ndarray, int, tuple[KeyTerm, ...], int | None]) -> Hits:
+        """One request: (H_qu, depth, key terms, k when the filter is on else None; see ``ShardSearcher.search``),
+        searched in a batch with concurrent requests."""
+        return _own(await self._search(request))
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    async def _search(self, requests: list[tuple[np.ndarray, int, tuple[KeyTerm, ...], int | None]]
+                      ) -> list[Hits | Exception]:
+        self.batch_sizes.observe(len(requests))
+        return await asyncio.to_thread(each_alone, self._search_now, requests)
+
+    def _search_now(self, requests: list[tuple[np.ndarray, int, tuple[KeyTerm, ...], int | None]]) -> list[Hits]:
+        return self.core.search(np.stack([r[0] for r in requests]), [r[1] for r in requests],
+                                [r[2] for r in requests], need=[r[3] for r in requests])
+
+
+@serve.deployment
+class VersionHead:
+    """The version application's root: the lexical channel (BM25 over titles) of this version's catalogue.
+
+    It takes the encoder and shard handles only so that one application deploys them all; the ingress
+    calls those deployments itself.
+    """
+
+    def __init__(self, settings: dict, version: str, encoder: DeploymentHandle,
+                 shards: list[DeploymentHandle]) -> None:
+        cfg = ResolvedServeConfig.model_validate(settings)
+        self.version = version
+        self.lexical = LexicalChannel(cfg.world)
+        self._bound = (encoder, shards)
+
+    async def search(self, words: list[str], k: int, terms: tuple[KeyTerm, ...]) -> Hits:
+        return (await asyncio.to_thread(self.lexical.search, [words], k, [terms]))[0]
+
+
+def version_app(cfg: ResolvedServeConfig, version: str, shards: int) -> serve.Application:
+    """The Serve application of one version (see the module docstring)."""
+    settings = cfg.model_dump()
+    encoder = QueryEncoderDeployment.options(name="encoder", **cfg.encoder.serve_options()).bind(settings, version)
+    shard_handles = [IndexShard.options(name=f"shard-{s}", **cfg.shard.serve_options()).bind(settings, version, s)
+                     for s in range(shards)]
+    return VersionHead.options(name="head", **cfg.head.serve_options()).bind(settings, version, encoder,
+                                                                                shard_handles)
+
+
+# ------------------------------------------------------------------------------- the version manager
+
+
+class PromotionRefused(RuntimeError):
+    """A version that was not switched to; the old one keeps serving."""
+
+
+@serve.deployment(num_replicas=1, max_ongoing_requests=256)
+class VersionManager:
+    """Which version serves; loads new ones beside it and switches (one replica: the single writer)."""
+
+    def __init__(self, settings: dict) -> None:
+        self.cfg = ResolvedServeConfig.model_validate(settings)
+        self.info = VersionInfo(version=None)
+        self._lock = asyncio.Lock()
+        self._draining: dict[str, float] = {}  # version -> when its application is deleted
+        self._refused: set[str] = set()
+        self._loop: asyncio.Task | None = None
+        self._first = self.cfg.version or current_version(self.cfg.index_root)
+        if self._first is None:
+            raise RuntimeError(f"nothing to serve: {self.cfg.index_root} has no CURRENT version and serve.version "
+                               "is not set; build an index (`mgdspr index build`) or name a version")
+
+    async def active(self) -> dict:
+        """The serving version (``VersionInfo`` fields); loads the first one on the first call."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop().create_task(self._housekeeping())
+        if self.info.version is None:
+            async with self._lock:
+                if self.info.version is None:
+                    await self._switch_to(self._first, initial=True)
+        return self.info.model_dump()
+
+    async def check_health(self) -> None:
+        """Serve's periodic health check, the first right after the replica starts: begin loading the first
+        version in the background, so an app started by `serve deploy` serves without waiting for a request."""
+        if self.info.version is None and not self._lock.locked() and self._first not in self._refused:
+            asyncio.get_running_loop().create_task(self._load_first())
+
+    async def _load_first(self) -> None:
+        try:
+            await self.active()
+        except Exception as e:  # recorded in info.last_error; the next request tries again
+            log.error("loading the first version %s failed: %s", self._first, e)
+
+    async def promote(self, version: str) -> dict:
+        """Load ``version`` beside the serving one, then switch; raises ``PromotionRefused`` (old one serves)."""
+        await self.active()
+        async with self._lock:
+            if version != self.info.version:
+                await self._switch_to(version, initial=False)
+        return self.info.model_dump()
+
+    async def _switch_to(self, version: str, initial: bool) -> None:
+        name = version_app_name(self.cfg.app_name, version)
+        running = (await asyncio.to_thread(serve.status)).applications.get(name) if initial else None
+        if running is not None and running.status in ("RUNNING", "DEPLOYING", "UNHEALTHY"):
+            await self._adopt(version, name)
+            return
+        self.info.loading = version
+        try:
+            release = await asyncio.to_thread(verify_release, self.cfg.index_root, version)
+            await asyncio.to_thread(serve._run, version_app(self.cfg, version, release.shards), _blocking=False,
+                                    name=name, route_prefix=None,  # private API, pinned by tests/serve
+                                    logging_config={"enable_access_log": False})
+            await self._wait_running(name)
+        except (ReleaseError, PromotionRefused, RuntimeError, ValueError) as e:
+            self.info.last_error = public_message(f"{version}: {e}")  # GET /v1/version shows it: no paths
+            self._refused.add(version)
+            log.error("version %s refused, %s keeps serving: %s", version, self.info.version, e)  # in full
+            if not isinstance(e, ReleaseError):
+                await asyncio.to_thread(serve.delete, name, _blocking=False)
+            if initial:
+                raise
+            raise PromotionRefused(self.info.last_error) from None
+        finally:
+            self.info.loading = None
+        old = self.info.version
+        if old is not None:
+            self._draining[old] = time.time() + self.cfg.drain_s + 4 * self.cfg.version_refresh_s
+        self.info = self.info.model_copy(update={
+            "version": version, "shards": release.shards, "dim": release.index.dim,
+            "model": bundle_summary(release.bundle), "previous": old, "switched_at": time.time(),
+            "last_error": None, "draining": sorted(self._draining)})
+        if current_version(self.cfg.index_root) != version:
+            set_current(self.cfg.index_root, version)  # a restart serves what serves now
+        log.info("serving version %s (was %s)", version, old)
+
+    async def _adopt(self, version: str, name: str) -> None:
+        """This manager restarted (its node was lost, say) while ``version``'s application kept serving: take it
+        over as it is. It was verified when it was promoted; it is not redeployed, and never deleted here, even
+        while some of its replicas are being replaced."""
+        release = await asyncio.to_thread(verify_release, self.cfg.index_root, version, False)
+        self.info = self.info.model_copy(update={
+            "version": version, "shards": release.shards, "dim": release.index.dim,
+            "model": bundle_summary(release.bundle), "last_error": None})
+        log.info("adopted the running application %s: serving version %s", name, version)
+
+    async def _wait_running(self, name: str) -> None:
+        deadline = time.time() + self.cfg.load_timeout_s
+        while time.time() < deadline:
+            status = (await asyncio.to_thread(serve.status)).applications.get(name)
+            if status is not None and status.status == "RUNNING":
+                return
+            if status is not None and status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
+                raise PromotionRefused(f"its replicas failed to start: {status.message[-2000:]}")
+            await asyncio.sleep(0.2)
+        raise PromotionRefused(f"not loaded within load_timeout_s={self.cfg.load_timeout_s}")
+
+    async def _housekeeping(self) -> None:
+        """Delete drained versions; promote what CURRENT names when an operator moves it."""
+        while True:
+            await asyncio.sleep(0.5)
+            try:
+                now = time.time()
+                for version, at in list(self._draining.items()):
+                    if now >= at and version != self.info.version:
+                        await asyncio.to_thread(serve.delete, version_app_name(self.cfg.app_name, version),
+                                                _blocking=False)
+                        del self._draining[version]
+                        self.info.draining = sorted(self._draining)
+                if self.cfg.watch_current_s and self.info.version is not None and not self._lock.locked():
+                    wanted = current_version(self.cfg.index_root)
+                    if wanted and wanted != self.info.version and wanted not in self._refused:
+                        log.info("CURRENT of %s moved to %s: promoting", self.cfg.index_root, wanted)
+                        await self.promote(wanted)
+            except PromotionRefused:
+                pass
+            except Exception:
+                log.exception("version housekeeping failed; retrying")
+
+    async def describe(self) -> dict:
+        return self.info.model_dump()
