@@ -77,7 +77,7 @@ def _ddp_worker(rank: int, world: int, port: int, steps: int, result: dict) -> N
     batch = as_tensors(random_batch(BATCH, FEATURES, VOCAB, 1_000_000, seed=rank), device)
     m = extra_negatives(loss_cfg, BATCH * world)  # the pool: every rank's positives + m sampled items
     negatives = {"item_id": torch.randint(0, 1_000_000, (m,), device=device),
-                 "item_title": torch.randint(1, VOCAB, (m, FEATURES.max_title_words), device=device)}
+                 "item_title": torch.randint(1, VOCAB, (m, FEATURES.title_words_kept), device=device)}
     out = {}
     for name, bf16 in (("fp32", False), ("bf16", True)):
         def step(bf16: bool = bf16) -> dict:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -163,10 +163,17 @@ class VocabConfig(StrictModel):
 class FeatureConfig(StrictModel):
     """What the featurizer cuts from a search event and the user's history (spec §1, §2, §8)."""
 
-    max_query_chars: int = Field(32, ge=1, description="q_1gram: characters of the query kept")
-    max_query_bigrams: int = Field(32, ge=1, description="q_2gram: character bigrams kept")
-    max_query_words: int = Field(12, ge=1, description="q_seg / q_seg_seq: segmented words kept")
-    max_title_words: int = Field(32, ge=1, description="item tower: title words kept")
+    # how much of each text is kept (longer ones are cut; serve.max_query_chars is what refuses a query). The
+    # names before 2026-12 (max_query_chars, ...) are still read: bundles saved earlier record them.
+    query_chars_kept: int = Field(32, ge=1, validation_alias=AliasChoices("query_chars_kept", "max_query_chars"),
+                                  description="q_1gram: characters of the query kept")
+    query_bigrams_kept: int = Field(32, ge=1, validation_alias=AliasChoices("query_bigrams_kept",
+                                                                            "max_query_bigrams"),
+                                    description="q_2gram: character bigrams kept")
+    query_words_kept: int = Field(12, ge=1, validation_alias=AliasChoices("query_words_kept", "max_query_words"),
+                                  description="q_seg / q_seg_seq: segmented words kept")
+    title_words_kept: int = Field(32, ge=1, validation_alias=AliasChoices("title_words_kept", "max_title_words"),
+                                  description="item tower: title words kept")
     his_queries: int = Field(10, ge=0, description="k of q_his: the user's latest earlier queries (spec §9.9)")
     realtime_len: int = Field(50, ge=1, description="R^u: latest clicks before the search")
     short_len: int = Field(100, ge=1, description="S^u: clicks before R^u within short_days")

@@ -22,11 +22,11 @@ with ``-1`` for padding and for missing (null) values; the model hashes them int
     key                    shape                               content
     user_id, ts            [B]                                 passed through (ts in epoch ms)
     event_id               [B]                                 passed through; -1 when the input has none
-    query_chars            [B, max_query_chars]                Tokenizer.chars(query), left-aligned, truncated
-    query_bigrams          [B, max_query_bigrams]              Tokenizer.bigrams(query), likewise
-    query_words            [B, max_query_words]                the row's query_words (the log's segmentation),
+    query_chars            [B, query_chars_kept]                Tokenizer.chars(query), left-aligned, truncated
+    query_bigrams          [B, query_bigrams_kept]              Tokenizer.bigrams(query), likewise
+    query_words            [B, query_words_kept]                the row's query_words (the log's segmentation),
                                                                Tokenizer.words(query) when there is no such column
-    his_query_words        [B, his_queries, max_query_words]   words of the user's latest his_queries queries of
+    his_query_words        [B, his_queries, query_words_kept]   words of the user's latest his_queries queries of
                                                                query_history with ts < row ts, most recent first,
                                                                then all-PAD rows
     rt_item, rt_shop, rt_leaf, rt_cate1, rt_brand, rt_price
@@ -40,7 +40,7 @@ with ``-1`` for padding and for missing (null) values; the model hashes them int
                                                                per action the latest long_len behaviours with
                                                                row ts - long_days <= ts < row ts - short_days
     item_id                [B]                                 the positive item (only when the input has item_id)
-    item_title             [B, max_title_words]                its title words (only when the input has item_id)
+    item_title             [B, title_words_kept]                its title words (only when the input has item_id)
     item_shop, item_leaf, item_cate1, item_brand, item_price
                            [B]                                 its side information (only when the input has
                                                                item_id)
@@ -189,7 +189,7 @@ class Featurizer:
         action = np.asarray(behaviours["action"].to_numpy(zero_copy_only=False))
         item = _int64(behaviours["item_id"])
         self._actions = {a: self._behaviour_timeline(b_user, b_ts, item, action == a) for a in LONG_ACTIONS}
-        words = _pad_csr(*vocab.encode("words", _lower(history["query_words"])), config.max_query_words)
+        words = _pad_csr(*vocab.encode("words", _lower(history["query_words"])), config.query_words_kept)
         self._queries = self._timeline(q_user, q_ts, {"words": _with_pad_row(words.astype(np.int32), PAD)})
 
     # ------------------------------------------------------------------------------------------ rows
@@ -259,7 +259,7 @@ class Featurizer:
             item_ids: [B] raw item ids; ids not in the items table get an all-PAD title and -1 side information.
 
         Returns:
-            ``item_id`` [B], ``item_title`` [B, max_title_words] (word ids, PAD 0) and the side information
+            ``item_id`` [B], ``item_title`` [B, title_words_kept] (word ids, PAD 0) and the side information
             ``item_shop``, ``item_leaf``, ``item_cate1``, ``item_brand``, ``item_price`` [B] (-1 when missing).
         """
         item_ids = np.asarray(item_ids, np.int64)
@@ -274,9 +274,9 @@ class Featurizer:
         queries = _strings(_column(batch, "query"))
         words = _column(batch, "query_words", required=False)
         words = _lower(_list_array(words)) if words is not None else [tok.words(q) for q in queries]
-        return {"query_chars": self._encode("chars", [tok.chars(q) for q in queries], c.max_query_chars),
-                "query_bigrams": self._encode("bigrams", [tok.bigrams(q) for q in queries], c.max_query_bigrams),
-                "query_words": self._encode("words", words, c.max_query_words)}
+        return {"query_chars": self._encode("chars", [tok.chars(q) for q in queries], c.query_chars_kept),
+                "query_bigrams": self._encode("bigrams", [tok.bigrams(q) for q in queries], c.query_bigrams_kept),
+                "query_words": self._encode("words", words, c.query_words_kept)}
 
     def _encode(self, kind: Kind, column: pa.Array | list[list[str]], width: int) -> np.ndarray:
         return _pad_csr(*self.vocab.encode(kind, column), width)
@@ -303,7 +303,7 @@ class Featurizer:
         return out
 
     def _his_queries(self, rank: np.ndarray, ts: np.ndarray) -> np.ndarray:
-        """[B, his_queries, max_query_words]: the latest earlier queries, most recent first."""
+        """[B, his_queries, query_words_kept]: the latest earlier queries, most recent first."""
         tl, k = self._queries, self.config.his_queries
         end = self._position(tl, rank, ts)
         lo = np.maximum(self._position(tl, rank, None), end - k)
@@ -342,7 +342,7 @@ class Featurizer:
         items = _read(self.world, "items", None, ITEM_COLUMNS)
         items = items.take(pa.array(np.argsort(items["item_id"].to_numpy(), kind="stable")))
         prices = PriceLevels(_fill(items["leaf_id"]), _prices(items["price"]))
-        f = item_features(items, self.vocab, self.config.max_title_words, prices)
+        f = item_features(items, self.vocab, self.config.title_words_kept, prices)
         self._item_ids = f["item_id"]
         self._titles = _with_pad_row(f["item_title"].astype(np.int32), PAD)
         self._side = {s: _with_pad_row(f[f"item_{s}"], MISSING) for s in SIDE}
@@ -413,12 +413,12 @@ ITEM_COLUMNS = ["item_id", "title_words", "price", *(f"{s}_id" for s in ID_SIDE)
 """Columns of the ``items`` table that item features are made from."""
 
 
-def item_features(items: pa.Table, vocab: Vocabulary, max_title_words: int,
+def item_features(items: pa.Table, vocab: Vocabulary, title_words_kept: int,
                   prices: PriceLevels) -> dict[str, np.ndarray]:
     """Item-tower features of rows of the ``items`` table (``ITEM_COLUMNS``), in row order: ``item_id``,
     ``item_title`` (word ids, PAD 0) and ``item_<side>`` (-1 when missing), as ``Featurizer.items`` returns."""
     out = {"item_id": items["item_id"].to_numpy().astype(np.int64),
-           "item_title": encode_words(vocab, items["title_words"], max_title_words).astype(np.int64)}
+           "item_title": encode_words(vocab, items["title_words"], title_words_kept).astype(np.int64)}
     out.update({f"item_{s}": _fill(items[f"{s}_id"]) for s in ID_SIDE})
     out["item_price"] = prices(out["item_leaf"], _prices(items["price"]))
     return out

@@ -43,7 +43,7 @@ class ItemEmbedder:
 
     def __init__(self, bundle: str, prices: PriceLevels, device: str = "auto") -> None:
         self.model, self.vocab, manifest = load_bundle(bundle, towers=("item",))
-        self.width, self.prices = manifest.features.max_title_words, prices
+        self.width, self.prices = manifest.features.title_words_kept, prices
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                                    "cpu" if device == "auto" else device)
         self.model.to(self.device)

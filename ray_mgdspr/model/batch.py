@@ -17,10 +17,10 @@ from ray_mgdspr.model.query_tower import LONG_ATTRIBUTES, PRICE, SIDE_INFO
 def query_shapes(f: FeatureConfig) -> dict[str, tuple[int, ...]]:
     """Per-example shape of every query-tower input."""
     shapes: dict[str, tuple[int, ...]] = {
-        "query_chars": (f.max_query_chars,),
-        "query_bigrams": (f.max_query_bigrams,),
-        "query_words": (f.max_query_words,),
-        "his_query_words": (f.his_queries, f.max_query_words),
+        "query_chars": (f.query_chars_kept,),
+        "query_bigrams": (f.query_bigrams_kept,),
+        "query_words": (f.query_words_kept,),
+        "his_query_words": (f.his_queries, f.query_words_kept),
     }
     shapes |= {f"rt_{a}": (f.realtime_len,) for a in SIDE_INFO + PRICE}
     shapes |= {f"st_{a}": (f.short_len,) for a in SIDE_INFO + PRICE}
@@ -30,7 +30,7 @@ def query_shapes(f: FeatureConfig) -> dict[str, tuple[int, ...]]:
 
 def item_shapes(f: FeatureConfig) -> dict[str, tuple[int, ...]]:
     """Per-example shape of the item-tower inputs."""
-    return {"item_id": (), "item_title": (f.max_title_words,)} | {f"item_{a}": () for a in ITEM_SIDE_INFO + PRICE}
+    return {"item_id": (), "item_title": (f.title_words_kept,)} | {f"item_{a}": () for a in ITEM_SIDE_INFO + PRICE}
 
 
 def random_batch(

@@ -20,7 +20,7 @@ from ray_mgdspr.data.vocab import PAD, Vocabulary, build_vocab_from_world
 from ray_mgdspr.data.world import read_manifest, read_table
 
 CFG = FeatureConfig()
-TINY = FeatureConfig(max_query_chars=6, max_query_bigrams=5, max_query_words=3, max_title_words=4, his_queries=3,
+TINY = FeatureConfig(query_chars_kept=6, query_bigrams_kept=5, query_words_kept=3, title_words_kept=4, his_queries=3,
                      realtime_len=5, short_len=7, long_len=4, short_days=1.5, long_days=4.0)
 """Short sequences and windows, so that every truncation and window edge is hit often."""
 SIDE = ("shop", "leaf", "cate1", "brand", "price")
@@ -32,9 +32,9 @@ def contract_keys(with_item: bool) -> dict[str, tuple[int, ...]]:
     """Every output key and its shape after the batch dimension."""
     c = CFG
     keys: dict[str, tuple[int, ...]] = {
-        "user_id": (), "ts": (), "event_id": (), "query_chars": (c.max_query_chars,),
-        "query_bigrams": (c.max_query_bigrams,), "query_words": (c.max_query_words,),
-        "his_query_words": (c.his_queries, c.max_query_words),
+        "user_id": (), "ts": (), "event_id": (), "query_chars": (c.query_chars_kept,),
+        "query_bigrams": (c.query_bigrams_kept,), "query_words": (c.query_words_kept,),
+        "his_query_words": (c.his_queries, c.query_words_kept),
     }
     for f in ("item", *SIDE):
         keys[f"rt_{f}"] = (c.realtime_len,)
@@ -42,7 +42,7 @@ def contract_keys(with_item: bool) -> dict[str, tuple[int, ...]]:
     for f in ("item", *LONG_SIDE):
         keys[f"lt_{f}"] = (3, c.long_len)
     if with_item:
-        keys.update(item_id=(), item_title=(c.max_title_words,), **{f"item_{f}": () for f in SIDE})
+        keys.update(item_id=(), item_title=(c.title_words_kept,), **{f"item_{f}": () for f in SIDE})
     return keys
 
 
@@ -131,7 +131,7 @@ def test_serving_requests_without_item_event_or_words(feat_en: Featurizer, train
             np.testing.assert_array_equal(out[key], logged[key], err_msg=key)
     tok, vocab = feat_en.vocab.tokenizer(), feat_en.vocab
     for q, row in zip(request["query"], out["query_words"], strict=True):
-        assert row.tolist() == padded(vocab.encode_one("words", tok.words(q)), CFG.max_query_words, PAD)
+        assert row.tolist() == padded(vocab.encode_one("words", tok.words(q)), CFG.query_words_kept, PAD)
 
 
 # ----------------------------------------------------------------------------- brute force
@@ -183,8 +183,8 @@ class Reference:
             per_action.append(self._sequence("lt", items, c.long_len, ("item", *LONG_SIDE)))
         out.update({k: [p[k] for p in per_action] for k in per_action[0]})
         earlier = [w for t, w in self.queries.get(user, []) if t < ts][-c.his_queries:][::-1] if c.his_queries else []
-        his = [padded(self.vocab.encode_one("words", [x.lower() for x in w]), c.max_query_words, PAD) for w in earlier]
-        out["his_query_words"] = his + [[PAD] * c.max_query_words] * (c.his_queries - len(his))
+        his = [padded(self.vocab.encode_one("words", [x.lower() for x in w]), c.query_words_kept, PAD) for w in earlier]
+        out["his_query_words"] = his + [[PAD] * c.query_words_kept] * (c.his_queries - len(his))
         return out
 
     def _sequence(self, prefix: str, items: list[int], width: int, fields: tuple[str, ...]) -> dict[str, list]:
@@ -344,7 +344,7 @@ def test_item_features_encode_titles_and_unknown_items_are_pad(world_en: Path, f
     titles = dict(zip(items["item_id"].to_pylist(), items["title_words"].to_pylist(), strict=True))
     for i, row in zip(ids[:-1], out["item_title"][:-1], strict=True):
         want = feat_en.vocab.encode_one("words", [w.lower() for w in titles[i]])
-        assert row.tolist() == padded(want, CFG.max_title_words, PAD)
+        assert row.tolist() == padded(want, CFG.title_words_kept, PAD)
     assert (out["item_title"][-1] == PAD).all()
     side = read_table(world_en, "items").slice(0, 30).to_pylist()[::-1]
     for f in ("shop", "leaf", "cate1", "brand"):

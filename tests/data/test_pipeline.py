@@ -25,7 +25,7 @@ from ray_mgdspr.data.schema import day_file_name
 from ray_mgdspr.data.vocab import Vocabulary, build_vocab_from_world
 from ray_mgdspr.data.world import read_manifest
 
-SMALL = FeatureConfig(max_query_chars=8, max_query_bigrams=6, max_query_words=4, max_title_words=5, his_queries=3,
+SMALL = FeatureConfig(query_chars_kept=8, query_bigrams_kept=6, query_words_kept=4, title_words_kept=5, his_queries=3,
                       realtime_len=6, short_len=5, long_len=4, short_days=2.0, long_days=5.0)
 
 
@@ -113,7 +113,7 @@ def test_torch_batches_have_the_contract_shapes(ray_cluster: None, world_en: Pat
             assert tuple(tensor.shape) == (n, *reference[key].shape[1:]), key
         batches.append({k: t.numpy() for k, t in batch.items()})
     assert_equal_examples(columns_of(batches), reference)
-    assert reference["item_title"].shape[1:] == (SMALL.max_title_words,)
+    assert reference["item_title"].shape[1:] == (SMALL.title_words_kept,)
     assert reference["lt_item"].shape[1:] == (3, SMALL.long_len)
 
 

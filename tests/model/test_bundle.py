@@ -79,7 +79,7 @@ def test_not_a_bundle(tmp_path: Path) -> None:
 
 def test_failed_write_leaves_nothing(tmp_path: Path, vocab: Vocabulary) -> None:
     model = _model(vocab, 0)
-    bad_features = FeatureConfig.model_construct(max_query_chars=object())  # not serialisable: fails mid-write
+    bad_features = FeatureConfig.model_construct(query_chars_kept=object())  # not serialisable: fails mid-write
     with pytest.raises(Exception):  # noqa: B017 - pydantic raises its own error type
         save_bundle(tmp_path / "b", model, vocab, bad_features, LossConfig())
     assert list(tmp_path.iterdir()) == []

@@ -15,7 +15,7 @@ from ray_mgdspr.model.query_tower import LONG_ATTRIBUTES, PRICE, SIDE_INFO, hist
 
 D, B, VOCAB, ITEMS = 16, 5, 40, 60
 SIZES = {"words": VOCAB, "chars": VOCAB, "bigrams": VOCAB}
-FEATURES = FeatureConfig(realtime_len=7, short_len=9, long_len=6, his_queries=4, max_query_words=5)
+FEATURES = FeatureConfig(realtime_len=7, short_len=9, long_len=6, his_queries=4, query_words_kept=5)
 
 
 def cfg(**kw: object) -> ModelConfig:

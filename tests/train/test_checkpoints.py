@@ -19,7 +19,7 @@ from ray_mgdspr.model.optim import model_optimizer
 from ray_mgdspr.train.trainer import PROGRESS, STATE, CheckpointError, load_checkpoint, save_checkpoint
 
 SIZES = {"words": 40, "chars": 40, "bigrams": 40}
-FEATURES = FeatureConfig(realtime_len=4, short_len=5, long_len=4, his_queries=3, max_query_words=5)
+FEATURES = FeatureConfig(realtime_len=4, short_len=5, long_len=4, his_queries=3, query_words_kept=5)
 MODEL = ModelConfig(d=8, heads=2, item_buckets=61, shop_buckets=60, brand_buckets=60, category_buckets=60)
 
 
