@@ -102,10 +102,6 @@ class Tokenizer:
             return _pairs(_SPACE.sub("", text))
         return [b for w in _SPACE.split(text) for b in _pairs(w)]
 
-    def words_batch(self, texts: Iterable[str]) -> list[list[str]]:
-        return [self.words(t) for t in texts]
-
-
 def _pairs(s: str) -> list[str]:
     return [s[i : i + 2] for i in range(len(s) - 1)]
 
