@@ -302,8 +302,7 @@ def embedding_bench(tmp: str, n_items: int, repeats: int) -> dict:
     from ray_mgdspr.index.embed import ItemEmbedder, embed_catalogue, read_embeddings
     from ray_mgdspr.model.bundle import save_bundle
     from ray_mgdspr.model.mgdspr import build_model
-    from ray_mgdspr.model.tables import resolve_buckets
-    from ray_mgdspr.train.loop import world_max_ids
+    from ray_mgdspr.model.tables import resolve_buckets, world_max_ids
 
     world, bundle = f"{tmp}/world", f"{tmp}/bundle"
     # the medium preset's catalogue settings at n_items; few users and days: only the items table is embedded

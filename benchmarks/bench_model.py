@@ -58,8 +58,9 @@ def measure(variant: str, world: str, device: str, steps: int, warmup: int) -> d
     from ray_mgdspr.model.layers import as_tensors
     from ray_mgdspr.model.mgdspr import build_model
     from ray_mgdspr.model.optim import make_optimizer
-    from ray_mgdspr.model.tables import resolve_buckets
-    from ray_mgdspr.train.loop import Catalogue, extra_negatives, train_step, world_max_ids
+    from ray_mgdspr.model.retrieval import CatalogueFeatures
+    from ray_mgdspr.model.tables import resolve_buckets, world_max_ids
+    from ray_mgdspr.train.loop import extra_negatives, train_step
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
@@ -81,7 +82,8 @@ def measure(variant: str, world: str, device: str, steps: int, warmup: int) -> d
     loss_cfg = LossConfig(kind="hinge" if kind == "dnn" else "softmax")
     model = build_model(model_cfg, {k: vocab.num_ids(k) for k in KINDS}).to(device)
     optimizer = make_optimizer(model.parameters(), OptimConfig(kind="adagrad"))  # the paper's step
-    catalogue = Catalogue.from_featurizer(featurizer, read_table(world, "items", columns=["item_id"])["item_id"])
+    items = read_table(world, "items", columns=["item_id"])["item_id"]
+    catalogue = CatalogueFeatures.from_featurizer(featurizer, items)
     batches = [as_tensors(featurizer(r), device) for r in rows]
     for i, b in enumerate(batches):
         negatives = as_tensors(catalogue.sample(extra_negatives(loss_cfg, BATCH), rng), device)

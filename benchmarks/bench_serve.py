@@ -118,8 +118,9 @@ def prepare(tmp: Path, quick: bool) -> Setup:
     from ray_mgdspr.data.world import read_manifest, read_table
     from ray_mgdspr.index.shards import METADATA_SCHEMA, build_index_version, split_by_shard
     from ray_mgdspr.model.bundle import read_bundle_manifest, save_bundle
+    from ray_mgdspr.model.retrieval import CatalogueFeatures, item_vectors
     from ray_mgdspr.serve.store import build_sqlite_store
-    from ray_mgdspr.train.loop import Catalogue, embed_catalogue, fit_local
+    from ray_mgdspr.train.loop import fit_local
 
     demo = load_preset("demo")
     sim = (SimulateConfig(n_items=3_000, n_users=500, n_brands=150, n_shops=300, warmup_days=10) if quick else
@@ -150,9 +151,9 @@ def prepare(tmp: Path, quick: bool) -> Setup:
 
     t = time.perf_counter()
     items = read_table(world, "items", columns=METADATA_SCHEMA.names)
-    catalogue = Catalogue.from_featurizer(featurizer, items["item_id"].to_numpy())
+    catalogue = CatalogueFeatures.from_featurizer(featurizer, items["item_id"].to_numpy())
     with torch.inference_mode():
-        vectors = embed_catalogue(run.model, catalogue).numpy()
+        vectors = item_vectors(run.model, catalogue).numpy()
     timings["embed_s"] = time.perf_counter() - t
     checksum = read_bundle_manifest(bundle).files["item_tower.pt"]
     t = time.perf_counter()

@@ -26,7 +26,7 @@ from ray_mgdspr.config import SimulateConfig, load_preset
 from ray_mgdspr.data.simulator.oracle import ORACLES, Oracle
 from ray_mgdspr.data.simulator.simulate import simulate
 from ray_mgdspr.data.world import read_manifest, read_table
-from ray_mgdspr.eval.metrics import recall_at_k
+from ray_mgdspr.metrics import recall_at_k
 
 K = 50
 WORLDS: list[tuple[str, dict[str, Any]]] = [

@@ -32,15 +32,15 @@ from ray_mgdspr.data.simulator.simulate import Progress, simulate
 from ray_mgdspr.data.validate import ValidationReport, validate_world
 from ray_mgdspr.data.vocab import Vocabulary, build_vocab_from_world
 from ray_mgdspr.data.world import WorldManifest, read_manifest, read_table
-from ray_mgdspr.eval.metrics import recall_at_k
 from ray_mgdspr.eval.report import demo_table
 from ray_mgdspr.index.build import build_index
 from ray_mgdspr.index.embed import EmbedResult, embed_catalogue
 from ray_mgdspr.index.manifest import IndexManifest
 from ray_mgdspr.index.search import IndexReader
 from ray_mgdspr.index.shards import verify_index
+from ray_mgdspr.metrics import recall_at_k
 from ray_mgdspr.model.bundle import load_bundle
-from ray_mgdspr.model.layers import as_tensors
+from ray_mgdspr.model.retrieval import query_vectors, targets_of
 from ray_mgdspr.runtime import connect_ray
 from ray_mgdspr.serve.app import AppArgs
 from ray_mgdspr.serve.app import start as start_serve
@@ -197,9 +197,8 @@ def answer_held_out(world: Path, bundle: Path, reader: IndexReader, k: int, n: i
     model, vocab, manifest = load_bundle(bundle, towers=("query",))
     featurizer = Featurizer(world, vocab, manifest.features)
     events = featurizer.events(read_manifest(world).test_days).slice(0, n)
-    h_qu = model.query_tower(as_tensors(featurizer(events))).numpy()
-    _, topk = reader.search(h_qu, k)
-    return recall_at_k(topk, [np.asarray(t, np.int64) for t in events["target_item_ids"].to_pylist()], k)
+    _, topk = reader.search(query_vectors(model, featurizer(events)).numpy(), k)
+    return recall_at_k(topk, targets_of(events), k)
 
 
 def serve_and_ask(cfg: ProjectConfig, out: Path, world: Path, shown: int = 3, events_k: int = 50,

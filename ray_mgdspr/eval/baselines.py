@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from ray_mgdspr.index.lexical import Bm25Index
+from ray_mgdspr.model.retrieval import exact_topk
 
 
 def bm25_topk(item_ids: np.ndarray, title_words: pa.Array | pa.ChunkedArray | list[list[str]],
@@ -45,20 +45,6 @@ def minilm_encode(model: object, texts: list[str], batch_size: int = 256) -> np.
     """(n, 384) float32 L2-normalised sentence embeddings."""
     return model.encode(texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True,  # type: ignore[attr-defined]
                         show_progress_bar=False).astype(np.float32)
-
-
-@torch.inference_mode()
-def exact_topk(queries: np.ndarray, items: np.ndarray, item_ids: np.ndarray, k: int, batch: int = 512) -> np.ndarray:
-    """(Q, k) ids of the items with the largest inner product per query: brute force over the whole catalogue.
-
-    Args:
-        queries: (Q, d) float32. items: (N, d) float32. item_ids: (N,) int64. k: <= N.
-    """
-    it = torch.from_numpy(np.ascontiguousarray(items, np.float32))
-    k = min(k, len(item_ids))
-    out = [item_ids[(torch.from_numpy(queries[s:s + batch]) @ it.T).topk(k, dim=1).indices.numpy()]
-           for s in range(0, len(queries), batch)]
-    return np.concatenate(out) if out else np.zeros((0, k), np.int64)
 
 
 def minilm_topk(item_ids: np.ndarray, titles: list[str], queries: list[str], k: int,

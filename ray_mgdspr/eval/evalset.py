@@ -28,9 +28,9 @@ from ray_mgdspr.data.features import Featurizer
 from ray_mgdspr.data.simulator.relevance import RelevanceJudge
 from ray_mgdspr.data.vocab import Vocabulary
 from ray_mgdspr.data.world import WorldManifest, read_manifest, read_table
-from ray_mgdspr.eval.metrics import p_good_at_k, pass_count_at_k, recall_at_k
+from ray_mgdspr.metrics import p_good_at_k, pass_count_at_k, recall_at_k
+from ray_mgdspr.model.retrieval import CatalogueFeatures, targets_of
 from ray_mgdspr.serve.relevance import RelevanceFilter
-from ray_mgdspr.train.loop import Catalogue, targets_of
 
 INTENT_COLUMNS = ["intent_leaf_id", "intent_brand_id", "intent_attr_value_ids"]
 
@@ -53,7 +53,7 @@ class EvalSet:
     events: pa.Table
     features: dict[str, np.ndarray]
     targets: list[np.ndarray]
-    catalogue: Catalogue
+    catalogue: CatalogueFeatures
     items: pa.Table
     judge: RelevanceJudge
     relevance: RelevanceFilter
@@ -77,7 +77,7 @@ class EvalSet:
         events = _with_intents(world, manifest.test_days, events)
         items = read_table(world, "items", columns=["item_id", "title", "title_words"])
         return cls(world, manifest, featurizer, events, featurizer(events), targets_of(events),
-                   Catalogue.from_featurizer(featurizer, items["item_id"].to_numpy()), items,
+                   CatalogueFeatures.from_featurizer(featurizer, items["item_id"].to_numpy()), items,
                    RelevanceJudge.from_world(world), RelevanceFilter.from_world(world))
 
     def __len__(self) -> int:

@@ -540,14 +540,15 @@ def demo_table(world: Path, bundle: Path, index_path: Path, k: int = 50, max_eve
     from ray_mgdspr.data.simulator.oracle import ORACLES, Oracle
     from ray_mgdspr.eval.baselines import bm25_topk
     from ray_mgdspr.eval.evalset import EvalSet
-    from ray_mgdspr.eval.runs import ORACLE_LABELS, query_vectors, retrieve_exact
+    from ray_mgdspr.eval.runs import ORACLE_LABELS, retrieve_exact
     from ray_mgdspr.index.search import IndexReader
     from ray_mgdspr.model.bundle import load_bundle
+    from ray_mgdspr.model.retrieval import query_vectors
 
     model, vocab, manifest = load_bundle(bundle)
     data = EvalSet.load(world, vocab, manifest.features, max_events)
     k = min(k, len(data.catalogue))
-    served = IndexReader(index_path, "faiss-cpu").search(query_vectors(model, data.features), k)[1]
+    served = IndexReader(index_path, "faiss-cpu").search(query_vectors(model, data.features).numpy(), k)[1]
     oracle = Oracle.from_world(world)
     rows = [(ORACLE_LABELS[m], oracle.topk(data.events, m, k)) for m in ORACLES]
     rows += [(f"{manifest.model.kind.upper()} demo model, served index", served),

@@ -43,15 +43,15 @@ import torch
 from ray_mgdspr.config import IndexConfig, LossConfig, ModelConfig, OptimConfig
 from ray_mgdspr.data.simulator.oracle import ORACLES, Oracle
 from ray_mgdspr.data.vocab import KINDS
-from ray_mgdspr.eval.baselines import bm25_topk, exact_topk, minilm_topk
+from ray_mgdspr.eval.baselines import bm25_topk, minilm_topk
 from ray_mgdspr.eval.evalset import EvalSet
-from ray_mgdspr.eval.metrics import recall_at_k, topk_overlap
 from ray_mgdspr.index.search import IndexReader
 from ray_mgdspr.index.shards import METADATA_SCHEMA, build_index_version, split_by_shard
-from ray_mgdspr.model.layers import as_tensors
+from ray_mgdspr.metrics import recall_at_k, topk_overlap
 from ray_mgdspr.model.mgdspr import TwoTower, build_model
-from ray_mgdspr.model.tables import resolve_buckets
-from ray_mgdspr.train.loop import embed_catalogue, fit_local, world_max_ids
+from ray_mgdspr.model.retrieval import exact_topk, item_vectors, query_vectors
+from ray_mgdspr.model.tables import resolve_buckets, world_max_ids
+from ray_mgdspr.train.loop import fit_local
 
 log = logging.getLogger(__name__)
 
@@ -165,20 +165,11 @@ def _train_and_retrieve(spec: RunSpec, data: EvalSet) -> tuple[np.ndarray, dict[
     return topk, extra
 
 
-def query_vectors(model: TwoTower, features: dict[str, np.ndarray], batch: int = 512) -> np.ndarray:
-    """H_qu (E, d) float32 of featurized searches."""
-    model.eval()
-    rows = len(features["user_id"])
-    with torch.inference_mode():
-        parts = [model.query_tower(as_tensors({key: v[s:s + batch] for key, v in features.items()})).numpy()
-                 for s in range(0, rows, batch)]
-    return np.concatenate(parts).astype(np.float32)
-
-
 def retrieve_exact(model: TwoTower, data: EvalSet, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Exact top-k ids (E, k) over the whole catalogue, and the query (E, d) and item (N, d) vectors."""
-    queries = query_vectors(model, data.features)
-    items = embed_catalogue(model, data.catalogue).numpy()
+    """Exact top-k ids (E, k) over the whole catalogue, and the query (E, d) and item (N, d) float32 vectors
+    (kept for the ANN comparison)."""
+    queries = query_vectors(model, data.features).numpy()
+    items = item_vectors(model, data.catalogue).numpy()
     return exact_topk(queries, items, data.catalogue.item_id, k), queries, items
 
 

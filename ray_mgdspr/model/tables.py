@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pyarrow.compute as pc
 import torch.nn as nn
 
 from ray_mgdspr.config import ModelConfig
 from ray_mgdspr.data.features import PRICE_LEVELS
+from ray_mgdspr.data.world import read_table
 from ray_mgdspr.model.layers import HashedEmbedding
 
 BUCKETS = ("item_buckets", "shop_buckets", "brand_buckets", "category_buckets")
@@ -25,6 +29,18 @@ def resolve_buckets(cfg: ModelConfig, max_ids: dict[str, int]) -> ModelConfig:
     """
     update = {k: max(max_ids[k.removesuffix("_buckets")], 0) + 2 for k in BUCKETS if getattr(cfg, k) is None}
     return cfg.model_copy(update=update)
+
+
+def world_max_ids(world: str | Path) -> dict[str, int]:
+    """Largest raw id per ID table in the world's catalogue (``resolve_buckets``'s ``max_ids``); -1 when none."""
+    items = read_table(world, "items", columns=["item_id", "shop_id", "brand_id", "leaf_id", "cate1_id"])
+
+    def top(*cols: str) -> int:
+        values = [pc.max(items[c]).as_py() for c in cols]
+        return max([v for v in values if v is not None], default=-1)
+
+    return {"item": top("item_id"), "shop": top("shop_id"), "brand": top("brand_id"),
+            "category": top("leaf_id", "cate1_id")}
 
 
 class Tables(nn.Module):

@@ -9,7 +9,7 @@ simulated world through a ``Retriever`` (the same core the Serve ingress runs) a
   catalogue had enough exactly relevant items to fill it;
 * ``empty_rate``: share of responses with no item at all;
 * ``p_good``: P_good@k, the share of the k slots holding an item of grade >= 1 (a missing item counts as not
-  good, as in ``eval.metrics.p_good_at_k``), with the filter on and with it off;
+  good, as in ``metrics.p_good_at_k``), with the filter on and with it off;
 * ``fallback_rate``: share of responses the lexical fallback ran for, and the latency of the responses.
 
 Every number comes from a synthetic world (the ground truth only exists there).

@@ -1,4 +1,5 @@
-"""The plain-PyTorch training step and a single-process training loop (no Ray).
+"""The plain-PyTorch training step and a single-process training loop (no Ray). Catalogue features and exact
+retrieval, which training and evaluation share, are ``model/retrieval.py``'s.
 
 One step (spec §4): H_qu and H_item of a batch of (search, positive) examples; a shared negative pool of the
 batch's positives (gathered from every worker when data-parallel) plus uniformly sampled catalogue items;
@@ -15,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import torch
 import torch.distributed as dist
 
@@ -27,52 +27,10 @@ from ray_mgdspr.model.layers import as_tensors
 from ray_mgdspr.model.loss import compute_loss
 from ray_mgdspr.model.mgdspr import TwoTower, build_model
 from ray_mgdspr.model.optim import clip_grad_norm, model_optimizer
-from ray_mgdspr.model.tables import resolve_buckets
+from ray_mgdspr.model.retrieval import CatalogueFeatures
+from ray_mgdspr.model.tables import resolve_buckets, world_max_ids
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Catalogue:
-    """Item-tower inputs of the whole catalogue: what negatives are sampled from and what gets embedded.
-
-    ``features``: ``Featurizer.items`` of every item (``item_id`` (N,), ``item_title`` (N, T), ``item_<side>``
-    (N,)), in catalogue order.
-    """
-
-    features: dict[str, np.ndarray]
-
-    @classmethod
-    def from_featurizer(cls, featurizer: Featurizer, item_ids: np.ndarray) -> Catalogue:
-        f = featurizer.items(np.asarray(item_ids, np.int64))
-        return cls({k: np.array(v) for k, v in f.items()})  # own, writable copies
-
-    @property
-    def item_id(self) -> np.ndarray:
-        return self.features["item_id"]
-
-    def __len__(self) -> int:
-        return len(self.item_id)
-
-    def rows(self, index: np.ndarray | slice) -> dict[str, np.ndarray]:
-        """Every feature of the items at ``index``."""
-        return {k: v[index] for k, v in self.features.items()}
-
-    def sample(self, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        """``n`` items drawn uniformly with replacement."""
-        return self.rows(rng.integers(0, len(self), size=n))
-
-
-def world_max_ids(world: str | Path) -> dict[str, int]:
-    """Largest raw id per ID table in the world's catalogue (for ``resolve_buckets``); -1 when none."""
-    items = read_table(world, "items", columns=["item_id", "shop_id", "brand_id", "leaf_id", "cate1_id"])
-
-    def top(*cols: str) -> int:
-        values = [pa.compute.max(items[c]).as_py() for c in cols]
-        return max([v for v in values if v is not None], default=-1)
-
-    return {"item": top("item_id"), "shop": top("shop_id"), "brand": top("brand_id"),
-            "category": top("leaf_id", "cate1_id")}
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -163,7 +121,8 @@ def fit_local(
     examples = featurizer.examples(train_days)
     if examples.num_rows == 0:
         raise ValueError(f"{world}: no training examples (searches with a click or buy) on days {train_days}")
-    catalogue = Catalogue.from_featurizer(featurizer, read_table(world, "items", columns=["item_id"])["item_id"])
+    items = read_table(world, "items", columns=["item_id"])["item_id"]
+    catalogue = CatalogueFeatures.from_featurizer(featurizer, items)
     run, t0, step = LocalRun(model, vocab), time.perf_counter(), 0
     bs = min(optim_cfg.batch_size, examples.num_rows)
     while step < steps:
@@ -180,42 +139,3 @@ def fit_local(
                 break
     run.seconds = time.perf_counter() - t0
     return run
-
-
-@torch.inference_mode()
-def embed_catalogue(
-    model: TwoTower, catalogue: Catalogue, batch_size: int = 4096, device: torch.device | str = "cpu"
-) -> torch.Tensor:
-    """H_item of every catalogue item, (N, d), in catalogue order."""
-    model.eval()
-    parts = []
-    for s in range(0, len(catalogue), batch_size):
-        parts.append(model.embed_items(as_tensors(catalogue.rows(slice(s, s + batch_size)), device)))
-    return torch.cat(parts)
-
-
-@torch.inference_mode()
-def retrieve_featurized(
-    model: TwoTower, features: dict[str, np.ndarray], catalogue: Catalogue, k: int,
-    device: torch.device | str = "cpu", batch_size: int = 512,
-) -> np.ndarray:
-    """Exact top-k item ids (E, k) of featurized searches by brute-force inner product over the whole catalogue."""
-    items = embed_catalogue(model, catalogue, device=device)
-    k = min(k, len(catalogue))
-    rows = len(features["user_id"])
-    out = []
-    for s in range(0, rows, batch_size):
-        q = model.query_tower(as_tensors({key: v[s : s + batch_size] for key, v in features.items()}, device))
-        out.append(catalogue.item_id[(q @ items.T).topk(k, dim=1).indices.cpu().numpy()])
-    return np.concatenate(out) if out else np.zeros((0, k), np.int64)
-
-
-def retrieve(model: TwoTower, featurizer: Featurizer, events: pa.Table, catalogue: Catalogue, k: int) -> np.ndarray:
-    """Exact top-k item ids (E, k) for each event (``Featurizer.events`` rows)."""
-    return retrieve_featurized(model, featurizer(events), catalogue, k)
-
-
-def targets_of(events: pa.Table) -> list[np.ndarray]:
-    """The target item ids of each evaluation event (``Featurizer.events``)."""
-    return [np.asarray(t, np.int64) for t in events["target_item_ids"].to_pylist()]
-

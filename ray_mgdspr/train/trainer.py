@@ -37,12 +37,13 @@ from ray_mgdspr.data.features import Featurizer
 from ray_mgdspr.data.pipeline import check_item_ids, search_event_files, training_dataset
 from ray_mgdspr.data.vocab import KINDS, Vocabulary, build_vocab_from_world
 from ray_mgdspr.data.world import read_manifest, read_table, table_files
-from ray_mgdspr.eval.metrics import recall_at_k
+from ray_mgdspr.metrics import recall_at_k
 from ray_mgdspr.model.bundle import BundleManifest, save_bundle
 from ray_mgdspr.model.mgdspr import TwoTower, build_model
 from ray_mgdspr.model.optim import model_optimizer
-from ray_mgdspr.model.tables import resolve_buckets
-from ray_mgdspr.train.loop import Catalogue, extra_negatives, retrieve_featurized, train_step, world_max_ids
+from ray_mgdspr.model.retrieval import CatalogueFeatures, retrieve
+from ray_mgdspr.model.tables import resolve_buckets, world_max_ids
+from ray_mgdspr.train.loop import extra_negatives, train_step
 
 log = logging.getLogger(__name__)
 STATE = "state.pt"  # model and optimiser tensors, loaded with torch.load(weights_only=True): no pickle
@@ -257,10 +258,10 @@ def _restore(model: TwoTower, optimizer: torch.optim.Optimizer) -> dict[str, Any
     return state
 
 
-def evaluate(model: TwoTower, catalogue: Catalogue, features: dict[str, np.ndarray], targets: list[np.ndarray],
+def evaluate(model: TwoTower, catalogue: CatalogueFeatures, features: dict[str, np.ndarray], targets: list[np.ndarray],
              k: int, device: torch.device) -> float:
     """Recall@k of the held-out searches by exact search over the whole catalogue."""
-    topk = retrieve_featurized(model, features, catalogue, k, device)
+    topk = retrieve(model, features, catalogue, k, device)
     model.train()
     return recall_at_k(topk, targets, k)
 
@@ -281,7 +282,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     optimizer = model_optimizer(model, cfg.optim)
     progress = _restore(model, optimizer)
     ddp = ray.train.torch.prepare_model(model)  # Ray: DDP (gloo on CPU, nccl on GPU), moved to the device
-    catalogue = Catalogue(ray.get(config["catalogue"]))
+    catalogue = CatalogueFeatures(ray.get(config["catalogue"]))
     held_out = ray.get(config["eval"]) if rank == 0 else None
     shard = ray.train.get_dataset_shard("train")  # Ray: this worker's stream of featurized examples
     bs, n_neg = cfg.optim.batch_size, extra_negatives(cfg.loss, cfg.optim.batch_size * world_size)

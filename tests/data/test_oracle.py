@@ -14,7 +14,7 @@ from ray_mgdspr.config import load_preset
 from ray_mgdspr.data.simulator.oracle import ORACLES, Oracle
 from ray_mgdspr.data.simulator.simulate import simulate
 from ray_mgdspr.data.world import read_manifest, read_table
-from ray_mgdspr.eval.metrics import recall_at_k
+from ray_mgdspr.metrics import recall_at_k
 
 
 def _clicked_searches(world: Path, n: int | None = None):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ray_mgdspr.eval.baselines import bm25_topk, exact_topk, load_minilm, minilm_topk
+from ray_mgdspr.eval.baselines import bm25_topk, load_minilm, minilm_topk
+from ray_mgdspr.model.retrieval import exact_topk
 
 IDS = np.array([10, 11, 12, 13, 14, 15])
 TITLES = ["red running shoes for men", "blue cotton t-shirt", "leather office chair with wheels",
@@ -25,7 +26,7 @@ def test_exact_topk_equals_brute_force() -> None:
     q, items = rng.normal(size=(7, 5)).astype(np.float32), rng.normal(size=(40, 5)).astype(np.float32)
     ids = rng.permutation(1000)[:40]
     expected = ids[np.argsort(-(q @ items.T), axis=1)[:, :6]]
-    np.testing.assert_array_equal(exact_topk(q, items, ids, 6, batch=3), expected)
+    np.testing.assert_array_equal(exact_topk(q, items, ids, 6, batch_size=3), expected)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ray_mgdspr.eval.metrics import recall_at_k
+from ray_mgdspr.metrics import recall_at_k
 
 
 def _reference(topk: np.ndarray, targets: list[np.ndarray], k: int) -> float:

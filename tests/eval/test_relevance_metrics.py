@@ -9,7 +9,7 @@ import pytest
 
 from ray_mgdspr.data.loaders import load_esci
 from ray_mgdspr.data.world import read_table
-from ray_mgdspr.eval.metrics import (
+from ray_mgdspr.metrics import (
     judged_grades,
     judgement_maps,
     p_good_at_k,

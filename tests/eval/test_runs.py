@@ -18,7 +18,8 @@ from ray_mgdspr.eval.report import demo_table
 from ray_mgdspr.eval.runs import RunSpec, run_one, variant_configs
 from ray_mgdspr.index.shards import METADATA_SCHEMA, build_index_version, split_by_shard
 from ray_mgdspr.model.bundle import save_bundle
-from ray_mgdspr.train.loop import embed_catalogue, fit_local
+from ray_mgdspr.model.retrieval import item_vectors
+from ray_mgdspr.train.loop import fit_local
 
 FEATURES = FeatureConfig(realtime_len=10, short_len=10, long_len=10, his_queries=3)
 MODEL = ModelConfig(d=16, heads=2)
@@ -106,7 +107,7 @@ def test_demo_table_compares_the_served_model_with_bm25(data: EvalSet, tmp_path:
     run = fit_local(data.featurizer, data.featurizer.vocab, data.world, data.manifest.train_days, MODEL, LOSS, OPTIM,
                     steps=60)
     save_bundle(tmp_path / "bundle", run.model, run.vocab, FEATURES, LOSS)
-    vectors = embed_catalogue(run.model, data.catalogue).numpy()
+    vectors = item_vectors(run.model, data.catalogue).numpy()
     metadata = read_table(data.world, "items", columns=METADATA_SCHEMA.names)
     cfg = IndexConfig(shards=2)
     build_index_version(tmp_path / "index", "v1", split_by_shard(vectors, data.catalogue.item_id, metadata, 2), cfg,

@@ -25,8 +25,7 @@ from ray_mgdspr.index.shards import current_version, list_versions
 from ray_mgdspr.model.bundle import load_bundle, save_bundle
 from ray_mgdspr.model.layers import as_tensors
 from ray_mgdspr.model.mgdspr import build_model
-from ray_mgdspr.model.tables import resolve_buckets
-from ray_mgdspr.train.loop import world_max_ids
+from ray_mgdspr.model.tables import resolve_buckets, world_max_ids
 
 pytestmark = pytest.mark.slow
 

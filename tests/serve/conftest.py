@@ -18,8 +18,9 @@ from ray_mgdspr.data.vocab import build_vocab_from_world
 from ray_mgdspr.data.world import read_manifest, read_table
 from ray_mgdspr.index.shards import METADATA_SCHEMA, build_index_version, split_by_shard
 from ray_mgdspr.model.bundle import read_bundle_manifest, save_bundle
+from ray_mgdspr.model.retrieval import CatalogueFeatures, item_vectors
 from ray_mgdspr.serve.store import build_sqlite_store
-from ray_mgdspr.train.loop import Catalogue, embed_catalogue, fit_local
+from ray_mgdspr.train.loop import fit_local
 
 FEATURES = FeatureConfig(realtime_len=5, short_len=8, long_len=8)
 
@@ -46,9 +47,9 @@ def release(world: Path, index_root: Path, bundles: Path, version: str, steps: i
     bundle = bundles / version
     save_bundle(bundle, run.model, vocab, FEATURES, LossConfig(), version=version)
     items = read_table(world, "items", columns=METADATA_SCHEMA.names)
-    catalogue = Catalogue.from_featurizer(featurizer, items["item_id"].to_numpy())
+    catalogue = CatalogueFeatures.from_featurizer(featurizer, items["item_id"].to_numpy())
     with torch.inference_mode():
-        vectors = embed_catalogue(run.model, catalogue).numpy()
+        vectors = item_vectors(run.model, catalogue).numpy()
     checksum = read_bundle_manifest(bundle).files["item_tower.pt"]
     build_index_version(index_root, version, split_by_shard(vectors, catalogue.item_id, items, shards),
                         IndexConfig(shards=shards), version, checksum, vectors.shape[1], make_current=False,

@@ -13,10 +13,11 @@ from ray_mgdspr.config import FeatureConfig, LossConfig, ModelConfig, OptimConfi
 from ray_mgdspr.data.features import Featurizer
 from ray_mgdspr.data.vocab import KINDS, build_vocab_from_world
 from ray_mgdspr.data.world import read_manifest, read_table
-from ray_mgdspr.eval.metrics import recall_at_k
+from ray_mgdspr.metrics import recall_at_k
 from ray_mgdspr.model.mgdspr import build_model
-from ray_mgdspr.model.tables import resolve_buckets
-from ray_mgdspr.train.loop import Catalogue, fit_local, retrieve, targets_of, world_max_ids
+from ray_mgdspr.model.retrieval import CatalogueFeatures, retrieve, targets_of
+from ray_mgdspr.model.tables import resolve_buckets, world_max_ids
+from ray_mgdspr.train.loop import fit_local
 
 K = 50
 STEPS = 500
@@ -34,11 +35,11 @@ def setup(world_en: Path) -> dict:
     events = featurizer.events(manifest.test_days)
     items = read_table(world_en, "items", columns=["item_id"])["item_id"].to_numpy()
     return {"world": world_en, "vocab": vocab, "featurizer": featurizer, "manifest": manifest, "events": events,
-            "catalogue": Catalogue.from_featurizer(featurizer, items)}
+            "catalogue": CatalogueFeatures.from_featurizer(featurizer, items)}
 
 
 def _recall(model: torch.nn.Module, s: dict) -> float:
-    topk = retrieve(model, s["featurizer"], s["events"], s["catalogue"], K)
+    topk = retrieve(model, s["featurizer"](s["events"]), s["catalogue"], K)
     return recall_at_k(topk, targets_of(s["events"]), K)
 
 

@@ -26,11 +26,11 @@ from ray_mgdspr.data.features import Featurizer
 from ray_mgdspr.data.schema import day_file_name
 from ray_mgdspr.data.vocab import KINDS
 from ray_mgdspr.data.world import SYNTHETIC_LABEL, read_manifest, read_table
-from ray_mgdspr.eval.metrics import recall_at_k
+from ray_mgdspr.metrics import recall_at_k
 from ray_mgdspr.model.bundle import load_bundle
 from ray_mgdspr.model.mgdspr import build_model
+from ray_mgdspr.model.retrieval import CatalogueFeatures, retrieve, targets_of
 from ray_mgdspr.train import trainer
-from ray_mgdspr.train.loop import Catalogue, retrieve, targets_of
 from ray_mgdspr.train.trainer import TrainResult, run_dir, train
 
 pytestmark = pytest.mark.usefixtures("ray_runtime")
@@ -95,11 +95,11 @@ def test_training_learns(world_en: Path, tmp_path: Path) -> None:
     featurizer = Featurizer(world_en, vocab, manifest.features)
     events = featurizer.events(read_manifest(world_en).test_days)
     items = read_table(world_en, "items", columns=["item_id"])["item_id"].to_numpy()
-    catalogue = Catalogue.from_featurizer(featurizer, items)
+    catalogue = CatalogueFeatures.from_featurizer(featurizer, items)
     targets = targets_of(events)
 
     def recall(m: torch.nn.Module) -> float:
-        return recall_at_k(retrieve(m, featurizer, events, catalogue, K), targets, K)
+        return recall_at_k(retrieve(m, featurizer(events), catalogue, K), targets, K)
 
     torch.manual_seed(cfg.train.seed)  # what rank 0 builds (and DDP broadcasts) before the first step
     untrained = build_model(manifest.model, {k: vocab.num_ids(k) for k in KINDS})
