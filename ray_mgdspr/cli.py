@@ -354,7 +354,8 @@ def index_verify(
     preset: PresetOpt = None,
 ) -> None:
     """Check every shard of an index version: files present, checksums, row counts, dimensions."""
-    from ray_mgdspr.index.shards import current_version, verify_index
+    from ray_mgdspr.index.shards import verify_index
+    from ray_mgdspr.index.versions import current_version
 
     if path is None:
         root = Path(_config(config, preset).index.out)

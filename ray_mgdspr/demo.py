@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 import torch
 from ray import serve
 
+from ray_mgdspr.artifacts import write_text_atomic
 from ray_mgdspr.config import ProjectConfig, SimulateConfig, config_to_yaml
 from ray_mgdspr.data.features import Featurizer
 from ray_mgdspr.data.simulator.simulate import Progress, simulate
@@ -175,11 +176,9 @@ def write_serving_config(cfg: ProjectConfig, out: Path) -> Path:
                                               for k in ("world", "storage_path", "out")}),
         "index": cfg.index.model_copy(update={"out": str(root / "index")}),
         "embed": cfg.embed.model_copy(update={"out": str(root / "embeddings")})})
-    path, tmp = out / "config.yaml", out / ".config.yaml.tmp"
-    tmp.write_text("# written by `mgdspr demo`: serve this demo again with `mgdspr serve -c " + str(path) + "`\n"
-                   + config_to_yaml(cfg))
-    tmp.replace(path)
-    return path
+    path = out / "config.yaml"
+    return write_text_atomic(path, "# written by `mgdspr demo`: serve this demo again with `mgdspr serve -c "
+                             + str(path) + "`\n" + config_to_yaml(cfg))
 
 
 def dated(sim: SimulateConfig, today: dt.date | None = None) -> SimulateConfig:

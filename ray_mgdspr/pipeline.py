@@ -27,6 +27,7 @@ from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
+from ray_mgdspr.artifacts import write_text_atomic
 from ray_mgdspr.config import ConfigError, ProjectConfig, config_to_yaml
 
 log = logging.getLogger(__name__)
@@ -238,7 +239,7 @@ class Pipeline:
 
         with self.stage("serve-config") as d:
             config = self.out / "config.yaml"
-            _write_text(config, config_to_yaml(self.cfg))
+            write_text_atomic(config, config_to_yaml(self.cfg))
             path = write_serve_config(AppArgs(config=str(config)), self.out / "serve.yaml")
             d.update(config=str(config), serve_config=str(path))
 
@@ -268,14 +269,8 @@ class Pipeline:
                   "version": r.version, "promoted": r.promoted, "endpoint": self.endpoint,
                   "started": self.started.isoformat(), "finished": dt.datetime.now(dt.UTC).isoformat(),
                   "stages": [asdict(s) for s in r.stages]}
-        _write_text(r.report, json.dumps(report, indent=2, default=str))
+        write_text_atomic(r.report, json.dumps(report, indent=2, default=str))
         return r.report
 
 
-def _write_text(path: Path, text: str) -> None:
-    """Write ``path`` whole or not at all (temp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import zlib
 from collections import Counter
 from collections.abc import Iterable
@@ -31,6 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ray_mgdspr.artifacts import write_text_atomic
 from ray_mgdspr.config import VocabConfig
 from ray_mgdspr.data import schema
 from ray_mgdspr.data.tokenize import Tokenizer
@@ -120,11 +120,7 @@ class Vocabulary:
         body = self.to_dict()
         payload = json.dumps(body, ensure_ascii=False, sort_keys=True)
         body["sha256"] = hashlib.sha256(payload.encode()).hexdigest()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(body, ensure_ascii=False, sort_keys=True))
-        os.replace(tmp, path)
-        return path
+        return write_text_atomic(path, json.dumps(body, ensure_ascii=False, sort_keys=True))
 
     @classmethod
     def load(cls, path: str | Path) -> Vocabulary:

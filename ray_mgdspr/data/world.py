@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
 import shutil
 import tempfile
 from collections.abc import Iterable
@@ -20,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
+from ray_mgdspr.artifacts import replace_dir, temp_prefix
 from ray_mgdspr.data.schema import FORMAT_VERSION, MANIFEST, TABLES, TableSpec, day_file_name, parse_day_file_name
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ class WorldWriter:
         if self.out.exists() and not overwrite:
             raise FileExistsError(f"{self.out} already exists; pass --overwrite to replace it")
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        self.tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(self.out.name), dir=self.out.parent))
         self.rows: dict[str, int] = {}
         self.committed = False
 
@@ -148,14 +148,8 @@ class WorldWriter:
     def commit(self, manifest: WorldManifest) -> Path:
         manifest.tables = dict(sorted(self.rows.items()))
         (self.tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2))
-        old = None
-        if self.out.exists():
-            old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
-            os.replace(self.out, old)
-        os.replace(self.tmp, self.out)
+        replace_dir(self.tmp, self.out)
         self.committed = True
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
         log.info("wrote %s (%s)", self.out, manifest.label)
         return self.out
 

@@ -12,7 +12,6 @@ share one id) and records the checksum of the item tower that made the vectors.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,8 +19,7 @@ import ray
 
 from ray_mgdspr.config import IndexConfig
 from ray_mgdspr.data.world import read_table
-from ray_mgdspr.index.embed import MANIFEST as EMBED_MANIFEST
-from ray_mgdspr.index.embed import read_embeddings
+from ray_mgdspr.index.embed import MANIFEST, read_embeddings, read_embeddings_manifest
 from ray_mgdspr.index.manifest import IndexManifest, ShardEntry
 from ray_mgdspr.index.shards import METADATA_SCHEMA, ShardData, build_index_version, build_shard_files, split_by_shard
 
@@ -43,17 +41,13 @@ def _parallel(config: IndexConfig, dim: int) -> Callable[[Path, Callable[[int], 
 def build_index(world: str | Path, embeddings: str | Path, config: IndexConfig,
                 make_current: bool = True) -> IndexManifest:
     """Build the index version of an embedding set (``embed_catalogue``'s output) with the world's metadata."""
-    info_path = Path(embeddings) / EMBED_MANIFEST
-    if not info_path.is_file():
-        raise FileNotFoundError(f"{embeddings}: not an embedding set (no {EMBED_MANIFEST}); run `mgdspr embed`")
-    info = json.loads(info_path.read_text())
+    info = read_embeddings_manifest(embeddings)
     item_ids, vectors = read_embeddings(embeddings)
-    if vectors.shape[1] != info["dim"]:
-        raise ValueError(f"{embeddings}: vectors have dim {vectors.shape[1]} but {EMBED_MANIFEST} says {info['dim']}")
+    if vectors.shape[1] != info.dim:
+        raise ValueError(f"{embeddings}: vectors have dim {vectors.shape[1]} but {MANIFEST} says {info.dim}")
     metadata = read_table(world, "items", columns=METADATA_SCHEMA.names)
     parts = split_by_shard(vectors, item_ids, metadata, config.shards)
     return build_index_version(
-        config.out, info["model_version"], parts, config, info["model_version"],
-        info["model_files"]["item_tower.pt"], info["dim"], make_current=make_current,
-        build_shards=_parallel(config, info["dim"]), bundle=info.get("bundle"),
+        config.out, info.model_version, parts, config, info.model_version, info.item_tower_checksum, info.dim,
+        make_current=make_current, build_shards=_parallel(config, info.dim), bundle=info.bundle,
     )

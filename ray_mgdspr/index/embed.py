@@ -14,9 +14,6 @@ and renamed into place when complete, with ``embeddings.json`` (model version an
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +22,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ray_mgdspr.artifacts import replace_dir
+from ray_mgdspr.artifacts import atomic_dir
 from ray_mgdspr.config import EmbedConfig
 from ray_mgdspr.data import schema
 from ray_mgdspr.data.features import ITEM_COLUMNS, PriceLevels, item_features
@@ -34,6 +32,45 @@ from ray_mgdspr.model.bundle import load_bundle, read_bundle_manifest
 from ray_mgdspr.model.layers import as_tensors
 
 MANIFEST = "embeddings.json"
+
+
+class EmbeddingsManifest(BaseModel):
+    """``embeddings.json`` of an embedding set: what made the vectors (the contract ``index build`` reads)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_version: str = Field(description="version id of the bundle whose item tower made the vectors")
+    model_files: dict[str, str] = Field(description="the bundle's file name -> sha256 (item_tower.pt among them)")
+    bundle: str | None = Field(None, description="absolute path of that bundle when the set was made")
+    rows: int = Field(ge=0, description="items embedded (one per catalogue item)")
+    dim: int = Field(ge=1, description="embedding size d")
+    world: str = Field(description="the world whose catalogue was embedded")
+    seconds: float = Field(ge=0, description="how long the embedding took")
+
+    @property
+    def item_tower_checksum(self) -> str:
+        return self.model_files["item_tower.pt"]
+
+
+def read_embeddings_manifest(path: str | Path) -> EmbeddingsManifest:
+    """The manifest of the embedding set at ``path``.
+
+    Raises:
+        FileNotFoundError: ``path`` is not an embedding set. ValueError: its manifest is not valid (each
+            problem named by field).
+    """
+    file = Path(path) / MANIFEST
+    if not file.is_file():
+        raise FileNotFoundError(f"{path}: not an embedding set (no {MANIFEST}); run `mgdspr embed`")
+    try:
+        manifest = EmbeddingsManifest.model_validate_json(file.read_text())
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or '(top level)'}: {err['msg']}"
+                             for err in e.errors(include_url=False))
+        raise ValueError(f"{file}: invalid embeddings manifest: {problems}") from None
+    if "item_tower.pt" not in manifest.model_files:
+        raise ValueError(f"{file}: model_files has no item_tower.pt checksum (re-run `mgdspr embed`)")
+    return manifest
 
 
 class ItemEmbedder:
@@ -76,9 +113,7 @@ def embed_catalogue(world: str | Path, bundle: str | Path, cfg: EmbedConfig, ove
     out = Path(cfg.out) / model.version
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_dir(out) as tmp:
         prices = PriceLevels.of_world(world)
         ds = ray.data.read_parquet(str(items), num_cpus=cfg.cpus_per_actor).select_columns(ITEM_COLUMNS)
         ds = ds.map_batches(ItemEmbedder, fn_constructor_kwargs={"bundle": str(Path(bundle).resolve()),
@@ -90,14 +125,10 @@ def embed_catalogue(world: str | Path, bundle: str | Path, cfg: EmbedConfig, ove
         expected = pq.ParquetFile(items).metadata.num_rows
         if rows != expected:
             raise RuntimeError(f"embedded {rows} items but {items} has {expected}")
-        info = {"model_version": model.version, "model_files": model.files, "bundle": str(Path(bundle).resolve()),
-                "rows": rows, "dim": model.model.d,
-                "world": str(world), "seconds": time.perf_counter() - t0}
-        (tmp / MANIFEST).write_text(json.dumps(info, indent=2))
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        manifest = EmbeddingsManifest(model_version=model.version, model_files=model.files,
+                                      bundle=str(Path(bundle).resolve()), rows=rows, dim=model.model.d,
+                                      world=str(world), seconds=time.perf_counter() - t0)
+        (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2))
     return EmbedResult(out, rows, model.model.d, model.version, time.perf_counter() - t0)
 
 

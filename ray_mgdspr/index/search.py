@@ -25,7 +25,8 @@ import torch
 
 from ray_mgdspr.config import IndexConfig
 from ray_mgdspr.index.manifest import read_manifest
-from ray_mgdspr.index.shards import current_version, read_shard, shard_of
+from ray_mgdspr.index.shards import read_shard, shard_of
+from ray_mgdspr.index.versions import current_version
 
 log = logging.getLogger(__name__)
 

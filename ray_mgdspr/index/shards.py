@@ -1,38 +1,29 @@
-"""Build versioned, sharded Faiss indexes of the catalogue embeddings, and check them.
+"""Build the shards of an index version of the catalogue embeddings, and check them.
 
-Layout of an index root (``IndexConfig.out``)::
+Layout of one version directory (the index root around it, ``CURRENT`` and staging, is ``index/versions.py``)::
 
-    runs/index/
-      CURRENT                    name of the version serving loads (replaced atomically)
-      <version>/                 one per model bundle: the bundle's version id
-        manifest.json            see manifest.py: factory, dim, rows and sha256 of every file
-        shard-00000.faiss        IDMap2(<factory>): a search returns item ids
-        shard-00000.parquet      item_id, leaf_id, cate1_id, brand_id, attr_value_ids, title_words
-        ...
-      .<version>.tmp-<host>.<pid>.<random>/    a build in progress (or killed): readers ignore it
+    <index root>/<version>/
+      manifest.json            see manifest.py: factory, dim, rows and sha256 of every file
+      shard-00000.faiss        IDMap2(<factory>): a search returns item ids
+      shard-00000.parquet      item_id, leaf_id, cate1_id, brand_id, attr_value_ids, title_words
+      ...
 
 Item ``i`` lives in shard ``shard_of(i, S)``. Building one shard is one call, ``build_shard_files``,
 which a Ray task can run; ``build_index_version`` is the whole build in one process, and the Ray layer
 composes the same three steps::
 
-    with staging_dir(root, version) as staging:           # temp dir, removed if anything raises
+    with staging_dir(root, version) as staging:           # index/versions.py
         entries = [build_shard_files(staging.path, s, data(s), config, dim) for s in range(S)]
         commit_version(staging, IndexManifest(...))        # manifest.json, then os.replace
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import logging
-import os
 import re
-import shutil
-import socket
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -43,11 +34,11 @@ import pyarrow.parquet as pq
 
 from ray_mgdspr.artifacts import sha256_file
 from ray_mgdspr.config import IndexConfig
-from ray_mgdspr.index.manifest import MANIFEST, IndexManifest, ShardEntry, read_manifest, write_manifest
+from ray_mgdspr.index.manifest import IndexManifest, ShardEntry, read_manifest
+from ray_mgdspr.index.versions import commit_version, staging_dir
 
 log = logging.getLogger(__name__)
 
-CURRENT = "CURRENT"
 BUILD_BACKEND = "faiss-cpu"
 METRICS = {"ip": faiss.METRIC_INNER_PRODUCT}
 METADATA_SCHEMA = pa.schema(
@@ -63,10 +54,6 @@ METADATA_SCHEMA = pa.schema(
 )
 """Per-item columns the post-retrieval relevance filter reads and a response shows; types as in
 ``data/schema.py`` ``ITEMS``."""
-
-_VERSION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-# ".<name>.tmp-<host>.<pid>.<mkdtemp suffix>": host and pid say whose build it is (see remove_stale_staging)
-_STAGING_NAME = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<host>.+)\.(?P<pid>\d+)\.[a-z0-9_]+$")
 
 
 class IndexCorruptError(ValueError):
@@ -277,63 +264,6 @@ def _faiss_reason(e: RuntimeError) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# a version: staging directory, manifest, atomic rename, CURRENT
-
-
-@dataclass(frozen=True)
-class Staging:
-    """A version being built: its files go to ``path`` (a hidden sibling of ``root/version``)."""
-
-    root: Path
-    version: str
-    path: Path
-
-
-@contextlib.contextmanager
-def staging_dir(root: str | Path, version: str) -> Iterator[Staging]:
-    """A fresh staging directory for ``version`` under ``root``; removed on exit unless committed.
-
-    Leftovers of killed builds are removed first (``remove_stale_staging``).
-
-    Raises:
-        ValueError: ``version`` is not a plain name (letters, digits, ``._-``; not ``CURRENT``).
-        FileExistsError: ``root/version`` exists (a version is immutable: it names one model bundle).
-    """
-    root = Path(root)
-    if not _VERSION_NAME.match(version) or version == CURRENT:
-        raise ValueError(f"version {version!r} must be a plain name of letters, digits and ._- (not {CURRENT})")
-    if (root / version).exists():
-        raise FileExistsError(f"{root / version} exists; index versions are immutable, build a new version")
-    root.mkdir(parents=True, exist_ok=True)
-    remove_stale_staging(root)
-    path = Path(tempfile.mkdtemp(prefix=_staging_prefix(version), dir=root))
-    try:
-        yield Staging(root, version, path)
-    finally:
-        shutil.rmtree(path, ignore_errors=True)  # gone already when committed
-
-
-def commit_version(staging: Staging, manifest: IndexManifest, make_current: bool = False) -> Path:
-    """Write ``manifest.json`` into the staging directory and rename it to ``root/version`` in one step.
-
-    Args:
-        make_current: also point ``root/CURRENT`` at the new version.
-
-    Returns:
-        The version directory.
-    """
-    if manifest.version != staging.version:
-        raise ValueError(f"manifest version {manifest.version!r} != staging version {staging.version!r}")
-    final = staging.root / staging.version
-    if final.exists():
-        raise FileExistsError(f"{final} appeared during the build; index versions are immutable")
-    write_manifest(staging.path, manifest)
-    os.replace(staging.path, final)
-    if make_current:
-        set_current(staging.root, staging.version)
-    return final
-
-
 def build_index_version(
     root: str | Path, version: str, shards: Sequence[ShardData] | Callable[[int], ShardData],
     config: IndexConfig, model_version: str, model_checksum: str, dim: int, make_current: bool = False,
@@ -376,76 +306,6 @@ def build_index_version(
     log.info("index %s: %s items in %d shards (%s, d=%d) in %.1f s%s", path, f"{manifest.total_rows:,}",
              config.shards, config.factory, dim, manifest.build_seconds, "; now current" if make_current else "")
     return manifest
-
-
-def set_current(root: str | Path, version: str) -> None:
-    """Point ``root/CURRENT`` at ``version`` (temp file + ``os.replace``: readers see old or new, never half)."""
-    root = Path(root)
-    if not (root / version / MANIFEST).is_file():
-        raise FileNotFoundError(f"{root / version}: no such index version")
-    fd, tmp = tempfile.mkstemp(prefix=_staging_prefix(CURRENT), dir=root)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(version + "\n")
-        os.replace(tmp, root / CURRENT)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def current_version(root: str | Path) -> str | None:
-    """The version ``root/CURRENT`` names, or None before any version was made current."""
-    path = Path(root) / CURRENT
-    if not path.is_file():
-        return None
-    return path.read_text().strip() or None
-
-
-def list_versions(root: str | Path) -> list[str]:
-    """Complete versions under ``root`` (directories with a manifest), sorted by name; staging is skipped."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    return sorted(p.name for p in root.iterdir()
-                  if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST).is_file())
-
-
-def remove_stale_staging(root: str | Path) -> list[str]:
-    """Remove staging directories and CURRENT temp files left by killed builds on this host.
-
-    Only leftovers whose process (host, pid in the name) is gone are removed: a build running beside
-    this one keeps its staging directory, and another host's leftovers are left to that host.
-
-    Returns:
-        The names removed.
-    """
-    root = Path(root)
-    host, removed = socket.gethostname(), []
-    for path in root.iterdir():
-        m = _STAGING_NAME.match(path.name)
-        if m is None or m["host"] != host or _pid_alive(int(m["pid"])):
-            continue
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-        log.warning("removed %s, left by a killed build (pid %s)", path, m["pid"])
-        removed.append(path.name)
-    return removed
-
-
-def _staging_prefix(name: str) -> str:
-    return f".{name}.tmp-{socket.gethostname()}.{os.getpid()}."
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: existence check only
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by another user
-        return True
-    return True
 
 
 def _shard_source(shards: Sequence[ShardData] | Callable[[int], ShardData], n: int) -> Callable[[int], ShardData]:

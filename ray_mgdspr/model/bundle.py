@@ -18,15 +18,13 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, Field
 
-from ray_mgdspr.artifacts import replace_dir, sha256_file
+from ray_mgdspr.artifacts import atomic_dir, sha256_file
 from ray_mgdspr.config import FeatureConfig, LossConfig, ModelConfig
 from ray_mgdspr.data.vocab import KINDS, Vocabulary
 from ray_mgdspr.model.mgdspr import TwoTower, build_model
@@ -68,9 +66,7 @@ def save_bundle(
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         for tower, name in TOWER_FILES.items():
             torch.save(_towers(model)[tower].state_dict(), tmp / name)
         vocab.save(tmp / VOCAB_FILE)
@@ -88,10 +84,6 @@ def save_bundle(
             metadata=metadata or {},
         )
         (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2))
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 

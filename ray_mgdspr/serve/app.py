@@ -14,8 +14,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
+from ray_mgdspr.artifacts import write_text_atomic
 from ray_mgdspr.config import ProjectConfig, ResolvedServeConfig, ServeConfig, load_config
-from ray_mgdspr.index.shards import current_version
+from ray_mgdspr.index.versions import current_version
 from ray_mgdspr.serve.ingress import Ingress
 from ray_mgdspr.serve.store import build_sqlite_store
 from ray_mgdspr.serve.versions import VersionManager
@@ -82,10 +83,7 @@ def serve_config(args: AppArgs, cfg: ResolvedServeConfig) -> dict[str, Any]:
 
 
 def write_serve_config(args: AppArgs, out: str | Path) -> Path:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(yaml.safe_dump(serve_config(args, resolve(args)), sort_keys=False))
-    return out
+    return write_text_atomic(out, yaml.safe_dump(serve_config(args, resolve(args)), sort_keys=False))
 
 
 def start(args: AppArgs) -> ResolvedServeConfig:

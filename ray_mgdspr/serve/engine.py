@@ -25,7 +25,8 @@ from ray_mgdspr.data.features import Featurizer
 from ray_mgdspr.index.lexical import Bm25Index
 from ray_mgdspr.index.manifest import IndexManifest, read_manifest
 from ray_mgdspr.index.search import Shard, load_shard, top_order
-from ray_mgdspr.index.shards import IndexCorruptError, current_version, verify_index
+from ray_mgdspr.index.shards import IndexCorruptError, verify_index
+from ray_mgdspr.index.versions import current_version
 from ray_mgdspr.model.bundle import BundleManifest, load_bundle, parse_bundle_manifest, read_bundle_manifest
 from ray_mgdspr.model.layers import as_tensors
 from ray_mgdspr.serve.relevance import ItemMatcher, KeyTerm, RelevanceFilter

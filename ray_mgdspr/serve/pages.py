@@ -182,7 +182,7 @@ def run_retriever(run: str | Path, store: str | Path, **serve: object) -> Retrie
     """A ``Retriever`` of a demo-style run directory (``world/``, ``index/`` with ``CURRENT``) over a behaviour store
     built at ``store`` from every day of the world (when missing); ``serve``: overrides of the serve section's
     defaults (``ServeConfig`` fields)."""
-    from ray_mgdspr.index.shards import current_version
+    from ray_mgdspr.index.versions import current_version
     from ray_mgdspr.serve.store import build_sqlite_store
 
     run = Path(run)

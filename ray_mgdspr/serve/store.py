@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sqlite3
-import tempfile
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -31,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
+from ray_mgdspr.artifacts import atomic_file
 from ray_mgdspr.config import FeatureConfig
 from ray_mgdspr.data.features import DAY_MS, LONG_ACTIONS
 from ray_mgdspr.data.world import read_manifest, read_table
@@ -208,12 +207,8 @@ def build_sqlite_store(world: str | Path, out: str | Path, overwrite: bool = Fal
     except FileNotFoundError as e:
         raise ValueError(f"world {world}: not a world directory ({e})") from None
     chosen = sorted(manifest.all_days if days is None else set(days) & set(manifest.all_days))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
     counts = {"behaviours": 0, "queries": 0}
-    try:
+    with atomic_file(out) as tmp:
         db = sqlite3.connect(tmp, isolation_level=None)
         db.executescript(_DDL.replace("CREATE INDEX", "-- CREATE INDEX"))  # indexes after the bulk load
         db.execute("BEGIN")
@@ -237,10 +232,6 @@ def build_sqlite_store(world: str | Path, out: str | Path, overwrite: bool = Fal
         db.execute("COMMIT")
         db.executescript(_DDL)
         db.close()
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     log.info("behaviour store %s: %s from %s", out, counts, world)
     return counts
 

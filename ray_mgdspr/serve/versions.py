@@ -23,7 +23,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from ray_mgdspr.config import ResolvedServeConfig
-from ray_mgdspr.index.shards import current_version, set_current
+from ray_mgdspr.index.versions import current_version, set_current
 from ray_mgdspr.model.bundle import bundle_summary
 from ray_mgdspr.serve.engine import (
     Encoded,

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import tempfile
 import time
 from collections.abc import Iterable
@@ -31,6 +30,7 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from ray_mgdspr.artifacts import write_text_atomic
 from ray_mgdspr.config import ProjectConfig
 from ray_mgdspr.data import schema
 from ray_mgdspr.data.features import Featurizer
@@ -166,9 +166,7 @@ def _eval_features(world: str, vocab_path: str, cfg: ProjectConfig, days: list[i
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2, default=str))
 
 
 def train(cfg: ProjectConfig) -> TrainResult:

@@ -19,9 +19,9 @@ from ray_mgdspr.config import EmbedConfig, FeatureConfig, IndexConfig, LossConfi
 from ray_mgdspr.data.features import Featurizer
 from ray_mgdspr.data.vocab import KINDS, build_vocab_from_world
 from ray_mgdspr.index.build import build_index
-from ray_mgdspr.index.embed import embed_catalogue, read_embeddings, vectors_of
+from ray_mgdspr.index.embed import embed_catalogue, read_embeddings, read_embeddings_manifest, vectors_of
 from ray_mgdspr.index.search import IndexReader
-from ray_mgdspr.index.shards import current_version, list_versions
+from ray_mgdspr.index.versions import current_version, list_versions
 from ray_mgdspr.model.bundle import load_bundle, save_bundle
 from ray_mgdspr.model.layers import as_tensors
 from ray_mgdspr.model.mgdspr import build_model
@@ -68,8 +68,8 @@ def test_actor_pool_embedding_equals_an_in_process_pass(ray_session: None, world
     order = np.argsort(ids)
     assert np.array_equal(ids[order], ref_ids)
     np.testing.assert_allclose(vectors[order], reference, rtol=1e-5, atol=1e-6)
-    info = json.loads((r.path / "embeddings.json").read_text())
-    assert info["model_version"] == "v-test" and info["rows"] == items.num_rows
+    info = read_embeddings_manifest(r.path)
+    assert info.model_version == "v-test" and info.rows == items.num_rows
     assert [p.name for p in tmp_path.iterdir()] == ["v-test"]  # no temporary directory left
     with pytest.raises(FileExistsError, match="overwrite"):
         embed_catalogue(world_en, bundle, EmbedConfig(out=str(tmp_path)))
@@ -116,3 +116,16 @@ def test_cli_verify_names_a_corrupt_shard(ray_session: None, world_en: Path, bun
     shard.write_bytes(bytes(data))
     bad = subprocess.run(cli, capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 1 and "shard-00001.faiss" in bad.stderr
+
+
+def test_a_bad_embeddings_manifest_is_named_by_file_and_field(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="not an embedding set"):
+        read_embeddings_manifest(tmp_path)
+    (tmp_path / "embeddings.json").write_text(json.dumps({"model_version": "v", "model_files": {}, "rows": 3,
+                                                          "dim": 0, "world": "w", "seconds": 1.0}))
+    with pytest.raises(ValueError, match=r"embeddings.json: invalid embeddings manifest: dim: "):
+        read_embeddings_manifest(tmp_path)
+    (tmp_path / "embeddings.json").write_text(json.dumps({"model_version": "v", "model_files": {}, "rows": 3,
+                                                          "dim": 4, "world": "w", "seconds": 1.0}))
+    with pytest.raises(ValueError, match=r"item_tower\.pt"):
+        read_embeddings_manifest(tmp_path)

@@ -15,7 +15,8 @@ from faiss.contrib.evaluation import check_ref_knn_with_draws, knn_intersection_
 
 from ray_mgdspr.config import IndexConfig
 from ray_mgdspr.index.search import IndexReader, load_shard, merge_topk, resolve_backend
-from ray_mgdspr.index.shards import IndexCorruptError, build_index_version, set_current, split_by_shard
+from ray_mgdspr.index.shards import IndexCorruptError, build_index_version, split_by_shard
+from ray_mgdspr.index.versions import set_current
 
 NO_GPU = faiss.get_num_gpus() == 0 and not torch.cuda.is_available()
 

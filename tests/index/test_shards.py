@@ -20,13 +20,12 @@ from ray_mgdspr.index.shards import (
     IndexCorruptError,
     ShardData,
     build_index_version,
-    current_version,
-    list_versions,
     read_shard,
     shard_of,
     split_by_shard,
     verify_index,
 )
+from ray_mgdspr.index.versions import current_version, list_versions
 
 D = 8
 

@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from ray import serve
 
 from ray_mgdspr.config import ServeConfig
-from ray_mgdspr.index.shards import current_version, set_current
+from ray_mgdspr.index.versions import current_version, set_current
 from ray_mgdspr.serve.engine import Retriever
 from ray_mgdspr.serve.relevance import RelevanceFilter
 from ray_mgdspr.serve.schemas import RetrieveResponse
