@@ -145,7 +145,7 @@ def prepare(tmp: Path, quick: bool) -> Setup:
     print(f"setup: train {steps} steps in process (demo preset model, d {demo.model.d}) ...", flush=True)
     torch.set_num_threads(2)
     run = fit_local(featurizer, vocab, world, manifest.train_days, demo.model, demo.loss, demo.optim,
-                    steps=steps, seed=0)
+                    steps=steps, batch_size=demo.train.batch_size, seed=0)
     timings["train_s"] = time.perf_counter() - t
     save_bundle(bundle, run.model, vocab, demo.features, demo.loss, version=VERSION)
 
@@ -185,7 +185,7 @@ def prepare(tmp: Path, quick: bool) -> Setup:
                  f"lang {sim.lang}, seed {sim.seed}; test day {manifest.test_days}",
         "model": f"demo preset: d {demo.model.d}, heads {demo.model.heads}, features realtime/short/long "
                  f"{demo.features.realtime_len}/{demo.features.short_len}/{demo.features.long_len}; "
-                 f"trained {steps} steps in process (fit_local, batch {demo.optim.batch_size}), final loss "
+                 f"trained {steps} steps in process (fit_local, batch {demo.train.batch_size}), final loss "
                  f"{run.history[-1].get('loss', float('nan')):.3f}",
         "index": f"{VERSION}: Flat (IndexConfig default), {shards} shards, {len(vectors):,} item-tower vectors, d "
                  f"{vectors.shape[1]}",

@@ -43,9 +43,10 @@ def plain_loop(cfg, world: Path, steps: int) -> dict:
     featurizer = Featurizer(world, vocab, cfg.features)
     marks: list[float] = []
     run = fit_local(featurizer, vocab, world, read_manifest(world).train_days, cfg.model, cfg.loss, cfg.optim,
-                    steps=steps, on_step=lambda i, m: marks.append(time.perf_counter()))
+                    steps=steps, batch_size=cfg.train.batch_size,
+                    on_step=lambda i, m: marks.append(time.perf_counter()))
     timed = marks[-1] - marks[0]  # from the end of step 1: excludes set-up and the first step's warm-up
-    return {"rows_per_s": cfg.optim.batch_size * (len(marks) - 1) / timed, "steps": len(marks),
+    return {"rows_per_s": cfg.train.batch_size * (len(marks) - 1) / timed, "steps": len(marks),
             "seconds": run.seconds}
 
 
@@ -59,7 +60,7 @@ def ray_run(cfg, world: Path, storage: Path, workers: int, epochs: int) -> dict:
     compute = sum(h["compute_s"] for h in history)
     wait = sum(h["data_wait_s"] for h in history)
     steps = history[-1]["step"]
-    rows_per_worker = cfg.optim.batch_size * steps / (compute + wait)
+    rows_per_worker = cfg.train.batch_size * steps / (compute + wait)
     return {"workers": workers, "steps_per_worker": steps, "rows_per_s_per_worker": rows_per_worker,
             "rows_per_s_total": rows_per_worker * workers, "compute_s": compute, "data_wait_s": wait,
             "data_wait_share": wait / (compute + wait), "wall_s": result.seconds}

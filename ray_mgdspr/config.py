@@ -255,7 +255,13 @@ class OptimConfig(StrictModel):
     lr: float | None = Field(None, gt=0, description="None: 3e-3 for adam, the paper's 0.1 for adagrad")
     initial_accumulator: float = Field(0.1, ge=0, description="adagrad only: TF's starting accumulator")
     clip_norm: float = Field(3.0, gt=0)
-    batch_size: int = Field(256, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "batch_size" in data:
+            raise ValueError("batch_size moved to train.batch_size (examples per step and worker)")
+        return data
 
     @property
     def learning_rate(self) -> float:
@@ -295,6 +301,8 @@ class TrainConfig(StrictModel):
     storage_path: str = Field("runs/train", description="where runs and checkpoints live (made absolute)")
     out: str | None = Field(None, description="model bundle directory (default: <storage_path>/<run_name>/bundle)")
     epochs: int = Field(2, ge=1)
+    batch_size: int = Field(256, ge=1, description="examples per step and worker (the global batch is "
+                            "num_workers x this); also the single-process loop's (fit_local)")
     max_steps_per_epoch: int | None = Field(None, ge=1, description="cap per worker and epoch (smoke runs)")
     num_workers: int = Field(2, ge=1, description="DDP workers")
     use_gpu: bool = False

@@ -1,8 +1,17 @@
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
-from ray_mgdspr.config import ConfigError, DeploymentConfig, ProjectConfig, load_config, load_preset, preset_names
+from ray_mgdspr.config import (
+    ConfigError,
+    DeploymentConfig,
+    ProjectConfig,
+    ResolvedServeConfig,
+    load_config,
+    load_preset,
+    preset_names,
+)
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -42,6 +51,24 @@ def test_cross_field_rule_says_how_to_fix(tmp_path: Path) -> None:
     p = write(tmp_path, "simulate:\n  choice:\n    relevant_share: 0.8\n    attractive_share: 0.5\n")
     with pytest.raises(ConfigError, match=r"relevant_share \+ choice.attractive_share must be <= 1"):
         load_config(p)
+
+
+def test_a_moved_key_says_where_it_went(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"cfg.yaml: optim: Value error, batch_size moved to train.batch_size"):
+        load_config(write(tmp_path, "optim:\n  batch_size: 64\n"))
+    assert load_config(write(tmp_path, "train:\n  batch_size: 64\n")).train.batch_size == 64
+
+
+def test_serve_inherits_from_the_other_sections_in_one_place() -> None:
+    """``ServeConfig.resolved`` fills what the serve section leaves unset from index and train, keeps what it
+    sets, and gives a config with nothing left to default (``ResolvedServeConfig``)."""
+    cfg = ProjectConfig.model_validate({"index": {"out": "ix", "nprobe": 7, "backend": "torch"},
+                                        "train": {"world": "w"}, "serve": {"ef_search": 5}})
+    resolved = cfg.serve.resolved(cfg)
+    assert (resolved.index_root, resolved.world, resolved.backend, resolved.nprobe, resolved.ef_search) == \
+        ("ix", "w", "torch", 7, 5)
+    with pytest.raises(ValidationError, match="index_root"):
+        ResolvedServeConfig.model_validate(cfg.serve.model_dump())
 
 
 def test_bad_yaml_and_missing_file(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ class EvalConfig(StrictModel):
 
     langs: list[Literal["en", "zh"]] = Field(["en", "zh"], min_length=1, description="worlds to simulate and evaluate")
     seeds: int = Field(3, ge=1, description="seeds 0..n-1 per trained variant (mean and spread)")
-    steps: int = Field(1500, ge=1, description="training steps per run (fit_local, batch from optim.batch_size); "
+    steps: int = Field(1500, ge=1, description="training steps per run (fit_local, batch from train.batch_size); "
                        "the eval preset's Recall@50 gains under 1 point over the last quarter of 1,500 (docs)")
     curve_every: int = Field(250, ge=1, description="steps between learning-curve points")
     ks: list[int] = Field([50, 100, 1000], min_length=1, description="K of Recall@K")

@@ -64,14 +64,14 @@ def plan_runs(cfg: ProjectConfig, ev: EvalConfig) -> list[RunSpec]:
             runs += [(v, s) for v in ("mgdspr", "tau1") if v in ev.variants for s in range(ev.seeds, ev.sweep_seeds)]
         for v, s in runs:
             specs.append(RunSpec(lang, v, s, ev.steps, ks, (ev.focus_k,), ev.curve_every, cfg.model, cfg.loss,
-                                 cfg.optim, ann if v == "mgdspr" else ()))
+                                 cfg.optim, cfg.train.batch_size, ann if v == "mgdspr" else ()))
     main = {(s.lang, s.variant, s.seed) for s in specs}
     for key in noise_worlds(cfg, ev):
         for v in ev.noise_variants:
             for s in range(1 if v in UNTRAINED else ev.seeds):
                 if (key, v, s) not in main:
                     specs.append(RunSpec(key, v, s, ev.steps, ks, (ev.focus_k,), ev.curve_every, cfg.model, cfg.loss,
-                                         cfg.optim))
+                                         cfg.optim, cfg.train.batch_size))
     # baselines first, then the main table seed by seed, then the sweeps: a report rendered from an interrupted
     # journal (--from-json) is balanced; within a group the slowest first, so the tail of the plan is short
     cost = {"oracle_grade": 0, "oracle_agnostic": 0, "oracle_aware": 0, "bm25": 0, "minilm": 1, "dnn_hinge": 2}

@@ -376,7 +376,7 @@ def render(report: dict[str, Any], summary: Summary) -> str:
         f"Produced by `{report['command']}`{_took(report['seconds'], report.get('reused', 0))} "
         f"({report['runs']} runs as Ray "
         f"tasks of {ev['task_cpus']:g} CPU on {report['machine']}). Trained runs: {ev['steps']:,} steps of batch "
-        f"{report['config']['optim']['batch_size']} (`train.loop.fit_local`), model d = "
+        f"{report['config']['train']['batch_size']} (`train.loop.fit_local`), model d = "
         f"{report['config']['model']['d']}; seeds {ev['seeds']} (sweeps {ev['sweep_seeds']}). Recall@K is an "
         "exact search over the whole catalogue; P_good@K is the share of the top-K of the intended leaf category "
         "(simulator ground truth, grade ≥ 1), P_exact@K the share that also has the brand and every attribute "

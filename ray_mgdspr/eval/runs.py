@@ -112,6 +112,7 @@ class RunSpec:
     model: ModelConfig
     loss: LossConfig
     optim: OptimConfig
+    batch_size: int  # examples per step (train.batch_size)
     ann: tuple[IndexConfig, ...] = field(default=())  # index versions to measure the ANN recall loss on
 
     @property
@@ -157,7 +158,8 @@ def _train_and_retrieve(spec: RunSpec, data: EvalSet) -> tuple[np.ndarray, dict[
             curve.append(point)
 
     run = fit_local(data.featurizer, data.featurizer.vocab, data.world, data.manifest.train_days, model_cfg,
-                    loss_cfg, spec.optim, steps=spec.steps, seed=spec.seed, on_step=on_step, model=model)
+                    loss_cfg, spec.optim, steps=spec.steps, batch_size=spec.batch_size, seed=spec.seed,
+                    on_step=on_step, model=model)
     topk, queries, items = retrieve_exact(model, data, k)
     extra: dict[str, Any] = {"curve": curve, "train_seconds": round(run.seconds, 1)}
     if spec.ann:

@@ -104,10 +104,11 @@ class LocalRun:
 
 def fit_local(
     featurizer: Featurizer, vocab: Vocabulary, world: str | Path, train_days: list[int],
-    model_cfg: ModelConfig, loss_cfg: LossConfig, optim_cfg: OptimConfig, steps: int, seed: int = 0,
+    model_cfg: ModelConfig, loss_cfg: LossConfig, optim_cfg: OptimConfig, steps: int, batch_size: int,
+    seed: int = 0,
     on_step: Callable[[int, dict[str, float]], None] | None = None, model: TwoTower | None = None,
 ) -> LocalRun:
-    """Train for ``steps`` steps in this process, reshuffling the training examples every epoch.
+    """Train for ``steps`` steps of ``batch_size`` examples in this process, reshuffling every epoch.
 
     ``model``: train this model in place (the caller keeps a handle, e.g. to evaluate it from ``on_step``);
     default a fresh ``build_model`` of ``model_cfg`` sized to the world.
@@ -124,7 +125,7 @@ def fit_local(
     items = read_table(world, "items", columns=["item_id"])["item_id"]
     catalogue = CatalogueFeatures.from_featurizer(featurizer, items)
     run, t0, step = LocalRun(model, vocab), time.perf_counter(), 0
-    bs = min(optim_cfg.batch_size, examples.num_rows)
+    bs = min(batch_size, examples.num_rows)
     while step < steps:
         order = rng.permutation(examples.num_rows)
         for start in range(0, len(order) - bs + 1, bs):

@@ -194,10 +194,10 @@ def train(cfg: ProjectConfig) -> TrainResult:
     if t.use_gpu:  # NCCL has no sparse all-reduce
         model_cfg = model_cfg.model_copy(update={"sparse_ids": False})
     cfg = cfg.model_copy(update={"model": model_cfg})
-    steps = n_examples // (t.num_workers * cfg.optim.batch_size)
+    steps = n_examples // (t.num_workers * cfg.train.batch_size)
     if steps == 0:
         raise ValueError(f"{world}: {n_examples} training examples are fewer than one global batch "
-                         f"({t.num_workers} workers x batch {cfg.optim.batch_size}); lower optim.batch_size")
+                         f"({t.num_workers} workers x batch {cfg.train.batch_size}); lower train.batch_size")
     steps = min(steps, t.max_steps_per_epoch or steps)
     loop_config = {
         "cfg": cfg.model_dump(mode="json"),
@@ -283,7 +283,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     catalogue = CatalogueFeatures(ray.get(config["catalogue"]))
     held_out = ray.get(config["eval"]) if rank == 0 else None
     shard = ray.train.get_dataset_shard("train")  # Ray: this worker's stream of featurized examples
-    bs, n_neg = cfg.optim.batch_size, extra_negatives(cfg.loss, cfg.optim.batch_size * world_size)
+    bs, n_neg = cfg.train.batch_size, extra_negatives(cfg.loss, cfg.train.batch_size * world_size)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.bf16 and device.type == "cuda")
 
     for epoch in range(progress["epoch"], t.epochs):

@@ -24,7 +24,7 @@ from ray_mgdspr.train.loop import fit_local
 FEATURES = FeatureConfig(realtime_len=10, short_len=10, long_len=10, his_queries=3)
 MODEL = ModelConfig(d=16, heads=2)
 LOSS = LossConfig(pool_size=128, n_hard=32)
-OPTIM = OptimConfig(batch_size=32)
+OPTIM, BATCH = OptimConfig(), 32
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def test_variant_configs_switch_one_thing() -> None:
 def test_trained_run_learns_and_measures_the_index(data: EvalSet) -> None:
     """A real fit_local run: recall well above chance; the exact Flat index loses no recall, IVF at nprobe 1 some."""
     ann = (IndexConfig(factory="Flat", shards=3), IndexConfig(factory="IVF16,Flat", shards=2, nprobe=1))
-    spec = RunSpec("en", "mgdspr", 0, 200, (10, 100), (10,), 100, MODEL, LOSS, OPTIM, ann)
+    spec = RunSpec("en", "mgdspr", 0, 200, (10, 100), (10,), 100, MODEL, LOSS, OPTIM, BATCH, ann)
     record = run_one(spec, data)
     curve = record["curve"]
     assert [p["step"] for p in curve] == [100, 200]
@@ -90,14 +90,14 @@ def test_trained_run_learns_and_measures_the_index(data: EvalSet) -> None:
 
 
 def test_journal_reuses_finished_runs_only_when_nothing_changed(data: EvalSet, tmp_path: Path) -> None:
-    specs = [RunSpec("en", v, 0, 50, (10,), (), 50, MODEL, LOSS, OPTIM) for v in ("bm25", "mgdspr")]
+    specs = [RunSpec("en", v, 0, 50, (10,), (), 50, MODEL, LOSS, OPTIM, BATCH) for v in ("bm25", "mgdspr")]
     world = data.manifest.config
     journal = tmp_path / "runs.jsonl"
     journal.write_text("".join(json.dumps({"key": run_key(s, world), "variant": s.variant, "metrics": {}}) + "\n"
                                for s in specs))
     records = run_plan(specs, {"en": data}, 1.0, journal=journal)  # all journalled: Ray is never needed
     assert [r["variant"] for r in records] == ["bm25", "mgdspr"]
-    longer = RunSpec("en", "mgdspr", 0, 60, (10,), (), 50, MODEL, LOSS, OPTIM)
+    longer = RunSpec("en", "mgdspr", 0, 60, (10,), (), 50, MODEL, LOSS, OPTIM, BATCH)
     assert run_key(longer, world) != run_key(specs[1], world)
     assert run_key(specs[1], {**world, "seed": 1}) != run_key(specs[1], world)
 
@@ -105,7 +105,7 @@ def test_journal_reuses_finished_runs_only_when_nothing_changed(data: EvalSet, t
 def test_demo_table_compares_the_served_model_with_bm25(data: EvalSet, tmp_path: Path) -> None:
     """The README demo's table from a real bundle and a real (Flat, 2-shard) index version of its vectors."""
     run = fit_local(data.featurizer, data.featurizer.vocab, data.world, data.manifest.train_days, MODEL, LOSS, OPTIM,
-                    steps=60)
+                    steps=60, batch_size=BATCH)
     save_bundle(tmp_path / "bundle", run.model, run.vocab, FEATURES, LOSS)
     vectors = item_vectors(run.model, data.catalogue).numpy()
     metadata = read_table(data.world, "items", columns=METADATA_SCHEMA.names)

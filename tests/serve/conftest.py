@@ -43,7 +43,7 @@ def release(world: Path, index_root: Path, bundles: Path, version: str, steps: i
     featurizer = Featurizer(world, vocab, FEATURES)
     run = fit_local(featurizer, vocab, world, read_manifest(world).train_days,
                     ModelConfig(d=16, heads=2), LossConfig(pool_size=128, n_hard=32),
-                    OptimConfig(batch_size=64), steps=steps, seed=seed)
+                    OptimConfig(), steps=steps, batch_size=64, seed=seed)
     bundle = bundles / version
     save_bundle(bundle, run.model, vocab, FEATURES, LossConfig(), version=version)
     items = read_table(world, "items", columns=METADATA_SCHEMA.names)

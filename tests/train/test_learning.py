@@ -24,7 +24,7 @@ STEPS = 500
 FEATURES = FeatureConfig(realtime_len=20, short_len=30, long_len=20, his_queries=5)
 MODEL = ModelConfig(d=32, heads=4)
 LOSS = LossConfig(pool_size=256, n_hard=64)
-OPTIM = OptimConfig(batch_size=64)  # Adam 3e-3 (the paper's Adagrad 0.1 needs far more than a few hundred steps)
+OPTIM, BATCH = OptimConfig(), 64  # Adam 3e-3 (the paper's Adagrad 0.1 needs far more than a few hundred steps)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def test_training_learns_to_retrieve(setup: dict, kind: str) -> None:
     sizes = {k: s["vocab"].num_ids(k) for k in KINDS}
     untrained = build_model(resolve_buckets(model_cfg, world_max_ids(s["world"])), sizes)
     run = fit_local(s["featurizer"], s["vocab"], s["world"], s["manifest"].train_days, model_cfg, loss_cfg, OPTIM,
-                    steps=STEPS, seed=0)
+                    steps=STEPS, batch_size=BATCH, seed=0)
     losses = np.array([h["loss"] for h in run.history])
     assert len(losses) == STEPS and np.isfinite(losses).all()
     assert losses[-20:].mean() < 0.9 * losses[:20].mean(), (losses[:20].mean(), losses[-20:].mean())
@@ -73,7 +73,7 @@ def test_softmax_loss_leaves_the_uniform_value_within_the_first_tenth_of_trainin
     s = setup
     uniform = float(np.log(LOSS.pool_size + LOSS.n_hard))
     run = fit_local(s["featurizer"], s["vocab"], s["world"], s["manifest"].train_days, MODEL, LOSS, OPTIM,
-                    steps=STEPS // 10, seed=1)
+                    steps=STEPS // 10, batch_size=BATCH, seed=1)
     losses = np.array([h["loss"] for h in run.history])
     print(f"uniform {uniform:.3f}; mean loss of steps 1-10 {losses[:10].mean():.3f}, 41-50 {losses[-10:].mean():.3f}")
     assert losses[-10:].mean() < uniform - 0.1, (uniform, losses[-10:].mean())
