@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 from helpers import small_config
 
+from ray_mgdspr.config import VocabConfig
 from ray_mgdspr.data.simulator.simulate import simulate
+from ray_mgdspr.data.vocab import Vocabulary, build_vocab_from_world
 
 
 @pytest.fixture(scope="session")
@@ -26,3 +28,13 @@ def world_zh(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("worlds") / "zh"
     simulate(small_config(lang="zh"), out)
     return out
+
+
+@pytest.fixture(scope="session")
+def vocab_en(world_en: Path) -> Vocabulary:
+    return build_vocab_from_world(world_en, VocabConfig())
+
+
+@pytest.fixture(scope="session")
+def vocab_zh(world_zh: Path) -> Vocabulary:
+    return build_vocab_from_world(world_zh, VocabConfig())

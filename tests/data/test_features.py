@@ -14,9 +14,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from ray_mgdspr.config import FeatureConfig, VocabConfig
+from ray_mgdspr.config import FeatureConfig
 from ray_mgdspr.data.features import DAY_MS, LONG_ACTIONS, Featurizer, PriceLevels
-from ray_mgdspr.data.vocab import PAD, Vocabulary, build_vocab_from_world
+from ray_mgdspr.data.vocab import PAD, Vocabulary
 from ray_mgdspr.data.world import read_manifest, read_table
 
 CFG = FeatureConfig()
@@ -44,16 +44,6 @@ def contract_keys(with_item: bool) -> dict[str, tuple[int, ...]]:
     if with_item:
         keys.update(item_id=(), item_title=(c.title_words_kept,), **{f"item_{f}": () for f in SIDE})
     return keys
-
-
-@pytest.fixture(scope="module")
-def vocab_en(world_en: Path) -> Vocabulary:
-    return build_vocab_from_world(world_en, VocabConfig())
-
-
-@pytest.fixture(scope="module")
-def vocab_zh(world_zh: Path) -> Vocabulary:
-    return build_vocab_from_world(world_zh, VocabConfig())
 
 
 @pytest.fixture(scope="module")

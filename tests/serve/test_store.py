@@ -13,9 +13,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from ray_mgdspr.config import FeatureConfig, VocabConfig
+from ray_mgdspr.config import FeatureConfig
 from ray_mgdspr.data.features import Featurizer
-from ray_mgdspr.data.vocab import Vocabulary, build_vocab_from_world
+from ray_mgdspr.data.vocab import Vocabulary
 from ray_mgdspr.data.world import read_manifest
 from ray_mgdspr.serve.store import Behaviour, PastQuery, RedisStore, SqliteStore, Store, build_sqlite_store
 
@@ -24,18 +24,13 @@ CFG = FeatureConfig(realtime_len=3, short_len=4, long_len=5, his_queries=3, shor
 
 
 @pytest.fixture(scope="module")
-def vocab(world_en: Path) -> Vocabulary:
-    return build_vocab_from_world(world_en, VocabConfig())
+def offline(world_en: Path, vocab_en: Vocabulary) -> Featurizer:
+    return Featurizer(world_en, vocab_en, CFG)
 
 
 @pytest.fixture(scope="module")
-def offline(world_en: Path, vocab: Vocabulary) -> Featurizer:
-    return Featurizer(world_en, vocab, CFG)
-
-
-@pytest.fixture(scope="module")
-def serving(world_en: Path, vocab: Vocabulary) -> Featurizer:
-    return Featurizer(world_en, vocab, CFG, history_days=[])
+def serving(world_en: Path, vocab_en: Vocabulary) -> Featurizer:
+    return Featurizer(world_en, vocab_en, CFG, history_days=[])
 
 
 @pytest.fixture(scope="module")
