@@ -19,6 +19,7 @@ import os
 import shutil
 import socket
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -52,9 +53,8 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=temp_prefix(path.name), dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
+    tmp = path.with_name(temp_prefix(path.name) + uuid.uuid4().hex[:12])
+    tmp.touch(exist_ok=False)  # the usual mode (umask), as a plain write would give; mkstemp's is 0600
     try:
         yield tmp
         os.replace(tmp, path)
