@@ -4,6 +4,9 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 # The venv is (re)installed when pyproject.toml changes.
 STAMP  := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+# pytest-randomly runs the tests in a random order and prints its seed in the header ("Using --randomly-seed=N",
+# hidden by -q); rerun that order with: make test PYTEST_ARGS="-p randomly --randomly-seed=N"
+PYTEST_ARGS ?=
 
 .PHONY: demo test lint bench venv clean
 
@@ -21,7 +24,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	RAY_AUTH_MODE=disabled $(PY) -m pytest -q
+	RAY_AUTH_MODE=disabled $(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_simulate.py
