@@ -3,7 +3,8 @@
     ray job submit --address http://HEAD:8265 --working-dir . -- \\
         python jobs/build_index.py --bundle runs/train/mgdspr/bundle --config my.yaml
 
-Runs `mgdspr embed` then `mgdspr index build` on the job's cluster (the runtime_env needs are those of
+Runs `mgdspr embed --overwrite` then `mgdspr index build` (the same functions) on the job's cluster (the runtime_env
+needs are those of
 `jobs/train.py`). Paths must be reachable from every node. Entrypoint resources: none (the embedding actors
 and shard tasks ask for theirs: embed.cpus_per_actor/gpus_per_actor, index.build_cpus/build_resources).
 
@@ -13,34 +14,28 @@ in the message); 1 a stage failed (traceback in the log). A failed build leaves 
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
+from typing import Annotated
 
-from ray_mgdspr.cli import main
+import typer
+
+from ray_mgdspr.cli import embed, index_build
+from ray_mgdspr.cli_support import AddressOpt, ConfigOpt, PresetOpt, project_config
+from ray_mgdspr.model.bundle import read_bundle_manifest
 
 
-def _args() -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bundle", required=True)
-    ap.add_argument("--config", default=None)
-    ap.add_argument("--world", default=None)
-    return ap.parse_args()
+def build_index_job(
+    bundle: Annotated[Path, typer.Option(help="model bundle whose item tower embeds the catalogue")],
+    config: ConfigOpt = None,
+    preset: PresetOpt = None,
+    world: Annotated[str | None, typer.Option(help="world whose catalogue to embed (default: train.world)")] = None,
+    address: AddressOpt = None,
+) -> None:
+    """Embed the catalogue with BUNDLE's item tower, then build, verify and make current its index version."""
+    embed(bundle, config=config, preset=preset, world=world, overwrite=True, address=address)  # exits on bad input
+    embeddings = Path(project_config(config, preset).embed.out) / read_bundle_manifest(bundle).version
+    index_build(embeddings, config=config, preset=preset, world=world, current=True, address=address)
 
 
 if __name__ == "__main__":
-    a = _args()
-    common = [*(["--config", a.config] if a.config else []), *(["--world", a.world] if a.world else [])]
-    from ray_mgdspr.config import load_config, load_preset
-    from ray_mgdspr.model.bundle import read_bundle_manifest
-
-    cfg = load_config(a.config) if a.config else load_preset("demo")
-    version = read_bundle_manifest(a.bundle).version
-    for argv in (["embed", "--bundle", a.bundle, "--overwrite", *common],
-                 ["index", "build", "--embeddings", str(Path(cfg.embed.out) / version), *common]):
-        sys.argv = [sys.argv[0], *argv]
-        try:
-            main()
-        except SystemExit as e:
-            if e.code:
-                raise
+    typer.run(build_index_job)

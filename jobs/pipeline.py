@@ -25,10 +25,9 @@ nothing was built); 3 the new version is built and verified but the endpoint ref
 
 from __future__ import annotations
 
-import sys
+import typer
 
-from ray_mgdspr.cli import main
+from ray_mgdspr.cli import pipeline
 
 if __name__ == "__main__":
-    sys.argv = [sys.argv[0], "pipeline", *sys.argv[1:]]
-    sys.exit(main())
+    typer.run(pipeline)

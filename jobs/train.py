@@ -23,10 +23,9 @@ Every option of `mgdspr train` is accepted (`--config`, `--preset`, `--world`, `
 
 from __future__ import annotations
 
-import sys
+import typer
 
-from ray_mgdspr.cli import main
+from ray_mgdspr.cli import train
 
 if __name__ == "__main__":
-    sys.argv = [sys.argv[0], "train", *sys.argv[1:]]
-    sys.exit(main())
+    typer.run(train)

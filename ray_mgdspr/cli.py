@@ -5,19 +5,19 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ray_mgdspr.clusters import cluster_app
-from ray_mgdspr.config import ConfigError, ProjectConfig, config_to_yaml, load_config, load_preset, preset_names
+from ray_mgdspr.cli_support import AddressOpt, ConfigOpt, PresetOpt, console, err, fail, on_ray, project_config
+from ray_mgdspr.clusters.cli import cluster_app
+from ray_mgdspr.config import DEFAULT_CONFIG, ConfigError, ProjectConfig, config_to_yaml, load_config
 from ray_mgdspr.data.schema import describe_tables
 from ray_mgdspr.data.world import WorldManifest
 from ray_mgdspr.eval.cli import eval_command
@@ -25,8 +25,6 @@ from ray_mgdspr.serve.cli import query_command, serve_app, store_app
 
 if TYPE_CHECKING:
     from ray_mgdspr.train.trainer import TrainResult
-
-T = TypeVar("T")
 
 app = typer.Typer(help="MGDSPR personalised embedding-based product retrieval on Ray.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
@@ -41,29 +39,6 @@ app.add_typer(store_app, name="store")
 app.command("query")(query_command)
 app.command("eval")(eval_command)
 app.add_typer(cluster_app, name="cluster")
-
-console = Console()
-err = Console(stderr=True)
-
-ConfigOpt = Annotated[str | None, typer.Option("--config", "-c", help="YAML config, or preset:NAME")]
-AddressOpt = Annotated[str | None, typer.Option(help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")]
-PresetOpt = Annotated[str | None, typer.Option(help=f"packaged preset: {', '.join(preset_names())}")]
-
-
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
-    return typer.Exit(code)
-
-
-def _config(config: str | None, preset: str | None) -> ProjectConfig:
-    if config and preset:
-        raise _fail("give --config or --preset, not both")
-    try:
-        if config:
-            return load_config(config)
-        return load_preset(preset or "demo")
-    except ConfigError as e:
-        raise _fail(str(e)) from None
 
 
 @contextmanager
@@ -127,19 +102,19 @@ def simulate(
     """Simulate a Taobao-like world (synthetic) and write it as Parquet tables."""
     from ray_mgdspr.data.simulator.simulate import simulate as run
 
-    cfg = _config(config, preset).simulate
+    cfg = project_config(config, preset).simulate
     overrides = {k: v for k, v in {"lang": lang, "seed": seed, "n_items": items, "n_users": users}.items()
                  if v is not None}
     try:
         cfg = cfg.model_validate({**cfg.model_dump(), **overrides})
     except ValueError as e:
-        raise _fail(f"command-line override: {e}") from None
+        raise fail(f"command-line override: {e}") from None
     t0 = time.perf_counter()
     try:
         with _progress() as progress:
             m = run(cfg, out, overwrite=overwrite, progress=progress)
     except FileExistsError as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     console.print(_world_summary(m, f"world {out}"))
     console.print(_signal_summary(m))
     console.print(f"simulated {m.tables['items']:,} items, {m.tables['users']:,} users, "
@@ -156,7 +131,7 @@ def validate(world: Annotated[Path, typer.Argument(help="world directory")]) -> 
     for p in report.problems:
         err.print(f"[red]✗[/] {escape(str(p))}", highlight=False)
     if not report.ok:
-        raise _fail(f"{world}: {len(report.problems)} problem(s) found; nothing was modified", code=1)
+        raise fail(f"{world}: {len(report.problems)} problem(s) found; nothing was modified", code=1)
     label = report.manifest.label if report.manifest else ""
     total = sum(report.rows.values())
     console.print(f"{world}: valid, {len(report.rows)} tables, {total:,} rows " + escape(f"[{label}]"))
@@ -175,7 +150,7 @@ def load(
     try:
         m = run(dataset, src, out, overwrite=overwrite)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     console.print(_world_summary(m, f"world {out}"))
     console.print(f"loaded {dataset} from {src} into {out}: "
                   + ", ".join(f"{k} {v:,}" for k, v in m.tables.items()) + " " + escape(f"[{m.label}]"))
@@ -198,7 +173,7 @@ def demo(
     from ray_mgdspr.demo import DemoError, run_demo
     from ray_mgdspr.runtime import terminal_only_for
 
-    cfg = _config(config, None)
+    cfg = project_config(config)
     t0 = time.perf_counter()
     log_path = out / "demo.log"
     if not verbose:
@@ -209,7 +184,7 @@ def demo(
         with nullcontext() if verbose else terminal_only_for([console, err], log_path), _progress() as progress:
             result = run_demo(cfg, out, progress=progress)
     except DemoError as e:
-        raise _fail(str(e), code=1) from None
+        raise fail(str(e), code=1) from None
     except Exception:
         if not verbose:
             err.print(f"[bold red]the demo failed[/]; Ray's output is in {log_path}")
@@ -254,25 +229,14 @@ def demo(
                   f"(version {result.training.manifest.version}) [SYNTHETIC data]", soft_wrap=True)
 
 
-def _on_ray(cfg: ProjectConfig, address: str | None, job: Callable[[], T]) -> T:
-    """Join or start Ray as configured, run ``job``; bad input ends the command with its message."""
-    from ray_mgdspr.runtime import connect_ray
-
-    try:
-        connect_ray(cfg.ray, address)
-        return job()
-    except (FileNotFoundError, FileExistsError, ValueError, ConfigError) as e:
-        raise _fail(str(e)) from None
-
-
 def _train_config(config: str | None, preset: str | None, **overrides: object) -> ProjectConfig:
     """The config with the train section's command-line overrides (those given) applied and checked."""
-    cfg = _config(config, preset)
+    cfg = project_config(config, preset)
     given = {k: v for k, v in overrides.items() if v is not None}
     try:
         return cfg.model_copy(update={"train": cfg.train.model_validate({**cfg.train.model_dump(), **given})})
     except ValueError as e:
-        raise _fail(f"command-line override: {e}") from None
+        raise fail(f"command-line override: {e}") from None
 
 
 def _training_summary(result: TrainResult) -> Table:
@@ -298,7 +262,7 @@ def train(
     from ray_mgdspr.train.trainer import train as run_training
 
     cfg = _train_config(config, preset, world=world, run_name=run_name, epochs=epochs)
-    result = _on_ray(cfg, address, lambda: run_training(cfg))
+    result = on_ray(cfg.ray, address, lambda: run_training(cfg))
     console.print(_training_summary(result))
     final = result.metrics[-1] if result.metrics else {}
     recall = {k: v for k, v in final.items() if k.startswith("recall@")}
@@ -321,8 +285,8 @@ def embed(
     """Embed every catalogue item with a Ray Data actor pool; writes <embed.out>/<model version>."""
     from ray_mgdspr.index.embed import embed_catalogue
 
-    cfg = _config(config, preset)
-    r = _on_ray(cfg, address, lambda: embed_catalogue(world or cfg.train.world, bundle, cfg.embed, overwrite))
+    cfg = project_config(config, preset)
+    r = on_ray(cfg.ray, address, lambda: embed_catalogue(world or cfg.train.world, bundle, cfg.embed, overwrite))
     console.print(f"embedded {r.rows:,} items (d={r.dim}) with model {r.model_version} in {r.seconds:.1f}s "
                   f"-> {r.path}", soft_wrap=True)
 
@@ -339,8 +303,8 @@ def index_build(
     """Build an index version (shards in parallel as Ray tasks); written atomically."""
     from ray_mgdspr.index.build import build_index
 
-    cfg = _config(config, preset)
-    m = _on_ray(cfg, address, lambda: build_index(world or cfg.train.world, embeddings, cfg.index, current))
+    cfg = project_config(config, preset)
+    m = on_ray(cfg.ray, address, lambda: build_index(world or cfg.train.world, embeddings, cfg.index, current))
     console.print(f"index {cfg.index.out}/{m.version}: {m.total_rows:,} items in {len(m.shards)} shards "
                   f"({m.factory}, d={m.dim}) in {m.build_seconds:.1f}s" + (", now current" if current else ""),
                   soft_wrap=True)
@@ -358,16 +322,16 @@ def index_verify(
     from ray_mgdspr.index.versions import current_version
 
     if path is None:
-        root = Path(_config(config, preset).index.out)
+        root = Path(project_config(config, preset).index.out)
         version = current_version(root)
         if version is None:
-            raise _fail(f"{root}: no CURRENT index version; give the version directory")
+            raise fail(f"{root}: no CURRENT index version; give the version directory")
         path = root / version
     problems = verify_index(path)
     for p in problems:
         err.print(f"[red]✗[/] {escape(p)}", highlight=False)
     if problems:
-        raise _fail(f"{path}: {len(problems)} problem(s)", code=1)
+        raise fail(f"{path}: {len(problems)} problem(s)", code=1)
     console.print(f"{path}: ok")
 
 
@@ -397,7 +361,7 @@ def pipeline(
                       token=token, say=lambda line: console.print(line, markup=False, highlight=False,
                                                                   soft_wrap=True)).run()
     if result.code != ExitCode.OK:
-        raise _fail(f"{result.error} (exit {int(result.code)} {result.code.name}; report {result.report})",
+        raise fail(f"{result.error} (exit {int(result.code)} {result.code.name}; report {result.report})",
                     code=int(result.code))
     where = f"promoted on {endpoint}" if result.promoted else "CURRENT"
     console.print(f"pipeline done: version {result.version} is {where}; report {result.report}, Serve config "
@@ -413,11 +377,11 @@ def vocab_build(
     """Build character, bigram and word vocabularies from a world's catalogue and training days."""
     from ray_mgdspr.data.vocab import build_vocab_from_world
 
-    cfg = _config(config, None)
+    cfg = project_config(config)
     try:
         vocab = build_vocab_from_world(world, cfg.vocab)
     except (FileNotFoundError, ValueError) as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     vocab.save(out)
     console.print(f"vocabulary {out}: " + ", ".join(
         f"{kind} {vocab.num_ids(kind):,} ids" for kind in ("words", "chars", "bigrams")))
@@ -428,8 +392,12 @@ def config_show(
     config: ConfigOpt = None,
     preset: PresetOpt = None,
 ) -> None:
-    """Print a config with every default filled in (the defaults when no file is given)."""
-    cfg = _config(config, preset) if (config or preset) else ProjectConfig()
+    """Print a config with every default filled in (the class defaults when no file is given; the commands
+    themselves run with preset:demo when given no --config)."""
+    cfg = project_config(config, preset) if (config or preset) else ProjectConfig()
+    if not (config or preset):
+        console.print(f"# the defaults of every field; a command given no --config runs {DEFAULT_CONFIG}",
+                      markup=False, highlight=False)
     console.print(config_to_yaml(cfg), markup=False, highlight=False)
 
 

@@ -597,6 +597,21 @@ def load_config(path: str | Path) -> ProjectConfig:
     return parse_config(data, str(p))
 
 
+DEFAULT_CONFIG = "preset:demo"
+"""What every entry point runs with when given no config: the CLI's commands, ``mgdspr serve``, a Serve config's
+application without ``args.config``, and the jobs (``mgdspr eval`` alone defaults to ``preset:eval``)."""
+
+
+def resolve_config(config: str | Path | None = None, preset: str | None = None) -> ProjectConfig:
+    """The project config an entry point runs with: ``config`` (a YAML file or ``preset:NAME``), else the preset
+    ``preset``, else :data:`DEFAULT_CONFIG`. The one place that fallback is decided."""
+    if config and preset:
+        raise ConfigError("give --config or --preset, not both")
+    if config:
+        return load_config(config)
+    return load_preset(preset) if preset else load_config(DEFAULT_CONFIG)
+
+
 def preset_names() -> list[str]:
     return sorted(p.name.removesuffix(".yaml") for p in resources.files("ray_mgdspr.presets").iterdir()
                   if p.name.endswith(".yaml"))

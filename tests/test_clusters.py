@@ -14,7 +14,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from ray_mgdspr.clusters import IMAGE_ROOT, IMPORT_PATH, cluster_app, detect_kind, validate_file
+from ray_mgdspr.clusters import IMAGE_ROOT, IMPORT_PATH, detect_kind, validate_file
+from ray_mgdspr.clusters.cli import cluster_app
 
 REPO = Path(__file__).resolve().parents[1]
 SPECS = sorted(p for p in (REPO / "clusters").rglob("*") if p.suffix in (".yaml", ".yml", ".json"))
@@ -47,7 +48,7 @@ def test_private_launcher_api_is_where_we_use_it() -> None:
     try:
         from ray.autoscaler._private.util import prepare_config, validate_config
     except ImportError as e:  # pragma: no cover - the point of the test
-        pytest.fail(f"Ray moved its launcher config API (used by ray_mgdspr.clusters.validate_launcher): {e}")
+        pytest.fail(f"Ray moved its launcher config API (used by ray_mgdspr.clusters.launcher.validate_launcher): {e}")
     import ray.autoscaler
 
     assert (Path(ray.autoscaler.__file__).parent / "ray-schema.json").is_file()

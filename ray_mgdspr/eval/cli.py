@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 
+from ray_mgdspr.cli_support import AddressOpt, fail
 from ray_mgdspr.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 def eval_command(
     out: Annotated[Path, typer.Option(help="report directory (report.md, report.json, PNGs)")] = Path("runs/eval"),
     config: Annotated[str | None, typer.Option("--config", "-c", help="YAML config (with an optional eval: "
-                                               "section), or preset:NAME")] = None,
+                                               "section), or preset:NAME (default: preset:eval)")] = None,
     preset: Annotated[str | None, typer.Option(help="packaged preset for the world and model (default: eval)")] = None,
     lang: Annotated[list[str] | None, typer.Option(help="world language, repeatable (default: en and zh)")] = None,
     seeds: Annotated[int | None, typer.Option(min=1, help="seeds per trained variant")] = None,
@@ -33,7 +34,7 @@ def eval_command(
     world: Annotated[Path | None, typer.Option(help="evaluate this simulated world (one --lang)")] = None,
     work: Annotated[Path | None, typer.Option(help="worlds and vocabularies (default: OUT/work)")] = None,
     quick: Annotated[bool, typer.Option(help="toy scale: tiny world, few steps (smoke runs, tests)")] = False,
-    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: a local Ray)")] = None,
+    address: AddressOpt = None,
     from_json: Annotated[Path | None, typer.Option(help="only re-render the report of an earlier report.json "
                                                     "into OUT (no runs)")] = None,
 ) -> None:
@@ -46,12 +47,12 @@ def eval_command(
         try:
             path = rerender(from_json, out)
         except (FileNotFoundError, ValueError) as e:
-            raise _fail(str(e)) from None
+            raise fail(str(e)) from None
         typer.echo(f"evaluation report (SYNTHETIC data) re-rendered from {from_json} into {path.parent}")
         return
 
     if config and preset:
-        raise _fail("give --config or --preset, not both")
+        raise fail("give --config or --preset, not both")
     try:
         cfg, ev = load_eval_config(config or (f"preset:{preset}" if preset else None))
         changes = dict(QUICK) if quick else {}
@@ -63,7 +64,7 @@ def eval_command(
             changes["noise_levels"] = []
         ev = ev.model_validate({**ev.model_dump(), **changes})
     except (ConfigError, ValueError) as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     if quick:
         cfg = cfg.model_copy(update={"simulate": cfg.simulate.model_copy(update={
             "n_items": 600, "n_users": 150, "n_brands": 60, "n_shops": 100, "warmup_days": 5})})
@@ -73,11 +74,6 @@ def eval_command(
         path = evaluate(cfg, ev, out, work=work, world=world, address=address, command=command,
                         progress=lambda msg: typer.echo(msg, err=True))
     except (FileNotFoundError, ValueError) as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     typer.echo(f"evaluation report (SYNTHETIC data) in {path.parent}: {path.name}, report.json, "
                f"{len(list(path.parent.glob('*.png')))} plots")
-
-
-def _fail(message: str) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(2)

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from ray_mgdspr.artifacts import write_text_atomic
-from ray_mgdspr.config import ProjectConfig, ResolvedServeConfig, ServeConfig, load_config
+from ray_mgdspr.config import ProjectConfig, ResolvedServeConfig, ServeConfig, resolve_config
 from ray_mgdspr.index.versions import current_version
 from ray_mgdspr.serve.ingress import Ingress
 from ray_mgdspr.serve.store import build_sqlite_store
@@ -31,16 +31,21 @@ class AppArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")  # a misspelt key in a Serve config's args is an error, not ignored
 
-    config: str | None = Field(None, description="project config YAML, or preset:NAME (default: defaults)")
+    config: str | None = Field(None, description="project config YAML, or preset:NAME (default: "
+                               "config.DEFAULT_CONFIG, as for every entry point)")
     serve: dict[str, Any] = Field(default_factory=dict, description="overrides of the config's serve section")
+
+
+def merged_serve(project: ProjectConfig, overrides: dict[str, Any]) -> ServeConfig:
+    """The project's ``serve:`` section with ``overrides`` (a Serve config's ``args.serve``) replacing whole keys."""
+    return ServeConfig.model_validate({**project.serve.model_dump(exclude_unset=True), **overrides})
 
 
 def resolve(args: AppArgs) -> ResolvedServeConfig:
     """The serve section of ``args.config`` with ``args.serve`` applied, resolved (``ServeConfig.resolved``), its
     paths made absolute: what every deployment of the endpoint and a ``Retriever`` of it run with."""
-    project = load_config(args.config) if args.config else ProjectConfig()
-    merged = ServeConfig.model_validate({**project.serve.model_dump(exclude_unset=True), **args.serve})
-    cfg = merged.resolved(project)
+    project = resolve_config(args.config)
+    cfg = merged_serve(project, args.serve).resolved(project)
     for field in ("index_root", "world"):
         setattr(cfg, field, str(Path(getattr(cfg, field)).resolve()))
     if "://" not in cfg.store:

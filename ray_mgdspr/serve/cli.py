@@ -8,31 +8,23 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-console = Console()
-err = Console(stderr=True)
+from ray_mgdspr.cli_support import AddressOpt, ConfigOpt, console, fail
 
 serve_app = typer.Typer(help="The retrieval endpoint on Ray Serve.", no_args_is_help=False,
                         invoke_without_command=True)
 store_app = typer.Typer(help="The user behaviour store the endpoint reads histories from.", no_args_is_help=True)
 
-ConfigOpt = Annotated[str | None, typer.Option("--config", "-c", help="YAML config, or preset:NAME")]
 UrlOpt = Annotated[str, typer.Option(help="the endpoint", envvar="MGDSPR_URL")]
 DEFAULT_URL = "http://127.0.0.1:8000"
-
-
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
-    return typer.Exit(code)
 
 
 def _args(config: str | None, overrides: dict[str, Any]) -> Any:
     from ray_mgdspr.serve.app import AppArgs
 
-    return AppArgs(config=config or "preset:demo", serve={k: v for k, v in overrides.items() if v is not None})
+    return AppArgs(config=config, serve={k: v for k, v in overrides.items() if v is not None})
 
 
 @serve_app.callback()
@@ -42,24 +34,24 @@ def serve_run(
     host: Annotated[str | None, typer.Option(help="bind address (default serve.host: loopback)")] = None,
     port: Annotated[int | None, typer.Option(help="port (default serve.port)")] = None,
     version: Annotated[str | None, typer.Option(help="version to serve (default: the index root's CURRENT)")] = None,
-    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: a local Ray)")] = None,
+    address: AddressOpt = None,
 ) -> None:
     """Serve the retrieval endpoint on a local Ray (or --address) until Ctrl-C / SIGTERM."""
     if ctx.invoked_subcommand is not None:
         return
     from ray import serve
 
-    from ray_mgdspr.config import ConfigError, load_config
+    from ray_mgdspr.config import ConfigError, resolve_config
     from ray_mgdspr.runtime import connect_ray
     from ray_mgdspr.serve.app import start
     from ray_mgdspr.serve.engine import ReleaseError
 
     args = _args(config, {"host": host, "port": port, "version": version})
     try:
-        connect_ray(load_config(args.config).ray, address)
+        connect_ray(resolve_config(args.config).ray, address)
         cfg = start(args)
     except (ConfigError, ReleaseError, FileNotFoundError, ValueError, RuntimeError) as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     info = serve.get_deployment_handle("VersionManager", cfg.app_name).describe.remote().result()
     console.print(f"serving version {info['version']} ({info['model']}) at http://{cfg.host}:{cfg.port} "
                   "- POST /v1/retrieve, GET /v1/version, /healthz, /metrics; Ctrl-C stops", soft_wrap=True)
@@ -83,7 +75,7 @@ def serve_config_cmd(
     try:
         path = write_serve_config(_args(config, {}), out)
     except (ConfigError, ValueError) as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     console.print(f"wrote {path}: `serve deploy {path}` (on a running Ray) or `serve run {path}`")
 
 
@@ -94,7 +86,7 @@ def _call(url: str, path: str, body: dict | None = None, token: str | None = Non
     try:
         return call(url, path, body, token, timeout)
     except EndpointError as e:
-        raise _fail(str(e), code=1) from None
+        raise fail(str(e), code=1) from None
 
 
 @serve_app.command("promote")
@@ -166,6 +158,6 @@ def store_build(
             counts = build_sqlite_store(world, out, overwrite=overwrite)
             where = str(out)
     except (FileExistsError, ValueError) as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     console.print(f"behaviour store {where}: {counts['behaviours']:,} behaviours, {counts['queries']:,} past "
                   f"queries from {world}")

@@ -118,6 +118,30 @@ def test_cli_verify_names_a_corrupt_shard(ray_session: None, world_en: Path, bun
     assert bad.returncode == 1 and "shard-00001.faiss" in bad.stderr
 
 
+def test_build_index_job_embeds_then_builds_a_current_version(world_en: Path, bundle: Path, tmp_path: Path) -> None:
+    """jobs/build_index.py as `ray job submit` runs it (a subprocess with its own local Ray): both stages, through
+    the same functions as `mgdspr embed` and `mgdspr index build`; bad input exits 2 naming it."""
+    import yaml
+
+    from ray_mgdspr.index.shards import verify_index
+
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump({"embed": {"out": str(tmp_path / "emb"), "actors": 1},
+                                      "index": {"out": str(tmp_path / "index"), "shards": 2},
+                                      "train": {"world": str(world_en)}}))
+    job = [sys.executable, str(Path(__file__).resolve().parents[2] / "jobs" / "build_index.py")]
+    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "RAY_ADDRESS": ""}
+    done = subprocess.run([*job, "--bundle", str(bundle), "--config", str(config)], capture_output=True, text=True,
+                          env=env, timeout=280)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert current_version(tmp_path / "index") == "v-test" and verify_index(tmp_path / "index" / "v-test") == []
+    assert read_embeddings_manifest(tmp_path / "emb" / "v-test").model_version == "v-test"
+    assert "embedded" in done.stdout and "now current" in done.stdout
+    missing = subprocess.run([*job, "--bundle", str(tmp_path / "nope"), "--config", str(config)],
+                             capture_output=True, text=True, env=env, timeout=280)
+    assert missing.returncode == 2 and str(tmp_path / "nope") in missing.stderr, missing.stderr[-3000:]
+
+
 def test_a_bad_embeddings_manifest_is_named_by_file_and_field(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="not an embedding set"):
         read_embeddings_manifest(tmp_path)

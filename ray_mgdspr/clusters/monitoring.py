@@ -9,7 +9,7 @@
 * **Prometheus Operator PodMonitor** (``kind: PodMonitor``): a name, a pod selector, and endpoints on the Ray
   containers' ``metrics`` port.
 
-Every problem is one line ``FILE: FIELD: message``, as in ``clusters.py``.
+Every problem is one line ``FILE: FIELD: message``, as in ``ray_mgdspr.clusters``.
 """
 
 from __future__ import annotations
@@ -20,12 +20,13 @@ from typing import Any
 GRAFANA = "grafana-dashboard"
 PROMETHEUS = "prometheus-config"
 PODMONITOR = "PodMonitor"
+KINDS = (GRAFANA, PROMETHEUS, PODMONITOR)
 GRID_COLUMNS = 24
 SERIES = re.compile(r"\bray_mgdspr_[A-Za-z0-9_]+")
 TARGETS = ("static_configs", "file_sd_configs", "kubernetes_sd_configs", "dns_sd_configs", "consul_sd_configs")
 
 
-def detect_monitoring_kind(doc: dict[str, Any]) -> str | None:
+def detect_kind(doc: dict[str, Any]) -> str | None:
     """``grafana-dashboard``, ``prometheus-config``, ``PodMonitor`` or None."""
     if doc.get("kind") == PODMONITOR:
         return PODMONITOR
