@@ -59,7 +59,6 @@ import json
 import logging
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -76,6 +75,8 @@ import numpy as np
 import psutil
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+
+from ray_mgdspr.runtime import free_port
 
 RESULTS = Path(__file__).parent / "results"
 TOKEN = "bench-serve-token"
@@ -326,12 +327,6 @@ def start_monolith(setup: Setup, port: int) -> subprocess.Popen:
 
 # --------------------------------------------------------------------------------------------------
 # load and CPU accounting
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cpu(p: psutil.Process) -> float:

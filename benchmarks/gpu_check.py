@@ -24,7 +24,6 @@ import datetime as dt
 import json
 import os
 import platform
-import socket
 import statistics
 import tempfile
 import time
@@ -41,6 +40,7 @@ from ray_mgdspr.model.batch import random_batch
 from ray_mgdspr.model.layers import as_tensors
 from ray_mgdspr.model.mgdspr import build_model
 from ray_mgdspr.model.optim import make_optimizer
+from ray_mgdspr.runtime import free_port
 from ray_mgdspr.train.loop import extra_negatives, train_step
 
 PAPER = dict(d=128, heads=8, sparse_ids=False, item_buckets=1_000_000, shop_buckets=100_000,
@@ -96,9 +96,7 @@ def _ddp_worker(rank: int, world: int, port: int, steps: int, result: dict) -> N
 
 def check_ddp(steps: int) -> dict:
     world = torch.cuda.device_count()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     manager = mp.Manager()
     result = manager.dict()
     mp.spawn(_ddp_worker, args=(world, port, steps, result), nprocs=world, join=True)

@@ -15,7 +15,6 @@ import datetime as dt
 import logging
 import secrets
 import shutil
-import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -42,7 +41,7 @@ from ray_mgdspr.index.shards import verify_index
 from ray_mgdspr.metrics import recall_at_k
 from ray_mgdspr.model.bundle import load_bundle
 from ray_mgdspr.model.retrieval import query_vectors, targets_of
-from ray_mgdspr.runtime import connect_ray
+from ray_mgdspr.runtime import connect_ray, free_port
 from ray_mgdspr.serve.app import AppArgs
 from ray_mgdspr.serve.app import start as start_serve
 from ray_mgdspr.serve.client import call
@@ -212,9 +211,7 @@ def serve_and_ask(cfg: ProjectConfig, out: Path, world: Path, shown: int = 3, ev
     after show whether the clicks moved the model's answer towards what the user wanted.
     """
     token = secrets.token_hex(16)
-    with socket.socket() as s:  # a free port: the demo must not fail because 8000 is taken
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # the demo must not fail because 8000 is taken
     store = out / "store" / "behaviours.sqlite"
     args = AppArgs(serve={"index_root": str(out / "index"), "world": str(world), "port": port, "token": token,
                           "store": str(store)})

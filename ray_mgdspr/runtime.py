@@ -4,13 +4,29 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, closing, contextmanager
 from pathlib import Path
 from typing import Any
 
 from ray_mgdspr.config import RayConfig
+
+
+def free_ports(n: int = 1, host: str = "127.0.0.1") -> list[int]:
+    """``n`` distinct TCP ports free on ``host`` now (held open together, so they differ): for the demo's endpoint,
+    the tests' servers and clusters, the benchmarks."""
+    with ExitStack() as stack:
+        socks = [stack.enter_context(closing(socket.socket())) for _ in range(n)]
+        for s in socks:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in socks]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """One TCP port free on ``host`` now."""
+    return free_ports(1, host)[0]
 
 
 def connect_ray(cfg: RayConfig, address: str | None = None) -> None:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -13,6 +12,7 @@ from typing import Any
 import httpx
 
 from ray_mgdspr.config import SimulateConfig
+from ray_mgdspr.runtime import free_port  # noqa: F401 (the serve tests import it from here)
 
 SMALL = dict(n_items=1500, n_users=300, n_brands=120, n_shops=200, warmup_days=10)
 
@@ -54,12 +54,6 @@ def wait_for_state_api(timeout_s: float = 60.0) -> None:
 
 
 # ------------------------------------------------------------------ the endpoint under load (tests/serve)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Load:

@@ -18,7 +18,6 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # before anything imports ra
 
 import json
 import logging
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import ray
-from helpers import RAY_TEST_ENV, wait_for_state_api
+from helpers import RAY_TEST_ENV, free_port, wait_for_state_api
 from ray import serve
 from ray.cluster_utils import Cluster
 from ray.util.state import list_actors, list_tasks
@@ -44,12 +43,6 @@ WORKER = {"num_cpus": 2, "resources": {"worker": 1}, "object_store_memory": 300 
 STEPS, EPOCHS, CHECKPOINT_EVERY = 30, 2, 10  # world_en has ~32 batches per worker and epoch: the cap binds
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # the first test also sets up the cluster and trains
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 
 from ray_mgdspr.config import ProjectConfig, config_to_yaml
 from ray_mgdspr.pipeline import ExitCode, Pipeline, PipelineError, absolute_paths
+from ray_mgdspr.runtime import free_port
 
 MGDSPR = str(Path(sys.executable).parent / "mgdspr")
 
@@ -59,9 +59,7 @@ def test_invalid_logs_exit_2_with_the_validation_problems(tmp_path: Path, world_
 
 
 def test_unreachable_endpoint_is_exit_3_and_names_the_built_version(tmp_path: Path) -> None:
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    dead = f"http://127.0.0.1:{free_port()}"  # a port nothing listens on
     run = Pipeline(ProjectConfig(), tmp_path / "out", endpoint=dead, token="t", say=lambda _: None)
     with pytest.raises(PipelineError) as e:
         run.promote("20261126-000000-abcdef12")

@@ -13,13 +13,12 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # before anything imports ra
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, closing, suppress
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,21 +29,13 @@ from helpers import RAY_TEST_ENV, SMALL
 from ray_mgdspr.config import config_to_yaml, load_preset
 from ray_mgdspr.data.world import SYNTHETIC_LABEL
 from ray_mgdspr.model.bundle import load_bundle
+from ray_mgdspr.runtime import free_ports
 from ray_mgdspr.serve.client import EndpointError, call
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent  # the job's `python` must be this venv's: first on the head's PATH
 RAY = str(VENV_BIN / "ray")
 
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free TCP ports on loopback (held open together so they differ)."""
-    with ExitStack() as stack:
-        socks = [stack.enter_context(closing(socket.socket())) for _ in range(n)]
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
 
 
 @dataclass

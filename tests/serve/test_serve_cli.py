@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,8 @@ from typing import Any
 
 import pytest
 import yaml
+
+from ray_mgdspr.runtime import free_port
 
 pytestmark = pytest.mark.slow
 MGDSPR = str(Path(sys.executable).parent / "mgdspr")
@@ -54,9 +55,7 @@ def test_serve_config_validates_with_serves_own_schema(tmp_path: Path, deploymen
 
 
 def test_serve_query_promote_status_from_the_command_line(tmp_path: Path, deployment: Any) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "MGDSPR_SERVE_TOKEN": TOKEN}
     proc = subprocess.Popen([MGDSPR, "serve", "--config", str(_config(tmp_path, deployment, port))], env=env,
