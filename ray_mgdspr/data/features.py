@@ -178,8 +178,8 @@ class Featurizer:
     def _set_history(self, behaviours: pa.Table, history: pa.Table) -> None:
         """Index the behaviours and history queries by (user, ts) for the window lookups."""
         vocab, config = self.vocab, self.config
-        b_user, b_ts = _int64(behaviours["user_id"]), _ms(behaviours["ts"])
-        q_user, q_ts = _int64(history["user_id"]), _ms(history["ts"])
+        b_user, b_ts = _int64(behaviours["user_id"]), schema.epoch_ms(behaviours["ts"])
+        q_user, q_ts = _int64(history["user_id"]), schema.epoch_ms(history["ts"])
         self._users = np.unique(np.concatenate([b_user, q_user]))
         all_ts = np.concatenate([b_ts, q_ts])
         self._ts0 = int(all_ts.min()) if len(all_ts) else 0
@@ -464,15 +464,7 @@ def _read(world: Path, name: str, days: list[int] | None, columns: list[str]) ->
 
 def _event_columns(events: pa.Table) -> pa.Table:
     """The event columns of examples/events, with ``ts`` as int64 epoch ms."""
-    events = events.select(EVENT_COLUMNS)
-    return events.set_column(2, "ts", pa.array(_ms(events["ts"]), pa.int64()))
-
-
-def _ms(ts: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """Epoch milliseconds of a timestamp (any unit) or integer column."""
-    if pa.types.is_timestamp(ts.type):
-        ts = ts.cast(pa.timestamp("ms", tz=ts.type.tz)).cast(pa.int64())
-    return np.asarray(ts.to_numpy(zero_copy_only=False), np.int64)
+    return schema.with_epoch_ms(events.select(EVENT_COLUMNS))
 
 
 def _fill(column: pa.ChunkedArray) -> np.ndarray:
@@ -528,7 +520,7 @@ def _column(batch: Batch, name: str, required: bool = True) -> Any:
 def _int64(column: Any) -> np.ndarray:
     """[B] int64 of an Arrow or numpy column; timestamps become epoch ms."""
     if isinstance(column, pa.Array | pa.ChunkedArray):
-        return _ms(column)
+        return schema.epoch_ms(column)
     column = np.asarray(column)
     if np.issubdtype(column.dtype, np.datetime64):
         return column.astype("datetime64[ms]").astype(np.int64)

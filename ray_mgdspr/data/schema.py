@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 
 FORMAT_VERSION = 1
@@ -331,3 +332,20 @@ def describe_tables() -> str:
             lines.append(f"| `{f.name}` | `{f.type}` | {'yes' if f.nullable else 'no'} | {spec.field_doc(f.name)} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def epoch_ms(ts: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Epoch milliseconds of a timestamp column (any unit) or an integer column (already epoch ms).
+
+    >>> import datetime as dt
+    >>> epoch_ms(pa.array([dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc)], TIMESTAMP)).tolist()
+    [1577836800000]
+    """
+    if pa.types.is_timestamp(ts.type):
+        ts = ts.cast(pa.timestamp("ms", tz=ts.type.tz)).cast(pa.int64())
+    return np.asarray(ts.to_numpy(zero_copy_only=False), np.int64)
+
+
+def with_epoch_ms(table: pa.Table, column: str = "ts") -> pa.Table:
+    """``table`` with its timestamp ``column`` as int64 epoch milliseconds (``epoch_ms``)."""
+    return table.set_column(table.schema.get_field_index(column), column, pa.array(epoch_ms(table[column]), pa.int64()))

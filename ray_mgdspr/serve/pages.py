@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ray_mgdspr.config import ProjectConfig, ServeConfig
+from ray_mgdspr.data.schema import with_epoch_ms
 from ray_mgdspr.data.simulator.relevance import EXACT, RelevanceJudge
 from ray_mgdspr.data.world import read_manifest, read_table
 from ray_mgdspr.serve.engine import Encoded, Retriever
@@ -48,13 +49,7 @@ def held_out_searches(world: str | Path, max_searches: int | None = None, seed: 
     if max_searches is not None and events.num_rows > max_searches:
         rows = np.sort(np.random.default_rng(seed).choice(events.num_rows, max_searches, replace=False))
         events = events.take(pa.array(rows))
-    return events.set_column(events.schema.get_field_index("ts"), "ts", pa.array(epoch_ms(events["ts"])))
-
-
-def epoch_ms(ts: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    if pa.types.is_timestamp(ts.type):
-        ts = ts.cast(pa.timestamp("ms", tz=ts.type.tz)).cast(pa.int64())
-    return np.asarray(ts.to_numpy(), np.int64)
+    return with_epoch_ms(events)
 
 
 def exact_counts(judge: RelevanceJudge, searches: pa.Table, catalogue: np.ndarray, chunk: int = 256) -> np.ndarray:

@@ -24,12 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 
+from ray_mgdspr.data.schema import epoch_ms, with_epoch_ms
 from ray_mgdspr.data.world import read_manifest, read_table
 from ray_mgdspr.serve.engine import Retriever, merge_hits
-from ray_mgdspr.serve.pages import SEARCH_COLUMNS, epoch_ms
+from ray_mgdspr.serve.pages import SEARCH_COLUMNS
 from ray_mgdspr.serve.store import Behaviour, PastQuery, SqliteStore, build_sqlite_store
 
 
@@ -67,7 +67,7 @@ def followups(world: str | Path, max_followups: int | None = None, seed: int = 0
     """Test-day follow-up searches with a click or a buy whose session searched before them (seeded sample)."""
     manifest = read_manifest(world)
     events = read_table(world, "search_events", days=manifest.test_days, columns=SEARCH_COLUMNS)
-    events = events.set_column(events.schema.get_field_index("ts"), "ts", pa.array(epoch_ms(events["ts"])))
+    events = with_epoch_ms(events)
     clicks = read_table(world, "behaviours", days=manifest.test_days, columns=["user_id", "item_id", "action",
                                                                               "ts", "event_id"])
     clicks = clicks.filter(pc.and_(pc.equal(clicks["action"], "click"), pc.is_valid(clicks["event_id"])))

@@ -25,13 +25,13 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Annotated, Literal, Protocol
 
-import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 from ray_mgdspr.artifacts import atomic_file
 from ray_mgdspr.config import FeatureConfig
 from ray_mgdspr.data.features import DAY_MS, LONG_ACTIONS
+from ray_mgdspr.data.schema import epoch_ms
 from ray_mgdspr.data.world import read_manifest, read_table
 
 log = logging.getLogger(__name__)
@@ -215,7 +215,7 @@ def build_sqlite_store(world: str | Path, out: str | Path, overwrite: bool = Fal
         for day in chosen:
             b = read_table(world, "behaviours", days=[day], columns=["user_id", "ts", "action", "item_id"])
             q = read_table(world, "query_history", days=[day], columns=["user_id", "ts", "query_words"])
-            b_ts, q_ts = _epoch_ms(b["ts"]), _epoch_ms(q["ts"])
+            b_ts, q_ts = epoch_ms(b["ts"]), epoch_ms(q["ts"])
             for lo in range(0, b.num_rows, _CHUNK):
                 part = b.slice(lo, _CHUNK)
                 db.executemany("INSERT INTO behaviours VALUES (?, ?, ?, ?)",
@@ -234,12 +234,6 @@ def build_sqlite_store(world: str | Path, out: str | Path, overwrite: bool = Fal
         db.close()
     log.info("behaviour store %s: %s from %s", out, counts, world)
     return counts
-
-
-def _epoch_ms(ts: pa.ChunkedArray) -> np.ndarray:
-    if pa.types.is_timestamp(ts.type):
-        ts = ts.cast(pa.timestamp("ms", tz=ts.type.tz)).cast(pa.int64())
-    return np.asarray(ts.to_numpy(), np.int64)
 
 
 # ---------------------------------------------------------------------------------------------- Redis
@@ -322,9 +316,9 @@ class RedisStore:
             self.append(
                 (Behaviour(user_id=u, item_id=i, action=a, ts=t) for u, i, a, t in zip(
                     b["user_id"].to_pylist(), b["item_id"].to_pylist(), b["action"].to_pylist(),
-                    _epoch_ms(b["ts"]).tolist(), strict=True)),
+                    epoch_ms(b["ts"]).tolist(), strict=True)),
                 (PastQuery(user_id=u, ts=t, query_words=w or []) for u, t, w in zip(
-                    q["user_id"].to_pylist(), _epoch_ms(q["ts"]).tolist(), q["query_words"].to_pylist(),
+                    q["user_id"].to_pylist(), epoch_ms(q["ts"]).tolist(), q["query_words"].to_pylist(),
                     strict=True)))
             counts["behaviours"] += b.num_rows
             counts["queries"] += q.num_rows
