@@ -79,17 +79,6 @@ def detect_kind(doc: Any) -> str | None:
     return None
 
 
-def field_path(*parts: str | int) -> str:
-    """``a.b[0].c`` from path parts."""
-    out = ""
-    for p in parts:
-        if isinstance(p, int):
-            out += f"[{p}]"
-        elif p != "":
-            out += f".{p}" if out else str(p)
-    return out or "(top level)"
-
-
 def validate_file(path: str | Path, root: str | Path | None = None) -> list[str]:
     """Every problem of one cluster spec, each ``FILE: FIELD: message``; an empty list when it is good.
 
