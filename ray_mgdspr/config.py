@@ -499,6 +499,17 @@ class ServeConfig(StrictModel):
     load_timeout_s: float = Field(300.0, gt=0, description="how long a new version may take to load")
     watch_current_s: float = Field(2.0, ge=0, description="poll the index root's CURRENT this often and "
                                    "promote what it names (0: only explicit promotion)")
+    canary_share: float = Field(0.01, ge=0, le=1, description="recall canary: this share of /v1/retrieve "
+                                "requests (chosen at random) is also searched exactly in the background, off the "
+                                "request's path, to measure the index's recall@canary_k (0: off; docs/serving.md, "
+                                "Recall canary)")
+    canary_k: int = Field(50, ge=1, le=10_000, description="the k of the canary's recall@k: the ANN's top k "
+                          "against the exact top k of the same query embedding, unfiltered")
+    canary_window: int = Field(200, ge=1, le=100_000, description="the canary's running recall is the mean of "
+                               "the last this many samples (per version, per ingress replica and in the version "
+                               "manager)")
+    canary_ef_search: int = Field(4096, ge=1, description="HNSW shards: the efSearch of the canary's reference "
+                                  "search (near-exact; IVF shards probe every list, Flat is exact)")
     ingress: DeploymentConfig = DeploymentConfig()
     encoder: DeploymentConfig = DeploymentConfig()
     shard: DeploymentConfig = DeploymentConfig(max_replicas=1)

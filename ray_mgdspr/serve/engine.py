@@ -29,6 +29,7 @@ from ray_mgdspr.index.shards import IndexCorruptError, verify_index
 from ray_mgdspr.index.versions import current_version
 from ray_mgdspr.model.bundle import BundleManifest, load_bundle, parse_bundle_manifest, read_bundle_manifest
 from ray_mgdspr.model.layers import as_tensors
+from ray_mgdspr.serve.canary import AS_SERVED, EXACT, CanaryHits, exact_params
 from ray_mgdspr.serve.relevance import ItemMatcher, KeyTerm, RelevanceFilter
 from ray_mgdspr.serve.schemas import RetrieveRequest
 from ray_mgdspr.serve.store import Store, open_store
@@ -218,6 +219,41 @@ class ShardSearcher:
                             [self._titles[r] if ok else "" for r, ok in zip(rows[:n], passes, strict=True)],
                             exhausted))
         return out
+
+    def search_exact(self, queries: np.ndarray, k: int, ef_search: int = 4096) -> tuple[np.ndarray, np.ndarray, str]:
+        """The reference top-k of this shard for the recall canary (``serve/canary.py``): the same index searched
+        exhaustively (IVF: every list; HNSW: ``efSearch = ef_search``, near-exact; Flat and the torch backend:
+        exact as served). The parameters are passed per call, so concurrent ``search`` calls keep the serving
+        ``nprobe`` / ``efSearch``, and no second copy of the index is held.
+
+        Returns:
+            scores (q, k') float32 best first (-inf pads) and item ids (q, k') int64 (-1 pads), k' = min(k, rows)
+            (at least 1), and the reference's name (``canary.exact_params``).
+        """
+        faiss.omp_set_num_threads(self.faiss_threads)
+        k = max(1, min(k, self.shard.rows))
+        # index/search.py keeps the backend's index private; faiss backends expose it as .index, torch has none
+        index = getattr(self.shard._searcher, "index", None)
+        if index is None or self.shard.backend == "faiss-gpu":  # torch: exact already; gpu: no params there
+            return (*self.shard.search(queries, k), EXACT if index is None else AS_SERVED)
+        params, reference, _keep = exact_params(index, ef_search, k)  # _keep: what params points to, alive
+        if params is None:
+            return (*self.shard.search(queries, k), reference)
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if queries.ndim != 2 or queries.shape[1] != self.shard.dim:
+            raise ValueError(f"queries must have shape (q, {self.shard.dim}); got {queries.shape}")
+        scores, ids = index.search(queries, k, params=params)
+        scores[ids < 0] = -np.inf  # as Shard.search pads
+        return scores, ids, reference
+
+    def canary(self, queries: np.ndarray, k: int, ef_search: int = 4096) -> CanaryHits:
+        """One canary sample of this shard: the top k as served (``nprobe`` / ``efSearch`` of serving) and the
+        reference top k (``search_exact``) of the same queries, unfiltered."""
+        faiss.omp_set_num_threads(self.faiss_threads)
+        depth = max(1, min(k, self.shard.rows))
+        ann = self.shard.search(queries, depth)
+        *exact, reference = self.search_exact(queries, depth, ef_search)
+        return CanaryHits(ann, tuple(exact), reference)
 
     def _passing_prefix(self, rows: np.ndarray, terms: tuple[KeyTerm, ...], need: int) -> np.ndarray:
         """Verdicts of ``rows`` (best first) down to the ``need``-th passing one (all of them when fewer pass)."""
