@@ -25,6 +25,7 @@ from ray.serve.handle import DeploymentHandle
 from ray_mgdspr.config import ResolvedServeConfig
 from ray_mgdspr.index.versions import current_version, set_current
 from ray_mgdspr.model.bundle import bundle_summary
+from ray_mgdspr.serve.canary import CanaryHits, RecallWindow
 from ray_mgdspr.serve.engine import (
     Encoded,
     Hits,
@@ -38,11 +39,13 @@ from ray_mgdspr.serve.engine import (
 from ray_mgdspr.serve.errors import public_message
 from ray_mgdspr.serve.metrics import BatchSizes
 from ray_mgdspr.serve.relevance import KeyTerm
-from ray_mgdspr.serve.schemas import VersionInfo
+from ray_mgdspr.serve.schemas import CanaryRecall, VersionInfo
 from ray_mgdspr.serve.store import open_store
 
 log = logging.getLogger("ray.serve")
 R = TypeVar("R")
+CANARY_VERSIONS = 8
+"""The version manager keeps the recall canary of this many versions (the most recently sampled first seen)."""
 
 
 def version_app_name(app_name: str, version: str) -> str:
@@ -101,12 +104,19 @@ class IndexShard:
         self.core = ShardSearcher(release.index_path, shard_no, cfg.backend, nprobe=cfg.nprobe,
                                   ef_search=cfg.ef_search, faiss_threads=cfg.faiss_threads)
         self.batch_sizes = BatchSizes("shard")
+        self.canary_ef_search = cfg.canary_ef_search
         _batched(self._search, cfg)
 
     async def search(self, request: tuple[np.ndarray, int, tuple[KeyTerm, ...], int | None]) -> Hits:
         """One request: (H_qu, depth, key terms, k when the filter is on else None; see ``ShardSearcher.search``),
         searched in a batch with concurrent requests."""
         return _own(await self._search(request))
+
+    async def canary(self, request: tuple[np.ndarray, int]) -> CanaryHits:
+        """A recall canary sample of one query (H_qu, k): this shard's top k as served and its exact reference
+        (``ShardSearcher.canary``), in a thread beside the batched live searches, never in their batches."""
+        embedding, k = request
+        return await asyncio.to_thread(self.core.canary, embedding[None, :], k, self.canary_ef_search)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def _search(self, requests: list[tuple[np.ndarray, int, tuple[KeyTerm, ...], int | None]]
@@ -166,6 +176,7 @@ class VersionManager:
         self._draining: dict[str, float] = {}  # version -> when its application is deleted
         self._refused: set[str] = set()
         self._loop: asyncio.Task | None = None
+        self._canary: dict[str, RecallWindow] = {}  # version -> the recall canary's samples from every ingress
         self._first = self.cfg.version or current_version(self.cfg.index_root)
         if self._first is None:
             raise RuntimeError(f"nothing to serve: {self.cfg.index_root} has no CURRENT version and serve.version "
@@ -202,11 +213,17 @@ class VersionManager:
         return self.info.model_dump()
 
     async def _switch_to(self, version: str, initial: bool) -> None:
+        if initial:
+            # a restarted manager adopts the version that serves: the one CURRENT names (every switch moves it)
+            # when its application runs, before ``version`` (serve.version: what the endpoint started with, maybe
+            # several promotions ago; redeploying it would roll back)
+            apps = (await asyncio.to_thread(serve.status)).applications
+            for candidate in dict.fromkeys(v for v in (current_version(self.cfg.index_root), version) if v):
+                running = apps.get(version_app_name(self.cfg.app_name, candidate))
+                if running is not None and running.status in ("RUNNING", "DEPLOYING", "UNHEALTHY"):
+                    await self._adopt(candidate, version_app_name(self.cfg.app_name, candidate))
+                    return
         name = version_app_name(self.cfg.app_name, version)
-        running = (await asyncio.to_thread(serve.status)).applications.get(name) if initial else None
-        if running is not None and running.status in ("RUNNING", "DEPLOYING", "UNHEALTHY"):
-            await self._adopt(version, name)
-            return
         self.info.loading = version
         try:
             release = await asyncio.to_thread(verify_release, self.cfg.index_root, version)
@@ -279,5 +296,17 @@ class VersionManager:
             except Exception:
                 log.exception("version housekeeping failed; retrying")
 
+    async def canary(self, version: str, recall: float, reference: str | None = None) -> None:
+        """One recall canary sample of ``version`` from an ingress replica (``serve/canary.py``); the running
+        recall over the last ``serve.canary_window`` samples is in ``describe()`` (GET /v1/version)."""
+        window = self._canary.get(version)
+        if window is None:
+            window = self._canary[version] = RecallWindow(self.cfg.canary_window)
+            for old in list(self._canary)[:-CANARY_VERSIONS]:
+                del self._canary[old]
+        window.add(recall, reference)
+
     async def describe(self) -> dict:
-        return self.info.model_dump()
+        """``VersionInfo``, with the recall canary of the versions sampled since this manager started."""
+        canary = {v: CanaryRecall.model_validate(w.summary(self.cfg.canary_k)) for v, w in self._canary.items()}
+        return self.info.model_copy(update={"canary": canary}).model_dump()
