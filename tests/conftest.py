@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # before anything imports ray (see shared/notes/RAY.md)
 
@@ -14,6 +15,17 @@ from helpers import small_config
 from ray_mgdspr.config import VocabConfig
 from ray_mgdspr.data.simulator.simulate import simulate
 from ray_mgdspr.data.vocab import Vocabulary, build_vocab_from_world
+
+
+@pytest.fixture(autouse=True, scope="module")
+def no_ray_from_another_module() -> None:
+    """Every module starts without Ray in this process: one that an earlier module left running (`mgdspr eval`
+    or another command run in process leaves its Ray up, as a CLI may) is shut down first, so that each module's
+    own fixture starts Ray with its own settings (Train's dashboard, test_faults' metrics export, test_app's 8
+    CPUs) whichever modules ran before it (pytest-randomly orders modules at random)."""
+    ray = sys.modules.get("ray")  # never imported: nothing runs (and Ray-free modules do not import it here)
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 @pytest.fixture(scope="session")

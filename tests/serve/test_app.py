@@ -1,7 +1,8 @@
 """The retrieval endpoint on a real Serve app on a local Ray cluster, over real HTTP.
 
-One Serve instance for the module; tests run in file order and later ones build on the versions earlier
-ones promoted (noted where it matters).
+One Serve instance for the module (starting it costs tens of seconds), shared by tests that run in any order
+(pytest-randomly) and each pass alone: a test that needs a version served establishes it itself
+(``serve_version``), whatever earlier tests promoted, and counters are read from requests the test makes.
 """
 
 from __future__ import annotations
@@ -72,7 +73,25 @@ def retrieve(client: httpx.Client, **body: object) -> dict:
     return r.json()
 
 
+def serve_version(client: httpx.Client, version: str) -> str:
+    """Set-up of a test that needs ``version`` served: promote it unless it serves, then wait until requests are
+    answered by it and every other version's application has drained and been deleted, so the test starts from
+    one version and nothing in flight, whatever ran before it."""
+    if client.get("/v1/version").json()["version"] != version:
+        r = client.post("/v1/admin/promote", json={"version": version},
+                        headers={"authorization": f"Bearer {TOKEN}"}, timeout=300)
+        assert r.status_code == 200, r.text
+    wait_for(lambda: retrieve(client, query="dress", k=5)["version"] == version, 60, f"requests answered by {version}")
+
+    def others() -> list[str]:
+        return [a for a in serve.status().applications if a.startswith("mgdspr-") and a != f"mgdspr-{version}"]
+
+    wait_for(lambda: not others(), 60, "the other versions' applications to drain and be deleted")
+    return version
+
+
 def test_health_and_version(client: httpx.Client) -> None:
+    serve_version(client, "v1")
     assert client.get("/healthz").json() == {"status": "ok", "version": "v1"}
     info = client.get("/v1/version").json()
     assert info["version"] == "v1" and info["shards"] == 2 and info["dim"] == 16
@@ -98,6 +117,7 @@ def _headless(browser: str, url: str, *flags: str) -> str:
 
 def test_search_page_shows_the_endpoint_answer_in_a_real_browser(client: httpx.Client, server: tuple[str, Any],
                                                                  tmp_path: Path) -> None:
+    serve_version(client, "v1")
     page = client.get("/ui")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert TOKEN not in page.text and 'id="token"' in page.text  # the page holds no secret; a click asks for it
@@ -116,6 +136,7 @@ def test_search_page_shows_the_endpoint_answer_in_a_real_browser(client: httpx.C
 
 
 def test_merged_topk_equals_the_ray_free_core(client: httpx.Client, server: tuple[str, ServeConfig]) -> None:
+    serve_version(client, "v1")
     core = Retriever.open(server[1], "v1")  # the configured system: the endpoint's own resolved serve section
     ts = 4_000_000_000_000
     for query, user in [("red dress", 3), ("running shoes", None), ("portable car cover", 17)]:
@@ -332,6 +353,7 @@ def test_events_need_the_token_and_change_the_next_result(client: httpx.Client) 
 
 def test_metrics(client: httpx.Client) -> None:
     """Passes alone: it makes the requests whose counters it checks."""
+    serve_version(client, "v1")
     retrieve(client, query="dress", k=5)
     assert client.post("/v1/retrieve", json={"query": "dress", "k": 0}).status_code == 422
     text = client.get("/metrics").text
@@ -344,6 +366,7 @@ def test_metrics(client: httpx.Client) -> None:
 def test_version_swap_under_load_has_no_failures_and_no_mixing(server: tuple[str, ServeConfig], client: httpx.Client,
                                                                deployment: Any) -> None:
     base, _ = server
+    serve_version(client, "v1")
     with Load(base, clients=4) as load:
         time.sleep(1.0)
         r = client.post("/v1/admin/promote", json={"version": "v2"}, headers={"authorization": f"Bearer {TOKEN}"},
@@ -364,7 +387,9 @@ def test_version_swap_under_load_has_no_failures_and_no_mixing(server: tuple[str
 
 def test_broken_version_is_refused_and_the_old_keeps_serving(server: tuple[str, ServeConfig], client: httpx.Client,
                                                              deployment: Any) -> None:
+    serve_version(client, "v2")
     broken = deployment.index_root / "v3"
+    shutil.rmtree(broken, ignore_errors=True)
     shutil.copytree(deployment.index_root / "v2", broken)
     (broken / "manifest.json").write_text((broken / "manifest.json").read_text().replace('"v2"', '"v3"', 1))
     shard = next(broken.glob("shard-0*.faiss"))
@@ -384,15 +409,18 @@ def test_broken_version_is_refused_and_the_old_keeps_serving(server: tuple[str, 
 
 
 def test_moving_current_rolls_back(client: httpx.Client, deployment: Any) -> None:
+    serve_version(client, "v2")
     set_current(deployment.index_root, "v1")  # what an operator does to roll back
     wait_for(lambda: client.get("/v1/version").json()["version"] == "v1", 120, "the manager to serve v1")
     # ingress replicas follow the manager within serve.version_refresh_s
     wait_for(lambda: retrieve(client, query="dress", k=5)["version"] == "v1", 5, "requests to be answered by v1")
 
 
-def test_killed_shard_replica_fails_clearly_and_recovers(server: tuple[str, ServeConfig]) -> None:
+def test_killed_shard_replica_fails_clearly_and_recovers(server: tuple[str, ServeConfig],
+                                                         client: httpx.Client) -> None:
     """1 replica (the laptop default): reads wait for the replacement within their deadline; those whose deadline
     ends first are 503 with Retry-After, only inside the restart window (2 replicas: test_faults.py)."""
+    serve_version(client, "v1")
     names = [a for a in ray.util.list_named_actors(all_namespaces=True)
              if "mgdspr-v1" in a["name"] and "shard-0" in a["name"]]
     assert len(names) == 1, names
@@ -422,7 +450,8 @@ def test_restarted_version_manager_adopts_the_serving_version(server: tuple[str,
                                                               client: httpx.Client) -> None:
     """The manager replica dies (its node is lost, say): requests keep being answered by the serving version, and
     the new manager takes that version's application over as it is: no redeploy, no refusal, no deletion."""
-    serving = client.get("/v1/version").json()["version"]
+    # v2, not serve.version (v1): the new manager adopts what serves, not what the endpoint started with
+    serving = serve_version(client, "v2")
 
     def replicas(kind: str) -> set[str]:
         return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if kind in a["name"]}
@@ -444,7 +473,9 @@ def test_restarted_version_manager_adopts_the_serving_version(server: tuple[str,
     assert replicas(fixed) == version_replicas  # the same replicas: adopted, not redeployed
 
 
-def test_encoder_scales_down_when_idle_and_up_under_load(server: tuple[str, ServeConfig]) -> None:
+def test_encoder_scales_down_when_idle_and_up_under_load(server: tuple[str, ServeConfig],
+                                                         client: httpx.Client) -> None:
+    serve_version(client, "v1")
     def encoder_replicas() -> int:
         return serve.status().applications["mgdspr-v1"].deployments["encoder"].replica_states.get("RUNNING", 0)
 

@@ -36,8 +36,7 @@ def server(deployment: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterato
                  "store": str(store), "version": "v1", "watch_current_s": 0, "token": TOKEN,
                  "encoder": {**TWO, "num_cpus": 0.2}, "shard": {**TWO, "num_cpus": 0.2},
                  "head": {**TWO, "num_cpus": 0.1}, "ingress": {**TWO, "num_cpus": 0.1}}
-    if ray.is_initialized():  # an earlier test left its Ray running: this module needs its own metrics export
-        ray.shutdown()
+    # no Ray is left from another module (tests/conftest.py): running_endpoint starts one with this export
     EXPORT["port"] = free_port()  # chosen now: a port chosen at collection could be taken by the time this runs
     with running_endpoint(overrides, metrics_export_port=EXPORT["port"]) as endpoint:
         yield endpoint
