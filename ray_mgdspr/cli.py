@@ -310,6 +310,41 @@ def index_build(
                   soft_wrap=True)
 
 
+@index_app.command("update")
+def index_update(
+    bundle: Annotated[Path, typer.Option(help="the model bundle of the base version (deltas keep the model)")],
+    config: ConfigOpt = None,
+    preset: PresetOpt = None,
+    world: Annotated[str | None, typer.Option(help="world with the new catalogue (default: train.world)")] = None,
+    base: Annotated[str | None, typer.Option(help="index version to apply it to (default: CURRENT)")] = None,
+    version: Annotated[str | None, typer.Option(help="the new version's id (default: <model version>.d<UTC "
+                                                "time>)")] = None,
+    current: Annotated[bool, typer.Option(help="point CURRENT at the new version")] = True,
+    endpoint: Annotated[str | None, typer.Option(help="running endpoint to promote the new version on")] = None,
+    token: Annotated[str | None, typer.Option(help="the endpoint's bearer token", envvar="MGDSPR_SERVE_TOKEN",
+                                              show_envvar=True)] = None,
+) -> None:
+    """Apply a new catalogue to an index version as a new version: only added and changed items are embedded, only
+    the shards they touch are rewritten (`index/update.py`). Exit 2 bad input, 1 the promotion failed."""
+    from ray_mgdspr.index.update import update_index
+    from ray_mgdspr.serve.cli import serve_promote
+
+    cfg = project_config(config, preset)
+    try:
+        r = update_index(world or cfg.train.world, bundle, cfg.index, base=base, version=version,
+                         make_current=current, batch_size=cfg.embed.batch_size,
+                         progress=lambda line: console.print(line, soft_wrap=True))
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        raise fail(str(e)) from None
+    d, m = r.delta, r.manifest
+    console.print(f"index {cfg.index.out}/{m.version}: {m.total_rows:,} items from {d.base} (+{d.added:,} new, "
+                  f"-{d.removed:,} removed, ~{d.changed:,} changed; shards {d.shards_touched} rewritten) in "
+                  f"{r.seconds:.1f}s (embedding {r.embed_seconds:.1f}s)" + (", now current" if current else ""),
+                  soft_wrap=True)
+    if endpoint:
+        serve_promote(m.version, url=endpoint, token=token)
+
+
 @index_app.command("verify")
 def index_verify(
     path: Annotated[Path | None, typer.Argument(help="index version directory (default: CURRENT of index.out)")]

@@ -21,7 +21,7 @@ from ray_mgdspr.clusters.serve_config import validate_serve_config
 KINDS = ("RayCluster", "RayJob", "RayService")
 API = "ray.io/v1"
 CONFIG_ANNOTATION = "mgdspr/config"  # the project config a RayCluster is sized for
-JOB_STAGES = {"train": ("train",), "build_index": ("embed", "index"), "evaluate": (),
+JOB_STAGES = {"train": ("train",), "build_index": ("embed", "index"), "evaluate": (), "update_index": (),
               "pipeline": ("train", "embed", "index")}
 """The stages each ``jobs/*.py`` runs: whose resource requests a RayJob's cluster must fit."""
 

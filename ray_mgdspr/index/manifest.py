@@ -29,6 +29,17 @@ class ShardEntry(BaseModel):
         return self
 
 
+class DeltaRecord(BaseModel):
+    """How a version made by a delta update (``index/update.py``) differs from the version it was applied to."""
+
+    base: str = Field(description="the index version the delta was applied to")
+    added: int = Field(ge=0, description="items in the new catalogue only")
+    removed: int = Field(ge=0, description="items in the base only")
+    changed: int = Field(ge=0, description="items in both whose compared columns differ (re-embedded)")
+    unchanged: int = Field(ge=0, description="items kept with their base vectors")
+    shards_touched: list[int] = Field(description="shards rewritten; the others hold the base's files")
+
+
 class IndexManifest(BaseModel):
     """``manifest.json`` of an index version directory."""
 
@@ -46,6 +57,8 @@ class IndexManifest(BaseModel):
     build_backend: str = Field(description="what trained and filled the shards (faiss-cpu)")
     total_rows: int = Field(ge=0)
     build_seconds: float = Field(ge=0)
+    delta: DeltaRecord | None = Field(None, description="set when a delta update made this version (None: a full "
+                                      "build)")
 
     @model_validator(mode="after")
     def _consistent(self) -> IndexManifest:

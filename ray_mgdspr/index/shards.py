@@ -50,10 +50,15 @@ METADATA_SCHEMA = pa.schema(
         pa.field("attr_value_ids", pa.list_(pa.int32())),
         pa.field("title_words", pa.list_(pa.string())),
         pa.field("title", pa.string()),
+        pa.field("shop_id", pa.int32()),
+        pa.field("price", pa.float32()),
     ]
 )
-"""Per-item columns the post-retrieval relevance filter reads and a response shows; types as in
+"""Per-item columns the post-retrieval relevance filter reads and a response shows, and the rest of what the item
+tower reads (``shop_id``, ``price``: what a delta update compares, ``index/update.py``); types as in
 ``data/schema.py`` ``ITEMS``."""
+OPTIONAL_METADATA = ("shop_id", "price")
+"""Columns a shard's metadata may lack (synthetic test catalogues, versions built before delta updates): null."""
 
 
 class IndexCorruptError(ValueError):
@@ -244,6 +249,9 @@ def _check_placement(item_ids: np.ndarray, shard_no: int, shards: int) -> None:
 
 
 def _shard_metadata(shard_no: int, index: faiss.IndexIDMap2, metadata: pa.Table) -> pa.Table:
+    for name in OPTIONAL_METADATA:
+        if name not in metadata.column_names:
+            metadata = metadata.append_column(name, pa.nulls(metadata.num_rows, METADATA_SCHEMA.field(name).type))
     missing = [c for c in METADATA_SCHEMA.names if c not in metadata.column_names]
     if missing:
         raise ValueError(f"shard {shard_no}: metadata lacks columns {missing}")

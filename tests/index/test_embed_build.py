@@ -15,17 +15,14 @@ import pytest
 import ray
 import torch
 
-from ray_mgdspr.config import EmbedConfig, FeatureConfig, IndexConfig, LossConfig, ModelConfig, VocabConfig
+from ray_mgdspr.config import EmbedConfig, IndexConfig
 from ray_mgdspr.data.features import Featurizer
-from ray_mgdspr.data.vocab import KINDS, build_vocab_from_world
 from ray_mgdspr.index.build import build_index
 from ray_mgdspr.index.embed import embed_catalogue, read_embeddings, read_embeddings_manifest, vectors_of
 from ray_mgdspr.index.search import IndexReader
 from ray_mgdspr.index.versions import current_version, list_versions
-from ray_mgdspr.model.bundle import load_bundle, save_bundle
+from ray_mgdspr.model.bundle import load_bundle
 from ray_mgdspr.model.layers import as_tensors
-from ray_mgdspr.model.mgdspr import build_model
-from ray_mgdspr.model.tables import resolve_buckets, world_max_ids
 
 pytestmark = pytest.mark.slow
 
@@ -38,18 +35,6 @@ def ray_session() -> None:
     yield
     if started:
         ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def bundle(world_en: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An (untrained, seeded) model bundle for the world: embedding does not need a trained model."""
-    vocab = build_vocab_from_world(world_en, VocabConfig())
-    torch.manual_seed(0)
-    cfg = resolve_buckets(ModelConfig(d=16, heads=4), world_max_ids(world_en))
-    model = build_model(cfg, {k: vocab.num_ids(k) for k in KINDS})
-    out = tmp_path_factory.mktemp("bundle") / "b"
-    save_bundle(out, model, vocab, FeatureConfig(), LossConfig(), version="v-test")
-    return out
 
 
 def test_actor_pool_embedding_equals_an_in_process_pass(ray_session: None, world_en: Path, bundle: Path,

@@ -44,7 +44,8 @@ def catalogue(n: int = 600, d: int = D, seed: int = 0) -> tuple[np.ndarray, np.n
         "attr_value_ids": [[int(i % 5), int(i % 3)] for i in shuffled],
         "title_words": [[f"w{i % 11}", "shirt"] for i in shuffled],
         "title": [f"item {i}" for i in shuffled],
-        "shop_id": (shuffled % 13).astype(np.int32),  # not kept: the shards hold what the filter and responses read
+        "shop_id": (shuffled % 13).astype(np.int32),  # kept (the item tower reads it: delta updates compare it)
+        "seller_rating": np.ones(n),  # not kept: the shards hold what the filter, responses and the item tower read
     })
     return vectors, ids, metadata
 
@@ -108,7 +109,9 @@ def test_build_writes_a_verified_version_and_points_current_at_it(tmp_path: Path
     mine = np.sort(ids[shard_of(ids, 3) == 1])
     assert table["item_id"].to_numpy().tolist() == mine.tolist()  # sorted by item id
     assert table.schema.field("attr_value_ids").type == pa.list_(pa.int32())
-    assert "shop_id" not in table.column_names and "title" in table.column_names
+    assert "seller_rating" not in table.column_names and "title" in table.column_names
+    assert table["shop_id"].to_pylist() == (table["item_id"].to_numpy() % 13).tolist()
+    assert table["price"].null_count == table.num_rows  # a catalogue without prices: null, not an error
     expected = metadata.filter(pa.array(shard_of(metadata["item_id"].to_numpy(), 3) == 1)).sort_by("item_id")
     assert table["title_words"].to_pylist() == expected["title_words"].to_pylist()
     assert index.ntotal == len(mine)
