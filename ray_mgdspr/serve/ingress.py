@@ -10,7 +10,9 @@ import asyncio
 import hmac
 import json
 import logging
+import math
 import os
+import random
 import sqlite3
 import time
 import uuid
@@ -27,9 +29,10 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from ray_mgdspr.config import FeatureConfig, ResolvedServeConfig
+from ray_mgdspr.serve.canary import MAX_IN_FLIGHT, CanaryHits, RecallWindow, merged_recall
 from ray_mgdspr.serve.engine import Encoded, Hits, RequestRefused, request_k, retrieve
 from ray_mgdspr.serve.errors import RETRYABLE, HttpError, cause, public_message, unavailable
-from ray_mgdspr.serve.metrics import ServingMetrics
+from ray_mgdspr.serve.metrics import GAUGE_REFRESH_S, ServingMetrics
 from ray_mgdspr.serve.relevance import KeyTerm
 from ray_mgdspr.serve.schemas import EventsRequest, PromoteRequest, RetrieveRequest, RetrieveResponse, VersionInfo
 from ray_mgdspr.serve.store import open_store
@@ -105,10 +108,12 @@ class _HandleStages:
 
     def __init__(self, ingress: "Ingress", serving: _Serving, deadline: float) -> None:
         self.ingress, self.serving, self.deadline = ingress, serving, deadline
+        self.encoded: Encoded | None = None  # the query's encoding, for a recall canary sample of the request
 
     async def encode(self, query: str, user_id: int | None, ts: int) -> Encoded:
-        return await self.ingress._read("encode", lambda: self.serving.encoder.encode.remote((query, user_id, ts)),
-                                        self.deadline)
+        self.encoded = await self.ingress._read(
+            "encode", lambda: self.serving.encoder.encode.remote((query, user_id, ts)), self.deadline)
+        return self.encoded
 
     async def shards(self, embedding: np.ndarray, depth: int, terms: tuple[KeyTerm, ...], need: int | None
                      ) -> list[Hits]:
@@ -141,6 +146,8 @@ class Ingress:
         self._store = None
         self._token = os.environ.get(TOKEN_ENV) or self.cfg.token
         self.metrics = ServingMetrics()  # exported through Ray (all replicas) and GET /metrics (this one)
+        self._canary_tasks: set[asyncio.Task] = set()  # recall canary samples in flight (held: tasks are weak)
+        self._canary: dict[str, RecallWindow] = {}  # version -> this replica's last serve.canary_window samples
 
     # ------------------------------------------------------------------ version
 
@@ -167,6 +174,7 @@ class Ingress:
         self.metrics.serving(info.version)
 
     async def _refresh_forever(self) -> None:
+        republished = time.monotonic()
         while True:
             await asyncio.sleep(self.cfg.version_refresh_s)
             try:
@@ -174,6 +182,9 @@ class Ingress:
             except Exception:
                 log.exception("asking the version manager failed; keeping %s",
                               self.serving.version if self.serving else None)
+            if time.monotonic() - republished >= GAUGE_REFRESH_S:  # Ray's export drops gauges not set again
+                self.metrics.republish()
+                republished = time.monotonic()
 
     async def _read(self, stage: str, call: Callable[[], Awaitable[R]], deadline: float) -> R:
         """``call()`` (a handle call), retried while its replica died or is unavailable (``errors.RETRYABLE``):
@@ -278,8 +289,11 @@ class Ingress:
             except RequestRefused as e:
                 raise HttpError(422, f"retrieve: {e}", problems=[{"field": e.field, "problem": e.problem}]) from None
             v = await self._current(deadline)
-            body = await retrieve(req, k, self.cfg, v.version, _HandleStages(self, v, deadline))
+            stages = _HandleStages(self, v, deadline)
+            body = await retrieve(req, k, self.cfg, v.version, stages)
             self._observe(body)
+            if "embedding" in req.channels and stages.encoded is not None:
+                self._sample(v, stages.encoded.embedding)
             return body
 
         return await self._respond("retrieve", request, handle)
@@ -293,6 +307,51 @@ class Ingress:
             self.metrics.fallbacks.inc()
         if body["relaxed_to"] is not None:
             self.metrics.relaxed.inc()
+
+    # ------------------------------------------------------------------ the recall canary (serve/canary.py)
+
+    def _sample(self, serving: _Serving, embedding: np.ndarray) -> None:
+        """With probability ``serve.canary_share``, measure this request's ANN recall in the background: a task
+        the response never waits for (at most ``canary.MAX_IN_FLIGHT`` at once; more are skipped and counted)."""
+        if self.cfg.canary_share <= 0 or random.random() >= self.cfg.canary_share:
+            return
+        if len(self._canary_tasks) >= MAX_IN_FLIGHT:
+            self.metrics.canary_samples.labels(serving.version, "skipped").inc()
+            return
+        task = asyncio.get_running_loop().create_task(self._canary_sample(serving, embedding))
+        self._canary_tasks.add(task)
+        task.add_done_callback(self._canary_tasks.discard)
+
+    async def _canary_sample(self, serving: _Serving, embedding: np.ndarray) -> None:
+        """Every shard's top ``serve.canary_k`` as served and exact (``IndexShard.canary``), each side merged,
+        their overlap recorded: this replica's window and gauge, the samples counter, and the version manager's
+        window (``GET /v1/version``). Never raises: a failure is logged and counted."""
+        version, k = serving.version, self.cfg.canary_k
+
+        async def ask(shard: DeploymentHandle) -> CanaryHits:
+            return await shard.canary.remote((embedding, k))
+
+        try:
+            hits = await asyncio.wait_for(asyncio.gather(*(ask(s) for s in serving.shards)),
+                                          self.cfg.request_timeout_s)
+            recall = float(merged_recall([h.ann for h in hits], [h.exact for h in hits], k)[0])
+        except Exception:
+            self.metrics.canary_samples.labels(version, "failed").inc()
+            log.warning("a recall canary sample of version %s failed", version, exc_info=True)
+            return
+        if math.isnan(recall):  # an empty index: nothing to measure
+            return
+        reference = hits[0].reference
+        window = self._canary.setdefault(version, RecallWindow(self.cfg.canary_window))
+        self.metrics.canary(version, window.add(recall, reference))
+        self.metrics.canary_samples.labels(version, "ok").inc()
+        try:
+            await asyncio.wait_for(self._tell_manager(version, recall, reference), self.cfg.request_timeout_s)
+        except Exception:
+            log.warning("the version manager did not take a recall canary sample of %s", version, exc_info=True)
+
+    async def _tell_manager(self, version: str, recall: float, reference: str) -> None:
+        await self.manager.canary.remote(version, recall, reference)
 
     @app.post("/v1/events", openapi_extra=_body(EventsRequest))
     async def events(self, request: Request) -> JSONResponse:

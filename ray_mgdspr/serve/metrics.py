@@ -25,6 +25,10 @@ from its buckets' midpoints (measured: 20 batches of 1 in a (0, 1] bucket export
 Serve's own ``ray_serve_actual_batch_size`` reads a mean batch of 0.5 the same way), so each integer size sits at
 a bucket's midpoint and ``rate(_sum) / rate(_count)`` is the exact mean batch size."""
 
+GAUGE_REFRESH_S = 5.0
+"""How often the ingress sets its gauges again (``ServingMetrics.republish``): within Ray's export interval
+(``metrics_report_interval_ms``, 10 s by default), so a gauge series stays exported while its replica lives."""
+
 METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "mgdspr_requests": ("counter", "HTTP requests by endpoint and status code", ("endpoint", "code")),
     "mgdspr_stage_seconds": ("histogram", "latency of each stage of /v1/retrieve", ("stage",)),
@@ -36,6 +40,11 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "mgdspr_retried_calls": ("counter", "reads retried on another replica after theirs died or was unavailable, "
                              "by stage", ("stage",)),
     "mgdspr_serving_version": ("gauge", "1 for the version this replica serves", ("version",)),
+    "mgdspr_canary_recall": ("gauge", "recall canary: running recall@serve.canary_k of the ANN against the exact "
+                             "search over this replica's last serve.canary_window samples, by version (average "
+                             "over replicas: avg by (version))", ("version",)),
+    "mgdspr_canary_samples": ("counter", "recall canary samples by version and outcome: ok (recorded), failed "
+                              "(an error, logged), skipped (too many in flight)", ("version", "outcome")),
     "mgdspr_batch_size": ("histogram", "requests per @serve.batch call of the encoder and the shards (Ray's "
                           "export only)", ("stage",)),
 }
@@ -103,6 +112,25 @@ class ServingMetrics:
         self._version = Metric(LocalGauge("mgdspr_serving_version", doc, list(labels), registry=self.registry),
                                ray_metrics.Gauge("mgdspr_serving_version", doc, tag_keys=labels), labels)
         self._serving: str | None = None
+        _, doc, labels = METRICS["mgdspr_canary_recall"]
+        self._canary_recall = Metric(LocalGauge("mgdspr_canary_recall", doc, list(labels), registry=self.registry),
+                                     ray_metrics.Gauge("mgdspr_canary_recall", doc, tag_keys=labels), labels)
+        self.canary_samples = self._counter("mgdspr_canary_samples")
+        self._canary_values: dict[str, float] = {}
+
+    def canary(self, version: str, recall: float) -> None:
+        """The running recall of ``version`` in this replica's window (``canary.RecallWindow``) is ``recall``."""
+        self._canary_values[version] = recall
+        self._canary_recall.labels(version).set(recall)
+
+    def republish(self) -> None:
+        """Set the gauges again (the serving version, each version's canary recall): Ray's export drops a gauge
+        series that was not set within two export intervals (measured with Ray 2.60: a canary gauge set once was
+        gone from the node's export a minute later), so the ingress calls this every ``GAUGE_REFRESH_S``."""
+        if self._serving is not None:
+            self._version.labels(self._serving).set(1)
+        for version, recall in self._canary_values.items():
+            self._canary_recall.labels(version).set(recall)
 
     def serving(self, version: str) -> None:
         """This replica now serves ``version`` (the gauge of the one before drops to 0)."""

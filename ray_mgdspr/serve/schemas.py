@@ -87,6 +87,20 @@ class PromoteRequest(Strict):
     version: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=128)
 
 
+class CanaryRecall(BaseModel):
+    """The recall canary of one version in the version manager (``serve/canary.py``; docs/serving.md)."""
+
+    k: int = Field(description="the k of recall@k (serve.canary_k)")
+    recall: float | None = Field(description="mean recall@k of the ANN against the exact search over the last "
+                                 "`window` samples, from every ingress replica; null: no sample yet")
+    window: int = Field(description="samples the running recall is over (at most serve.canary_window)")
+    samples: int = Field(description="samples received since the version manager started")
+    reference: str | None = Field(None, description="what the reference search was: exact (Flat, torch), "
+                                  "all-lists (IVF, nprobe = nlist), hnsw-ef<N> (near-exact), as-served (no "
+                                  "exhaustive search for this index: 1.0 by construction)")
+    updated_at: float | None = Field(None, description="epoch seconds of the last sample")
+
+
 class VersionInfo(BaseModel):
     version: str | None = Field(description="the version new requests go to")
     shards: int | None = None
@@ -98,3 +112,5 @@ class VersionInfo(BaseModel):
     loading: str | None = Field(None, description="a version being loaded")
     last_error: str | None = Field(None, description="why the last promotion was refused")
     switched_at: float | None = Field(None, description="epoch seconds of the last switch")
+    canary: dict[str, CanaryRecall] = Field(default_factory=dict, description="the recall canary per version "
+                                            "sampled since the version manager started (serve.canary_share)")
