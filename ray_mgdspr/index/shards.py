@@ -342,6 +342,14 @@ def verify_index(path: str | Path) -> list[str]:
     return [problem for entry in manifest.shards for problem in _shard_problems(path, manifest, entry)[0]]
 
 
+def version_items(path: str | Path) -> pa.Table:
+    """Every item of the index version at ``path``: its shards' metadata, sorted by item id (files not verified:
+    ``verify_index``)."""
+    path = Path(path)
+    return pa.concat_tables([pq.read_table(path / e.metadata_file) for e in read_manifest(path).shards],
+                            promote_options="default").sort_by("item_id")
+
+
 def read_shard(path: str | Path, shard_no: int) -> tuple[IndexManifest, faiss.IndexIDMap2, pa.Table]:
     """Manifest, Faiss index and metadata table of one shard, after verifying that shard's files.
 

@@ -51,6 +51,7 @@ from ray_mgdspr.index.shards import (
     _faiss_reason,
     shard_of,
     verify_index,
+    version_items,
     write_shard,
 )
 from ray_mgdspr.index.versions import commit_version, current_version, staging_dir
@@ -85,17 +86,14 @@ def base_catalogue(path: str | Path) -> pa.Table:
     Raises:
         ValueError: the version's metadata lacks ``price``/``shop_id`` (built before delta updates).
     """
-    path = Path(path)
-    manifest = read_manifest(path)
-    table = pa.concat_tables([pq.read_table(path / e.metadata_file) for e in manifest.shards],
-                             promote_options="default")
+    table = version_items(path)
     lacking = [c for c in OPTIONAL_METADATA if c not in table.column_names
                or (table.num_rows and table[c].null_count == table.num_rows)]
     if lacking:
         raise ValueError(f"{path}: the shards' metadata has no {' or '.join(lacking)} (a version built before delta "
                          "updates, or from a catalogue without them): build the next version in full with "
                          "`mgdspr index build`; deltas apply after that")
-    return table.sort_by("item_id")
+    return table
 
 
 def row_keys(table: pa.Table, columns: tuple[str, ...] = COMPARED) -> np.ndarray:

@@ -25,7 +25,7 @@ from ray_mgdspr.data.features import Featurizer
 from ray_mgdspr.index.lexical import Bm25Index
 from ray_mgdspr.index.manifest import IndexManifest, read_manifest
 from ray_mgdspr.index.search import Shard, load_shard, top_order
-from ray_mgdspr.index.shards import IndexCorruptError, verify_index
+from ray_mgdspr.index.shards import IndexCorruptError, verify_index, version_items
 from ray_mgdspr.index.versions import current_version
 from ray_mgdspr.model.bundle import BundleManifest, load_bundle, parse_bundle_manifest, read_bundle_manifest
 from ray_mgdspr.model.layers import as_tensors
@@ -271,11 +271,11 @@ class ShardSearcher:
 
 
 class LexicalChannel:
-    """BM25 over the catalogue's titles, its hits marked with the relevance filter's verdict."""
+    """BM25 over the titles of the items one index version serves (its shards' metadata, so an item a delta update
+    removed is gone from this channel too), its hits marked with the relevance filter's verdict."""
 
-    def __init__(self, world: str | Path) -> None:
-        self.relevance = RelevanceFilter.from_world(world, load_items=True)
-        items = self.relevance.items
+    def __init__(self, index_path: str | Path) -> None:
+        items = version_items(index_path)
         self._ids, self._titles = items["item_id"].to_numpy(), items["title"].to_pylist()
         self.index = Bm25Index.build(self._ids, items["title_words"])
         self._matches = ItemMatcher(items)
@@ -578,7 +578,7 @@ class Retriever:
         self.shards = [ShardSearcher(release.index_path, s, cfg.backend, nprobe=cfg.nprobe,
                                      ef_search=cfg.ef_search, faiss_threads=cfg.faiss_threads)
                        for s in range(release.shards)]
-        self.lexical = LexicalChannel(cfg.world)
+        self.lexical = LexicalChannel(release.index_path)
         self.stages = LocalStages(self.encoder, self.shards, self.lexical)
 
     @classmethod

@@ -16,6 +16,7 @@ The index side of a version (staging, commit, ``CURRENT``) is ``index/`` 's.
 import asyncio
 import logging
 import time
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -141,7 +142,7 @@ class VersionHead:
                  shards: list[DeploymentHandle]) -> None:
         cfg = ResolvedServeConfig.model_validate(settings)
         self.version = version
-        self.lexical = LexicalChannel(cfg.world)
+        self.lexical = LexicalChannel(Path(cfg.index_root) / version)
         self._bound = (encoder, shards)
 
     async def search(self, words: list[str], k: int, terms: tuple[KeyTerm, ...]) -> Hits:

@@ -104,6 +104,13 @@ def test_removed_items_are_never_found_and_untouched_shards_are_shared(tmp_path:
                                         PriceLevels.of_world(world_en))
     _, found = IndexReader(Path(config.out) / "v-test.d2").search(vectors_base, 50)  # their own vectors
     assert not np.isin(found, ids_base).any()
+    from ray_mgdspr.serve.engine import LexicalChannel
+
+    titles = before.filter(pa.array(np.isin(before["item_id"].to_numpy(), gone)))["title_words"].to_pylist()
+    lexical = [LexicalChannel(Path(config.out) / v).search(titles, 20, [()] * len(titles))
+               for v in ("v-test", "v-test.d2")]
+    assert all(np.isin(hits.item_ids, gone).any() for hits in lexical[0])  # BM25 over the base finds them
+    assert not any(np.isin(hits.item_ids, gone).any() for hits in lexical[1])  # the channel follows the version
     untouched = set(range(3)) - set(result.delta.shards_touched)
     for s in untouched:  # not rewritten: the base's bytes (a hard link where the file system allows)
         for ext in ("faiss", "parquet"):
