@@ -84,6 +84,12 @@ class Shard:
     def rows(self) -> int:
         return self.metadata.num_rows
 
+    @property
+    def faiss_index(self) -> faiss.Index | None:
+        """The Faiss index this shard searches (faiss backends), for searches with other parameters (the recall
+        canary's exhaustive reference); None for the torch backend, which searches exactly."""
+        return getattr(self._searcher, "index", None)
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k items of this shard per query.
 

@@ -232,8 +232,7 @@ class ShardSearcher:
         """
         faiss.omp_set_num_threads(self.faiss_threads)
         k = max(1, min(k, self.shard.rows))
-        # index/search.py keeps the backend's index private; faiss backends expose it as .index, torch has none
-        index = getattr(self.shard._searcher, "index", None)
+        index = self.shard.faiss_index
         if index is None or self.shard.backend == "faiss-gpu":  # torch: exact already; gpu: no params there
             return (*self.shard.search(queries, k), EXACT if index is None else AS_SERVED)
         params, reference, _keep = exact_params(index, ef_search, k)  # _keep: what params points to, alive
