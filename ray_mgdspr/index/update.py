@@ -34,7 +34,6 @@ from pathlib import Path
 
 import faiss
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -96,28 +95,28 @@ def base_catalogue(path: str | Path) -> pa.Table:
     return table
 
 
-def row_keys(table: pa.Table, columns: tuple[str, ...] = COMPARED) -> np.ndarray:
-    """(n,) uint64: a hash of each row's ``columns`` (nulls and list contents included), equal for equal rows.
+def differs(a: pa.Table, b: pa.Table, columns: tuple[str, ...] = COMPARED) -> np.ndarray:
+    """(n,) bool: whether row i of ``a`` and row i of ``b`` differ in any of ``columns`` (a null equals a null only;
+    lists compare element by element). Arrow compute kernels: about a second for a million rows.
 
     >>> a = pa.table({"title": ["red tee", None], "title_words": [["red", "tee"], []], "price": [9.5, None]})
     >>> b = pa.table({"title": ["red tee", None], "title_words": [["red", "tee"], None], "price": [9.5, 1.0]})
-    >>> (row_keys(a, ("title", "title_words", "price")) == row_keys(b, ("title", "title_words", "price"))).tolist()
-    [True, False]
+    >>> differs(a, b, ("title", "title_words", "price")).tolist()
+    [False, True]
     """
-    key = np.zeros(table.num_rows, np.uint64)
+    out = np.zeros(a.num_rows, bool)
     for name in columns:
-        column = table[name]
-        if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
-            # list -> "a\x1fb" (null list: "\x00"; an empty list: "")
-            text = pc.binary_join(pc.cast(column, pa.list_(pa.string())), "\x1f")
-            values = pc.fill_null(text, "\x00").to_numpy(zero_copy_only=False)
-        elif pa.types.is_floating(column.type):
-            values = pc.fill_null(pc.cast(column, pa.float64()), np.nan).to_numpy(zero_copy_only=False)
-        else:
-            values = pc.fill_null(pc.cast(column, pa.string()), "\x00").to_numpy(zero_copy_only=False)
-        column_key = pd.util.hash_array(np.asarray(values), categorize=False)
-        key = (key * np.uint64(0x100000001B3)) ^ column_key  # order-dependent mix of the columns' hashes
-    return key
+        x, y = a[name], b[name]
+        if pa.types.is_list(x.type) or pa.types.is_large_list(x.type):
+            # a list as one string: elements joined by a separator no title word holds; "" and null kept apart
+            x, y = (pc.binary_join(pc.cast(c, pa.list_(pa.string())), "\x1f") for c in (x, y))
+            x, y = (pc.if_else(pc.equal(pc.list_value_length(c), 0), "\x1e", j) for c, j in ((a[name], x),
+                                                                                             (b[name], y)))
+        elif x.type != y.type:
+            y = pc.cast(y, x.type)
+        same = pc.or_kleene(pc.equal(x, y), pc.and_(pc.is_null(x), pc.is_null(y)))
+        out |= ~pc.fill_null(same, False).to_numpy(zero_copy_only=False)
+    return out
 
 
 def plan_delta(base: pa.Table, catalogue: pa.Table) -> Delta:
@@ -131,12 +130,12 @@ def plan_delta(base: pa.Table, catalogue: pa.Table) -> Delta:
     if len(np.unique(new_ids)) != len(new_ids):
         raise ValueError("the new catalogue repeats item ids; each item must appear once")
     common, new_at, old_at = np.intersect1d(new_ids, old_ids, assume_unique=True, return_indices=True)
-    differs = row_keys(catalogue.take(pa.array(new_at))) != row_keys(base.take(pa.array(old_at)))
+    differs_ = differs(catalogue.take(pa.array(new_at)), base.take(pa.array(old_at)))
     added = np.setdiff1d(new_ids, old_ids, assume_unique=True)
-    changed = common[differs]
+    changed = common[differs_]
     embed = np.union1d(added, changed)
     rows = catalogue.take(pa.array(np.searchsorted(new_ids, embed)))
-    return Delta(added, np.setdiff1d(old_ids, new_ids, assume_unique=True), changed, int((~differs).sum()), rows)
+    return Delta(added, np.setdiff1d(old_ids, new_ids, assume_unique=True), changed, int((~differs_).sum()), rows)
 
 
 def embed_rows(bundle: str | Path, rows: pa.Table, prices: PriceLevels, batch_size: int = 1024
