@@ -73,6 +73,7 @@ The object holds only numpy arrays, the vocabulary and a tokenizer, so it pickle
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -136,6 +137,8 @@ class Featurizer:
         vocab: the vocabulary of words, characters and bigrams.
         config: lengths and windows of the features.
         history_days: days of ``behaviours`` and ``query_history`` to load (default: all days of the world).
+        prices: the price levels' edges (a model bundle's, ``bundle.price_levels``); default: cut from this world's
+            catalogue, as training does.
             Loading days after a row's ts is harmless: every window ends strictly before the row's ts.
 
     Raises:
@@ -143,10 +146,11 @@ class Featurizer:
     """
 
     def __init__(self, world: str | Path, vocab: Vocabulary, config: FeatureConfig,
-                 history_days: Iterable[int] | None = None) -> None:
+                 history_days: Iterable[int] | None = None, prices: PriceLevels | None = None) -> None:
         self.world = Path(world)
         self.vocab = vocab
         self.config = config
+        self._prices = prices  # None: cut from this world's catalogue (training); a bundle's own edges otherwise
         self._tokenizer = vocab.tokenizer()
         try:
             manifest = read_manifest(self.world)
@@ -341,7 +345,7 @@ class Featurizer:
         """Sorted item ids, their title word ids and side information, each with a trailing padding row."""
         items = _read(self.world, "items", None, ITEM_COLUMNS)
         items = items.take(pa.array(np.argsort(items["item_id"].to_numpy(), kind="stable")))
-        prices = PriceLevels(_fill(items["leaf_id"]), _prices(items["price"]))
+        prices = self._prices or PriceLevels(_fill(items["leaf_id"]), _prices(items["price"]))
         f = item_features(items, self.vocab, self.config.title_words_kept, prices)
         self._item_ids = f["item_id"]
         self._titles = _with_pad_row(f["item_title"].astype(np.int32), PAD)
@@ -407,6 +411,25 @@ class PriceLevels:
         """The edges of a world's catalogue (its ``items`` table)."""
         items = _read(Path(world), "items", None, ["leaf_id", "price"])
         return cls(_fill(items["leaf_id"]), _prices(items["price"]))
+
+    def to_json(self) -> str:
+        """The edges as JSON (floats written exactly: ``from_json`` gives equal edges).
+
+        >>> levels = PriceLevels(np.array([3, 3, 7]), np.array([1.5, 2.25, 9.0]), levels=2)
+        >>> again = PriceLevels.from_json(levels.to_json())
+        >>> again(np.array([3, 3, 7]), np.array([1.5, 2.25, 9.0])).tolist()
+        [0, 1, 0]
+        """
+        return json.dumps({"levels": self.edges.shape[1] + 1,
+                           "leaves": self.leaves.tolist(), "edges": self.edges.tolist()})
+
+    @classmethod
+    def from_json(cls, text: str) -> PriceLevels:
+        data = json.loads(text)
+        out = cls.__new__(cls)
+        out.leaves = np.asarray(data["leaves"], np.int64)
+        out.edges = np.asarray(data["edges"], np.float64).reshape(len(out.leaves), data["levels"] - 1)
+        return out
 
 
 ITEM_COLUMNS = ["item_id", "title_words", "price", *(f"{s}_id" for s in ID_SIDE)]

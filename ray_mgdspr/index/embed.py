@@ -6,8 +6,9 @@ items.parquet (ITEM_COLUMNS) ─▶ map_batches(ItemEmbedder, ActorPoolStrategy(
 ```
 
 Each actor loads only the item tower, once. The catalogue streams block by block, so memory is bounded by the blocks
-in flight, not the catalogue size; the price levels' edges (a few per leaf category) are cut once, by the driver,
-from the catalogue's leaf and price columns and handed to every actor. The set is written into a temporary directory
+in flight, not the catalogue size; the price levels' edges (a few per leaf category) are the bundle's (those the
+model was trained with), else cut once by the driver from the catalogue's leaf and price columns, and handed to
+every actor. The set is written into a temporary directory
 and renamed into place when complete, with ``embeddings.json`` (model version and checksum, rows, dim) beside it.
 ``read_embeddings`` accepts the vector column both as Ray's Arrow tensor type and as ``list<float>``.
 """
@@ -28,7 +29,7 @@ from ray_mgdspr.artifacts import atomic_dir
 from ray_mgdspr.config import EmbedConfig
 from ray_mgdspr.data import schema
 from ray_mgdspr.data.features import ITEM_COLUMNS, PriceLevels, item_features
-from ray_mgdspr.model.bundle import load_bundle, read_bundle_manifest
+from ray_mgdspr.model.bundle import load_bundle, price_levels, read_bundle_manifest
 from ray_mgdspr.model.layers import as_tensors
 
 MANIFEST = "embeddings.json"
@@ -114,7 +115,7 @@ def embed_catalogue(world: str | Path, bundle: str | Path, cfg: EmbedConfig, ove
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
     with atomic_dir(out) as tmp:
-        prices = PriceLevels.of_world(world)
+        prices = price_levels(bundle, model) or PriceLevels.of_world(world)  # the model's own edges when it has them
         ds = ray.data.read_parquet(str(items), num_cpus=cfg.cpus_per_actor).select_columns(ITEM_COLUMNS)
         ds = ds.map_batches(ItemEmbedder, fn_constructor_kwargs={"bundle": str(Path(bundle).resolve()),
                                                                  "prices": prices},

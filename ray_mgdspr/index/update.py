@@ -4,18 +4,19 @@ unchanged catalogue (``mgdspr index update``, ``jobs/update_index.py``).
 ```
 <index root>/<base>/ (shards: vectors + metadata)     new catalogue (a world's items table)
         └──────────── plan_delta: compare item by item (every column the item tower or the filter reads) ──┐
-   added, changed ─▶ ItemEmbedder (the base's model, the base's price levels) ─▶ new vectors            │
+   added, changed ─▶ ItemEmbedder (the base's model and its price levels) ─▶ new vectors               │
    removed, changed ─▶ remove_ids; new vectors ─▶ add_with_ids; metadata rows replaced, per shard  ◀─────┘
         ─▶ staging ─▶ manifest (checksums) ─▶ <index root>/<new version>/  (CURRENT, or promote on the endpoint)
 ```
 
 What stays the same as a full build: the model (the bundle must be the base's: same version and item-tower
-checksum), the shard of every item (``shard_of``), the trained IVF centroids / PQ codebooks of each shard (a delta
-adds to the trained index; retraining is what a periodic full build is for), and the price-level edges the base's
-vectors were made with (cut from the base's own catalogue, which its metadata holds, so unchanged and re-embedded
-vectors agree). So on Flat shards a delta gives exactly the index a full build of the new catalogue gives when it
-embeds with those edges (tested); a full build cuts fresh edges from the new catalogue, which moves the price level
-of the few items near a changed decile edge (``benchmarks/bench_index_update.py`` measures the difference).
+checksum), the shard of every item (``shard_of``), the price-level edges (the bundle's own, those it was trained
+with, which a full build's embedding uses too), and the trained IVF centroids / PQ codebooks of each shard (a delta
+adds to the trained index; retraining on the drifted catalogue is what a periodic full build is for). So on Flat
+shards a delta gives exactly the index a full build of the new catalogue gives (tested, and measured at 1M items by
+``benchmarks/bench_index_update.py``). A bundle written before it carried its edges: the delta then uses the edges
+of the base's own catalogue (its metadata holds every item's leaf and price), which are the ones its vectors were
+made with.
 
 Shards the delta does not touch are linked (or copied) into the new version unchanged. Factories whose index cannot
 remove vectors (HNSW) are refused with the reason: rebuild those with ``mgdspr index build``.
@@ -54,7 +55,7 @@ from ray_mgdspr.index.shards import (
     write_shard,
 )
 from ray_mgdspr.index.versions import commit_version, current_version, staging_dir
-from ray_mgdspr.model.bundle import read_bundle_manifest
+from ray_mgdspr.model.bundle import price_levels, read_bundle_manifest
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +142,7 @@ def plan_delta(base: pa.Table, catalogue: pa.Table) -> Delta:
 def embed_rows(bundle: str | Path, rows: pa.Table, prices: PriceLevels, batch_size: int = 1024
                ) -> tuple[np.ndarray, np.ndarray]:
     """(item ids (n,), vectors (n, d)) of catalogue rows, embedded in this process by ``ItemEmbedder`` (the class
-    Ray Data's actors run for a full build), with the base's price levels."""
+    Ray Data's actors run for a full build), with the model's price levels."""
     embedder = ItemEmbedder(str(bundle), prices, device="cpu")
     ids, vectors = [np.zeros(0, np.int64)], [np.zeros((0, embedder.model.cfg.d), np.float32)]
     for lo in range(0, rows.num_rows, batch_size):
@@ -305,8 +306,8 @@ def update_index(catalogue: str | Path | pa.Table, bundle: str | Path, config: I
     say(f"delta against {base}: +{len(delta.added):,} new, -{len(delta.removed):,} removed, "
         f"~{len(delta.changed):,} changed, {delta.unchanged:,} unchanged")
     t = time.perf_counter()
-    prices = PriceLevels(old["leaf_id"].fill_null(-1).to_numpy(), old["price"].to_numpy(zero_copy_only=False)
-                         .astype(np.float64))
+    prices = price_levels(bundle, model) or PriceLevels(  # the model's edges, else the base catalogue's
+        old["leaf_id"].fill_null(-1).to_numpy(), old["price"].to_numpy(zero_copy_only=False).astype(np.float64))
     ids, vectors = embed_rows(bundle, delta.rows, prices, batch_size)
     embed_s = time.perf_counter() - t
     t = time.perf_counter()

@@ -26,6 +26,7 @@ from pydantic import BaseModel, Field
 
 from ray_mgdspr.artifacts import atomic_dir, sha256_file
 from ray_mgdspr.config import FeatureConfig, LossConfig, ModelConfig
+from ray_mgdspr.data.features import PriceLevels
 from ray_mgdspr.data.vocab import KINDS, Vocabulary
 from ray_mgdspr.model.mgdspr import TwoTower, build_model
 
@@ -35,6 +36,10 @@ bundle predates them: it is read with both off, which is what it was trained wit
 MANIFEST = "manifest.json"
 TOWER_FILES = {"query": "query_tower.pt", "item": "item_tower.pt"}
 VOCAB_FILE = "vocab.json"
+PRICE_LEVELS_FILE = "price_levels.json"
+"""The price levels' edges the model was trained with (cut from the training world's catalogue): embedding, serving
+and delta updates read prices through them, so an item's level does not move with tomorrow's catalogue. Bundles
+written before it have none: readers then cut edges from the catalogue at hand."""
 
 
 class BundleManifest(BaseModel):
@@ -56,10 +61,12 @@ def _towers(model: TwoTower) -> dict[str, torch.nn.Module]:
 def save_bundle(
     out: str | Path, model: TwoTower, vocab: Vocabulary, features: FeatureConfig, loss: LossConfig,
     metadata: dict[str, Any] | None = None, version: str | None = None, overwrite: bool = False,
+    prices: PriceLevels | None = None,
 ) -> BundleManifest:
     """Write ``model`` as a bundle at ``out`` (atomically); returns its manifest.
 
     Args:
+        prices: the price levels the model was trained with (``PRICE_LEVELS_FILE``).
         version: the version id; default ``<UTC time>-<first 8 hex of the weights' checksum>``.
         overwrite: replace an existing bundle at ``out``; otherwise an existing ``out`` is an error.
     """
@@ -70,6 +77,8 @@ def save_bundle(
         for tower, name in TOWER_FILES.items():
             torch.save(_towers(model)[tower].state_dict(), tmp / name)
         vocab.save(tmp / VOCAB_FILE)
+        if prices is not None:
+            (tmp / PRICE_LEVELS_FILE).write_text(prices.to_json())
         files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
         now = dt.datetime.now(dt.UTC)
         digest = hashlib.sha256("".join(files[n] for n in TOWER_FILES.values()).encode()).hexdigest()
@@ -129,6 +138,17 @@ def load_bundle(
         state = torch.load(path / TOWER_FILES[tower], map_location=map_location, weights_only=True)
         _towers(model)[tower].load_state_dict(state)
     return model.eval(), vocab, manifest
+
+
+def price_levels(path: str | Path, manifest: BundleManifest | None = None) -> PriceLevels | None:
+    """The price levels a bundle was trained with (checked against its checksum), or None for a bundle without."""
+    path = Path(path)
+    manifest = parse_bundle_manifest(path) if manifest is None else manifest
+    if PRICE_LEVELS_FILE not in manifest.files:
+        return None
+    if sha256_file(path / PRICE_LEVELS_FILE) != manifest.files[PRICE_LEVELS_FILE]:
+        raise ValueError(f"{path}: bundle file {PRICE_LEVELS_FILE} does not match its checksum (corrupt or modified)")
+    return PriceLevels.from_json((path / PRICE_LEVELS_FILE).read_text())
 
 
 def bundle_summary(manifest: BundleManifest) -> str:

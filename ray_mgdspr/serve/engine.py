@@ -27,7 +27,13 @@ from ray_mgdspr.index.manifest import IndexManifest, read_manifest
 from ray_mgdspr.index.search import Shard, load_shard, top_order
 from ray_mgdspr.index.shards import IndexCorruptError, verify_index, version_items
 from ray_mgdspr.index.versions import current_version
-from ray_mgdspr.model.bundle import BundleManifest, load_bundle, parse_bundle_manifest, read_bundle_manifest
+from ray_mgdspr.model.bundle import (
+    BundleManifest,
+    load_bundle,
+    parse_bundle_manifest,
+    price_levels,
+    read_bundle_manifest,
+)
 from ray_mgdspr.model.layers import as_tensors
 from ray_mgdspr.serve.canary import AS_SERVED, EXACT, CanaryHits, exact_params
 from ray_mgdspr.serve.relevance import ItemMatcher, KeyTerm, RelevanceFilter
@@ -151,7 +157,8 @@ class QueryEncoder:
     def __init__(self, bundle: str | Path, world: str | Path, store: Store, threads: int = 1) -> None:
         torch.set_num_threads(threads)
         self.model, vocab, self.manifest = load_bundle(bundle, towers=("query",))
-        self.featurizer = Featurizer(world, vocab, self.manifest.features, history_days=[])
+        self.featurizer = Featurizer(world, vocab, self.manifest.features, history_days=[],
+                                     prices=price_levels(bundle, self.manifest))
         self.tokenizer = vocab.tokenizer()
         self.relevance = RelevanceFilter.from_world(world, load_items=False)
         self.store = store

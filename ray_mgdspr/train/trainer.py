@@ -33,7 +33,7 @@ from ray.train.torch import TorchTrainer
 from ray_mgdspr.artifacts import write_text_atomic
 from ray_mgdspr.config import ProjectConfig
 from ray_mgdspr.data import schema
-from ray_mgdspr.data.features import Featurizer
+from ray_mgdspr.data.features import Featurizer, PriceLevels
 from ray_mgdspr.data.pipeline import check_item_ids, search_event_files, training_dataset
 from ray_mgdspr.data.vocab import KINDS, Vocabulary, build_vocab_from_world
 from ray_mgdspr.data.world import read_manifest, read_table, table_files
@@ -234,7 +234,8 @@ def train(cfg: ProjectConfig) -> TrainResult:
     metadata = {"data": manifest.label, "world": str(world), "run": t.run_name, "examples": n_examples,
                 "epochs": state["epoch"], "steps": state["global_step"], "final": metrics[-1] if metrics else {},
                 "resumed_at_steps": state.get("resumed_at", [])}
-    bundle = save_bundle(out, model, vocab, cfg.features, cfg.loss, metadata=metadata, overwrite=True)
+    bundle = save_bundle(out, model, vocab, cfg.features, cfg.loss, metadata=metadata, overwrite=True,
+                         prices=PriceLevels.of_world(world))  # the edges training's featurizer cut
     metrics_path = out.parent / f"{out.name}.metrics.json"
     _write_json(metrics_path, {"version": bundle.version, "data": manifest.label, "history": metrics})
     return TrainResult(out, bundle, metrics, metrics_path, time.perf_counter() - t0)

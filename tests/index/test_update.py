@@ -26,7 +26,7 @@ from ray_mgdspr.index.search import IndexReader
 from ray_mgdspr.index.shards import build_index_version, split_by_shard, verify_index
 from ray_mgdspr.index.update import CATALOGUE_COLUMNS, base_catalogue, embed_rows, plan_delta, update_index
 from ray_mgdspr.index.versions import current_version, list_versions
-from ray_mgdspr.model.bundle import read_bundle_manifest
+from ray_mgdspr.model.bundle import price_levels, read_bundle_manifest
 
 
 def full_build(root: Path, version: str, catalogue: pa.Table, bundle: Path, config: IndexConfig,
@@ -47,7 +47,7 @@ def items_of(world: Path) -> pa.Table:
 @pytest.fixture
 def base(tmp_path: Path, world_en: Path, bundle: Path) -> tuple[IndexConfig, PriceLevels]:
     config = IndexConfig(out=str(tmp_path / "index"), shards=3)
-    prices = PriceLevels.of_world(world_en)
+    prices = price_levels(bundle)
     full_build(tmp_path / "index", "v-test", items_of(world_en), bundle, config, prices)
     return config, prices
 
@@ -76,7 +76,7 @@ def test_delta_equals_a_full_build_of_the_new_catalogue_on_flat_shards(tmp_path:
     assert verify_index(Path(config.out) / "v-test.d1") == []
     assert read_manifest(Path(config.out) / "v-test").total_rows == items_of(world_en).num_rows  # base untouched
 
-    # the reference: a full build of the changed catalogue with the same price-level edges (see update.py)
+    # the reference: a full build of the changed catalogue (with the model's price levels, as embed_catalogue)
     ref = IndexConfig(out=str(tmp_path / "full"), shards=3)
     vectors = full_build(tmp_path / "full", "v-test", after, bundle, ref, prices)
     queries = np.random.default_rng(0).standard_normal((64, vectors.shape[1])).astype(np.float32)
@@ -101,7 +101,7 @@ def test_removed_items_are_never_found_and_untouched_shards_are_shared(tmp_path:
     catalogue = base_catalogue(Path(config.out) / "v-test.d2")
     assert not np.isin(gone, catalogue["item_id"].to_numpy()).any()
     ids_base, vectors_base = embed_rows(bundle, before.filter(pa.array(np.isin(before["item_id"].to_numpy(), gone))),
-                                        PriceLevels.of_world(world_en))
+                                        price_levels(bundle))
     _, found = IndexReader(Path(config.out) / "v-test.d2").search(vectors_base, 50)  # their own vectors
     assert not np.isin(found, ids_base).any()
     from ray_mgdspr.serve.engine import LexicalChannel
@@ -122,7 +122,7 @@ def test_ivf_delta_keeps_recall_within_a_point_of_a_full_build(tmp_path: Path, w
                                                                ) -> None:
     ivf = dict(shards=2, factory="IVF8,Flat", nprobe=2)
     config = IndexConfig(out=str(tmp_path / "index"), **ivf)
-    prices = PriceLevels.of_world(world_en)
+    prices = price_levels(bundle)
     full_build(tmp_path / "index", "v-test", items_of(world_en), bundle, config, prices)
     after = daily_churn(items_of(world_en), share=0.04, seed=2)
     update_index(after, bundle, config, version="v-test.d1")
@@ -154,13 +154,13 @@ def test_refusals_name_the_reason(tmp_path: Path, world_en: Path, bundle: Path, 
     with pytest.raises(ValueError, match="not the model of index version v-test"):
         update_index(items_of(world_en), other, config)
     hnsw = IndexConfig(out=str(tmp_path / "hnsw"), shards=1, factory="HNSW8")
-    full_build(tmp_path / "hnsw", "v-test", items_of(world_en), bundle, hnsw, PriceLevels.of_world(world_en))
+    full_build(tmp_path / "hnsw", "v-test", items_of(world_en), bundle, hnsw, price_levels(bundle))
     with pytest.raises(ValueError, match=r"cannot remove vectors.*mgdspr index build"):
         update_index(daily_churn(items_of(world_en), share=0.04), bundle, hnsw, version="v-test.d1")
     assert list_versions(hnsw.out) == ["v-test"]  # nothing half-written
     no_prices = IndexConfig(out=str(tmp_path / "old"), shards=1)
     items = items_of(world_en).drop_columns(["price", "shop_id"])
-    ids, vectors = embed_rows(bundle, items_of(world_en), PriceLevels.of_world(world_en))
+    ids, vectors = embed_rows(bundle, items_of(world_en), price_levels(bundle))
     model = read_bundle_manifest(bundle)
     build_index_version(no_prices.out, "v-test", split_by_shard(vectors, ids, items, 1), no_prices, "v-test",
                         model.files["item_tower.pt"], 16, make_current=True, bundle=str(bundle))
@@ -213,3 +213,29 @@ def test_without_keeps_every_other_vector_where_it_was(factory: str) -> None:
     smaller.add_with_ids(rng.standard_normal((5, 16)).astype(np.float32), np.arange(5, dtype=np.int64))
     everything = smaller.search(queries[:1], 365)[1][0]  # every list probed, k = all: each entry once
     assert sorted(everything.tolist()) == sorted([*ids[~np.isin(ids, gone)].tolist(), *range(5)])
+
+
+def test_a_bundle_without_price_levels_updates_with_the_base_catalogues(tmp_path: Path, world_en: Path,
+                                                                        bundle: Path) -> None:
+    """A bundle written before bundles carried their price levels: the delta embeds with the edges of the base's
+    own catalogue (the ones its vectors were made with), and still equals a full build made with them."""
+    old_style = tmp_path / "bundle"
+    shutil.copytree(bundle, old_style)
+    manifest = json.loads((old_style / "manifest.json").read_text())
+    del manifest["files"]["price_levels.json"]
+    (old_style / "price_levels.json").unlink()
+    (old_style / "manifest.json").write_text(json.dumps(manifest))
+    assert price_levels(old_style) is None
+    config = IndexConfig(out=str(tmp_path / "index"), shards=2)
+    before = items_of(world_en)
+    full_build(tmp_path / "index", "v-test", before, old_style, config, PriceLevels.of_world(world_en))
+    after = daily_churn(before, share=0.04, seed=4)
+    update_index(after, old_style, config, version="v-test.d1")
+    ref = IndexConfig(out=str(tmp_path / "full"), shards=2)
+    full_build(tmp_path / "full", "v-test", after, old_style, ref, PriceLevels.of_world(world_en))
+    for s in range(2):
+        assert pq.read_table(Path(config.out) / "v-test.d1" / f"shard-{s:05d}.parquet").equals(
+            pq.read_table(Path(ref.out) / "v-test" / f"shard-{s:05d}.parquet"))
+    queries = np.random.default_rng(0).standard_normal((32, 16)).astype(np.float32)
+    np.testing.assert_allclose(IndexReader(Path(config.out) / "v-test.d1").search(queries, 10)[0],
+                               IndexReader(Path(ref.out) / "v-test").search(queries, 10)[0], rtol=1e-5, atol=1e-6)

@@ -112,3 +112,27 @@ def test_format_1_bundle_loads_as_the_paper_item_tower(tmp_path: Path, vocab: Vo
     path.write_text(json.dumps(raw))
     with pytest.raises(ValueError, match="bundle format 7, this code reads 2"):
         load_bundle(tmp_path / "b")
+
+
+def test_price_levels_travel_with_the_bundle(tmp_path: Path, vocab: Vocabulary) -> None:
+    """The edges a model was trained with are saved in its bundle (checksummed) and read back exactly; a bundle
+    without them reads None (readers then cut edges from the catalogue at hand)."""
+    import numpy as np
+
+    from ray_mgdspr.data.features import PriceLevels
+    from ray_mgdspr.model.bundle import PRICE_LEVELS_FILE, price_levels
+
+    rng = np.random.default_rng(0)
+    leaf, price = rng.integers(0, 40, 2000), np.round(rng.lognormal(3, 1, 2000), 2)
+    trained = PriceLevels(leaf, price)
+    m = save_bundle(tmp_path / "b", _model(vocab, 0), vocab, FEATURES, LossConfig(), prices=trained)
+    assert PRICE_LEVELS_FILE in m.files
+    again = price_levels(tmp_path / "b")
+    np.testing.assert_array_equal(again.edges, trained.edges)
+    probe_leaf, probe_price = rng.integers(-1, 45, 500), rng.lognormal(3, 1, 500)
+    assert again(probe_leaf, probe_price).tolist() == trained(probe_leaf, probe_price).tolist()
+    (tmp_path / "b" / PRICE_LEVELS_FILE).write_text(trained.to_json().replace("1", "2", 1))
+    with pytest.raises(ValueError, match=r"price_levels\.json does not match its checksum"):
+        price_levels(tmp_path / "b")
+    save_bundle(tmp_path / "c", _model(vocab, 0), vocab, FEATURES, LossConfig())
+    assert price_levels(tmp_path / "c") is None
