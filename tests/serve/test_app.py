@@ -56,6 +56,7 @@ def server(deployment: Any, store_copy: Path) -> Iterator[tuple[str, ServeConfig
         "filter_depth": FILTER_DEPTH,
         "encoder": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 0.5,
                     "downscale_delay_s": 3},
+        "ingress": {"downscale_delay_s": 3},  # back to 1 replica soon after a test's load (test_metrics)
     }
     with running_endpoint(overrides) as endpoint:
         yield endpoint
@@ -352,8 +353,11 @@ def test_events_need_the_token_and_change_the_next_result(client: httpx.Client) 
 
 
 def test_metrics(client: httpx.Client) -> None:
-    """Passes alone: it makes the requests whose counters it checks."""
+    """Passes alone and after any test: it makes the requests whose counters it checks, on the one ingress
+    replica (GET /metrics is one replica's view; a test's load may have scaled the ingress to 2)."""
     serve_version(client, "v1")
+    wait_for(lambda: serve.status().applications["mgdspr"].deployments["Ingress"].replica_states == {"RUNNING": 1},
+             120, "the ingress to scale back to 1 replica")
     retrieve(client, query="dress", k=5)
     assert client.post("/v1/retrieve", json={"query": "dress", "k": 0}).status_code == 422
     text = client.get("/metrics").text
