@@ -55,7 +55,7 @@ from ray_mgdspr.index.shards import (
     write_shard,
 )
 from ray_mgdspr.index.versions import commit_version, current_version, staging_dir
-from ray_mgdspr.model.bundle import price_levels, read_bundle_manifest
+from ray_mgdspr.model.bundle import parse_bundle_manifest, price_levels
 
 log = logging.getLogger(__name__)
 
@@ -293,7 +293,7 @@ def update_index(catalogue: str | Path | pa.Table, bundle: str | Path, config: I
     if problems:
         raise ValueError(f"{root / base}: the base version fails verification: {'; '.join(problems)}")
     manifest = read_manifest(root / base)
-    model = read_bundle_manifest(bundle)
+    model = parse_bundle_manifest(bundle)  # its files are checked once, when ItemEmbedder loads the item tower
     if model.version != manifest.model_version or model.files.get("item_tower.pt") != manifest.model_checksum:
         raise ValueError(f"{bundle}: model {model.version} is not the model of index version {base} "
                          f"({manifest.model_version}, item tower {manifest.model_checksum[:12]}); a delta re-embeds "
