@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import faiss
@@ -21,13 +20,7 @@ from ray_mgdspr.index.versions import set_current
 NO_GPU = faiss.get_num_gpus() == 0 and not torch.cuda.is_available()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread() -> Iterator[None]:
-    """Faiss's OpenMP threads spin-wait for each other: on a busy 2-core machine one thread is 3x faster."""
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 def metadata_for(ids: np.ndarray) -> pa.Table:

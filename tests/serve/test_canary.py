@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import faiss
@@ -21,12 +20,7 @@ from ray_mgdspr.serve.engine import ShardSearcher
 SHARDS, K, N, D = 2, 50, 4000, 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread() -> Iterator[None]:
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 def random_unit(n: int, d: int = D, seed: int = 0) -> np.ndarray:
