@@ -42,16 +42,36 @@ def server(deployment: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         yield endpoint
 
 
-def _exported(name: str, **labels: str) -> tuple[float, set[str]]:
-    """The sum of ``name`` over every series Ray exports with these labels, and the replicas they come from."""
+def _by_replica(name: str, **labels: str) -> dict[str, float]:
+    """Replica -> the sum of ``name`` over the series Ray exports with these labels from that replica."""
     text = httpx.get(f"http://127.0.0.1:{EXPORT['port']}/metrics", timeout=30).text
-    total, replicas = 0.0, set()
+    out: dict[str, float] = {}
     for line in text.splitlines():
         if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-            replicas |= {part.split("=", 1)[1].strip('"') for part in line[line.index("{") + 1:line.rindex("}")]
-                         .split(",") if part.startswith("replica=")}
-    return total, replicas
+            replica = next((part.split("=", 1)[1].strip('"') for part in
+                            line[line.index("{") + 1:line.rindex("}")].split(",") if part.startswith("replica=")), "")
+            out[replica] = out.get(replica, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def _exported(name: str, **labels: str) -> tuple[float, set[str]]:
+    """The sum of ``name`` over every series Ray exports with these labels, and the replicas they come from."""
+    values = _by_replica(name, **labels)
+    return sum(values.values()), set(values)
+
+
+def _settled(name: str, quiet_s: float = 12.0, timeout: float = 120.0, **labels: str) -> float:
+    """The exported sum of ``name`` once it has stopped moving for ``quiet_s`` (longer than Ray's ~10 s export
+    period): requests a test before this one made (under another test order) may still be on their way."""
+    deadline, last, since = time.time() + timeout, None, time.time()
+    while time.time() < deadline:
+        value = _exported(name, **labels)[0]
+        if value != last:
+            last, since = value, time.time()
+        elif time.time() - since >= quiet_s:
+            return value
+        time.sleep(1.0)
+    raise AssertionError(f"{name} {labels} kept moving for {timeout} s with no requests sent")
 
 
 def _export_answers() -> bool:
@@ -67,15 +87,18 @@ def test_exported_request_totals_add_up_across_two_ingress_replicas(server: tupl
     wait_for(lambda: _running("Ingress", app="mgdspr") == 2, 120, "2 ingress replicas")
     wait_for(_export_answers, 120, "Ray's metrics agent to export on its port")  # it starts after the node
     series = "ray_mgdspr_requests_total"
-    before, _ = _exported(series, endpoint="retrieve", code="200")
+    before = _settled(series, endpoint="retrieve", code="200")  # what earlier tests' requests add has arrived
+    by_replica = _by_replica(series, endpoint="retrieve", code="200")
     n = 40
     with httpx.Client(base_url=server[0], timeout=60) as c:
         for i in range(n):
             assert c.post("/v1/retrieve", json={"query": "red dress", "k": 5, "user_id": i}).status_code == 200
     wait_for(lambda: _exported(series, endpoint="retrieve", code="200")[0] == before + n, 90,
              f"the exported total to grow by {n}")
-    _, replicas = _exported(series, endpoint="retrieve", code="200")
-    assert len(replicas) == 2, replicas  # both ingress replicas answered some and both are exported
+    # the replicas whose exported count grew (a replica an earlier test killed may still be exported, unchanged)
+    after = _by_replica(series, endpoint="retrieve", code="200")
+    replicas = {r for r, v in after.items() if v > by_replica.get(r, 0.0)}
+    assert len(replicas) == 2, (by_replica, after)  # both ingress replicas answered some and both are exported
     assert _exported("ray_mgdspr_stage_seconds_count", stage="total")[0] >= n
     # the encoder's and shards' @serve.batch sizes: every request was in one batch of each, so the exported sum of
     # sizes grows by n per stage (exactly: sizes sit at bucket midpoints, see serve/metrics.py BATCH_BUCKETS)
