@@ -143,6 +143,8 @@ def embed_rows(bundle: str | Path, rows: pa.Table, prices: PriceLevels, batch_si
                ) -> tuple[np.ndarray, np.ndarray]:
     """(item ids (n,), vectors (n, d)) of catalogue rows, embedded in this process by ``ItemEmbedder`` (the class
     Ray Data's actors run for a full build), with the model's price levels."""
+    if rows.num_rows == 0:  # removals only: no tower to load (its id table is the size of the catalogue)
+        return np.zeros(0, np.int64), np.zeros((0, parse_bundle_manifest(bundle).model.d), np.float32)
     embedder = ItemEmbedder(str(bundle), prices, device="cpu")
     ids, vectors = [np.zeros(0, np.int64)], [np.zeros((0, embedder.model.cfg.d), np.float32)]
     for lo in range(0, rows.num_rows, batch_size):
