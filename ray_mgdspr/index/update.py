@@ -37,7 +37,6 @@ import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from ray_mgdspr.config import IndexConfig
 from ray_mgdspr.data.features import ITEM_COLUMNS, PriceLevels
@@ -202,9 +201,10 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def _apply_to_shard(base: Path, entry: ShardEntry, staging: Path, replaced: np.ndarray, ids: np.ndarray,
-                    vectors: np.ndarray, rows: pa.Table, factory: str) -> ShardEntry:
-    """Shard ``entry`` of ``base`` with ``replaced`` ids removed and (``ids``, ``vectors``, ``rows``) added."""
+def _apply_to_shard(base: Path, entry: ShardEntry, metadata: pa.Table, staging: Path, replaced: np.ndarray,
+                    ids: np.ndarray, vectors: np.ndarray, rows: pa.Table, factory: str) -> ShardEntry:
+    """Shard ``entry`` of ``base`` (``metadata``: its rows) with ``replaced`` ids removed and (``ids``, ``vectors``,
+    ``rows``) added."""
     index = faiss.read_index(str(base / entry.index_file))
     if len(replaced):
         try:
@@ -214,16 +214,16 @@ def _apply_to_shard(base: Path, entry: ShardEntry, staging: Path, replaced: np.n
                              f"({_faiss_reason(e)}); rebuild with `mgdspr index build`") from None
     if len(ids):
         index.add_with_ids(np.ascontiguousarray(vectors, np.float32), np.ascontiguousarray(ids, np.int64))
-    metadata = pq.read_table(base / entry.metadata_file)
     keep = pc.invert(pc.is_in(metadata["item_id"], pa.array(replaced, pa.int64())))
     metadata = pa.concat_tables([metadata.filter(keep), rows.select(METADATA_SCHEMA.names).cast(METADATA_SCHEMA)])
     return write_shard(staging, entry.shard, index, metadata)
 
 
-def apply_delta(root: str | Path, base: str, version: str, delta: Delta, ids: np.ndarray, vectors: np.ndarray,
-                make_current: bool = False) -> IndexManifest:
-    """Write ``root/version``: the base version with ``delta`` applied (``ids``/``vectors``: the embedded
-    added and changed items); all or nothing, like a full build (``staging_dir`` + ``commit_version``)."""
+def apply_delta(root: str | Path, base: str, old: pa.Table, version: str, delta: Delta, ids: np.ndarray,
+                vectors: np.ndarray, make_current: bool = False) -> IndexManifest:
+    """Write ``root/version``: the base version (``old``: its items, ``base_catalogue``, read once) with ``delta``
+    applied (``ids``/``vectors``: the embedded added and changed items); all or nothing, like a full build
+    (``staging_dir`` + ``commit_version``)."""
     root = Path(root)
     base_path = root / base
     manifest = read_manifest(base_path)
@@ -235,6 +235,7 @@ def apply_delta(root: str | Path, base: str, version: str, delta: Delta, ids: np
         raise ValueError("the embedded ids differ from the delta's added and changed items")
     replaced = delta.replaced
     new_shard, old_shard = shard_of(ids, shards), shard_of(replaced, shards)
+    old_items_shard = shard_of(old["item_id"].to_numpy(), shards)
     entries, touched = [], []
     with staging_dir(root, version) as staging:
         for entry in manifest.shards:
@@ -246,7 +247,8 @@ def apply_delta(root: str | Path, base: str, version: str, delta: Delta, ids: np
                 entries.append(entry)
                 continue
             touched.append(s)
-            entries.append(_apply_to_shard(base_path, entry, staging.path, gone, ids[mine], vectors[mine],
+            entries.append(_apply_to_shard(base_path, entry, old.filter(pa.array(old_items_shard == s)),
+                                           staging.path, gone, ids[mine], vectors[mine],
                                            delta.rows.filter(pa.array(mine)), manifest.factory))
         record = DeltaRecord(base=base, added=len(delta.added), removed=len(delta.removed),
                              changed=len(delta.changed), unchanged=delta.unchanged, shards_touched=touched)
@@ -313,5 +315,5 @@ def update_index(catalogue: str | Path | pa.Table, bundle: str | Path, config: I
     ids, vectors = embed_rows(bundle, delta.rows, prices, batch_size)
     embed_s = time.perf_counter() - t
     t = time.perf_counter()
-    new = apply_delta(root, base, version, delta, ids, vectors, make_current)
+    new = apply_delta(root, base, old, version, delta, ids, vectors, make_current)
     return UpdateResult(new, embed_s, time.perf_counter() - t, time.perf_counter() - t0)
