@@ -38,14 +38,13 @@ def project_config(config: str | None, preset: str | None = None) -> ProjectConf
         raise fail(str(e)) from None
 
 
-def on_ray(ray: RayConfig, address: str | None, job: Callable[[], T],
-           bad_input: tuple[type[BaseException], ...] = (FileNotFoundError, FileExistsError, ValueError)) -> T:
-    """Join or start Ray as configured, run ``job``; bad input (``bad_input``, a ``ConfigError``) ends the command
-    with its message and exit code 2."""
+def on_ray(ray: RayConfig, address: str | None, job: Callable[[], T]) -> T:
+    """Join or start Ray as configured, run ``job``; bad input (a missing or existing file, a bad value or config)
+    ends the command with its message and exit code 2."""
     from ray_mgdspr.runtime import connect_ray
 
     try:
         connect_ray(ray, address)
         return job()
-    except (*bad_input, ConfigError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError) as e:  # ConfigError is a ValueError
         raise fail(str(e)) from None
