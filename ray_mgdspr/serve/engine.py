@@ -37,7 +37,7 @@ from ray_mgdspr.model.bundle import (
 from ray_mgdspr.model.layers import as_tensors
 from ray_mgdspr.serve.canary import AS_SERVED, EXACT, CanaryHits, exact_params
 from ray_mgdspr.serve.relevance import ItemMatcher, KeyTerm, RelevanceFilter
-from ray_mgdspr.serve.schemas import RetrieveRequest
+from ray_mgdspr.serve.schemas import BehavioursRequest, RetrieveRequest
 from ray_mgdspr.serve.store import Store, open_store
 
 CHANNELS = ("embedding", "lexical")
@@ -278,13 +278,26 @@ class ShardSearcher:
 
 class LexicalChannel:
     """BM25 over the titles of the items one index version serves (its shards' metadata, so an item a delta update
-    removed is gone from this channel too), its hits marked with the relevance filter's verdict."""
+    removed is gone from this channel too), its hits marked with the relevance filter's verdict. Also the version's
+    titles by item id (``titles``)."""
 
     def __init__(self, index_path: str | Path) -> None:
-        items = version_items(index_path)
+        items = version_items(index_path)  # sorted by item id
         self._ids, self._titles = items["item_id"].to_numpy(), items["title"].to_pylist()
         self.index = Bm25Index.build(self._ids, items["title_words"])
         self._matches = ItemMatcher(items)
+
+    def _rows(self, item_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each id's row among the version's items, and whether the version serves it (else its row is any)."""
+        if not len(self._ids):
+            return np.zeros(len(item_ids), np.int64), np.zeros(len(item_ids), bool)
+        rows = np.minimum(np.searchsorted(self._ids, item_ids), len(self._ids) - 1)
+        return rows, self._ids[rows] == item_ids
+
+    def titles(self, item_ids: np.ndarray) -> list[str | None]:
+        """The title of each item in this version; None for an item the version does not serve."""
+        rows, served = self._rows(np.asarray(item_ids, np.int64))
+        return [self._titles[r] if ok else None for r, ok in zip(rows, served, strict=True)]
 
     def search(self, words: list[list[str]], k: int, terms: list[tuple[KeyTerm, ...]]) -> list[Hits]:
         scores, ids = self.index.search(words, k)
@@ -292,9 +305,9 @@ class LexicalChannel:
         for row, query_terms in enumerate(terms):
             keep = ids[row] >= 0
             hit_ids = ids[row][keep]
-            positions = np.searchsorted(self._ids, hit_ids)  # BM25 returns only catalogue ids
-            out.append(Hits(hit_ids, scores[row][keep], self._matches(query_terms, positions),
-                            [self._titles[p] for p in positions]))
+            rows, _ = self._rows(hit_ids)  # BM25 returns only the version's ids
+            out.append(Hits(hit_ids, scores[row][keep], self._matches(query_terms, rows),
+                            [self._titles[r] for r in rows]))
         return out
 
 
@@ -426,6 +439,37 @@ def response_body(version: str, result: Assembled, terms: tuple[KeyTerm, ...], l
             "latency_ms": {stage: round(s * 1000, 3) for stage, s in latency_s.items()}}
 
 
+def recent_behaviours(store: Store, titles: Callable[[np.ndarray], list[str | None]], user_id: int, ts: int,
+                      limit: int) -> list[dict]:
+    """What ``GET /v1/users/{user_id}/behaviours`` answers: the user's behaviours that the query encoder reads for
+    a search at ``ts`` (``Store.histories`` with the version's feature windows: only rows before ``ts``; the
+    latest clicks of any age, and clicks, buys and collects in the long-term window), most recent first (equal
+    times: the later arrival first), at most ``limit``, as ``schemas.UserBehaviour`` fields.
+
+    Args:
+        titles: item ids -> each item's title in the serving version, None for an item it does not serve
+            (``LexicalChannel.titles``).
+    """
+    behaviours, _ = store.histories([user_id], [ts])  # in arrival order, each row once
+    times = behaviours["ts"].to_numpy()
+    order = np.lexsort((-np.arange(len(times)), -times))[:limit]  # ts descending, then arrival descending
+    rows = behaviours.take(order)
+    items = rows["item_id"].to_numpy()
+    return [{"item_id": int(item), "action": action, "ts": int(t), "title": title}
+            for item, action, t, title in zip(items, rows["action"].to_pylist(), rows["ts"].to_pylist(),
+                                               titles(items), strict=True)]
+
+
+def behaviours_body(user_id: int, version: str, ts: int, data: list[dict]) -> dict:
+    """The response of ``GET /v1/users/{user_id}/behaviours`` (the fields of ``schemas.BehavioursResponse``)."""
+    return {"user_id": user_id, "version": version, "ts": ts, "data": data, "count": len(data)}
+
+
+def request_ts(ts: int | None) -> int:
+    """The time a request reads the behaviour store at: its ``ts``, else now (epoch ms)."""
+    return ts or int(time.time() * 1000)
+
+
 # ------------------------------------------------------------------------------------- the answer
 
 
@@ -480,8 +524,7 @@ class Stages(Protocol):
 async def retrieve(req: RetrieveRequest, k: int, cfg: ServeConfig, version: str, stages: Stages) -> dict:
     """The response to a request (its k from ``request_k``): encode, then ``answer``."""
     t0 = time.perf_counter()
-    ts = req.ts or int(time.time() * 1000)
-    enc = await stages.encode(req.query, req.user_id, ts)
+    enc = await stages.encode(req.query, req.user_id, request_ts(req.ts))
     return await answer(enc, k, req.filter, tuple(req.channels), cfg, version, stages,
                         {"encode": time.perf_counter() - t0}, t0)
 
@@ -610,6 +653,17 @@ class Retriever:
     def request(self, req: RetrieveRequest) -> dict:
         """The response to a parsed request body (``retrieve`` without building it)."""
         return run_now(retrieve(req, request_k(req, self.cfg), self.cfg, self.release.version, self.stages))
+
+    def behaviours(self, user_id: int, limit: int = 20, ts: int | None = None) -> dict:
+        """A user's behaviours as ``GET /v1/users/{user_id}/behaviours`` answers them (``recent_behaviours``).
+
+        Raises:
+            pydantic.ValidationError: what the request schema refuses.
+        """
+        req = BehavioursRequest(user_id=user_id, limit=limit, ts=ts)
+        ts = request_ts(req.ts)
+        data = recent_behaviours(self.encoder.store, self.lexical.titles, req.user_id, ts, req.limit)
+        return behaviours_body(req.user_id, self.release.version, ts, data)
 
     def answer(self, enc: Encoded, k: int, apply_filter: bool = True, channels: tuple[str, ...] = ("embedding",)
                ) -> dict:

@@ -3,16 +3,20 @@
 Request bodies are strict and closed (``Strict``): a value of the wrong JSON type is refused, never coerced
 (``true`` is not the integer 1, ``"5"`` is not 5, ``5.0`` is not an integer, ``"no"`` is not false), an
 unknown key is refused at every level, and every id and timestamp is bounded to what the stores hold (int64,
-epoch milliseconds up to year 9999), so no request value can overflow a later stage.
+epoch milliseconds up to year 9999), so no request value can overflow a later stage. A query string (``GET``
+routes) is text: its integers are decimal digits only (``QueryInt``), never ``" 5"``, ``"+5"``, ``"5.0"`` or
+``"5_000"``, which pydantic's lax mode would take.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
-from ray_mgdspr.serve.store import Behaviour, EpochMs, Id, PastQuery
+from ray_mgdspr.serve.store import Action, Behaviour, EpochMs, Id, PastQuery
 
 Channel = Literal["embedding", "lexical"]
 
@@ -79,6 +83,49 @@ class EventsRequest(Strict):
 
     behaviours: list[Behaviour] = Field(default_factory=list)
     queries: list[PastQuery] = Field(default_factory=list)
+
+
+def _decimal(value: object) -> object:
+    """A path or query-string value as an integer when it is one written in decimal digits (an optional "-", so
+    that -1 is refused by the field's bound, which names it); any other string is refused here."""
+    if isinstance(value, str):
+        if not re.fullmatch(r"-?[0-9]{1,64}", value):
+            raise PydanticCustomError("int_parsing", "Input should be an integer in decimal digits (at most 64)")
+        return int(value)
+    return value
+
+
+QueryInt = BeforeValidator(_decimal)
+MAX_BEHAVIOURS = 500
+"""The most behaviours ``GET /v1/users/{user_id}/behaviours`` answers: more than the default feature windows hold
+for one user (R^u and S^u 150 clicks, L^u 100 per action)."""
+
+
+class BehavioursRequest(Strict):
+    """``GET /v1/users/{user_id}/behaviours`` (bearer token): the path's user id and the query string."""
+
+    user_id: Annotated[Id, QueryInt] = Field(description="the user whose behaviours to read")
+    limit: Annotated[int, QueryInt] = Field(20, ge=1, le=MAX_BEHAVIOURS,
+                                            description=f"at most this many, 1 to {MAX_BEHAVIOURS}")
+    ts: Annotated[EpochMs, QueryInt] | None = Field(
+        None, description="read the histories as a request at this time does (epoch ms); default now")
+
+
+class UserBehaviour(BaseModel):
+    item_id: int
+    action: Action
+    ts: int = Field(description="epoch ms")
+    title: str | None = Field(description="the item's title in the serving version; null: the version does not "
+                              "serve this item")
+
+
+class BehavioursResponse(BaseModel):
+    user_id: int
+    version: str = Field(description="the version whose feature windows and titles answered")
+    ts: int = Field(description="the time (epoch ms) the histories were read at")
+    data: list[UserBehaviour] = Field(description="the behaviours the query encoder reads for a search by this "
+                                      "user at ts (before ts, in its windows), most recent first")
+    count: int
 
 
 class PromoteRequest(Strict):
