@@ -30,11 +30,27 @@ from ray.serve.handle import DeploymentHandle
 
 from ray_mgdspr.config import FeatureConfig, ResolvedServeConfig
 from ray_mgdspr.serve.canary import MAX_IN_FLIGHT, CanaryHits, RecallWindow, merged_recall
-from ray_mgdspr.serve.engine import Encoded, Hits, RequestRefused, request_k, retrieve
+from ray_mgdspr.serve.engine import (
+    Encoded,
+    Hits,
+    RequestRefused,
+    behaviours_body,
+    request_k,
+    request_ts,
+    retrieve,
+)
 from ray_mgdspr.serve.errors import RETRYABLE, HttpError, cause, public_message, unavailable
 from ray_mgdspr.serve.metrics import GAUGE_REFRESH_S, ServingMetrics
 from ray_mgdspr.serve.relevance import KeyTerm
-from ray_mgdspr.serve.schemas import EventsRequest, PromoteRequest, RetrieveRequest, RetrieveResponse, VersionInfo
+from ray_mgdspr.serve.schemas import (
+    BehavioursRequest,
+    BehavioursResponse,
+    EventsRequest,
+    PromoteRequest,
+    RetrieveRequest,
+    RetrieveResponse,
+    VersionInfo,
+)
 from ray_mgdspr.serve.store import open_store
 from ray_mgdspr.serve.versions import PromotionRefused, version_app_name
 
@@ -100,6 +116,22 @@ def _body(model: type[BaseModel]) -> dict:
     schema = model.model_json_schema()
     return {"requestBody": {"required": True, "content": {
         "application/json": {"schema": _inline(schema, schema.get("$defs", {}))}}}}
+
+
+def _params(model: type[BaseModel], path: tuple[str, ...]) -> dict:
+    """The OpenAPI parameters of a GET route that parses its path and query string itself with ``model``
+    (``Ingress._query``): the fields named in ``path`` are path parameters, the others query parameters."""
+    schema = model.model_json_schema()
+    defs, required = schema.get("$defs", {}), set(schema.get("required", ()))
+
+    def given(field: dict) -> dict:  # a parameter is given or absent, never null
+        options = [o for o in field.get("anyOf", ()) if o.get("type") != "null"]
+        return {**{k: v for k, v in field.items() if k != "anyOf"}, **options[0]} if len(options) == 1 else field
+
+    return {"parameters": [
+        {"name": name, "in": "path" if name in path else "query", "required": name in path or name in required,
+         "description": field.get("description", ""), "schema": _inline(given(field), defs)}
+        for name, field in schema["properties"].items()]}
 
 
 class _HandleStages:
@@ -240,6 +272,17 @@ class Ingress:
             raise HttpError(422, f"{endpoint}: invalid request: " + "; ".join(
                 f"{p['field']}: {p['problem']}" for p in problems), problems=problems) from None
 
+    def _query(self, request: Request, endpoint: str) -> dict[str, str]:
+        """A GET route's path parameters and query string as one dict of strings, for ``_parse``; a query parameter
+        given twice is refused (422 naming it), never one of its values silently taken."""
+        given = request.query_params.multi_items()
+        twice = sorted({name for name, _ in given if sum(n == name for n, _ in given) > 1})
+        if twice:
+            problems = [{"field": name, "problem": "given more than once"} for name in twice]
+            raise HttpError(422, f"{endpoint}: invalid request: " + "; ".join(
+                f"{p['field']}: {p['problem']}" for p in problems), problems=problems)
+        return {**dict(given), **request.path_params}
+
     def _authorize(self, request: Request, what: str) -> None:
         if not self._token:
             raise HttpError(403, f"{what} is disabled: set the {TOKEN_ENV} environment variable or serve.token")
@@ -369,6 +412,21 @@ class Ingress:
             return {"appended": {"behaviours": len(req.behaviours), "queries": len(req.queries)}}
 
         return await self._respond("events", request, handle)
+
+    @app.get("/v1/users/{user_id}/behaviours", openapi_extra=_params(BehavioursRequest, path=("user_id",)),
+             responses={200: {"model": BehavioursResponse}})
+    async def behaviours(self, request: Request) -> JSONResponse:
+        """A user's behaviours that personalise their searches, most recent first, with the serving version's
+        titles (bearer token: a history is personal data; docs/serving.md)."""
+        async def handle(deadline: float) -> dict:
+            self._authorize(request, "GET /v1/users/{user_id}/behaviours")
+            req: BehavioursRequest = self._parse(BehavioursRequest, self._query(request, "behaviours"), "behaviours")
+            v = await self._current(deadline)
+            ts = request_ts(req.ts)
+            data = await self._read("head", lambda: v.head.behaviours.remote(req.user_id, ts, req.limit), deadline)
+            return behaviours_body(req.user_id, v.version, ts, data)
+
+        return await self._respond("behaviours", request, handle)
 
     @app.post("/v1/admin/promote", openapi_extra=_body(PromoteRequest))
     async def promote(self, request: Request) -> JSONResponse:

@@ -15,8 +15,8 @@ The index side of a version (staging, commit, ``CURRENT``) is ``index/`` 's.
 
 import asyncio
 import logging
+import threading
 import time
-from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -35,13 +35,14 @@ from ray_mgdspr.serve.engine import (
     ReleaseError,
     ShardSearcher,
     each_alone,
+    recent_behaviours,
     verify_release,
 )
 from ray_mgdspr.serve.errors import public_message
 from ray_mgdspr.serve.metrics import BatchSizes
 from ray_mgdspr.serve.relevance import KeyTerm
 from ray_mgdspr.serve.schemas import CanaryRecall, VersionInfo
-from ray_mgdspr.serve.store import open_store
+from ray_mgdspr.serve.store import Store, open_store
 
 log = logging.getLogger("ray.serve")
 R = TypeVar("R")
@@ -132,7 +133,8 @@ class IndexShard:
 
 @serve.deployment
 class VersionHead:
-    """The version application's root: the lexical channel (BM25 over titles) of this version's catalogue.
+    """The version application's root: the lexical channel (BM25 over titles) of this version's catalogue, and a
+    user's behaviours with this version's titles (``GET /v1/users/{user_id}/behaviours``).
 
     It takes the encoder and shard handles only so that one application deploys them all; the ingress
     calls those deployments itself.
@@ -141,12 +143,29 @@ class VersionHead:
     def __init__(self, settings: dict, version: str, encoder: DeploymentHandle,
                  shards: list[DeploymentHandle]) -> None:
         cfg = ResolvedServeConfig.model_validate(settings)
+        release = verify_release(cfg.index_root, version, check_files=False)
         self.version = version
-        self.lexical = LexicalChannel(Path(cfg.index_root) / version)
+        self.lexical = LexicalChannel(release.index_path)
         self._bound = (encoder, shards)
+        # the encoder's store and windows (the bundle's features), opened on the first read: a store that is down
+        # fails those reads (503 for the store), never the loading of the version
+        self._store_url, self._features = cfg.store, release.bundle.features
+        self._store: Store | None = None
+        self._store_lock = threading.Lock()
 
     async def search(self, words: list[str], k: int, terms: tuple[KeyTerm, ...]) -> Hits:
         return (await asyncio.to_thread(self.lexical.search, [words], k, [terms]))[0]
+
+    async def behaviours(self, user_id: int, ts: int, limit: int) -> list[dict]:
+        """The user's behaviours the encoder reads at ``ts``, most recent first, with titles
+        (``engine.recent_behaviours``)."""
+        return await asyncio.to_thread(self._behaviours, user_id, ts, limit)
+
+    def _behaviours(self, user_id: int, ts: int, limit: int) -> list[dict]:
+        with self._store_lock:
+            if self._store is None:
+                self._store = open_store(self._store_url, self._features)
+        return recent_behaviours(self._store, self.lexical.titles, user_id, ts, limit)
 
 
 def version_app(cfg: ResolvedServeConfig, version: str, shards: int) -> serve.Application:

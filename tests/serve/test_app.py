@@ -29,14 +29,17 @@ from hypothesis import strategies as st
 from ray import serve
 
 from ray_mgdspr.config import ServeConfig
+from ray_mgdspr.data.features import DAY_MS
+from ray_mgdspr.data.world import read_table
 from ray_mgdspr.index.versions import current_version, set_current
 from ray_mgdspr.serve.engine import Retriever
 from ray_mgdspr.serve.relevance import RelevanceFilter
-from ray_mgdspr.serve.schemas import RetrieveResponse
+from ray_mgdspr.serve.schemas import BehavioursResponse, RetrieveResponse
 from ray_mgdspr.serve.store import MAX_ID, MAX_TS_MS
 
 pytestmark = pytest.mark.slow
 TOKEN = "test-token-123"
+AUTH = {"authorization": f"Bearer {TOKEN}"}
 FILTER_DEPTH = 200  # below world_en's 1,500 items, so that the lexical fallback can run
 
 
@@ -66,6 +69,25 @@ def server(deployment: Any, store_copy: Path) -> Iterator[tuple[str, ServeConfig
 def client(server: tuple[str, ServeConfig]) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=server[0], timeout=30) as c:
         yield c
+
+
+@pytest.fixture(scope="module")
+def core(server: tuple[str, ServeConfig]) -> Retriever:
+    """v1 in one process, with the endpoint's own resolved serve section (the configured system)."""
+    return Retriever.open(server[1], "v1")
+
+
+@pytest.fixture(scope="module")
+def titles(deployment: Any) -> dict[int, str]:
+    items = read_table(deployment.world, "items", columns=["item_id", "title"])
+    return dict(zip(items["item_id"].to_pylist(), items["title"].to_pylist(), strict=True))
+
+
+def post_events(client: httpx.Client, *behaviours: tuple[int, int, str, int]) -> None:
+    """Append (user, item, action, ts) behaviours through POST /v1/events."""
+    body = {"behaviours": [{"user_id": u, "item_id": i, "action": a, "ts": t} for u, i, a, t in behaviours]}
+    r = client.post("/v1/events", json=body, headers=AUTH)
+    assert r.status_code == 200, r.text
 
 
 def retrieve(client: httpx.Client, **body: object) -> dict:
@@ -136,9 +158,8 @@ def test_search_page_shows_the_endpoint_answer_in_a_real_browser(client: httpx.C
         shutil.copy(shot, Path(os.environ["MGDSPR_SCREENSHOT_DIR"]) / shot.name)
 
 
-def test_merged_topk_equals_the_ray_free_core(client: httpx.Client, server: tuple[str, ServeConfig]) -> None:
+def test_merged_topk_equals_the_ray_free_core(client: httpx.Client, core: Retriever) -> None:
     serve_version(client, "v1")
-    core = Retriever.open(server[1], "v1")  # the configured system: the endpoint's own resolved serve section
     ts = 4_000_000_000_000
     for query, user in [("red dress", 3), ("running shoes", None), ("portable car cover", 17)]:
         got = retrieve(client, query=query, user_id=user, k=20, filter=False, ts=ts)
@@ -350,6 +371,68 @@ def test_events_need_the_token_and_change_the_next_result(client: httpx.Client) 
     bad = client.post("/v1/events", json={"behaviours": [{"user_id": 1, "item_id": 2, "action": "like", "ts": 5}]},
                       headers={"authorization": f"Bearer {TOKEN}"})
     assert bad.status_code == 422 and "action" in bad.json()["error"]
+
+
+def test_user_behaviours_need_the_token_and_come_most_recent_first_with_titles(
+        client: httpx.Client, core: Retriever, titles: dict[int, str]) -> None:
+    serve_version(client, "v1")
+    user, ts = 1_000_001, 4_100_000_000_000  # a user without history in world_en; a time after its logs
+    a, b, c = sorted(titles)[:3]
+    unknown = MAX_ID  # no version serves it
+    path = f"/v1/users/{user}/behaviours"
+    for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": TOKEN}):
+        r = client.get(path, headers=headers)
+        assert r.status_code == 401 and "needs the header 'Authorization: Bearer <token>'" in r.json()["error"]
+    post_events(client, (user, a, "click", ts - 3_000), (user, unknown, "click", ts - 2_000),
+                (user, b, "click", ts - 1_000), (user, c, "click", ts + 1_000),  # after the request's ts
+                (user, c, "buy", ts - 15 * DAY_MS),  # in L^u (10 to 30 days back)
+                (user, a, "buy", ts - DAY_MS))  # in no window: the encoder does not read it, nor does this
+    r = client.get(path, params={"ts": ts}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    want = [{"item_id": b, "action": "click", "ts": ts - 1_000, "title": titles[b]},
+            {"item_id": unknown, "action": "click", "ts": ts - 2_000, "title": None},
+            {"item_id": a, "action": "click", "ts": ts - 3_000, "title": titles[a]},
+            {"item_id": c, "action": "buy", "ts": ts - 15 * DAY_MS, "title": titles[c]}]
+    assert r.json() == {"user_id": user, "version": "v1", "ts": ts, "data": want, "count": 4}
+    BehavioursResponse.model_validate(r.json())
+    assert r.json() == core.behaviours(user, ts=ts)  # the one code path, in one process
+    short = client.get(path, params={"ts": ts, "limit": 2}, headers=AUTH).json()
+    assert short["data"] == want[:2] and short["count"] == 2
+    later = client.get(path, params={"ts": ts + 2_000}, headers=AUTH).json()
+    assert [x["item_id"] for x in later["data"]][:2] == [c, b]  # the later request's windows read the later click
+    now = client.get(path, headers=AUTH).json()  # default ts: now, before every one of these events
+    assert now["count"] == 0 and abs(now["ts"] - time.time() * 1000) < 60_000
+    assert "/v1/users/{user_id}/behaviours" in client.get("/openapi.json").json()["paths"]
+
+
+BAD_BEHAVIOURS = [
+    ("/v1/users/abc/behaviours", "user_id", "Input should be an integer in decimal digits"),
+    ("/v1/users/5.0/behaviours", "user_id", "Input should be an integer in decimal digits"),
+    ("/v1/users/%205/behaviours", "user_id", "Input should be an integer in decimal digits"),
+    ("/v1/users/-1/behaviours", "user_id", "Input should be greater than or equal to 0"),
+    (f"/v1/users/{2**63}/behaviours", "user_id", "Input should be less than or equal to 9223372036854775807"),
+    ("/v1/users/3/behaviours?limit=0", "limit", "Input should be greater than or equal to 1"),
+    ("/v1/users/3/behaviours?limit=501", "limit", "Input should be less than or equal to 500"),
+    ("/v1/users/3/behaviours?limit=ten", "limit", "Input should be an integer in decimal digits"),
+    ("/v1/users/3/behaviours?limit=1&limit=2", "limit", "given more than once"),
+    ("/v1/users/3/behaviours?ts=0", "ts", "Input should be greater than 0"),
+    (f"/v1/users/3/behaviours?ts={MAX_TS_MS + 1}", "ts", "Input should be less than or equal to"),
+    ("/v1/users/3/behaviours?colour=red", "colour", "Extra inputs are not permitted"),
+]
+
+
+def test_bad_behaviour_reads_are_a_4xx_naming_the_field_and_fail_only_themselves(
+        server: tuple[str, ServeConfig], client: httpx.Client) -> None:
+    with Load(server[0], clients=2, query="red dress", k=10, user_id=3) as load:
+        for path, field, problem in BAD_BEHAVIOURS:
+            r = client.get(path, headers=AUTH)
+            assert r.status_code == 422, (path, r.text)
+            body = r.json()
+            assert f"behaviours: invalid request: {field}: {problem}" in body["error"], (path, body)
+            assert body["problems"] == [{"field": field, "problem": body["problems"][0]["problem"]}]
+            assert body["request_id"]
+            assert client.get("/v1/users/3/behaviours", params={"limit": 1}, headers=AUTH).status_code == 200
+    assert load.all and all(r[0] == 200 for r in load.all), Counter(r[0] for r in load.all)
 
 
 def test_metrics(client: httpx.Client) -> None:
