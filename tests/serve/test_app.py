@@ -138,21 +138,41 @@ def _headless(browser: str, url: str, *flags: str) -> str:
     return r.stdout
 
 
+BEHAVIOUR_ROW = re.compile(r'<tr class="behaviour"><td class="time">(.*?)</td><td class="action">(.*?)</td>'
+                           r'<td class="item">(.*?)</td><td class="title[^"]*">(.*?)</td></tr>')
+
+
 def test_search_page_shows_the_endpoint_answer_in_a_real_browser(client: httpx.Client, server: tuple[str, Any],
-                                                                 tmp_path: Path) -> None:
+                                                                 titles: dict[int, str], tmp_path: Path) -> None:
     serve_version(client, "v1")
     page = client.get("/ui")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert TOKEN not in page.text and 'id="token"' in page.text  # the page holds no secret; a click asks for it
     browser = _browser()
-    url = f"{server[0]}/ui?q=red+dress&user=3&k=5&filter=0"
-    dom = _headless(browser, url, "--dump-dom")
-    want = [i["title"] for i in retrieve(client, query="red dress", user_id=3, k=5, filter=False)["data"]]
+    # a user whose history is three clicks of a few seconds ago (one on an item no version serves)
+    user, now = 1_000_002, int(time.time() * 1000)
+    a, b = sorted(titles)[3:5]
+    post_events(client, (user, a, "click", now - 3_000), (user, 10**15, "click", now - 2_000),
+                (user, b, "click", now - 1_000))
+    url = f"{server[0]}/ui?q=red+dress&user={user}&k=5&filter=0"
+    dom = _headless(browser, url + f"#token={TOKEN}", "--dump-dom")  # the fragment fills the token field
+    want = [i["title"] for i in retrieve(client, query="red dress", user_id=user, k=5, filter=False)["data"]]
     rows = re.findall(r'<tr class="result">.*?<td class="title">(.*?)</td>', dom)
     assert [html.unescape(t) for t in rows] == want, dom[-3000:]
     assert "5 results from version v1" in dom and "serving v1" in dom
+    history = client.get(f"/v1/users/{user}/behaviours", headers=AUTH).json()["data"]
+    assert [(x["action"], x["item_id"], x["title"]) for x in history] == \
+        [("click", b, titles[b]), ("click", 10**15, None), ("click", a, titles[a])]
+    shown = [(action, int(item), html.unescape(title)) for _, action, item, title in BEHAVIOUR_ROW.findall(dom)]
+    assert shown == [(x["action"], x["item_id"], x["title"] or "(not in version v1)") for x in history], dom[-3000:]
+    assert f"user {user}: the 3 latest behaviours" in dom
+    assert TOKEN not in dom  # neither echoed into the page nor left in it
+    # without the token the page shows no one's history, and says what it needs
+    dom = _headless(browser, url, "--dump-dom")
+    assert not BEHAVIOUR_ROW.findall(dom) and "enter the token to see this user's behaviours" in dom
+    assert len(re.findall(r'<tr class="result">', dom)) == 5  # searching needs no token
     shot = tmp_path / "search-page.png"
-    _headless(browser, url, f"--screenshot={shot}", "--window-size=1200,700")
+    _headless(browser, url + f"#token={TOKEN}", f"--screenshot={shot}", "--window-size=1200,900")
     assert shot.stat().st_size > 10_000  # a rendered page, not a blank one
     if os.environ.get("MGDSPR_SCREENSHOT_DIR"):  # CI keeps it as an artifact
         shutil.copy(shot, Path(os.environ["MGDSPR_SCREENSHOT_DIR"]) / shot.name)
