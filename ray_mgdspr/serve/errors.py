@@ -4,10 +4,12 @@
 status      meaning                                                         client should
 ==========  ==============================================================  ======================
 400         the body is not UTF-8 JSON (or nests too deep to parse)          fix the request
-401 / 403   a write path without the right bearer token / with none set      send the token
+401 / 403   a write path or a history read without the right bearer token,  send the token
+            or with none set
 409         a promotion refused (the serving version is unchanged)           fix the version
 413         the body is larger than the endpoint's byte limit                split or shorten it
 422         a field is missing, of the wrong type, unknown or out of range   fix the named field
+            (or a query parameter repeated)
 503         a stage is unavailable or overloaded (``Retry-After`` header)    retry after the wait
 500         a bug; the body carries only the request id, the server log      report the request id
             holds the traceback under it

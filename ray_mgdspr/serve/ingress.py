@@ -423,7 +423,8 @@ class Ingress:
             req: BehavioursRequest = self._parse(BehavioursRequest, self._query(request, "behaviours"), "behaviours")
             v = await self._current(deadline)
             ts = request_ts(req.ts)
-            data = await self._read("head", lambda: v.head.behaviours.remote(req.user_id, ts, req.limit), deadline)
+            data = await self._read("behaviours", lambda: v.head.behaviours.remote(req.user_id, ts, req.limit),
+                                    deadline)
             return behaviours_body(req.user_id, v.version, ts, data)
 
         return await self._respond("behaviours", request, handle)
