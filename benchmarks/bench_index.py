@@ -18,7 +18,7 @@ What it measures (data: SYNTHETIC):
    matplotlib needed). The largest size is the run of part 1.
 3. ``embedding``: the bundle's item tower (seeded, untrained, paper sizes d = 128) over a simulated
    catalogue: ``embed_catalogue`` (Ray Data actor pool, ``ray.init(num_cpus=4)``) against the baseline, a
-   plain in-process loop ``ItemEmbedder(bundle, prices)(batch)`` that reads and writes the same Parquet, in
+   plain in-process loop ``ItemEmbedder(bundle, context)(batch)`` that reads and writes the same Parquet, in
    items/s; the outputs are compared. Goal: actor pool >= 0.8x the loop.
 
 Every index build and every search session runs in a fresh subprocess, so its peak memory is its own.
@@ -296,7 +296,7 @@ def embedding_bench(tmp: str, n_items: int, repeats: int) -> dict:
     import torch
 
     from ray_mgdspr.config import EmbedConfig, FeatureConfig, LossConfig, ModelConfig, VocabConfig, load_preset
-    from ray_mgdspr.data.features import ITEM_COLUMNS, PriceLevels
+    from ray_mgdspr.data.features import ITEM_COLUMNS, ItemContext
     from ray_mgdspr.data.simulator.simulate import simulate
     from ray_mgdspr.data.vocab import KINDS, build_vocab_from_world
     from ray_mgdspr.index.embed import ItemEmbedder, embed_catalogue, read_embeddings
@@ -330,7 +330,7 @@ def embedding_bench(tmp: str, n_items: int, repeats: int) -> dict:
         t0 = time.perf_counter()
         items = pq.read_table(f"{world}/items.parquet", columns=ITEM_COLUMNS)
         items = items.slice(0, limit) if limit else items
-        embedder = ItemEmbedder(bundle, PriceLevels.of_world(world))
+        embedder = ItemEmbedder(bundle, ItemContext.of_world(world))
         t1 = time.perf_counter()
         parts = [embedder(items.slice(lo, batch)) for lo in range(0, items.num_rows, batch)]
         t2 = time.perf_counter()

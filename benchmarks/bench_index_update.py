@@ -44,7 +44,7 @@ def catalogue_world(tmp: Path, n_items: int) -> tuple[Path, Path]:
     import torch
 
     from ray_mgdspr.config import FeatureConfig, LossConfig, ModelConfig, VocabConfig, load_preset
-    from ray_mgdspr.data.features import PriceLevels
+    from ray_mgdspr.data.features import ItemContext
     from ray_mgdspr.data.simulator.simulate import simulate
     from ray_mgdspr.data.vocab import KINDS, build_vocab_from_world
     from ray_mgdspr.model.bundle import save_bundle
@@ -59,7 +59,7 @@ def catalogue_world(tmp: Path, n_items: int) -> tuple[Path, Path]:
     torch.manual_seed(0)
     model_cfg = resolve_buckets(ModelConfig(), world_max_ids(world))
     save_bundle(bundle, build_model(model_cfg, {k: vocab.num_ids(k) for k in KINDS}), vocab, FeatureConfig(),
-                LossConfig(), version="v-bench", prices=PriceLevels.of_world(world))  # as training saves it
+                LossConfig(), version="v-bench", context=ItemContext.of_world(world))  # as training saves it
     return world, bundle
 
 

@@ -214,6 +214,9 @@ class ModelConfig(StrictModel):
     price_level: bool = Field(
         True, description="behaviour side information includes the item's price level (not in the paper); with "
         "item_side_info, so does the item tower")
+    item_popularity: bool = Field(
+        True, description="with item_side_info, the item tower also reads how often the item was shown and clicked "
+        "in the training days' searches (log2 levels; not in the paper; docs/model.md, \"Item popularity\")")
     item_id_init: Literal["zero", "normal"] = Field(
         "zero", description="item ID rows at start: zero (an item starts as its title's vector) or N(0, 1/d)")
     cls_init: Literal["zero", "normal"] = Field(
@@ -238,6 +241,10 @@ class LossConfig(StrictModel):
     alpha_low: float = Field(0.4, ge=0, le=1, description="a of alpha ~ U(a, b)")
     alpha_high: float = Field(0.6, ge=0, le=1, description="b of alpha ~ U(a, b)")
     margin: float = Field(0.1, gt=0, description="hinge loss margin (hinge kind only)")
+    logq: bool = Field(
+        True, description="softmax: subtract log Q (each item's expected count in the pool) from its logit, so a "
+        "pool of batch positives does not teach the model to rank often-clicked items down (not in the paper; "
+        "docs/model.md, \"Sampling correction\")")
 
     @model_validator(mode="after")
     def _alpha_range(self) -> LossConfig:

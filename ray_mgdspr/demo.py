@@ -39,7 +39,7 @@ from ray_mgdspr.index.manifest import IndexManifest
 from ray_mgdspr.index.search import IndexReader
 from ray_mgdspr.index.shards import verify_index
 from ray_mgdspr.metrics import recall_at_k
-from ray_mgdspr.model.bundle import load_bundle, price_levels
+from ray_mgdspr.model.bundle import item_context, load_bundle
 from ray_mgdspr.model.retrieval import query_vectors, targets_of
 from ray_mgdspr.runtime import connect_ray, free_port
 from ray_mgdspr.serve.app import AppArgs
@@ -193,7 +193,7 @@ def dated(sim: SimulateConfig, today: dt.date | None = None) -> SimulateConfig:
 def answer_held_out(world: Path, bundle: Path, reader: IndexReader, k: int, n: int) -> float:
     """Recall@k of ``n`` held-out test-day searches answered from the index."""
     model, vocab, manifest = load_bundle(bundle, towers=("query",))
-    featurizer = Featurizer(world, vocab, manifest.features, prices=price_levels(bundle, manifest))
+    featurizer = Featurizer(world, vocab, manifest.features, context=item_context(bundle, manifest, world))
     events = featurizer.events(read_manifest(world).test_days).slice(0, n)
     _, topk = reader.search(query_vectors(model, featurizer(events)).numpy(), k)
     return recall_at_k(topk, targets_of(events), k)

@@ -44,6 +44,10 @@ with ``-1`` for padding and for missing (null) values; the model hashes them int
     item_shop, item_leaf, item_cate1, item_brand, item_price
                            [B]                                 its side information (only when the input has
                                                                item_id)
+    item_impressions, item_clicks
+                           [B]                                 log2 levels of how often the training days showed
+                                                               and clicked it (:class:`ItemPopularity`; a row
+                                                               with an event_id leaves its own search out)
 
 All behaviour sequences (R^u, S^u and each action of L^u) are in **chronological order, oldest first, and
 right-padded with -1**; a user without history gets all -1 sequences and all-PAD history queries. Side information
@@ -83,6 +87,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from ray_mgdspr.config import FeatureConfig
 from ray_mgdspr.data import schema
@@ -103,6 +108,8 @@ LONG_SIDE = ("shop", "leaf", "brand", "price")
 """Side information of the L^u behaviours (L_shop, L_leaf, L_brand of spec §2.2, and the price level)."""
 PRICE_LEVELS = 10
 """Number of price levels: deciles of price within the item's leaf category (:class:`PriceLevels`)."""
+POPULARITY_LEVELS = 16
+"""Number of log2 levels of an item's impression and click counts (:class:`ItemPopularity`)."""
 MISSING = -1
 """Padding and missing value of raw entity ids."""
 EVENT_COLUMNS = ["event_id", "user_id", "ts", "query", "query_words"]
@@ -137,8 +144,9 @@ class Featurizer:
         vocab: the vocabulary of words, characters and bigrams.
         config: lengths and windows of the features.
         history_days: days of ``behaviours`` and ``query_history`` to load (default: all days of the world).
-        prices: the price levels' edges (a model bundle's, ``bundle.price_levels``); default: cut from this world's
-            catalogue, as training does.
+        context: the price levels' edges and the items' popularity counts (a model bundle's,
+            ``bundle.item_context``); default: the edges cut from this world's catalogue and the counts of its
+            training days, as training does.
             Loading days after a row's ts is harmless: every window ends strictly before the row's ts.
 
     Raises:
@@ -146,11 +154,11 @@ class Featurizer:
     """
 
     def __init__(self, world: str | Path, vocab: Vocabulary, config: FeatureConfig,
-                 history_days: Iterable[int] | None = None, prices: PriceLevels | None = None) -> None:
+                 history_days: Iterable[int] | None = None, context: ItemContext | None = None) -> None:
         self.world = Path(world)
         self.vocab = vocab
         self.config = config
-        self._prices = prices  # None: cut from this world's catalogue (training); a bundle's own edges otherwise
+        self._context = context  # None: this world's (training); a bundle's own otherwise
         self._tokenizer = vocab.tokenizer()
         try:
             manifest = read_manifest(self.world)
@@ -252,24 +260,28 @@ class Featurizer:
         out.update(self._query_features(batch))
         out.update(self._history_features(user, ts))
         item = _column(batch, "item_id", required=False)
-        if item is not None:
-            out.update(self.items(_int64(item)))
+        if item is not None:  # a row with an event and an item is a training example: its own search is left out
+            out.update(self.items(_int64(item), own=out["event_id"] >= 0))
         return out
 
-    def items(self, item_ids: np.ndarray) -> dict[str, np.ndarray]:
+    def items(self, item_ids: np.ndarray, own: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Item-tower features of any item ids.
 
         Args:
             item_ids: [B] raw item ids; ids not in the items table get an all-PAD title and -1 side information.
+            own: [B] bool, rows that are a training example's own (search, positive item): their popularity
+                leaves that search out (:class:`ItemPopularity`).
 
         Returns:
-            ``item_id`` [B], ``item_title`` [B, title_words_kept] (word ids, PAD 0) and the side information
-            ``item_shop``, ``item_leaf``, ``item_cate1``, ``item_brand``, ``item_price`` [B] (-1 when missing).
+            ``item_id`` [B], ``item_title`` [B, title_words_kept] (word ids, PAD 0), the side information
+            ``item_shop``, ``item_leaf``, ``item_cate1``, ``item_brand``, ``item_price`` [B] (-1 when missing) and
+            the popularity levels ``item_impressions``, ``item_clicks`` [B] (0 when never shown or clicked).
         """
         item_ids = np.asarray(item_ids, np.int64)
         rows = self._item_rows(item_ids)
         out = {"item_id": item_ids, "item_title": self._titles[rows].astype(np.int64)}
         out.update({f"item_{s}": self._side[s][rows] for s in SIDE})
+        out.update(self.popularity.levels(item_ids, own))
         return out
 
     def _query_features(self, batch: Batch) -> dict[str, np.ndarray]:
@@ -345,8 +357,10 @@ class Featurizer:
         """Sorted item ids, their title word ids and side information, each with a trailing padding row."""
         items = _read(self.world, "items", None, ITEM_COLUMNS)
         items = items.take(pa.array(np.argsort(items["item_id"].to_numpy(), kind="stable")))
-        prices = self._prices or PriceLevels(_fill(items["leaf_id"]), _prices(items["price"]))
-        f = item_features(items, self.vocab, self.config.title_words_kept, prices)
+        context = self._context or ItemContext(PriceLevels(_fill(items["leaf_id"]), _prices(items["price"])),
+                                               ItemPopularity.of_world(self.world))
+        self.popularity = context.popularity
+        f = item_features(items, self.vocab, self.config.title_words_kept, context)
         self._item_ids = f["item_id"]
         self._titles = _with_pad_row(f["item_title"].astype(np.int32), PAD)
         self._side = {s: _with_pad_row(f[f"item_{s}"], MISSING) for s in SIDE}
@@ -432,18 +446,121 @@ class PriceLevels:
         return out
 
 
+class ItemPopularity:
+    """How often each item was shown and clicked in search logs, as log2 levels: the exposure and click counts a
+    production item tower reads from its feature store (not in the paper; ``ModelConfig.item_popularity``).
+
+    ``levels(ids)`` gives ``item_impressions`` and ``item_clicks``, each ``min(floor(log2(1 + count)), LEVELS - 1)``
+    (0 = never shown/clicked, also for ids the logs never saw). ``own`` marks rows that are a training example's
+    own (event, positive item): their counts leave that event out (one impression and one click less, floored at
+    0), so training sees "shown and clicked in other searches", as evaluation and serving do, and a model cannot
+    learn that an item was clicked from the click it is trained on. Small, picklable: Ray Data's actors get the
+    driver's.
+
+    Args:
+        item_ids: (N,) distinct item ids; impressions, clicks: (N,) their counts.
+
+    Example:
+        >>> pop = ItemPopularity(np.array([7, 3]), np.array([1, 40]), np.array([0, 3]))
+        >>> {k: v.tolist() for k, v in pop.levels(np.array([3, 7, 5])).items()}
+        {'item_impressions': [5, 1, 0], 'item_clicks': [2, 0, 0]}
+        >>> pop.levels(np.array([3]), own=np.array([True]))["item_clicks"].tolist()  # 2 clicks in other searches
+        [1]
+    """
+
+    COLUMNS = ("impressions", "clicks")
+
+    def __init__(self, item_ids: np.ndarray, impressions: np.ndarray, clicks: np.ndarray) -> None:
+        order = np.argsort(item_ids, kind="stable")
+        self.item_ids = np.asarray(item_ids, np.int64)[order]
+        self.counts = {"impressions": np.asarray(impressions, np.int64)[order],
+                       "clicks": np.asarray(clicks, np.int64)[order]}
+
+    def count(self, name: str, item_ids: np.ndarray) -> np.ndarray:
+        """(B,) int64 ``impressions`` or ``clicks`` of ``item_ids`` (0 for ids the logs never saw)."""
+        item_ids = np.asarray(item_ids, np.int64)
+        if not len(self.item_ids):
+            return np.zeros(len(item_ids), np.int64)
+        rows = np.minimum(np.searchsorted(self.item_ids, item_ids), len(self.item_ids) - 1)
+        return np.where(self.item_ids[rows] == item_ids, self.counts[name][rows], 0)
+
+    def levels(self, item_ids: np.ndarray, own: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """``item_impressions``, ``item_clicks``: (B,) int64 levels of ``item_ids`` (see the class docstring)."""
+        out = {}
+        for name in self.COLUMNS:
+            c = self.count(name, item_ids)
+            if own is not None:
+                c = np.maximum(c - own.astype(np.int64), 0)
+            out[f"item_{name}"] = np.minimum(np.log2(1 + c).astype(np.int64), POPULARITY_LEVELS - 1)
+        return out
+
+    @classmethod
+    def of_world(cls, world: str | Path, days: Iterable[int] | None = None) -> ItemPopularity:
+        """Counts over the ``search_events`` of ``days`` (default: the manifest's ``train_days``), a day at a time;
+        empty when the world logs no searches on those days (or is a bare catalogue, without a manifest)."""
+        world = Path(world)
+        if days is None:
+            days = read_manifest(world).train_days if (world / schema.MANIFEST).is_file() else []
+        days = sorted(set(days))
+        parts = []
+        if days and table_files(world, schema.TABLES["search_events"]):
+            for day in days:
+                t = read_table(world, "search_events", days=[day], columns=["impressed_item_ids", "clicked_item_ids"])
+                for name, column in zip(cls.COLUMNS, t.column_names, strict=True):
+                    counts = pc.value_counts(pc.list_flatten(t[column].combine_chunks()))
+                    parts.append(pa.table({"item_id": counts.field("values").cast(pa.int64()),
+                                           name: counts.field("counts")}))
+        if not parts:
+            return cls.empty()
+        merged = pa.concat_tables(parts, promote_options="default")
+        total = merged.group_by("item_id").aggregate([(c, "sum") for c in cls.COLUMNS])
+        return cls(total["item_id"].to_numpy(),
+                   *(total[f"{c}_sum"].fill_null(0).to_numpy().astype(np.int64) for c in cls.COLUMNS))
+
+    @classmethod
+    def empty(cls) -> ItemPopularity:
+        """No counts: every item at level 0."""
+        return cls(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64))
+
+    def to_parquet(self, path: str | Path) -> None:
+        """The counts as a Parquet file (``item_id``, ``impressions``, ``clicks``)."""
+        pq.write_table(pa.table({"item_id": self.item_ids, **self.counts}), path)
+
+    @classmethod
+    def from_parquet(cls, path: str | Path) -> ItemPopularity:
+        t = pq.read_table(path)
+        return cls(*(t[c].to_numpy() for c in ("item_id", *cls.COLUMNS)))
+
+
+@dataclass(frozen=True)
+class ItemContext:
+    """What item features read besides the item's own row: the price levels' edges and the popularity counts.
+    Training takes both from its world (``of_world``); a model bundle keeps them, and embedding, serving and delta
+    updates read the bundle's (``bundle.item_context``), so an item's features do not move with later data."""
+
+    prices: PriceLevels
+    popularity: ItemPopularity
+
+    @classmethod
+    def of_world(cls, world: str | Path) -> ItemContext:
+        """The edges of the world's catalogue and the counts of its training days."""
+        return cls(PriceLevels.of_world(world), ItemPopularity.of_world(world))
+
+
 ITEM_COLUMNS = ["item_id", "title_words", "price", *(f"{s}_id" for s in ID_SIDE)]
 """Columns of the ``items`` table that item features are made from."""
 
 
 def item_features(items: pa.Table, vocab: Vocabulary, title_words_kept: int,
-                  prices: PriceLevels) -> dict[str, np.ndarray]:
+                  context: ItemContext) -> dict[str, np.ndarray]:
     """Item-tower features of rows of the ``items`` table (``ITEM_COLUMNS``), in row order: ``item_id``,
-    ``item_title`` (word ids, PAD 0) and ``item_<side>`` (-1 when missing), as ``Featurizer.items`` returns."""
+    ``item_title`` (word ids, PAD 0), ``item_<side>`` (-1 when missing) and the popularity levels, as
+    ``Featurizer.items`` returns."""
     out = {"item_id": items["item_id"].to_numpy().astype(np.int64),
            "item_title": encode_words(vocab, items["title_words"], title_words_kept).astype(np.int64)}
     out.update({f"item_{s}": _fill(items[f"{s}_id"]) for s in ID_SIDE})
-    out["item_price"] = prices(out["item_leaf"], _prices(items["price"]))
+    out["item_price"] = context.prices(out["item_leaf"], _prices(items["price"]))
+    out.update(context.popularity.levels(out["item_id"]))
     return out
 
 

@@ -17,6 +17,8 @@ name                      what
 ``tau1``                  τ = 1
 ``no_imix``               no mixed hard negatives (N = 0)
 ``no_personalise``        query only: no behaviour attention
+``no_popularity``         the item tower without the items' impression and click levels (``item_popularity``)
+``no_logq``               the softmax without the sampling correction (``loss.logq``)
 ``mgdspr_hinge``          the full model trained with the hinge loss (the convergence curves)
 ``tau=X``, ``alpha=A-B``  sweep points: the full model with τ = X, or α ~ U(A, B)
 ========================  =====================================================================================
@@ -63,7 +65,8 @@ LABELS = {
     **ORACLE_LABELS,
     "bm25": "BM25 (titles)", "minilm": "MiniLM zero-shot", "dnn_hinge": "DNN two-tower + hinge",
     "mgdspr": "MGDSPR (full)", "no_mgs": "-mgs", "no_trm": "-trm", "tau1": "τ = 1", "no_imix": "no I_mix",
-    "no_personalise": "no personalisation", "mgdspr_hinge": "MGDSPR + hinge loss",
+    "no_personalise": "no personalisation", "no_popularity": "no item popularity", "no_logq": "no logQ correction",
+    "mgdspr_hinge": "MGDSPR + hinge loss",
 }
 _CHANGES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {  # variant -> (ModelConfig, LossConfig) overrides
     "dnn_hinge": ({"kind": "dnn"}, {"kind": "hinge"}),
@@ -73,6 +76,8 @@ _CHANGES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {  # variant -> (Mo
     "tau1": ({}, {"tau": 1.0}),
     "no_imix": ({}, {"n_hard": 0}),
     "no_personalise": ({"personalise": False}, {}),
+    "no_popularity": ({"item_popularity": False}, {}),
+    "no_logq": ({}, {"logq": False}),
     "mgdspr_hinge": ({}, {"kind": "hinge"}),
 }
 

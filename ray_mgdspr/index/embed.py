@@ -28,8 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray_mgdspr.artifacts import atomic_dir
 from ray_mgdspr.config import EmbedConfig
 from ray_mgdspr.data import schema
-from ray_mgdspr.data.features import ITEM_COLUMNS, PriceLevels, item_features
-from ray_mgdspr.model.bundle import load_bundle, price_levels, read_bundle_manifest
+from ray_mgdspr.data.features import ITEM_COLUMNS, ItemContext, item_features
+from ray_mgdspr.model.bundle import item_context, load_bundle, read_bundle_manifest
 from ray_mgdspr.model.layers import as_tensors
 
 MANIFEST = "embeddings.json"
@@ -77,18 +77,18 @@ def read_embeddings_manifest(path: str | Path) -> EmbeddingsManifest:
 class ItemEmbedder:
     """Callable class for ``map_batches``: item rows (``ITEM_COLUMNS``) -> (``item_id``, ``embedding``). Loads
     the item tower of ``bundle`` once per actor, on ``device`` (``auto``: CUDA when the actor has a GPU);
-    ``prices``: the catalogue's price levels (``PriceLevels.of_world``)."""
+    ``context``: the model's price levels and popularity counts (``bundle.item_context``)."""
 
-    def __init__(self, bundle: str, prices: PriceLevels, device: str = "auto") -> None:
+    def __init__(self, bundle: str, context: ItemContext, device: str = "auto") -> None:
         self.model, self.vocab, manifest = load_bundle(bundle, towers=("item",))
-        self.width, self.prices = manifest.features.title_words_kept, prices
+        self.width, self.context = manifest.features.title_words_kept, context
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                                    "cpu" if device == "auto" else device)
         self.model.to(self.device)
 
     @torch.inference_mode()
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
-        features = item_features(batch, self.vocab, self.width, self.prices)
+        features = item_features(batch, self.vocab, self.width, self.context)
         h = self.model.embed_items(as_tensors(features, self.device))
         return {"item_id": features["item_id"], "embedding": h.float().cpu().numpy()}
 
@@ -115,10 +115,10 @@ def embed_catalogue(world: str | Path, bundle: str | Path, cfg: EmbedConfig, ove
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
     with atomic_dir(out) as tmp:
-        prices = price_levels(bundle, model) or PriceLevels.of_world(world)  # the model's own edges when it has them
+        context = item_context(bundle, model, world)  # the model's own edges and counts when it has them
         ds = ray.data.read_parquet(str(items), num_cpus=cfg.cpus_per_actor).select_columns(ITEM_COLUMNS)
         ds = ds.map_batches(ItemEmbedder, fn_constructor_kwargs={"bundle": str(Path(bundle).resolve()),
-                                                                 "prices": prices},
+                                                                 "context": context},
                             compute=ray.data.ActorPoolStrategy(size=cfg.actors), num_cpus=cfg.cpus_per_actor,
                             num_gpus=cfg.gpus_per_actor or None, batch_size=cfg.batch_size, batch_format="pyarrow")
         ds.write_parquet(str(tmp))

@@ -39,7 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ray_mgdspr.config import IndexConfig
-from ray_mgdspr.data.features import ITEM_COLUMNS, PriceLevels
+from ray_mgdspr.data.features import ITEM_COLUMNS, ItemContext, ItemPopularity, PriceLevels
 from ray_mgdspr.data.world import read_table
 from ray_mgdspr.index.embed import ItemEmbedder
 from ray_mgdspr.index.manifest import DeltaRecord, IndexManifest, ShardEntry, read_manifest
@@ -54,7 +54,7 @@ from ray_mgdspr.index.shards import (
     write_shard,
 )
 from ray_mgdspr.index.versions import commit_version, current_version, staging_dir
-from ray_mgdspr.model.bundle import parse_bundle_manifest, price_levels
+from ray_mgdspr.model.bundle import item_popularity, parse_bundle_manifest, price_levels
 
 log = logging.getLogger(__name__)
 
@@ -138,13 +138,13 @@ def plan_delta(base: pa.Table, catalogue: pa.Table) -> Delta:
     return Delta(added, np.setdiff1d(old_ids, new_ids, assume_unique=True), changed, int((~differs_).sum()), rows)
 
 
-def embed_rows(bundle: str | Path, rows: pa.Table, prices: PriceLevels, batch_size: int = 1024
+def embed_rows(bundle: str | Path, rows: pa.Table, context: ItemContext, batch_size: int = 1024
                ) -> tuple[np.ndarray, np.ndarray]:
     """(item ids (n,), vectors (n, d)) of catalogue rows, embedded in this process by ``ItemEmbedder`` (the class
-    Ray Data's actors run for a full build), with the model's price levels."""
+    Ray Data's actors run for a full build), with the model's price levels and popularity counts."""
     if rows.num_rows == 0:  # removals only: no tower to load (its id table is the size of the catalogue)
         return np.zeros(0, np.int64), np.zeros((0, parse_bundle_manifest(bundle).model.d), np.float32)
-    embedder = ItemEmbedder(str(bundle), prices, device="cpu")
+    embedder = ItemEmbedder(str(bundle), context, device="cpu")
     ids, vectors = [np.zeros(0, np.int64)], [np.zeros((0, embedder.model.cfg.d), np.float32)]
     for lo in range(0, rows.num_rows, batch_size):
         out = embedder(rows.slice(lo, batch_size).select(ITEM_COLUMNS))
@@ -312,7 +312,8 @@ def update_index(catalogue: str | Path | pa.Table, bundle: str | Path, config: I
     t = time.perf_counter()
     prices = price_levels(bundle, model) or PriceLevels(  # the model's edges, else the base catalogue's
         old["leaf_id"].fill_null(-1).to_numpy(), old["price"].to_numpy(zero_copy_only=False).astype(np.float64))
-    ids, vectors = embed_rows(bundle, delta.rows, prices, batch_size)
+    popularity = item_popularity(bundle, model) or ItemPopularity.empty()  # a bundle from training always has it
+    ids, vectors = embed_rows(bundle, delta.rows, ItemContext(prices, popularity), batch_size)
     embed_s = time.perf_counter() - t
     t = time.perf_counter()
     new = apply_delta(root, base, old, version, delta, ids, vectors, make_current)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ray_mgdspr.config import FeatureConfig
-from ray_mgdspr.data.features import PRICE_LEVELS
+from ray_mgdspr.data.features import POPULARITY_LEVELS, PRICE_LEVELS, ItemPopularity
 from ray_mgdspr.model.item_tower import ITEM_SIDE_INFO
 from ray_mgdspr.model.query_tower import LONG_ATTRIBUTES, PRICE, SIDE_INFO
 
@@ -30,7 +30,8 @@ def query_shapes(f: FeatureConfig) -> dict[str, tuple[int, ...]]:
 
 def item_shapes(f: FeatureConfig) -> dict[str, tuple[int, ...]]:
     """Per-example shape of the item-tower inputs."""
-    return {"item_id": (), "item_title": (f.title_words_kept,)} | {f"item_{a}": () for a in ITEM_SIDE_INFO + PRICE}
+    side = ITEM_SIDE_INFO + PRICE + ItemPopularity.COLUMNS
+    return {"item_id": (), "item_title": (f.title_words_kept,)} | {f"item_{a}": () for a in side}
 
 
 def random_batch(
@@ -44,7 +45,8 @@ def random_batch(
     out: dict[str, np.ndarray] = {}
     for key, shape in (query_shapes(f) | item_shapes(f)).items():
         token = key.startswith(("query_", "his_")) or key == "item_title"
-        high = vocab_size if token else PRICE_LEVELS if key.endswith("_price") else n_items
+        high = (vocab_size if token else PRICE_LEVELS if key.endswith("_price") else
+                POPULARITY_LEVELS if key in ("item_impressions", "item_clicks") else n_items)
         x = rng.integers(1 if token else 0, high, size=(batch_size, *shape))
         if shape:
             n = rng.integers(0, int(shape[-1] * fill) + 1, size=(batch_size, *shape[:-1], 1))

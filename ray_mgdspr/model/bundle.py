@@ -6,6 +6,8 @@ bundle/
   query_tower.pt     state dict of the query tower (with the embedding tables it reads)
   item_tower.pt      state dict of the item tower (item ID and word tables, W_t)
   vocab.json         the vocabulary (its own checksum inside)
+  price_levels.json  the price levels' edges the model was trained with
+  item_popularity.parquet  the items' impression and click counts of the training days
 ```
 
 A bundle is written into a temporary sibling directory and renamed into place when complete, so a crash
@@ -26,13 +28,17 @@ from pydantic import BaseModel, Field
 
 from ray_mgdspr.artifacts import atomic_dir, sha256_file
 from ray_mgdspr.config import FeatureConfig, LossConfig, ModelConfig
-from ray_mgdspr.data.features import PriceLevels
+from ray_mgdspr.data.features import ItemContext, ItemPopularity, PriceLevels
 from ray_mgdspr.data.vocab import KINDS, Vocabulary
 from ray_mgdspr.model.mgdspr import TwoTower, build_model
 
-FORMAT_VERSION = 2
-"""2: the item tower may read side information (``model.item_side_info``, ``model.price_level``). A format-1
-bundle predates them: it is read with both off, which is what it was trained with."""
+FORMAT_VERSION = 3
+"""2: the item tower may read side information (``model.item_side_info``, ``model.price_level``); 3: and the
+items' popularity (``model.item_popularity``, ``POPULARITY_FILE``). Older bundles are read with what they predate
+switched off, which is what they were trained with."""
+_PREDATES = {1: {"item_side_info": False, "price_level": False, "item_popularity": False},
+             2: {"item_popularity": False}}
+"""Model switches an older format predates, by format: read as off."""
 MANIFEST = "manifest.json"
 TOWER_FILES = {"query": "query_tower.pt", "item": "item_tower.pt"}
 VOCAB_FILE = "vocab.json"
@@ -40,6 +46,10 @@ PRICE_LEVELS_FILE = "price_levels.json"
 """The price levels' edges the model was trained with (cut from the training world's catalogue): embedding, serving
 and delta updates read prices through them, so an item's level does not move with tomorrow's catalogue. Bundles
 written before it have none: readers then cut edges from the catalogue at hand."""
+POPULARITY_FILE = "item_popularity.parquet"
+"""The impression and click counts of the training days (``ItemPopularity``) the model was trained with: embedding
+and delta updates read an item's popularity levels from them (an item the training days never showed is level 0),
+so an index built from a bundle is reproducible whatever the logs hold later."""
 
 
 class BundleManifest(BaseModel):
@@ -61,12 +71,13 @@ def _towers(model: TwoTower) -> dict[str, torch.nn.Module]:
 def save_bundle(
     out: str | Path, model: TwoTower, vocab: Vocabulary, features: FeatureConfig, loss: LossConfig,
     metadata: dict[str, Any] | None = None, version: str | None = None, overwrite: bool = False,
-    prices: PriceLevels | None = None,
+    context: ItemContext | None = None,
 ) -> BundleManifest:
     """Write ``model`` as a bundle at ``out`` (atomically); returns its manifest.
 
     Args:
-        prices: the price levels the model was trained with (``PRICE_LEVELS_FILE``).
+        context: the price levels and popularity counts the model was trained with (``PRICE_LEVELS_FILE``,
+            ``POPULARITY_FILE``).
         version: the version id; default ``<UTC time>-<first 8 hex of the weights' checksum>``.
         overwrite: replace an existing bundle at ``out``; otherwise an existing ``out`` is an error.
     """
@@ -77,8 +88,9 @@ def save_bundle(
         for tower, name in TOWER_FILES.items():
             torch.save(_towers(model)[tower].state_dict(), tmp / name)
         vocab.save(tmp / VOCAB_FILE)
-        if prices is not None:
-            (tmp / PRICE_LEVELS_FILE).write_text(prices.to_json())
+        if context is not None:
+            (tmp / PRICE_LEVELS_FILE).write_text(context.prices.to_json())
+            context.popularity.to_parquet(tmp / POPULARITY_FILE)
         files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
         now = dt.datetime.now(dt.UTC)
         digest = hashlib.sha256("".join(files[n] for n in TOWER_FILES.values()).encode()).hexdigest()
@@ -97,14 +109,15 @@ def save_bundle(
 
 
 def parse_bundle_manifest(path: str | Path) -> BundleManifest:
-    """The manifest of the bundle at ``path`` (a format-1 manifest read as format 2), without checking its files."""
+    """The manifest of the bundle at ``path`` (an older format read as the current one), without checking its
+    files."""
     path = Path(path)
     if not (path / MANIFEST).is_file():
         raise FileNotFoundError(f"{path}: not a model bundle (no {MANIFEST})")
     raw = json.loads((path / MANIFEST).read_text())
-    if isinstance(raw, dict) and raw.get("format_version") == 1:
+    if isinstance(raw, dict) and raw.get("format_version") in _PREDATES:
         raw = {**raw, "format_version": FORMAT_VERSION,
-               "model": {"item_side_info": False, "price_level": False, **raw.get("model", {})}}
+               "model": {**_PREDATES[raw["format_version"]], **raw.get("model", {})}}
     manifest = BundleManifest.model_validate(raw)
     if manifest.format_version != FORMAT_VERSION:
         raise ValueError(f"{path}: bundle format {manifest.format_version}, this code reads {FORMAT_VERSION}")
@@ -142,13 +155,41 @@ def load_bundle(
 
 def price_levels(path: str | Path, manifest: BundleManifest | None = None) -> PriceLevels | None:
     """The price levels a bundle was trained with (checked against its checksum), or None for a bundle without."""
+    checked = _checked_file(path, PRICE_LEVELS_FILE, manifest)
+    return None if checked is None else PriceLevels.from_json(checked.read_text())
+
+
+def item_popularity(path: str | Path, manifest: BundleManifest | None = None) -> ItemPopularity | None:
+    """The popularity counts a bundle was trained with (checked against its checksum), or None for a bundle whose
+    model does not read them."""
+    checked = _checked_file(path, POPULARITY_FILE, manifest)
+    return None if checked is None else ItemPopularity.from_parquet(checked)
+
+
+def item_context(path: str | Path, manifest: BundleManifest | None = None,
+                 world: str | Path | None = None) -> ItemContext:
+    """The price levels and popularity counts a bundle was trained with; what it lacks (a bundle written without
+    them) comes from ``world``'s catalogue and training days (``ItemContext.of_world``).
+
+    Raises:
+        ValueError: a bundle file does not match its checksum, or the bundle lacks one and no ``world`` is given.
+    """
+    prices, popularity = price_levels(path, manifest), item_popularity(path, manifest)
+    if (prices is None or popularity is None) and world is None:
+        raise ValueError(f"{path}: bundle has no {PRICE_LEVELS_FILE} or {POPULARITY_FILE}; name the world it "
+                         "was trained on")
+    return ItemContext(prices or PriceLevels.of_world(world), popularity or ItemPopularity.of_world(world))
+
+
+def _checked_file(path: str | Path, name: str, manifest: BundleManifest | None) -> Path | None:
+    """``path / name`` after checking it against the manifest's checksum; None when the bundle has no such file."""
     path = Path(path)
     manifest = parse_bundle_manifest(path) if manifest is None else manifest
-    if PRICE_LEVELS_FILE not in manifest.files:
+    if name not in manifest.files:
         return None
-    if sha256_file(path / PRICE_LEVELS_FILE) != manifest.files[PRICE_LEVELS_FILE]:
-        raise ValueError(f"{path}: bundle file {PRICE_LEVELS_FILE} does not match its checksum (corrupt or modified)")
-    return PriceLevels.from_json((path / PRICE_LEVELS_FILE).read_text())
+    if sha256_file(path / name) != manifest.files[name]:
+        raise ValueError(f"{path}: bundle file {name} does not match its checksum (corrupt or modified)")
+    return path / name
 
 
 def bundle_summary(manifest: BundleManifest) -> str:

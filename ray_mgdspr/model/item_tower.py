@@ -4,7 +4,9 @@ The paper uses the item ID and the title (it found LSTM/Transformer title encode
 titles are keyword stacks without grammar). With ``ModelConfig.item_side_info`` (the default here, not the
 paper's) the tower also reads the item's side information, the same tables the behaviour sequences use:
 side = concat(e_leaf, e_cate1, e_brand, e_shop[, e_price]). A catalogue whose ID rows see few clicks each gets
-its brand, shop and price level from rows shared by many items (docs/model.md, "Item side information").
+its brand, shop and price level from rows shared by many items (docs/model.md, "Item side information"). With
+``ModelConfig.item_popularity`` the side information also holds the item's impression and click levels
+(``ItemPopularity``): how often the logging engine showed it and searchers clicked it in the training days.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from ray_mgdspr.config import ModelConfig
+from ray_mgdspr.data.features import ItemPopularity
 from ray_mgdspr.model.layers import masked_mean
 from ray_mgdspr.model.query_tower import priced
 from ray_mgdspr.model.tables import Tables
@@ -23,7 +26,9 @@ ITEM_SIDE_INFO = ("leaf", "cate1", "brand", "shop")
 
 def item_side(cfg: ModelConfig) -> tuple[str, ...]:
     """The side information the item tower of this config reads (tables of ``Tables``)."""
-    return ITEM_SIDE_INFO + priced(cfg) if cfg.item_side_info else ()
+    if not cfg.item_side_info:
+        return ()
+    return ITEM_SIDE_INFO + priced(cfg) + (ItemPopularity.COLUMNS if cfg.item_popularity else ())
 
 
 def item_inputs(cfg: ModelConfig) -> tuple[str, ...]:
@@ -42,7 +47,8 @@ class ItemTower(nn.Module):
     Example:
         >>> cfg = ModelConfig(d=8, heads=2, item_buckets=100, shop_buckets=10, brand_buckets=10, category_buckets=10)
         >>> tower = ItemTower(cfg, Tables(cfg, {"words": 40, "chars": 40, "bigrams": 40}))
-        >>> side = {f"item_{f}": torch.tensor([1, -1]) for f in ("leaf", "cate1", "brand", "shop", "price")}
+        >>> side = {f"item_{f}": torch.tensor([1, -1]) for f in ("leaf", "cate1", "brand", "shop", "price",
+        ...                                                         "impressions", "clicks")}
         >>> tower({"item_id": torch.tensor([3, 7]), "item_title": torch.tensor([[1, 2, 0], [5, 0, 0]]), **side}).shape
         torch.Size([2, 8])
     """

@@ -56,7 +56,7 @@ def mixed_hard_negatives(
 
 def softmax_loss(
     q: torch.Tensor, pos: torch.Tensor, pool: torch.Tensor, hit: torch.Tensor, cfg: LossConfig,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | None = None, log_q: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> LossOutput:
     """-log softmax(F(q, i+)/τ) over {i+} ∪ pool ∪ I_mix (spec §4.1-§4.3).
 
@@ -64,6 +64,11 @@ def softmax_loss(
         q: (B, d) H_qu. pos: (B, d) positives. pool: (M, d) shared negatives.
         hit: (B, M) accidental hits (masked). cfg: τ, N, a, b.
         generator: for α (reproducible tests).
+        log_q: ((B,), (M,)) log of the expected count in the pool of each positive and pool item: the sampling
+            correction (not in the paper; ``LossConfig.logq``). Each logit F/τ becomes F/τ - log Q, so the
+            softmax over a pool drawn as clicks are estimates the softmax over the whole catalogue, instead of
+            penalising items for being clicked often (Yi et al., RecSys 2019). I_mix mixes corrected logits.
+            ``logits`` are returned in F's units (F - τ log Q).
 
     Example (τ = 1, no I_mix; the positive and one negative score 1 and 0):
         >>> q, pos, pool = torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
@@ -72,7 +77,10 @@ def softmax_loss(
         True
     """
     s_pos = (q * pos).sum(-1, keepdim=True)  # (B, 1)
-    s_neg = (q @ pool.T).masked_fill(hit, float("-inf"))  # (B, M)
+    s_neg = q @ pool.T  # (B, M)
+    if log_q is not None:
+        s_pos, s_neg = s_pos - cfg.tau * log_q[0][:, None], s_neg - cfg.tau * log_q[1][None, :]
+    s_neg = s_neg.masked_fill(hit, float("-inf"))
     parts, hard = [s_pos, s_neg], q.new_zeros(q.size(0), 0, dtype=torch.long)
     if cfg.n_hard > 0:
         s_mix, hard = mixed_hard_negatives(s_pos, s_neg, cfg, generator)
@@ -98,9 +106,11 @@ def hinge_loss(
 def compute_loss(
     q: torch.Tensor, pos: torch.Tensor, pool: torch.Tensor, pos_ids: torch.Tensor, pool_ids: torch.Tensor,
     cfg: LossConfig, generator: torch.Generator | None = None,
+    log_q: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> LossOutput:
-    """The configured loss (``cfg.kind``) with accidental hits (pool id == positive id) masked."""
+    """The configured loss (``cfg.kind``) with accidental hits (pool id == positive id) masked; ``log_q``: the
+    softmax's sampling correction (``softmax_loss``; the hinge loss has none)."""
     hit = accidental_hits(pos_ids, pool_ids)
     if cfg.kind == "hinge":
         return hinge_loss(q, pos, pool, hit, cfg)
-    return softmax_loss(q, pos, pool, hit, cfg, generator)
+    return softmax_loss(q, pos, pool, hit, cfg, generator, log_q)

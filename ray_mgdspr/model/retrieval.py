@@ -27,16 +27,37 @@ class CatalogueFeatures:
     """Item-tower inputs of the whole catalogue: what negatives are sampled from and what gets embedded.
 
     ``features``: ``Featurizer.items`` of every item (``item_id`` (N,), ``item_title`` (N, T), ``item_<side>``
-    (N,)), in catalogue order.
+    (N,)), in catalogue order. ``clicks``: (N,) each item's clicks in the training days (``ItemPopularity``),
+    which the sampling correction of the loss reads (``log_expected_count``); None: unknown, taken as equal.
     """
 
     features: dict[str, np.ndarray]
+    clicks: np.ndarray | None = None
 
     @classmethod
     def from_featurizer(cls, featurizer: Featurizer, item_ids: np.ndarray | pa.Array | pa.ChunkedArray
                         ) -> CatalogueFeatures:
-        f = featurizer.items(np.asarray(item_ids, np.int64))
-        return cls({k: np.array(v) for k, v in f.items()})  # own, writable copies
+        ids = np.asarray(item_ids, np.int64)
+        f = featurizer.items(ids)
+        return cls({k: np.array(v) for k, v in f.items()},  # own, writable copies
+                   featurizer.popularity.count("clicks", ids))
+
+    def log_expected_count(self, item_ids: np.ndarray, positives: int, uniform: int) -> np.ndarray:
+        """log of how often each of ``item_ids`` is expected in one step's negative pool of ``positives`` batch
+        positives (drawn as clicks are: an item's share of the training clicks, add-one smoothed) and ``uniform``
+        uniform samples of the catalogue: the log Q of the sampled softmax's correction (``LossConfig.logq``).
+
+        Example:
+            >>> cat = CatalogueFeatures({"item_id": np.array([5, 9, 2])}, clicks=np.array([7, 0, 0]))
+            >>> np.exp(cat.log_expected_count(np.array([5, 2]), positives=10, uniform=3)).round(3).tolist()
+            [9.0, 2.0]
+        """
+        n = len(self)
+        clicks = np.zeros(n) if self.clicks is None else self.clicks.astype(np.float64)
+        order = np.argsort(self.item_id, kind="stable")
+        rows = order[np.minimum(np.searchsorted(self.item_id, item_ids, sorter=order), n - 1)]
+        share = np.where(self.item_id[rows] == item_ids, clicks[rows] + 1, 1.0) / (clicks.sum() + n)
+        return np.log(positives * share + uniform / n)
 
     @property
     def item_id(self) -> np.ndarray:

@@ -8,7 +8,7 @@ import pyarrow.compute as pc
 import torch.nn as nn
 
 from ray_mgdspr.config import ModelConfig
-from ray_mgdspr.data.features import PRICE_LEVELS
+from ray_mgdspr.data.features import POPULARITY_LEVELS, PRICE_LEVELS, ItemPopularity
 from ray_mgdspr.data.world import read_table
 from ray_mgdspr.model.layers import HashedEmbedding
 
@@ -45,7 +45,8 @@ def world_max_ids(world: str | Path) -> dict[str, int]:
 
 class Tables(nn.Module):
     """Token tables (words, characters, bigrams; row 0 = PAD), hashed ID tables (item, shop, brand, leaf
-    and first-level category; row 0 = padding/missing) and, with ``cfg.price_level``, the price level table.
+    and first-level category; row 0 = padding/missing), with ``cfg.price_level`` the price level table and, with
+    ``cfg.item_popularity``, the impression and click level tables (item tower only).
 
     Args:
         cfg: model sizes (``d``, ``*_buckets``, ``sparse_ids``).
@@ -69,6 +70,9 @@ class Tables(nn.Module):
         self.cate1 = HashedEmbedding(cfg.category_buckets, d, sparse)
         if cfg.price_level:
             self.price = HashedEmbedding(PRICE_LEVELS + 1, d, sparse)
+        if cfg.item_side_info and cfg.item_popularity:
+            for name in ItemPopularity.COLUMNS:
+                setattr(self, name, HashedEmbedding(POPULARITY_LEVELS + 1, d, sparse))
         for table in self.children():
             nn.init.normal_(table.weight, std=d**-0.5)
             nn.init.zeros_(table.weight[0])

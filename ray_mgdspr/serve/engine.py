@@ -29,9 +29,9 @@ from ray_mgdspr.index.shards import IndexCorruptError, verify_index, version_ite
 from ray_mgdspr.index.versions import current_version
 from ray_mgdspr.model.bundle import (
     BundleManifest,
+    item_context,
     load_bundle,
     parse_bundle_manifest,
-    price_levels,
     read_bundle_manifest,
 )
 from ray_mgdspr.model.layers import as_tensors
@@ -158,7 +158,7 @@ class QueryEncoder:
         torch.set_num_threads(threads)
         self.model, vocab, self.manifest = load_bundle(bundle, towers=("query",))
         self.featurizer = Featurizer(world, vocab, self.manifest.features, history_days=[],
-                                     prices=price_levels(bundle, self.manifest))
+                                     context=item_context(bundle, self.manifest, world))
         self.tokenizer = vocab.tokenizer()
         self.relevance = RelevanceFilter.from_world(world, load_items=False)
         self.store = store

@@ -66,19 +66,25 @@ def shared_positives(pos: torch.Tensor, pos_ids: torch.Tensor, gather: bool) -> 
 def train_step(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
     negatives: dict[str, torch.Tensor], loss_cfg: LossConfig, clip_norm: float,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | None = None, catalogue: CatalogueFeatures | None = None,
 ) -> dict[str, float]:
     """One optimisation step on ``batch``; ``negatives`` are the sampled pool items (item features).
 
-    ``model`` is a :class:`TwoTower`, or one wrapped in DistributedDataParallel.
+    ``model`` is a :class:`TwoTower`, or one wrapped in DistributedDataParallel. ``catalogue``: what the
+    negatives were sampled from; with ``loss_cfg.logq`` its click counts give the sampling correction.
 
     Returns loss, grad norm (before clipping), in-pool accuracy (positive scored above every negative).
     """
     model.train()
     q, pos, sampled = model(batch, negatives)  # (B, d), (B, d), (M, d)
     pool, pool_ids = shared_positives(pos, batch["item_id"], loss_cfg.gather_positives)
+    positives, uniform = pool.size(0), sampled.size(0)
     pool, pool_ids = torch.cat([pool, sampled]), torch.cat([pool_ids, negatives["item_id"]])
-    out = compute_loss(q, pos, pool, batch["item_id"], pool_ids, loss_cfg, generator)
+    log_q = None
+    if loss_cfg.logq and loss_cfg.kind == "softmax" and catalogue is not None:
+        log_q = tuple(torch.as_tensor(catalogue.log_expected_count(ids.cpu().numpy(), positives, uniform),
+                                      dtype=q.dtype, device=q.device) for ids in (batch["item_id"], pool_ids))
+    out = compute_loss(q, pos, pool, batch["item_id"], pool_ids, loss_cfg, generator, log_q)
     optimizer.zero_grad(set_to_none=True)
     out.loss.backward()
     norm = clip_grad_norm(model.parameters(), clip_norm)
@@ -131,7 +137,8 @@ def fit_local(
         for start in range(0, len(order) - bs + 1, bs):
             batch = as_tensors(featurizer(examples.take(order[start : start + bs])))
             negatives = as_tensors(catalogue.sample(extra_negatives(loss_cfg, bs), rng))
-            metrics = train_step(model, optimizer, batch, negatives, loss_cfg, optim_cfg.clip_norm, generator)
+            metrics = train_step(model, optimizer, batch, negatives, loss_cfg, optim_cfg.clip_norm, generator,
+                                 catalogue)
             run.history.append(metrics)
             step += 1
             if on_step:

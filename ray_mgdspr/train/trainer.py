@@ -33,7 +33,7 @@ from ray.train.torch import TorchTrainer
 from ray_mgdspr.artifacts import write_text_atomic
 from ray_mgdspr.config import ProjectConfig
 from ray_mgdspr.data import schema
-from ray_mgdspr.data.features import Featurizer, PriceLevels
+from ray_mgdspr.data.features import Featurizer, ItemContext
 from ray_mgdspr.data.pipeline import check_item_ids, search_event_files, training_dataset
 from ray_mgdspr.data.vocab import KINDS, Vocabulary, build_vocab_from_world
 from ray_mgdspr.data.world import read_manifest, read_table, table_files
@@ -147,10 +147,10 @@ def _vocab(cfg: ProjectConfig, world: str, run: Path) -> Path:
 
 
 @ray.remote
-def _catalogue_features(world: str, vocab_path: str, cfg: ProjectConfig) -> dict[str, np.ndarray]:
+def _catalogue_features(world: str, vocab_path: str, cfg: ProjectConfig) -> CatalogueFeatures:
     """Item-tower inputs of the whole catalogue (negatives are sampled from it; evaluation embeds it)."""
     featurizer = Featurizer(world, Vocabulary.load(vocab_path), cfg.features, history_days=[])
-    return featurizer.items(read_table(world, "items", columns=["item_id"])["item_id"].to_numpy())
+    return CatalogueFeatures.from_featurizer(featurizer, read_table(world, "items", columns=["item_id"])["item_id"])
 
 
 @ray.remote
@@ -235,7 +235,7 @@ def train(cfg: ProjectConfig) -> TrainResult:
                 "epochs": state["epoch"], "steps": state["global_step"], "final": metrics[-1] if metrics else {},
                 "resumed_at_steps": state.get("resumed_at", [])}
     bundle = save_bundle(out, model, vocab, cfg.features, cfg.loss, metadata=metadata, overwrite=True,
-                         prices=PriceLevels.of_world(world))  # the edges training's featurizer cut
+                         context=ItemContext.of_world(world))  # the edges and counts training's featurizer used
     metrics_path = out.parent / f"{out.name}.metrics.json"
     _write_json(metrics_path, {"version": bundle.version, "data": manifest.label, "history": metrics})
     return TrainResult(out, bundle, metrics, metrics_path, time.perf_counter() - t0)
@@ -281,7 +281,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     optimizer = model_optimizer(model, cfg.optim)
     progress = _restore(model, optimizer)
     ddp = ray.train.torch.prepare_model(model)  # Ray: DDP (gloo on CPU, nccl on GPU), moved to the device
-    catalogue = CatalogueFeatures(ray.get(config["catalogue"]))
+    catalogue: CatalogueFeatures = ray.get(config["catalogue"])
     held_out = ray.get(config["eval"]) if rank == 0 else None
     shard = ray.train.get_dataset_shard("train")  # Ray: this worker's stream of featurized examples
     bs, n_neg = cfg.train.batch_size, extra_negatives(cfg.loss, cfg.train.batch_size * world_size)
@@ -300,7 +300,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             start = time.perf_counter()
             negatives = {k: torch.as_tensor(v, device=device) for k, v in catalogue.sample(n_neg, rng).items()}
             with autocast:
-                m = train_step(ddp, optimizer, batch, negatives, cfg.loss, cfg.optim.clip_norm, generator)
+                m = train_step(ddp, optimizer, batch, negatives, cfg.loss, cfg.optim.clip_norm, generator,
+                               catalogue)
             losses.append(m["loss"])
             compute_s += time.perf_counter() - start
             progress["global_step"] += 1

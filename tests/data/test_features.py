@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ray_mgdspr.config import FeatureConfig
-from ray_mgdspr.data.features import DAY_MS, LONG_ACTIONS, Featurizer, PriceLevels
+from ray_mgdspr.data.features import DAY_MS, LONG_ACTIONS, Featurizer, ItemPopularity, PriceLevels
 from ray_mgdspr.data.vocab import PAD, Vocabulary
 from ray_mgdspr.data.world import read_manifest, read_table
 
@@ -42,7 +42,8 @@ def contract_keys(with_item: bool) -> dict[str, tuple[int, ...]]:
     for f in ("item", *LONG_SIDE):
         keys[f"lt_{f}"] = (3, c.long_len)
     if with_item:
-        keys.update(item_id=(), item_title=(c.title_words_kept,), **{f"item_{f}": () for f in SIDE})
+        keys.update(item_id=(), item_title=(c.title_words_kept,), **{f"item_{f}": () for f in SIDE},
+                    item_impressions=(), item_clicks=())
     return keys
 
 
@@ -340,6 +341,31 @@ def test_item_features_encode_titles_and_unknown_items_are_pad(world_en: Path, f
     for f in ("shop", "leaf", "cate1", "brand"):
         assert out[f"item_{f}"].tolist() == [-1 if r[f"{f}_id"] is None else r[f"{f}_id"] for r in side] + [-1], f
     assert out["item_price"][-1] == -1 and ((out["item_price"][:-1] >= 0) & (out["item_price"][:-1] < 10)).all()
+
+
+def test_popularity_counts_the_training_days_and_leaves_a_training_example_out(
+        world_en: Path, feat_en: Featurizer, train_en: pa.Table) -> None:
+    """Impression and click counts are those of the training days' logs (the test day is never counted); an
+    example's own search is left out of its item's counts; items never shown are level 0."""
+    days = read_manifest(world_en).train_days
+    logs = pa.concat_tables(read_table(world_en, "search_events", days=[d]) for d in days)
+    shown = np.concatenate([np.asarray(v, np.int64) for v in logs["impressed_item_ids"].to_pylist()])
+    clicked = np.concatenate([np.asarray(v, np.int64) for v in logs["clicked_item_ids"].to_pylist()])
+    pop = ItemPopularity.of_world(world_en)
+    ids = np.unique(shown)
+    assert pop.counts["impressions"][np.searchsorted(pop.item_ids, ids)].tolist() == \
+        [int((shown == i).sum()) for i in ids]
+    top = np.bincount(clicked).argmax()
+    level = feat_en.items(np.array([top, 10**9]))
+    assert level["item_clicks"].tolist() == [min(int(np.log2(1 + (clicked == top).sum())), 15), 0]
+    rows = train_en.slice(0, 200)
+    trained, served = feat_en(rows), feat_en.items(rows["item_id"].to_numpy())
+    own = pop.levels(rows["item_id"].to_numpy(), own=np.ones(200, bool))
+    assert all(trained[k].tolist() == own[k].tolist() for k in own)
+    assert (trained["item_clicks"] <= served["item_clicks"]).all()
+    assert (trained["item_clicks"] < served["item_clicks"]).any()  # log2(1 + c - 1) < log2(1 + c) at c = 1, 3, 7...
+    test_only = np.setdiff1d(np.arange(pop.item_ids.max() + 2), pop.item_ids)[:5]
+    assert feat_en.items(test_only)["item_impressions"].tolist() == [0] * len(test_only)
 
 
 def test_price_levels_are_deciles_within_each_leaf(world_en: Path, feat_en: Featurizer) -> None:

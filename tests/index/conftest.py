@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ray_mgdspr.config import FeatureConfig, LossConfig, ModelConfig, VocabConfig
-from ray_mgdspr.data.features import PriceLevels
+from ray_mgdspr.data.features import ItemContext
 from ray_mgdspr.data.vocab import KINDS, build_vocab_from_world
 from ray_mgdspr.model.bundle import save_bundle
 from ray_mgdspr.model.mgdspr import build_model
@@ -25,5 +25,5 @@ def bundle(world_en: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     model = build_model(cfg, {k: vocab.num_ids(k) for k in KINDS})
     out = tmp_path_factory.mktemp("bundle") / "b"
     save_bundle(out, model, vocab, FeatureConfig(), LossConfig(), version="v-test",
-                prices=PriceLevels.of_world(world_en))
+                context=ItemContext.of_world(world_en))
     return out

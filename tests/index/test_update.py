@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from ray_mgdspr.config import IndexConfig
-from ray_mgdspr.data.features import PriceLevels
+from ray_mgdspr.data.features import ItemContext, PriceLevels
 from ray_mgdspr.data.schema import ITEMS
 from ray_mgdspr.data.simulator.churn import daily_churn
 from ray_mgdspr.data.world import conform, read_table
@@ -26,13 +26,13 @@ from ray_mgdspr.index.search import IndexReader
 from ray_mgdspr.index.shards import build_index_version, split_by_shard, verify_index
 from ray_mgdspr.index.update import CATALOGUE_COLUMNS, base_catalogue, embed_rows, plan_delta, update_index
 from ray_mgdspr.index.versions import current_version, list_versions
-from ray_mgdspr.model.bundle import price_levels, read_bundle_manifest
+from ray_mgdspr.model.bundle import item_context, item_popularity, price_levels, read_bundle_manifest
 
 
 def full_build(root: Path, version: str, catalogue: pa.Table, bundle: Path, config: IndexConfig,
-               prices: PriceLevels, make_current: bool = True) -> np.ndarray:
+               context: ItemContext, make_current: bool = True) -> np.ndarray:
     """A full build of ``catalogue``: every item embedded (the class Ray Data's actors run) and indexed."""
-    ids, vectors = embed_rows(bundle, catalogue, prices)
+    ids, vectors = embed_rows(bundle, catalogue, context)
     model = read_bundle_manifest(bundle)
     build_index_version(root, version, split_by_shard(vectors, ids, catalogue, config.shards), config,
                         model.version, model.files["item_tower.pt"], vectors.shape[1], make_current=make_current,
@@ -45,11 +45,11 @@ def items_of(world: Path) -> pa.Table:
 
 
 @pytest.fixture
-def base(tmp_path: Path, world_en: Path, bundle: Path) -> tuple[IndexConfig, PriceLevels]:
+def base(tmp_path: Path, world_en: Path, bundle: Path) -> tuple[IndexConfig, ItemContext]:
     config = IndexConfig(out=str(tmp_path / "index"), shards=3)
-    prices = price_levels(bundle)
-    full_build(tmp_path / "index", "v-test", items_of(world_en), bundle, config, prices)
-    return config, prices
+    context = item_context(bundle)
+    full_build(tmp_path / "index", "v-test", items_of(world_en), bundle, config, context)
+    return config, context
 
 
 def test_plan_finds_added_removed_and_changed_items(world_en: Path) -> None:
@@ -66,7 +66,7 @@ def test_plan_finds_added_removed_and_changed_items(world_en: Path) -> None:
 
 def test_delta_equals_a_full_build_of_the_new_catalogue_on_flat_shards(tmp_path: Path, world_en: Path,
                                                                        bundle: Path, base) -> None:
-    config, prices = base
+    config, context = base
     after = daily_churn(items_of(world_en), share=0.04, seed=1)
     result = update_index(after, bundle, config, version="v-test.d1")
     m = result.manifest
@@ -78,7 +78,7 @@ def test_delta_equals_a_full_build_of_the_new_catalogue_on_flat_shards(tmp_path:
 
     # the reference: a full build of the changed catalogue (with the model's price levels, as embed_catalogue)
     ref = IndexConfig(out=str(tmp_path / "full"), shards=3)
-    vectors = full_build(tmp_path / "full", "v-test", after, bundle, ref, prices)
+    vectors = full_build(tmp_path / "full", "v-test", after, bundle, ref, context)
     queries = np.random.default_rng(0).standard_normal((64, vectors.shape[1])).astype(np.float32)
     scores, ids = IndexReader(Path(config.out) / "v-test.d1").search(queries, 20)
     ref_scores, ref_ids = IndexReader(Path(ref.out) / "v-test").search(queries, 20)
@@ -101,7 +101,7 @@ def test_removed_items_are_never_found_and_untouched_shards_are_shared(tmp_path:
     catalogue = base_catalogue(Path(config.out) / "v-test.d2")
     assert not np.isin(gone, catalogue["item_id"].to_numpy()).any()
     ids_base, vectors_base = embed_rows(bundle, before.filter(pa.array(np.isin(before["item_id"].to_numpy(), gone))),
-                                        price_levels(bundle))
+                                        item_context(bundle))
     _, found = IndexReader(Path(config.out) / "v-test.d2").search(vectors_base, 50)  # their own vectors
     assert not np.isin(found, ids_base).any()
     from ray_mgdspr.serve.engine import LexicalChannel
@@ -122,13 +122,13 @@ def test_ivf_delta_keeps_recall_within_a_point_of_a_full_build(tmp_path: Path, w
                                                                ) -> None:
     ivf = dict(shards=2, factory="IVF8,Flat", nprobe=2)
     config = IndexConfig(out=str(tmp_path / "index"), **ivf)
-    prices = price_levels(bundle)
-    full_build(tmp_path / "index", "v-test", items_of(world_en), bundle, config, prices)
+    context = item_context(bundle)
+    full_build(tmp_path / "index", "v-test", items_of(world_en), bundle, config, context)
     after = daily_churn(items_of(world_en), share=0.04, seed=2)
     update_index(after, bundle, config, version="v-test.d1")
     ref = IndexConfig(out=str(tmp_path / "full"), **ivf)
-    vectors = full_build(tmp_path / "full", "v-test", after, bundle, ref, prices)
-    ids_all, _ = embed_rows(bundle, after, prices)
+    vectors = full_build(tmp_path / "full", "v-test", after, bundle, ref, context)
+    ids_all, _ = embed_rows(bundle, after, context)
     queries = vectors[np.random.default_rng(1).choice(len(vectors), 200, replace=False)]
     exact = ids_all[np.argsort(-(queries @ vectors.T), axis=1)[:, :10]]
 
@@ -154,13 +154,13 @@ def test_refusals_name_the_reason(tmp_path: Path, world_en: Path, bundle: Path, 
     with pytest.raises(ValueError, match="not the model of index version v-test"):
         update_index(items_of(world_en), other, config)
     hnsw = IndexConfig(out=str(tmp_path / "hnsw"), shards=1, factory="HNSW8")
-    full_build(tmp_path / "hnsw", "v-test", items_of(world_en), bundle, hnsw, price_levels(bundle))
+    full_build(tmp_path / "hnsw", "v-test", items_of(world_en), bundle, hnsw, item_context(bundle))
     with pytest.raises(ValueError, match=r"cannot remove vectors.*mgdspr index build"):
         update_index(daily_churn(items_of(world_en), share=0.04), bundle, hnsw, version="v-test.d1")
     assert list_versions(hnsw.out) == ["v-test"]  # nothing half-written
     no_prices = IndexConfig(out=str(tmp_path / "old"), shards=1)
     items = items_of(world_en).drop_columns(["price", "shop_id"])
-    ids, vectors = embed_rows(bundle, items_of(world_en), price_levels(bundle))
+    ids, vectors = embed_rows(bundle, items_of(world_en), item_context(bundle))
     model = read_bundle_manifest(bundle)
     build_index_version(no_prices.out, "v-test", split_by_shard(vectors, ids, items, 1), no_prices, "v-test",
                         model.files["item_tower.pt"], 16, make_current=True, bundle=str(bundle))
@@ -228,11 +228,12 @@ def test_a_bundle_without_price_levels_updates_with_the_base_catalogues(tmp_path
     assert price_levels(old_style) is None
     config = IndexConfig(out=str(tmp_path / "index"), shards=2)
     before = items_of(world_en)
-    full_build(tmp_path / "index", "v-test", before, old_style, config, PriceLevels.of_world(world_en))
+    base_edges = ItemContext(PriceLevels.of_world(world_en), item_popularity(old_style))
+    full_build(tmp_path / "index", "v-test", before, old_style, config, base_edges)
     after = daily_churn(before, share=0.04, seed=4)
     update_index(after, old_style, config, version="v-test.d1")
     ref = IndexConfig(out=str(tmp_path / "full"), shards=2)
-    full_build(tmp_path / "full", "v-test", after, old_style, ref, PriceLevels.of_world(world_en))
+    full_build(tmp_path / "full", "v-test", after, old_style, ref, base_edges)
     for s in range(2):
         assert pq.read_table(Path(config.out) / "v-test.d1" / f"shard-{s:05d}.parquet").equals(
             pq.read_table(Path(ref.out) / "v-test" / f"shard-{s:05d}.parquet"))

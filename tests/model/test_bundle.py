@@ -108,31 +108,42 @@ def test_format_1_bundle_loads_as_the_paper_item_tower(tmp_path: Path, vocab: Vo
     b = {k: v for k, v in _batch(vocab).items() if not k.endswith("_price") and k not in
          ("item_leaf", "item_cate1", "item_brand", "item_shop")}
     torch.testing.assert_close(loaded.embed_items(b), model.embed_items(b))
+    two = {**raw, "format_version": 2, "model": {**raw["model"], "item_side_info": True, "price_level": True}}
+    del two["model"]["item_popularity"]
+    path.write_text(json.dumps(two))  # format 2: side information and price, no popularity
+    assert read_bundle_manifest(tmp_path / "b").model.item_popularity is False
     raw["format_version"] = 7
     path.write_text(json.dumps(raw))
-    with pytest.raises(ValueError, match="bundle format 7, this code reads 2"):
+    with pytest.raises(ValueError, match="bundle format 7, this code reads 3"):
         load_bundle(tmp_path / "b")
 
 
-def test_price_levels_travel_with_the_bundle(tmp_path: Path, vocab: Vocabulary) -> None:
-    """The edges a model was trained with are saved in its bundle (checksummed) and read back exactly; a bundle
-    without them reads None (readers then cut edges from the catalogue at hand)."""
+def test_price_levels_and_popularity_travel_with_the_bundle(tmp_path: Path, vocab: Vocabulary) -> None:
+    """The edges and counts a model was trained with are saved in its bundle (checksummed) and read back exactly;
+    a bundle without them reads None, and ``item_context`` then takes them from the world it is given."""
     import numpy as np
 
-    from ray_mgdspr.data.features import PriceLevels
-    from ray_mgdspr.model.bundle import PRICE_LEVELS_FILE, price_levels
+    from ray_mgdspr.data.features import ItemContext, ItemPopularity, PriceLevels
+    from ray_mgdspr.model.bundle import POPULARITY_FILE, PRICE_LEVELS_FILE, item_context, item_popularity, price_levels
 
     rng = np.random.default_rng(0)
     leaf, price = rng.integers(0, 40, 2000), np.round(rng.lognormal(3, 1, 2000), 2)
     trained = PriceLevels(leaf, price)
-    m = save_bundle(tmp_path / "b", _model(vocab, 0), vocab, FEATURES, LossConfig(), prices=trained)
-    assert PRICE_LEVELS_FILE in m.files
+    counts = ItemPopularity(rng.permutation(3000)[:500], rng.integers(0, 5000, 500), rng.integers(0, 50, 500))
+    m = save_bundle(tmp_path / "b", _model(vocab, 0), vocab, FEATURES, LossConfig(),
+                    context=ItemContext(trained, counts))
+    assert {PRICE_LEVELS_FILE, POPULARITY_FILE} <= m.files.keys()
     again = price_levels(tmp_path / "b")
     np.testing.assert_array_equal(again.edges, trained.edges)
     probe_leaf, probe_price = rng.integers(-1, 45, 500), rng.lognormal(3, 1, 500)
     assert again(probe_leaf, probe_price).tolist() == trained(probe_leaf, probe_price).tolist()
+    probe_items = rng.integers(-1, 3500, 800)
+    got, want = item_popularity(tmp_path / "b").levels(probe_items), counts.levels(probe_items)
+    assert all(got[k].tolist() == want[k].tolist() for k in want) and want["item_impressions"].max() > 10
     (tmp_path / "b" / PRICE_LEVELS_FILE).write_text(trained.to_json().replace("1", "2", 1))
     with pytest.raises(ValueError, match=r"price_levels\.json does not match its checksum"):
         price_levels(tmp_path / "b")
     save_bundle(tmp_path / "c", _model(vocab, 0), vocab, FEATURES, LossConfig())
-    assert price_levels(tmp_path / "c") is None
+    assert price_levels(tmp_path / "c") is None and item_popularity(tmp_path / "c") is None
+    with pytest.raises(ValueError, match="name the world it was trained on"):
+        item_context(tmp_path / "c")

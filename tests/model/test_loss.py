@@ -25,6 +25,24 @@ def test_softmax_loss_by_hand_with_temperature_and_one_mixed_negative() -> None:
     assert out.logits.tolist() == [logits]
 
 
+def test_sampling_correction_by_hand() -> None:
+    """With log Q, each logit F/τ becomes F/τ - log Q (positive and pool), and I_mix mixes the corrected logits:
+    the hard negative is chosen by its corrected score."""
+    q, pos = torch.tensor([[1.0, 0.0]]), torch.tensor([[2.0, 0.0]])
+    pool = torch.tensor([[1.0, 1.0], [0.0, 3.0], [-1.0, 0.0]])  # F = 1, 0, -1
+    cfg = LossConfig(tau=2.0, n_hard=1, alpha_low=0.5, alpha_high=0.5)
+    log_q = (torch.tensor([0.5]), torch.tensor([2.0, -1.0, 0.0]))  # pool item 0 is often in the pool, item 1 rarely
+    out = softmax_loss(q, pos, pool, torch.zeros(1, 3, dtype=torch.bool), cfg, log_q=log_q)
+    z = [2.0 / 2 - 0.5, 1.0 / 2 - 2.0, 0.0 / 2 + 1.0, -1.0 / 2 - 0.0]  # corrected: the hard one is now item 1
+    z.append(0.5 * z[0] + 0.5 * z[2])
+    expect = -z[0] + math.log(sum(math.exp(v) for v in z))
+    assert math.isclose(out.loss.item(), expect, rel_tol=1e-6)
+    torch.testing.assert_close(out.logits, torch.tensor([z]) * 2)  # returned in F's units
+    plain = softmax_loss(q, pos, pool, torch.zeros(1, 3, dtype=torch.bool), cfg, log_q=(torch.zeros(1), torch.zeros(3)))
+    assert math.isclose(plain.loss.item(), softmax_loss(q, pos, pool, torch.zeros(1, 3, dtype=torch.bool), cfg
+                                                        ).loss.item(), rel_tol=1e-6)  # log Q = 0: no change
+
+
 def test_accidental_hits_are_masked() -> None:
     q, pos = torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 0.0]])
     pool = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # pool[0] is the example's own positive (same id 7)

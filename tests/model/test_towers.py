@@ -136,7 +136,7 @@ def test_item_tower_is_id_plus_tanh_of_mean_title() -> None:
 def test_item_tower_with_side_information_adds_tanh_of_the_side_tables() -> None:
     m, b = model_of(), batch()
     h, t, tables = m.embed_items(b), m.item_tower, m.tables
-    side = ("leaf", "cate1", "brand", "shop", "price")
+    side = ("leaf", "cate1", "brand", "shop", "price", "impressions", "clicks")
     assert item_inputs(m.cfg) == ("item_id", "item_title", *(f"item_{f}" for f in side))
     for i in range(B):
         ids = b["item_title"][i][b["item_title"][i] > 0]
@@ -150,6 +150,16 @@ def test_item_tower_with_side_information_adds_tanh_of_the_side_tables() -> None
     # a missing side value reads the padding row
     missing = {**b, "item_brand": torch.full_like(b["item_brand"], -1)}
     assert not torch.allclose(m.embed_items(missing), h)
+
+
+def test_popularity_switch_removes_the_popularity_inputs() -> None:
+    m = model_of(item_popularity=False)
+    assert not hasattr(m.tables, "clicks") and "item_clicks" not in item_inputs(m.cfg)
+    b = {k: v for k, v in batch().items() if k not in ("item_impressions", "item_clicks")}
+    q, item, _ = m(b)  # runs without the popularity keys
+    assert q.shape == item.shape == (B, D)
+    full = model_of()
+    assert full.item_tower.side_tables["clicks"] is full.tables.clicks
 
 
 def test_price_level_switch_removes_the_price_inputs() -> None:
