@@ -217,6 +217,10 @@ class ModelConfig(StrictModel):
     item_popularity: bool = Field(
         True, description="with item_side_info, the item tower also reads how often the item was shown and clicked "
         "in the training days' searches (log2 levels; not in the paper; docs/model.md, \"Item popularity\")")
+    item_ids: bool = Field(
+        False, description="item ID rows: the item tower's e_i and the behaviours' item ID (the paper's, True); False: "
+        "items are their title and side information in both towers, and no item ID table exists (docs/model.md, "
+        "\"Item IDs\": on every packaged preset an ID row sees a few clicks and memorises them)")
     item_id_init: Literal["zero", "normal"] = Field(
         "zero", description="item ID rows at start: zero (an item starts as its title's vector) or N(0, 1/d)")
     cls_init: Literal["zero", "normal"] = Field(

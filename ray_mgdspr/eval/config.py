@@ -17,7 +17,8 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from ray_mgdspr.config import ConfigError, ProjectConfig, StrictModel, _format_error, load_preset, parse_config
 
 MAIN_VARIANTS = ("oracle_aware", "oracle_agnostic", "oracle_grade", "bm25", "minilm", "dnn_hinge", "mgdspr", "no_mgs",
-                 "no_trm", "tau1", "no_imix", "no_personalise", "no_popularity", "no_logq")
+                 "no_trm", "tau1", "no_imix", "no_personalise", "no_popularity", "no_logq",
+                 "item_ids")
 """Rows of the main table (one table: baselines, the full model, ablations)."""
 
 

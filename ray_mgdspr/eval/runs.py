@@ -19,6 +19,7 @@ name                      what
 ``no_personalise``        query only: no behaviour attention
 ``no_popularity``         the item tower without the items' impression and click levels (``item_popularity``)
 ``no_logq``               the softmax without the sampling correction (``loss.logq``)
+``item_ids``              with the paper's item ID rows in both towers (``model.item_ids``)
 ``mgdspr_hinge``          the full model trained with the hinge loss (the convergence curves)
 ``tau=X``, ``alpha=A-B``  sweep points: the full model with τ = X, or α ~ U(A, B)
 ========================  =====================================================================================
@@ -66,6 +67,7 @@ LABELS = {
     "bm25": "BM25 (titles)", "minilm": "MiniLM zero-shot", "dnn_hinge": "DNN two-tower + hinge",
     "mgdspr": "MGDSPR (full)", "no_mgs": "-mgs", "no_trm": "-trm", "tau1": "τ = 1", "no_imix": "no I_mix",
     "no_personalise": "no personalisation", "no_popularity": "no item popularity", "no_logq": "no logQ correction",
+    "item_ids": "with item IDs (the paper's)",
     "mgdspr_hinge": "MGDSPR + hinge loss",
 }
 _CHANGES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {  # variant -> (ModelConfig, LossConfig) overrides
@@ -78,6 +80,7 @@ _CHANGES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {  # variant -> (Mo
     "no_personalise": ({"personalise": False}, {}),
     "no_popularity": ({"item_popularity": False}, {}),
     "no_logq": ({}, {"logq": False}),
+    "item_ids": ({"item_ids": True}, {}),
     "mgdspr_hinge": ({}, {"kind": "hinge"}),
 }
 

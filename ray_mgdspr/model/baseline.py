@@ -11,7 +11,7 @@ import torch.nn as nn
 from ray_mgdspr.config import ModelConfig
 from ray_mgdspr.model.item_tower import item_side
 from ray_mgdspr.model.layers import masked_mean, mlp
-from ray_mgdspr.model.query_tower import LONG_ATTRIBUTES, SIDE_INFO, priced
+from ray_mgdspr.model.query_tower import behaviour_fields, long_fields
 from ray_mgdspr.model.tables import Tables
 
 
@@ -21,7 +21,7 @@ class DNNQueryTower(nn.Module):
     def __init__(self, cfg: ModelConfig, tables: Tables) -> None:
         super().__init__()
         self.cfg, self.tables = cfg, tables
-        self.side, self.long = SIDE_INFO + priced(cfg), LONG_ATTRIBUTES + priced(cfg)
+        self.side, self.long = behaviour_fields(cfg), long_fields(cfg)
         n = 4 + (2 * len(self.side) + len(self.long) if cfg.personalise else 0)
         self.mlp = mlp(n * cfg.d, 2 * cfg.d, cfg.d)
 
@@ -46,17 +46,18 @@ class DNNQueryTower(nn.Module):
 
 
 class DNNItemTower(nn.Module):
-    """concat(item ID embedding, mean title words[, side information]) -> MLP -> (B, d)."""
+    """concat([item ID embedding,] mean title words[, side information]) -> MLP -> (B, d)."""
 
     def __init__(self, cfg: ModelConfig, tables: Tables) -> None:
         super().__init__()
-        self.item, self.words = tables.item, tables.words
+        self.item, self.words = (tables.item if cfg.item_ids else None), tables.words
         self.side = item_side(cfg)
         self.side_tables = nn.ModuleDict({f: getattr(tables, f) for f in self.side})
-        self.mlp = mlp((2 + len(self.side)) * cfg.d, 2 * cfg.d, cfg.d)
+        self.mlp = mlp((1 + cfg.item_ids + len(self.side)) * cfg.d, 2 * cfg.d, cfg.d)
 
     def forward(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
         """x: ``item_id`` (B,), ``item_title`` (B, T)[, ``item_<side>`` (B,)] -> (B, d)."""
         title = masked_mean(self.words(x["item_title"]), x["item_title"] > 0)
         side = [self.side_tables[f](x[f"item_{f}"]) for f in self.side]
-        return self.mlp(torch.cat([self.item(x["item_id"]), title, *side], dim=-1))
+        ids = [self.item(x["item_id"])] if self.item is not None else []
+        return self.mlp(torch.cat([*ids, title, *side], dim=-1))

@@ -34,10 +34,11 @@ from ray_mgdspr.model.mgdspr import TwoTower, build_model
 
 FORMAT_VERSION = 3
 """2: the item tower may read side information (``model.item_side_info``, ``model.price_level``); 3: and the
-items' popularity (``model.item_popularity``, ``POPULARITY_FILE``). Older bundles are read with what they predate
+items' popularity (``model.item_popularity``, ``POPULARITY_FILE``), and item ID rows became optional
+(``model.item_ids``). Older bundles are read with what they predate
 switched off, which is what they were trained with."""
-_PREDATES = {1: {"item_side_info": False, "price_level": False, "item_popularity": False},
-             2: {"item_popularity": False}}
+_PREDATES = {1: {"item_side_info": False, "price_level": False, "item_popularity": False, "item_ids": True},
+             2: {"item_popularity": False, "item_ids": True}}
 """Model switches an older format predates, by format: read as off."""
 MANIFEST = "manifest.json"
 TOWER_FILES = {"query": "query_tower.pt", "item": "item_tower.pt"}

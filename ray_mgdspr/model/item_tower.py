@@ -37,7 +37,8 @@ def item_inputs(cfg: ModelConfig) -> tuple[str, ...]:
 
 
 class ItemTower(nn.Module):
-    """ψ: item features -> H_item (B, d).
+    """ψ: item features -> H_item (B, d). Without ``ModelConfig.item_ids`` there is no e_i: H_item is the title's and
+    the side information's terms (docs/model.md, "Item IDs").
 
     Args:
         cfg: model sizes and switches.
@@ -55,7 +56,7 @@ class ItemTower(nn.Module):
 
     def __init__(self, cfg: ModelConfig, tables: Tables) -> None:
         super().__init__()
-        self.item, self.words = tables.item, tables.words
+        self.item, self.words = (tables.item if cfg.item_ids else None), tables.words
         self.W_t = nn.Linear(cfg.d, cfg.d, bias=False)
         self.side = item_side(cfg)
         if self.side:
@@ -65,9 +66,10 @@ class ItemTower(nn.Module):
     def forward(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
         """x: ``item_id`` (B,) raw ids, ``item_title`` (B, T) word ids (0 = PAD), ``item_<side>`` (B,) raw ids
         (-1 = missing) -> (B, d)."""
-        e_i = self.item(x["item_id"])
         title = masked_mean(self.words(x["item_title"]), x["item_title"] > 0)
-        h = e_i + torch.tanh(self.W_t(title))
+        h = torch.tanh(self.W_t(title))
+        if self.item is not None:
+            h = h + self.item(x["item_id"])  # e_i
         if self.side:
             h = h + torch.tanh(self.W_s(torch.cat([self.side_tables[f](x[f"item_{f}"]) for f in self.side], -1)))
         return h

@@ -31,6 +31,18 @@ def priced(cfg: ModelConfig) -> tuple[str, ...]:
     return PRICE if cfg.price_level else ()
 
 
+def behaviour_fields(cfg: ModelConfig) -> tuple[str, ...]:
+    """What a real-time / short-term behaviour is read as: ``SIDE_INFO`` (without ``item`` when
+    ``cfg.item_ids`` is off) and the price level."""
+    return tuple(f for f in SIDE_INFO if cfg.item_ids or f != "item") + priced(cfg)
+
+
+def long_fields(cfg: ModelConfig) -> tuple[str, ...]:
+    """The attributes of L^u this config reads: ``LONG_ATTRIBUTES`` (without ``item`` when ``cfg.item_ids`` is
+    off) and the price level."""
+    return tuple(f for f in LONG_ATTRIBUTES if cfg.item_ids or f != "item") + priced(cfg)
+
+
 class MGS(nn.Module):
     """Multi-Granular Semantic unit (spec §2.1): Q_mgs, 6 tokens (1 token, q_seg, under the -mgs ablation)."""
 
@@ -71,12 +83,13 @@ def history_attention(q: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor) -> 
 
 
 class BehaviourItems(nn.Module):
-    """One vector per real-time/short-term behaviour: concat(item, leaf, cate1, brand, shop[, price]) -> Linear -> d."""
+    """One vector per real-time/short-term behaviour: concat(item, leaf, cate1, brand, shop[, price]) -> Linear -> d
+    (without the item ID when ``item_ids`` is off; the mask still comes from the item ids)."""
 
     def __init__(self, cfg: ModelConfig, tables: Tables) -> None:
         super().__init__()
         self.tables = tables
-        self.fields = SIDE_INFO + priced(cfg)
+        self.fields = behaviour_fields(cfg)
         self.proj = nn.Linear(len(self.fields) * cfg.d, cfg.d)
 
     def forward(self, b: dict[str, torch.Tensor], prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,7 +123,7 @@ class UserBehaviourAttention(nn.Module):
         super().__init__()
         self.tables = tables
         self.items = BehaviourItems(cfg, tables)
-        self.long_fields = LONG_ATTRIBUTES + priced(cfg)
+        self.long_fields = long_fields(cfg)
         self.lstm = ResidualLSTM(cfg.d, 2, cfg.dropout)
         self.real_att = SelfAttention(cfg.d, cfg.heads, cfg.attn_dropout)
         self.short_att = SelfAttention(cfg.d, cfg.heads, cfg.attn_dropout)

@@ -63,7 +63,8 @@ class Tables(nn.Module):
         self.words = nn.Embedding(vocab_sizes["words"], d, padding_idx=0, sparse=sparse)
         self.chars = nn.Embedding(vocab_sizes["chars"], d, padding_idx=0, sparse=sparse)
         self.bigrams = nn.Embedding(vocab_sizes["bigrams"], d, padding_idx=0, sparse=sparse)
-        self.item = HashedEmbedding(cfg.item_buckets, d, sparse)
+        if cfg.item_ids:  # the largest table by far at catalogue scale (100M items x d)
+            self.item = HashedEmbedding(cfg.item_buckets, d, sparse)
         self.shop = HashedEmbedding(cfg.shop_buckets, d, sparse)
         self.brand = HashedEmbedding(cfg.brand_buckets, d, sparse)
         self.leaf = HashedEmbedding(cfg.category_buckets, d, sparse)
@@ -76,5 +77,5 @@ class Tables(nn.Module):
         for table in self.children():
             nn.init.normal_(table.weight, std=d**-0.5)
             nn.init.zeros_(table.weight[0])
-        if cfg.item_id_init == "zero":  # H_item starts as the title's vector: items sharing words start close
+        if cfg.item_ids and cfg.item_id_init == "zero":  # H_item starts as the title's vector
             nn.init.zeros_(self.item.weight)

@@ -92,26 +92,28 @@ def test_manifest_is_readable_json(tmp_path: Path, vocab: Vocabulary) -> None:
 
 
 def test_format_1_bundle_loads_as_the_paper_item_tower(tmp_path: Path, vocab: Vocabulary) -> None:
-    """A bundle written before item side information (format 1, no such keys) loads with both switches off."""
+    """A bundle written before item side information (format 1, no such keys) loads as the paper's towers: no side
+    information, no price level, no popularity, item ID rows; a format-2 one without popularity, with ID rows."""
     torch.manual_seed(0)
-    paper = CFG.model_copy(update={"item_side_info": False, "price_level": False})
+    paper = CFG.model_copy(update={"item_side_info": False, "price_level": False, "item_ids": True})
     model = build_model(paper, {k: vocab.num_ids(k) for k in KINDS}).eval()
     save_bundle(tmp_path / "b", model, vocab, FEATURES, LossConfig(), version="old")
     path = tmp_path / "b" / "manifest.json"
     raw = json.loads(path.read_text())
     raw["format_version"] = 1
-    for key in ("item_side_info", "price_level"):
+    for key in ("item_side_info", "price_level", "item_popularity", "item_ids"):
         del raw["model"][key]
     path.write_text(json.dumps(raw))
     loaded, _, manifest = load_bundle(tmp_path / "b")
     assert manifest.model.item_side_info is False and manifest.model.price_level is False
+    assert manifest.model.item_ids is True and manifest.model.item_popularity is False
     b = {k: v for k, v in _batch(vocab).items() if not k.endswith("_price") and k not in
          ("item_leaf", "item_cate1", "item_brand", "item_shop")}
     torch.testing.assert_close(loaded.embed_items(b), model.embed_items(b))
     two = {**raw, "format_version": 2, "model": {**raw["model"], "item_side_info": True, "price_level": True}}
-    del two["model"]["item_popularity"]
-    path.write_text(json.dumps(two))  # format 2: side information and price, no popularity
-    assert read_bundle_manifest(tmp_path / "b").model.item_popularity is False
+    path.write_text(json.dumps(two))  # format 2: side information and price level; no popularity, ID rows
+    two = read_bundle_manifest(tmp_path / "b").model
+    assert (two.item_side_info, two.item_popularity, two.item_ids) == (True, False, True)
     raw["format_version"] = 7
     path.write_text(json.dumps(raw))
     with pytest.raises(ValueError, match="bundle format 7, this code reads 3"):

@@ -122,7 +122,7 @@ def test_no_personalisation_ignores_behaviours() -> None:
 
 
 def test_item_tower_is_id_plus_tanh_of_mean_title() -> None:
-    m, b = model_of(item_side_info=False), batch()
+    m, b = model_of(item_side_info=False, item_ids=True), batch()  # the paper's item tower
     h = m.embed_items(b)
     t = m.item_tower
     for i in range(B):
@@ -134,7 +134,7 @@ def test_item_tower_is_id_plus_tanh_of_mean_title() -> None:
 
 
 def test_item_tower_with_side_information_adds_tanh_of_the_side_tables() -> None:
-    m, b = model_of(), batch()
+    m, b = model_of(item_ids=True), batch()
     h, t, tables = m.embed_items(b), m.item_tower, m.tables
     side = ("leaf", "cate1", "brand", "shop", "price", "impressions", "clicks")
     assert item_inputs(m.cfg) == ("item_id", "item_title", *(f"item_{f}" for f in side))
@@ -150,6 +150,26 @@ def test_item_tower_with_side_information_adds_tanh_of_the_side_tables() -> None
     # a missing side value reads the padding row
     missing = {**b, "item_brand": torch.full_like(b["item_brand"], -1)}
     assert not torch.allclose(m.embed_items(missing), h)
+
+
+def test_without_item_ids_no_tower_reads_an_item_id_row() -> None:
+    """The default: H_item is tanh(W_t · title) + tanh(W_s · side); a behaviour is its side information (its item
+    id only marks it present); no item table exists."""
+    m, b = model_of(), batch()
+    assert m.cfg.item_ids is False and not hasattr(m.tables, "item")
+    t, tables, h = m.item_tower, m.tables, m.embed_items(b)
+    side = ("leaf", "cate1", "brand", "shop", "price", "impressions", "clicks")
+    for i in range(B):
+        ids = b["item_title"][i][b["item_title"][i] > 0]
+        title = tables.words.weight[ids].mean(0) if len(ids) else torch.zeros(D)
+        rows = [getattr(tables, f)(b[f"item_{f}"][i : i + 1])[0] for f in side]
+        torch.testing.assert_close(h[i], torch.tanh(t.W_t.weight @ title) + torch.tanh(t.W_s(torch.cat(rows))))
+    other = {k: (torch.where(v >= 0, v + 1, v) if k.endswith("_item") or k == "item_id" else v)
+             for k, v in b.items()}  # other item ids, the same side information
+    torch.testing.assert_close(m.embed_items(other), h)
+    torch.testing.assert_close(m.query_tower(other), m.query_tower(b))
+    no_history = {**b, **{k: torch.full_like(v, -1) for k, v in b.items() if k in ("rt_item", "st_item")}}
+    assert not torch.allclose(m.query_tower(no_history), m.query_tower(b))  # item ids still mark behaviours present
 
 
 def test_popularity_switch_removes_the_popularity_inputs() -> None:
@@ -214,6 +234,8 @@ def test_gradients_reach_every_parameter(kind: str) -> None:
     dead = [n for n, p in m.named_parameters() if _grad_mass(p) == 0]
     assert dead == []
     for name in ("words", "chars", "bigrams", *SIDE_INFO, *LONG_ATTRIBUTES, *PRICE):
+        if name == "item" and not m.cfg.item_ids:
+            continue
         grad = getattr(m.tables, name).weight.grad.to_dense()
         assert torch.equal(grad[0], torch.zeros(D)), f"{name}: the padding row must not learn"
 
