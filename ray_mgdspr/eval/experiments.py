@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ray_mgdspr.config import ProjectConfig
-from ray_mgdspr.data.vocab import Vocabulary, build_vocab_from_world
+from ray_mgdspr.data.vocab import KINDS, Vocabulary, build_vocab_from_world
 from ray_mgdspr.data.world import read_manifest
 from ray_mgdspr.eval.config import EvalConfig
 from ray_mgdspr.eval.evalset import EvalSet
@@ -109,11 +109,19 @@ def _same_world(world: Path, sim: dict[str, Any]) -> bool:
         return False
 
 
-def run_key(spec: RunSpec, world: dict[str, Any]) -> str:
-    """What a run's result depends on: the spec and its world's simulate config (a finished run is reused only
-    when all of it is unchanged)."""
-    digest = hashlib.sha256(json.dumps([repr(spec), world], sort_keys=True, default=str).encode()).hexdigest()
+def run_key(spec: RunSpec, world: dict[str, Any], inputs: dict[str, Any] | None = None) -> str:
+    """What a run's result depends on: the spec, its world's simulate config and the model's inputs (feature
+    lengths and windows, vocabulary sizes; ``evalset_inputs``): a finished run is reused only when all of it is
+    unchanged."""
+    digest = hashlib.sha256(json.dumps([repr(spec), world, inputs or {}], sort_keys=True, default=str).encode()
+                            ).hexdigest()
     return f"{spec.lang}/{spec.variant}/s{spec.seed}/{digest[:16]}"
+
+
+def evalset_inputs(data: EvalSet) -> dict[str, Any]:
+    """What the runs of one evaluation set read besides their spec: the feature config and the vocabulary's sizes."""
+    f = data.featurizer
+    return {"features": f.config.model_dump(), "vocab": {k: f.vocab.num_ids(k) for k in KINDS}}
 
 
 def run_plan(specs: list[RunSpec], evalsets: dict[str, EvalSet], task_cpus: float,
@@ -125,7 +133,8 @@ def run_plan(specs: list[RunSpec], evalsets: dict[str, EvalSet], task_cpus: floa
     """
     import ray
 
-    keys = {id(spec): run_key(spec, evalsets[spec.lang].manifest.config) for spec in specs}
+    keys = {id(spec): run_key(spec, evalsets[spec.lang].manifest.config, evalset_inputs(evalsets[spec.lang]))
+            for spec in specs}
     done_before = _read_journal(journal)
     records = [{**done_before[keys[id(s)]], "reused": True} for s in specs if keys[id(s)] in done_before]
     todo = [s for s in specs if keys[id(s)] not in done_before]

@@ -13,7 +13,7 @@ from ray_mgdspr.config import FeatureConfig, IndexConfig, LossConfig, ModelConfi
 from ray_mgdspr.data.vocab import build_vocab_from_world
 from ray_mgdspr.data.world import read_table
 from ray_mgdspr.eval.evalset import EvalSet
-from ray_mgdspr.eval.experiments import run_key, run_plan
+from ray_mgdspr.eval.experiments import evalset_inputs, run_key, run_plan
 from ray_mgdspr.eval.report import demo_table
 from ray_mgdspr.eval.runs import RunSpec, run_one, variant_configs
 from ray_mgdspr.index.shards import METADATA_SCHEMA, build_index_version, split_by_shard
@@ -91,15 +91,17 @@ def test_trained_run_learns_and_measures_the_index(data: EvalSet) -> None:
 
 def test_journal_reuses_finished_runs_only_when_nothing_changed(data: EvalSet, tmp_path: Path) -> None:
     specs = [RunSpec("en", v, 0, 50, (10,), (), 50, MODEL, LOSS, OPTIM, BATCH) for v in ("bm25", "mgdspr")]
-    world = data.manifest.config
+    world, inputs = data.manifest.config, evalset_inputs(data)
     journal = tmp_path / "runs.jsonl"
-    journal.write_text("".join(json.dumps({"key": run_key(s, world), "variant": s.variant, "metrics": {}}) + "\n"
-                               for s in specs))
+    journal.write_text("".join(json.dumps({"key": run_key(s, world, inputs), "variant": s.variant, "metrics": {}})
+                               + "\n" for s in specs))
     records = run_plan(specs, {"en": data}, 1.0, journal=journal)  # all journalled: Ray is never needed
     assert [r["variant"] for r in records] == ["bm25", "mgdspr"]
     longer = RunSpec("en", "mgdspr", 0, 60, (10,), (), 50, MODEL, LOSS, OPTIM, BATCH)
     assert run_key(longer, world) != run_key(specs[1], world)
     assert run_key(specs[1], {**world, "seed": 1}) != run_key(specs[1], world)
+    longer_sequences = {**inputs, "features": {**inputs["features"], "short_len": 30}}
+    assert run_key(specs[1], world, longer_sequences) != run_key(specs[1], world, inputs)  # features are inputs too
 
 
 def test_demo_table_compares_the_served_model_with_bm25(data: EvalSet, tmp_path: Path) -> None:
