@@ -368,6 +368,16 @@ def test_popularity_counts_the_training_days_and_leaves_a_training_example_out(
     assert feat_en.items(test_only)["item_impressions"].tolist() == [0] * len(test_only)
 
 
+def test_popularity_of_a_bare_catalogue_is_empty_and_round_trips(tmp_path: Path) -> None:
+    """A catalogue directory without a manifest or searches has no counts (every item level 0); counts written
+    to Parquet read back equal."""
+    assert ItemPopularity.of_world(tmp_path).levels(np.array([1, 2]))["item_clicks"].tolist() == [0, 0]
+    pop = ItemPopularity(np.array([9, 4, 6]), np.array([100, 3, 0]), np.array([7, 1, 0]))
+    pop.to_parquet(tmp_path / "p.parquet")
+    again = ItemPopularity.from_parquet(tmp_path / "p.parquet")
+    assert again.item_ids.tolist() == [4, 6, 9] and again.count("impressions", np.array([9, 5])).tolist() == [100, 0]
+
+
 def test_price_levels_are_deciles_within_each_leaf(world_en: Path, feat_en: Featurizer) -> None:
     items = read_table(world_en, "items")
     level = feat_en.items(items["item_id"].to_numpy())["item_price"]
