@@ -367,10 +367,8 @@ class Featurizer:
 
     def _item_rows(self, item_ids: np.ndarray) -> np.ndarray:
         """Row of each id in the sorted items arrays; the padding row for unknown ids."""
-        n = len(self._item_ids)
-        rows = np.minimum(np.searchsorted(self._item_ids, item_ids), max(n - 1, 0))
-        found = self._item_ids[rows] == item_ids if n else np.zeros(len(item_ids), bool)
-        return np.where(found, rows, n)
+        rows, found = sorted_lookup(self._item_ids, item_ids)
+        return np.where(found, rows, len(self._item_ids))
 
     def _behaviour_timeline(self, user: np.ndarray, ts: np.ndarray, item: np.ndarray, mask: np.ndarray) -> _Timeline:
         """The behaviours selected by ``mask``: item ids and their rows in the items arrays, by (user, ts)."""
@@ -416,8 +414,8 @@ class PriceLevels:
         """(N,) int64 levels of items with these leaf ids and prices."""
         if not len(self.leaves):
             return np.full(len(leaf), MISSING, np.int64)
-        g = np.minimum(np.searchsorted(self.leaves, leaf), len(self.leaves) - 1)
-        known = (leaf >= 0) & np.isfinite(price) & (self.leaves[g] == leaf)
+        g, found = sorted_lookup(self.leaves, leaf)
+        known = (leaf >= 0) & np.isfinite(price) & found
         return np.where(known, (self.edges[g] < price[:, None]).sum(1), MISSING).astype(np.int64)
 
     @classmethod
@@ -481,8 +479,8 @@ class ItemPopularity:
         item_ids = np.asarray(item_ids, np.int64)
         if not len(self.item_ids):
             return np.zeros(len(item_ids), np.int64)
-        rows = np.minimum(np.searchsorted(self.item_ids, item_ids), len(self.item_ids) - 1)
-        return np.where(self.item_ids[rows] == item_ids, self.counts[name][rows], 0)
+        rows, found = sorted_lookup(self.item_ids, item_ids)
+        return np.where(found, self.counts[name][rows], 0)
 
     def levels(self, item_ids: np.ndarray, own: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """``item_impressions``, ``item_clicks``: (B,) int64 levels of ``item_ids`` (see the class docstring)."""
@@ -562,6 +560,21 @@ def item_features(items: pa.Table, vocab: Vocabulary, title_words_kept: int,
     out["item_price"] = context.prices(out["item_leaf"], _prices(items["price"]))
     out.update(context.popularity.levels(out["item_id"]))
     return out
+
+
+def sorted_lookup(keys: np.ndarray, values: np.ndarray, sorter: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, found): where each of ``values`` stands in ``keys`` (ascending, or put in order by ``sorter`` as for
+    ``np.searchsorted``) and whether it is there; a value that is not has some valid row (0 for empty ``keys``).
+
+    >>> sorted_lookup(np.array([9, 2, 5]), np.array([5, 7]), sorter=np.array([1, 2, 0]))
+    (array([2, 0]), array([ True, False]))
+    """
+    if not len(keys):
+        return np.zeros(len(values), np.int64), np.zeros(len(values), bool)
+    pos = np.minimum(np.searchsorted(keys, values, sorter=sorter), len(keys) - 1)
+    rows = pos if sorter is None else sorter[pos]
+    return rows, keys[rows] == values
 
 
 def _prices(column: pa.ChunkedArray | pa.Array) -> np.ndarray:

@@ -11,13 +11,13 @@ Shapes: E searches, N items, d the embedding size.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from ray_mgdspr.data.features import Featurizer
+from ray_mgdspr.data.features import Featurizer, sorted_lookup
 from ray_mgdspr.model.layers import as_tensors
 from ray_mgdspr.model.mgdspr import TwoTower
 
@@ -33,6 +33,15 @@ class CatalogueFeatures:
 
     features: dict[str, np.ndarray]
     clicks: np.ndarray | None = None
+    _by_id: np.ndarray = field(init=False, repr=False)  # argsort of item_id: id -> row lookups
+    _share: np.ndarray = field(init=False, repr=False)  # each item's add-one smoothed share of the clicks
+    _unclicked: float = field(init=False, repr=False)  # the share of an item without clicks
+
+    def __post_init__(self) -> None:
+        self._by_id = np.argsort(self.item_id, kind="stable")
+        clicks = np.zeros(len(self)) if self.clicks is None else self.clicks.astype(np.float64)
+        self._unclicked = 1 / (clicks.sum() + len(self))
+        self._share = (clicks + 1) * self._unclicked
 
     @classmethod
     def from_featurizer(cls, featurizer: Featurizer, item_ids: np.ndarray | pa.Array | pa.ChunkedArray
@@ -52,12 +61,9 @@ class CatalogueFeatures:
             >>> np.exp(cat.log_expected_count(np.array([5, 2]), positives=10, uniform=3)).round(3).tolist()
             [9.0, 2.0]
         """
-        n = len(self)
-        clicks = np.zeros(n) if self.clicks is None else self.clicks.astype(np.float64)
-        order = np.argsort(self.item_id, kind="stable")
-        rows = order[np.minimum(np.searchsorted(self.item_id, item_ids, sorter=order), n - 1)]
-        share = np.where(self.item_id[rows] == item_ids, clicks[rows] + 1, 1.0) / (clicks.sum() + n)
-        return np.log(positives * share + uniform / n)
+        rows, found = sorted_lookup(self.item_id, item_ids, sorter=self._by_id)
+        share = np.where(found, self._share[rows], self._unclicked)
+        return np.log(positives * share + uniform / len(self))
 
     @property
     def item_id(self) -> np.ndarray:
