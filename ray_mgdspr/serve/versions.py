@@ -245,12 +245,16 @@ class VersionManager:
                     return
         name = version_app_name(self.cfg.app_name, version)
         self.info.loading = version
+        if self._draining.pop(version, None) is not None:  # promoted back while it drains: keep its application
+            self.info.draining = sorted(self._draining)
         try:
             release = await asyncio.to_thread(verify_release, self.cfg.index_root, version)
+            deadline = time.time() + self.cfg.load_timeout_s
+            await self._wait_deleted(name, deadline)  # drained earlier and still being deleted: deploy afresh
             await asyncio.to_thread(serve._run, version_app(self.cfg, version, release.shards), _blocking=False,
                                     name=name, route_prefix=None,  # private API, pinned by tests/serve
                                     logging_config={"enable_access_log": False})
-            await self._wait_running(name)
+            await self._wait_running(name, deadline)
         except (ReleaseError, PromotionRefused, RuntimeError, ValueError) as e:
             self.info.last_error = public_message(f"{version}: {e}")  # GET /v1/version shows it: no paths
             self._refused.add(version)
@@ -283,14 +287,24 @@ class VersionManager:
             "model": bundle_summary(release.bundle), "last_error": None})
         log.info("adopted the running application %s: serving version %s", name, version)
 
-    async def _wait_running(self, name: str) -> None:
-        deadline = time.time() + self.cfg.load_timeout_s
+    async def _wait_deleted(self, name: str, deadline: float) -> None:
+        while time.time() < deadline:
+            status = (await asyncio.to_thread(serve.status)).applications.get(name)
+            if status is None or status.status != "DELETING":
+                return
+            await asyncio.sleep(0.2)
+        raise PromotionRefused(f"its previous application was still being deleted after "
+                               f"load_timeout_s={self.cfg.load_timeout_s}")
+
+    async def _wait_running(self, name: str, deadline: float) -> None:
         while time.time() < deadline:
             status = (await asyncio.to_thread(serve.status)).applications.get(name)
             if status is not None and status.status == "RUNNING":
                 return
             if status is not None and status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
                 raise PromotionRefused(f"its replicas failed to start: {status.message[-2000:]}")
+            if status is not None and status.status == "DELETING":  # never RUNNING again: say so now
+                raise PromotionRefused("its application is being deleted")
             await asyncio.sleep(0.2)
         raise PromotionRefused(f"not loaded within load_timeout_s={self.cfg.load_timeout_s}")
 
@@ -300,12 +314,16 @@ class VersionManager:
             await asyncio.sleep(0.5)
             try:
                 now = time.time()
-                for version, at in list(self._draining.items()):
-                    if now >= at and version != self.info.version:
-                        await asyncio.to_thread(serve.delete, version_app_name(self.cfg.app_name, version),
-                                                _blocking=False)
-                        del self._draining[version]
-                        self.info.draining = sorted(self._draining)
+                if any(now >= at for at in self._draining.values()) and not self._lock.locked():
+                    # under the switch lock: a promotion of a draining version takes it back from the queue
+                    # (``_switch_to``) instead of loading it while it is being deleted here
+                    async with self._lock:
+                        for version, at in list(self._draining.items()):
+                            if now >= at and version != self.info.version:
+                                await asyncio.to_thread(serve.delete, version_app_name(self.cfg.app_name, version),
+                                                        _blocking=False)
+                                del self._draining[version]
+                                self.info.draining = sorted(self._draining)
                 if self.cfg.watch_current_s and self.info.version is not None and not self._lock.locked():
                     wanted = current_version(self.cfg.index_root)
                     if wanted and wanted != self.info.version and wanted not in self._refused:

@@ -523,6 +523,22 @@ def test_moving_current_rolls_back(client: httpx.Client, deployment: Any) -> Non
     wait_for(lambda: retrieve(client, query="dress", k=5)["version"] == "v1", 5, "requests to be answered by v1")
 
 
+def test_a_draining_version_promoted_back_is_kept(server: tuple[str, ServeConfig], client: httpx.Client,
+                                                 deployment: Any) -> None:
+    """Roll back from v2, then promote v2 again while its application still drains: the promotion takes it back
+    (its deletion is cancelled) instead of loading it while the manager deletes it."""
+    serve_version(client, "v2")
+    set_current(deployment.index_root, "v1")
+    wait_for(lambda: client.get("/v1/version").json()["version"] == "v1", 120, "the manager to serve v1")
+    assert "v2" in client.get("/v1/version").json()["draining"]
+    r = client.post("/v1/admin/promote", json={"version": "v2"}, headers=AUTH, timeout=120)
+    assert r.status_code == 200 and r.json()["version"] == "v2", r.text
+    time.sleep(2 * (server[1].drain_s + 4 * server[1].version_refresh_s) + 1.0)  # past v2's drain deadline
+    assert serve.status().applications["mgdspr-v2"].status == "RUNNING"
+    assert retrieve(client, query="dress", k=5)["version"] == "v2"
+    assert "v2" not in client.get("/v1/version").json()["draining"]
+
+
 def test_killed_shard_replica_fails_clearly_and_recovers(server: tuple[str, ServeConfig],
                                                          client: httpx.Client) -> None:
     """1 replica (the laptop default): reads wait for the replacement within their deadline; those whose deadline
