@@ -266,6 +266,10 @@ class OptimConfig(StrictModel):
     lr: float | None = Field(None, gt=0, description="None: 3e-3 for adam, the paper's 0.1 for adagrad")
     initial_accumulator: float = Field(0.1, ge=0, description="adagrad only: TF's starting accumulator")
     clip_norm: float = Field(3.0, gt=0)
+    schedule: Literal["constant", "cosine"] = Field(
+        "cosine", description="learning rate over the run: cosine decay from lr to lr * final_lr_ratio by the "
+        "last step, or constant (docs/model.md, \"Learning-rate schedule\")")
+    final_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine only: the last step's lr as a share of lr")
 
     @model_validator(mode="before")
     @classmethod

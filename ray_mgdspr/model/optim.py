@@ -12,6 +12,7 @@ Two kinds (``optim.kind``):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -90,6 +91,30 @@ def model_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
     """``make_optimizer`` over a model's parameters, its sparse-gradient tables found by their modules."""
     sparse = [m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding) and m.sparse]
     return make_optimizer(model.parameters(), cfg, sparse)
+
+
+def learning_rate_at(cfg: OptimConfig, step: int, total: int) -> float:
+    """The learning rate of the 0-based ``step`` of a ``total``-step run under ``cfg.schedule``.
+
+    A function of the step alone, so a run resumed from a checkpoint continues the same curve.
+
+    Example:
+        >>> cfg = OptimConfig(lr=1.0, schedule="cosine", final_lr_ratio=0.1)
+        >>> [round(learning_rate_at(cfg, s, 3), 3) for s in range(3)]
+        [1.0, 0.55, 0.1]
+    """
+    lr = cfg.learning_rate
+    if cfg.schedule == "constant" or total <= 1:
+        return lr
+    progress = min(max(step, 0) / (total - 1), 1.0)
+    final = lr * cfg.final_lr_ratio
+    return final + (lr - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer | CombinedOptimizer, lr: float) -> None:
+    """Set every parameter group's learning rate (dense and sparse optimisers alike)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 def clip_grad_norm(params: Iterable[torch.nn.Parameter], max_norm: float) -> torch.Tensor:

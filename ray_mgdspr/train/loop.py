@@ -26,7 +26,7 @@ from ray_mgdspr.data.world import read_table
 from ray_mgdspr.model.layers import as_tensors
 from ray_mgdspr.model.loss import compute_loss
 from ray_mgdspr.model.mgdspr import TwoTower, build_model
-from ray_mgdspr.model.optim import clip_grad_norm, model_optimizer
+from ray_mgdspr.model.optim import clip_grad_norm, learning_rate_at, model_optimizer, set_learning_rate
 from ray_mgdspr.model.retrieval import CatalogueFeatures
 from ray_mgdspr.model.tables import resolve_buckets, world_max_ids
 
@@ -137,6 +137,7 @@ def fit_local(
         for start in range(0, len(order) - bs + 1, bs):
             batch = as_tensors(featurizer(examples.take(order[start : start + bs])))
             negatives = as_tensors(catalogue.sample(extra_negatives(loss_cfg, bs), rng))
+            set_learning_rate(optimizer, learning_rate_at(optim_cfg, step, steps))
             metrics = train_step(model, optimizer, batch, negatives, loss_cfg, optim_cfg.clip_norm, generator,
                                  catalogue)
             run.history.append(metrics)
