@@ -37,13 +37,20 @@ import pyarrow.parquet as pq
 import ray
 
 from ray_mgdspr.config import DataConfig, FeatureConfig
-from ray_mgdspr.data.features import EXPLODE_COLUMNS, POSITIVE_COLUMNS, Featurizer, explode_positives
+from ray_mgdspr.data.features import (
+    EXPLODE_COLUMNS,
+    POSITIVE_COLUMNS,
+    Featurizer,
+    ItemContext,
+    explode_positives,
+)
 from ray_mgdspr.data.schema import ITEMS, SEARCH_EVENTS, day_file_name
 from ray_mgdspr.data.vocab import Vocabulary
 
 
 def training_dataset(world: str | Path, days: Iterable[int], vocab_path: str | Path, features: FeatureConfig,
-                     data: DataConfig, history_days: Iterable[int] | None = None) -> ray.data.Dataset:
+                     data: DataConfig, history_days: Iterable[int] | None = None,
+                     context: ItemContext | None = None) -> ray.data.Dataset:
     """Stream (search event, positive item) training examples of ``days``, featurized, as a Ray Dataset.
 
     The day files are checked (present, needed columns with the schema's types, at least one event) before
@@ -57,6 +64,8 @@ def training_dataset(world: str | Path, days: Iterable[int], vocab_path: str | P
         features: lengths and windows of the features.
         data: actors, CPUs per actor, rows per batch and repartitioning.
         history_days: days of behaviours and query history each actor loads (default: all days of the world).
+        context: the items' price edges and popularity counts, computed once by the caller and handed to every
+            actor (default: each actor computes the world's, a pass over the training days' search logs each).
 
     Returns:
         a dataset whose columns are the Featurizer's output keys (``query_chars``, ..., ``item_id``,
@@ -73,7 +82,8 @@ def training_dataset(world: str | Path, days: Iterable[int], vocab_path: str | P
         ds = ds.repartition(data.repartition)
     ds = ds.map_batches(explode_positives, batch_format="pyarrow", **cpus)
     featurizer_args = {"world": str(world), "vocab_path": str(vocab_path), "features": features,
-                       "history_days": None if history_days is None else sorted(set(history_days))}
+                       "history_days": None if history_days is None else sorted(set(history_days)),
+                       "context": context}
     return ds.map_batches(FeaturizeBatch, fn_constructor_kwargs=featurizer_args,
                           compute=ray.data.ActorPoolStrategy(size=data.featurize_actors),
                           num_cpus=data.featurize_cpus, batch_size=data.batch_rows, batch_format="pyarrow")
@@ -87,11 +97,12 @@ class FeaturizeBatch:
         vocab_path: the vocabulary JSON file.
         features: lengths and windows of the features.
         history_days: days of behaviours and query history to load (None: all days).
+        context: the items' price edges and popularity counts (None: the world's, computed here).
     """
 
     def __init__(self, world: str, vocab_path: str, features: FeatureConfig,
-                 history_days: list[int] | None) -> None:
-        self.featurizer = Featurizer(world, Vocabulary.load(vocab_path), features, history_days)
+                 history_days: list[int] | None, context: ItemContext | None = None) -> None:
+        self.featurizer = Featurizer(world, Vocabulary.load(vocab_path), features, history_days, context=context)
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
         """Features of a batch of :func:`explode_positives` rows (dict of int64 arrays)."""

@@ -40,7 +40,7 @@ from ray_mgdspr.data.world import read_manifest, read_table, table_files
 from ray_mgdspr.metrics import recall_at_k
 from ray_mgdspr.model.bundle import BundleManifest, save_bundle
 from ray_mgdspr.model.mgdspr import TwoTower, build_model
-from ray_mgdspr.model.optim import model_optimizer
+from ray_mgdspr.model.optim import learning_rate_at, model_optimizer, set_learning_rate
 from ray_mgdspr.model.retrieval import CatalogueFeatures, retrieve
 from ray_mgdspr.model.tables import resolve_buckets, world_max_ids
 from ray_mgdspr.train.loop import extra_negatives, train_step
@@ -147,16 +147,17 @@ def _vocab(cfg: ProjectConfig, world: str, run: Path) -> Path:
 
 
 @ray.remote
-def _catalogue_features(world: str, vocab_path: str, cfg: ProjectConfig) -> CatalogueFeatures:
+def _catalogue_features(world: str, vocab_path: str, cfg: ProjectConfig, context: ItemContext) -> CatalogueFeatures:
     """Item-tower inputs of the whole catalogue (negatives are sampled from it; evaluation embeds it)."""
-    featurizer = Featurizer(world, Vocabulary.load(vocab_path), cfg.features, history_days=[])
+    featurizer = Featurizer(world, Vocabulary.load(vocab_path), cfg.features, history_days=[], context=context)
     return CatalogueFeatures.from_featurizer(featurizer, read_table(world, "items", columns=["item_id"])["item_id"])
 
 
 @ray.remote
-def _eval_features(world: str, vocab_path: str, cfg: ProjectConfig, days: list[int]) -> dict[str, Any]:
+def _eval_features(world: str, vocab_path: str, cfg: ProjectConfig, days: list[int],
+                   context: ItemContext) -> dict[str, Any]:
     """A seeded sample of held-out searches, featurized, with their targets (clicked ∪ bought)."""
-    featurizer = Featurizer(world, Vocabulary.load(vocab_path), cfg.features)
+    featurizer = Featurizer(world, Vocabulary.load(vocab_path), cfg.features, context=context)
     events = featurizer.events(days)
     rng = np.random.default_rng(cfg.train.seed)
     rows = np.sort(rng.choice(events.num_rows, size=min(cfg.train.eval_events, events.num_rows), replace=False))
@@ -199,12 +200,16 @@ def train(cfg: ProjectConfig) -> TrainResult:
         raise ValueError(f"{world}: {n_examples} training examples are fewer than one global batch "
                          f"({t.num_workers} workers x batch {cfg.train.batch_size}); lower train.batch_size")
     steps = min(steps, t.max_steps_per_epoch or steps)
+    # the price edges and popularity counts every featurizer reads, counted here once (a pass over the training
+    # days' search logs) and shared: the featurizer actors, the catalogue and held-out features, the bundle
+    context = ItemContext.of_world(world)
+    context_ref = ray.put(context)
     loop_config = {
         "cfg": cfg.model_dump(mode="json"),
         "vocab_sizes": {k: vocab.num_ids(k) for k in KINDS},
         "steps_per_epoch": steps,
-        "catalogue": _catalogue_features.remote(world, str(vocab_path), cfg),
-        "eval": _eval_features.remote(world, str(vocab_path), cfg, manifest.test_days),
+        "catalogue": _catalogue_features.remote(world, str(vocab_path), cfg, context_ref),
+        "eval": _eval_features.remote(world, str(vocab_path), cfg, manifest.test_days, context_ref),
     }
     log.info("training on %s: %d examples, %d steps per epoch per worker, %d epochs, %d workers (%s)",
              world, n_examples, steps, t.epochs, t.num_workers, manifest.label)
@@ -220,7 +225,8 @@ def train(cfg: ProjectConfig) -> TrainResult:
             checkpoint_config=CheckpointConfig(num_to_keep=t.num_to_keep),
             failure_config=FailureConfig(max_failures=t.max_failures),
         ),
-        datasets={"train": training_dataset(world, manifest.train_days, vocab_path, cfg.features, cfg.data)},
+        datasets={"train": training_dataset(world, manifest.train_days, vocab_path, cfg.features, cfg.data,
+                                           context=context)},
     )
     result = trainer.fit()
     if result.checkpoint is None:
@@ -235,7 +241,7 @@ def train(cfg: ProjectConfig) -> TrainResult:
                 "epochs": state["epoch"], "steps": state["global_step"], "final": metrics[-1] if metrics else {},
                 "resumed_at_steps": state.get("resumed_at", [])}
     bundle = save_bundle(out, model, vocab, cfg.features, cfg.loss, metadata=metadata, overwrite=True,
-                         context=ItemContext.of_world(world))  # the edges and counts training's featurizer used
+                         context=context)  # the edges and counts training's featurizers used
     metrics_path = out.parent / f"{out.name}.metrics.json"
     _write_json(metrics_path, {"version": bundle.version, "data": manifest.label, "history": metrics})
     return TrainResult(out, bundle, metrics, metrics_path, time.perf_counter() - t0)
@@ -299,6 +305,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             wait_s += time.perf_counter() - tick
             start = time.perf_counter()
             negatives = {k: torch.as_tensor(v, device=device) for k, v in catalogue.sample(n_neg, rng).items()}
+            set_learning_rate(optimizer, learning_rate_at(cfg.optim, progress["global_step"],
+                                                          t.epochs * steps_per_epoch))
             with autocast:
                 m = train_step(ddp, optimizer, batch, negatives, cfg.loss, cfg.optim.clip_norm, generator,
                                catalogue)

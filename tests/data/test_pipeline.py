@@ -19,7 +19,7 @@ import ray
 
 from ray_mgdspr.config import DataConfig, FeatureConfig, VocabConfig
 from ray_mgdspr.data import pipeline
-from ray_mgdspr.data.features import Featurizer, explode_positives
+from ray_mgdspr.data.features import Featurizer, ItemContext, explode_positives
 from ray_mgdspr.data.pipeline import FeaturizeBatch, check_item_ids, training_dataset
 from ray_mgdspr.data.schema import day_file_name
 from ray_mgdspr.data.vocab import Vocabulary, build_vocab_from_world
@@ -96,6 +96,15 @@ def test_dataset_equals_the_ray_free_featurizer(ray_cluster: None, world_en: Pat
                                                 train_days: list[int], reference: dict[str, np.ndarray]) -> None:
     data = DataConfig(featurize_actors=2, featurize_cpus=0.5, batch_rows=97, repartition=3)
     ds = training_dataset(world_en, train_days, vocab_path, SMALL, data)
+    assert_equal_examples(columns_of(list(ds.iter_batches(batch_size=None, batch_format="numpy"))), reference)
+
+
+def test_a_context_counted_once_gives_the_same_examples(ray_cluster: None, world_en: Path, vocab_path: Path,
+                                                         train_days: list[int],
+                                                         reference: dict[str, np.ndarray]) -> None:
+    """The trainer counts the popularity and cuts the price edges once and hands them to every actor."""
+    data = DataConfig(featurize_actors=2, featurize_cpus=0.5, batch_rows=97)
+    ds = training_dataset(world_en, train_days, vocab_path, SMALL, data, context=ItemContext.of_world(world_en))
     assert_equal_examples(columns_of(list(ds.iter_batches(batch_size=None, batch_format="numpy"))), reference)
 
 
