@@ -89,6 +89,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ray_mgdspr.arrays import sorted_lookup
 from ray_mgdspr.config import FeatureConfig
 from ray_mgdspr.data import schema
 from ray_mgdspr.data.vocab import PAD, Kind, Vocabulary
@@ -347,8 +348,7 @@ class Featurizer:
         """[B] rank of each user among the users with history; -1 for a user without any."""
         if not len(self._users):
             return np.full(len(user), -1, np.int64)
-        rank = np.searchsorted(self._users, user)
-        known = self._users[np.minimum(rank, len(self._users) - 1)] == user
+        rank, known = sorted_lookup(self._users, user)
         return np.where(known, rank, -1)
 
     # ---------------------------------------------------------------------------------- loading
@@ -560,21 +560,6 @@ def item_features(items: pa.Table, vocab: Vocabulary, title_words_kept: int,
     out["item_price"] = context.prices(out["item_leaf"], _prices(items["price"]))
     out.update(context.popularity.levels(out["item_id"]))
     return out
-
-
-def sorted_lookup(keys: np.ndarray, values: np.ndarray, sorter: np.ndarray | None = None
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """(rows, found): where each of ``values`` stands in ``keys`` (ascending, or put in order by ``sorter`` as for
-    ``np.searchsorted``) and whether it is there; a value that is not has some valid row (0 for empty ``keys``).
-
-    >>> sorted_lookup(np.array([9, 2, 5]), np.array([5, 7]), sorter=np.array([1, 2, 0]))
-    (array([2, 0]), array([ True, False]))
-    """
-    if not len(keys):
-        return np.zeros(len(values), np.int64), np.zeros(len(values), bool)
-    pos = np.minimum(np.searchsorted(keys, values, sorter=sorter), len(keys) - 1)
-    rows = pos if sorter is None else sorter[pos]
-    return rows, keys[rows] == values
 
 
 def _prices(column: pa.ChunkedArray | pa.Array) -> np.ndarray:

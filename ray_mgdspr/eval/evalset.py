@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from ray_mgdspr.arrays import sorted_lookup
 from ray_mgdspr.config import FeatureConfig
 from ray_mgdspr.data.features import Featurizer
 from ray_mgdspr.data.simulator.relevance import RelevanceJudge
@@ -129,8 +130,8 @@ def _with_intents(world: Path, days: list[int], events: pa.Table) -> pa.Table:
     ids = logged["event_id"].to_numpy()
     order = np.argsort(ids)
     wanted = events["event_id"].to_numpy()
-    pos = order[np.searchsorted(ids, wanted, sorter=order)]
-    if not (ids[pos] == wanted).all():
+    pos, found = sorted_lookup(ids, wanted, sorter=order)
+    if not found.all():
         raise ValueError(f"world {world}: some evaluation events are missing from search_events")
     for c in INTENT_COLUMNS:
         events = events.append_column(c, logged[c].take(pa.array(pos)))

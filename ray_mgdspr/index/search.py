@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from ray_mgdspr.arrays import sorted_lookup
 from ray_mgdspr.config import IndexConfig
 from ray_mgdspr.index.manifest import read_manifest
 from ray_mgdspr.index.shards import read_shard, shard_of
@@ -120,9 +121,7 @@ class Shard:
     def lookup_rows(self, item_ids: np.ndarray) -> np.ndarray:
         """Row numbers in ``metadata`` of ``item_ids`` (n,), in that order (raises as ``lookup``)."""
         ids = np.asarray(item_ids, dtype=np.int64)
-        pos = np.searchsorted(self._sorted_ids, ids)
-        found = pos < len(self._sorted_ids)
-        found[found] = self._sorted_ids[pos[found]] == ids[found]
+        pos, found = sorted_lookup(self._sorted_ids, ids)
         if not found.all():
             raise KeyError(f"shard {self.shard_no}: item ids not in this shard: {ids[~found][:5].tolist()}")
         return self._order[pos]

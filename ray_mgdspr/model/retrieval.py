@@ -17,7 +17,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from ray_mgdspr.data.features import Featurizer, sorted_lookup
+from ray_mgdspr.arrays import sorted_lookup
+from ray_mgdspr.data.features import Featurizer
 from ray_mgdspr.model.layers import as_tensors
 from ray_mgdspr.model.mgdspr import TwoTower
 

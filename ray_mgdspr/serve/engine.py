@@ -20,6 +20,7 @@ import faiss
 import numpy as np
 import torch
 
+from ray_mgdspr.arrays import sorted_lookup
 from ray_mgdspr.config import ResolvedServeConfig, ServeConfig
 from ray_mgdspr.data.features import Featurizer
 from ray_mgdspr.index.lexical import Bm25Index
@@ -289,10 +290,7 @@ class LexicalChannel:
 
     def _rows(self, item_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Each id's row among the version's items, and whether the version serves it (else its row is any)."""
-        if not len(self._ids):
-            return np.zeros(len(item_ids), np.int64), np.zeros(len(item_ids), bool)
-        rows = np.minimum(np.searchsorted(self._ids, item_ids), len(self._ids) - 1)
-        return rows, self._ids[rows] == item_ids
+        return sorted_lookup(self._ids, item_ids)
 
     def titles(self, item_ids: np.ndarray) -> list[str | None]:
         """The title of each item in this version; None for an item the version does not serve."""

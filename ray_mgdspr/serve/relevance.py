@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from ray_mgdspr.arrays import sorted_lookup
 from ray_mgdspr.data.world import read_table
 
 _CJK = re.compile(r"[\u3400-\u9fff]")
@@ -150,9 +151,7 @@ class RelevanceFilter:
         known = self.items["item_id"].to_numpy()
         out = np.zeros(item_ids.shape, bool)
         for row, (words, ids) in enumerate(zip(query_words, item_ids, strict=True)):
-            pos = np.searchsorted(known, ids)
-            ok = (ids >= 0) & (pos < len(known))
-            ok[ok] = known[pos[ok]] == ids[ok]
+            pos, ok = sorted_lookup(known, ids)
             out[row, ok] = matches(self.key_terms(words), self.items.take(pa.array(pos[ok])))
         return out
 
