@@ -250,8 +250,8 @@ def _cell(entry: dict[str, Any], metric: str, digits: int = 3) -> str:
 def _took(seconds: float, reused: int) -> str:
     took = f" in {seconds / 60:.1f} min" if seconds else ""
     if reused:
-        took += (f" (that invocation reused {reused} runs journalled by an earlier, interrupted one; its time "
-                 "excludes them)")
+        took += (f" (that invocation reused {reused} finished runs of the same spec, world and inputs from the "
+                 "work directory's journal, `runs.jsonl`; its time excludes them)")
     return took
 
 
