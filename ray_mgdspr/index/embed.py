@@ -15,6 +15,7 @@ and renamed into place when complete, with ``embeddings.json`` (model version an
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,6 +103,17 @@ class EmbedResult:
     seconds: float
 
 
+def read_blocks(rows: int, cfg: EmbedConfig) -> int:
+    """Blocks the catalogue is embedded in: 4 per actor, so that every actor of the pool has work and reading,
+    embedding and writing overlap (a one-file catalogue is otherwise one block, embedded by one actor while the
+    others idle), but no more than one per ``batch_size`` items.
+
+    >>> read_blocks(1_000_000, EmbedConfig(actors=2)), read_blocks(5_000, EmbedConfig(actors=2))
+    (8, 2)
+    """
+    return max(1, min(4 * cfg.actors, math.ceil(rows / cfg.batch_size)))
+
+
 def embed_catalogue(world: str | Path, bundle: str | Path, cfg: EmbedConfig, overwrite: bool = False) -> EmbedResult:
     """Embed every item of ``world`` with the item tower of ``bundle`` into ``<cfg.out>/<model version>``."""
     import ray
@@ -116,14 +128,16 @@ def embed_catalogue(world: str | Path, bundle: str | Path, cfg: EmbedConfig, ove
         raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
     with atomic_dir(out) as tmp:
         context = item_context(bundle, model, world)  # the model's own edges and counts when it has them
+        expected = pq.ParquetFile(items).metadata.num_rows
         ds = ray.data.read_parquet(str(items), num_cpus=cfg.cpus_per_actor).select_columns(ITEM_COLUMNS)
+        # streamed into blocks of at most this many rows (a one-file read is otherwise one block: one actor)
+        ds = ds.repartition(target_num_rows_per_block=max(1, math.ceil(expected / read_blocks(expected, cfg))))
         ds = ds.map_batches(ItemEmbedder, fn_constructor_kwargs={"bundle": str(Path(bundle).resolve()),
                                                                  "context": context},
                             compute=ray.data.ActorPoolStrategy(size=cfg.actors), num_cpus=cfg.cpus_per_actor,
                             num_gpus=cfg.gpus_per_actor or None, batch_size=cfg.batch_size, batch_format="pyarrow")
         ds.write_parquet(str(tmp))
         rows = sum(pq.ParquetFile(f).metadata.num_rows for f in tmp.glob("*.parquet"))
-        expected = pq.ParquetFile(items).metadata.num_rows
         if rows != expected:
             raise RuntimeError(f"embedded {rows} items but {items} has {expected}")
         manifest = EmbeddingsManifest(model_version=model.version, model_files=model.files,
