@@ -120,7 +120,9 @@ def test_training_learns(world_en: Path, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_resume_continues_from_checkpoint(world_en: Path, tmp_path: Path) -> None:
-    """Same run_name + storage_path: epoch 1 comes from the checkpoint, only epoch 2 is trained."""
+    """Same run_name + storage_path: epoch 1 comes from the checkpoint, only epoch 2 is trained. The first run
+    featurizes its examples once (``data.materialize``, the default), the second streams them through the
+    featurizer (the other feeding mode, on the same checkpoint)."""
     steps = 8
     common = dict(max_steps_per_epoch=steps, eval_events=200, checkpoint_every=1000, num_to_keep=3)
     cfg1 = make_config(world_en, tmp_path, "resume", epochs=1, **common)
@@ -130,6 +132,8 @@ def test_resume_continues_from_checkpoint(world_en: Path, tmp_path: Path) -> Non
     assert len(after_first) == 1
 
     cfg2 = make_config(world_en, tmp_path, "resume", epochs=2, **common)
+    assert cfg2.data.materialize
+    cfg2 = cfg2.model_copy(update={"data": cfg2.data.model_copy(update={"materialize": False})})
     second = train(cfg2)
     check_result(second, cfg2, 2, steps)
     assert second.metrics[0] == first.metrics[0], "epoch 1 was trained again"
