@@ -11,7 +11,7 @@ from ray_mgdspr.model.optim import learning_rate_at, make_optimizer, set_learnin
 
 
 def test_constant_schedule_is_lr_at_every_step() -> None:
-    cfg = OptimConfig(lr=0.01)
+    cfg = OptimConfig(lr=0.01, schedule="constant")
     assert {learning_rate_at(cfg, s, 100) for s in range(100)} == {0.01}
 
 
