@@ -7,10 +7,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ray_mgdspr.data.world import read_manifest, read_table
 from ray_mgdspr.index.lexical import Bm25Index
-from ray_mgdspr.serve.relevance import KeyTerm, RelevanceFilter, matches
+from ray_mgdspr.serve.relevance import ItemMatcher, KeyTerm, RelevanceFilter, matches
 
 RED = KeyTerm("attr:colour", "red", value_ids=frozenset({0}))
 DRESS = KeyTerm("category", "dress", leaf_ids=frozenset({5}))
@@ -91,3 +93,29 @@ def test_bm25_ranks_title_matches_pads_and_round_trips(tmp_path: Path) -> None:
         idx.search([["red"]], 0)
     with pytest.raises(FileNotFoundError, match="not a BM25 index"):
         Bm25Index.load(tmp_path)
+
+
+# ItemMatcher (the shards' vectorised verdicts) against matches (the reference), on tables and terms drawn to hit
+# the edge cases: Latin words and phrases, empty words and double spaces, Chinese substrings across title words,
+# mixed-script terms, missing brands, titles and attribute lists.
+_WORDS = ["red", "dress", "cotton", "", "a", "red dress", "红", "色", "连衣裙", "红色", "iphone手机", "手机"]
+_TEXTS = [*_WORDS, "red  dress", " red", "色连", "d"]
+_ITEM = st.fixed_dictionaries({
+    "leaf_id": st.integers(0, 3), "cate1_id": st.integers(0, 2), "brand_id": st.none() | st.integers(1, 3),
+    "attr_value_ids": st.none() | st.lists(st.integers(0, 9), max_size=4),
+    "title_words": st.none() | st.lists(st.sampled_from(_WORDS), max_size=6)})
+_TERM = st.builds(KeyTerm, field=st.sampled_from(["category", "brand", "attr:color", "attr:size"]),
+                  text=st.sampled_from(_TEXTS), leaf_ids=st.frozensets(st.integers(0, 3), max_size=2),
+                  cate1_ids=st.frozensets(st.integers(0, 2), max_size=1),
+                  value_ids=st.frozensets(st.integers(0, 9), max_size=3))
+_SCHEMA = pa.schema([("leaf_id", pa.int64()), ("cate1_id", pa.int64()), ("brand_id", pa.int64()),
+                     ("attr_value_ids", pa.list_(pa.int64())), ("title_words", pa.list_(pa.string()))])
+
+
+@settings(max_examples=300, deadline=None)
+@given(items=st.lists(_ITEM, min_size=1, max_size=30), terms=st.lists(_TERM, max_size=3), data=st.data())
+def test_item_matcher_gives_exactly_matches(items: list[dict], terms: list[KeyTerm], data: st.DataObject) -> None:
+    table = pa.Table.from_pylist(items, schema=_SCHEMA)
+    rows = np.array(data.draw(st.lists(st.integers(0, len(items) - 1), max_size=60)), np.int64)
+    want = matches(tuple(terms), table.take(pa.array(rows, pa.int64())))
+    np.testing.assert_array_equal(ItemMatcher(table)(tuple(terms), rows), want)
