@@ -540,7 +540,8 @@ def compare_topk(serve_base: str, mono_base: str, requests: list[dict[str, Any]]
             ids_a, ids_b = [i["item_id"] for i in a["data"]], [i["item_id"] for i in b["data"]]
             same += ids_a == ids_b
             for x, y in zip(a["data"], b["data"], strict=False):
-                score_diff = max(score_diff, abs(x["scores"]["embedding"] - y["scores"]["embedding"]))
+                for channel in x["scores"].keys() & y["scores"].keys():  # a lexical fallback hit has no embedding
+                    score_diff = max(score_diff, abs(x["scores"][channel] - y["scores"][channel]))
             if ids_a != ids_b:
                 keys = ("version", "count", "filtered", "key_terms")
                 differ.append({"request": body, "serve": {k: a[k] for k in keys} | {"first": ids_a[:5]},
