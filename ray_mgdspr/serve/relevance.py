@@ -189,6 +189,14 @@ def matches(terms: tuple[KeyTerm, ...], metadata: pa.Table) -> np.ndarray:
     return keep
 
 
+def _member(rows: np.ndarray, posting: np.ndarray | None) -> np.ndarray:
+    """Whether each of ``rows`` is in the sorted ``posting`` list: a binary search per row, so the cost follows
+    the rows checked, not the posting's length (a common word's list spans much of a large catalogue)."""
+    if posting is None:
+        return np.zeros(len(rows), bool)
+    return sorted_lookup(posting, rows)[1]
+
+
 class ItemMatcher:
     """``matches`` over one fixed item table, its columns converted once (a shard's or the catalogue's metadata):
     serving checks hundreds to thousands of candidates per request for each key term. Gives exactly
@@ -196,7 +204,7 @@ class ItemMatcher:
     per-item Python checks were half of a shard replica's CPU):
 
     * attribute values: the rows' values gathered from one flat array (CSR offsets) and tested with ``np.isin``;
-    * title words (Latin scripts): a word's sorted posting list of rows, tested with ``np.isin``; a phrase of
+    * title words (Latin scripts): a word's sorted posting list of rows, searched for each row; a phrase of
       several words is checked as a phrase only on the rows that hold its first word;
     * Chinese terms (substrings of the joined title): checked on the rows that hold the term's first character.
 
@@ -264,12 +272,12 @@ class ItemMatcher:
     def _has_text(self, rows: np.ndarray, text: str) -> np.ndarray:
         """``_contains`` of each row's title and ``text``."""
         if _CJK.search(text):
-            candidates = np.isin(rows, self.chars.get(text[0], ())) if _CJK.match(text[0]) else np.ones(len(rows), bool)
+            candidates = _member(rows, self.chars.get(text[0])) if _CJK.match(text[0]) else np.ones(len(rows), bool)
             out = np.zeros(len(rows), bool)
             out[candidates] = [text in self.joined[r] for r in rows[candidates]]
             return out
         words = text.split(" ")
-        candidates = np.isin(rows, self.words.get(words[0], ()))
+        candidates = _member(rows, self.words.get(words[0]))
         if len(words) == 1:  # one word: in the title's words exactly when " word " is in the spaced title
             return candidates
         needle = f" {text} "
