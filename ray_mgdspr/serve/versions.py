@@ -245,8 +245,8 @@ class VersionManager:
                     return
         name = version_app_name(self.cfg.app_name, version)
         self.info.loading = version
-        if self._draining.pop(version, None) is not None:  # promoted back while it drains: keep its application
-            self.info.draining = sorted(self._draining)
+        drain_at = self._draining.pop(version, None)  # promoted back while it drains: keep its application
+        self.info.draining = sorted(self._draining)
         try:
             release = await asyncio.to_thread(verify_release, self.cfg.index_root, version)
             deadline = time.time() + self.cfg.load_timeout_s
@@ -261,6 +261,9 @@ class VersionManager:
             log.error("version %s refused, %s keeps serving: %s", version, self.info.version, e)  # in full
             if not isinstance(e, ReleaseError):
                 await asyncio.to_thread(serve.delete, name, _blocking=False)
+            elif drain_at is not None:  # refused before deploying: its draining application is deleted as planned
+                self._draining[version] = drain_at
+                self.info.draining = sorted(self._draining)
             if initial:
                 raise
             raise PromotionRefused(self.info.last_error) from None
