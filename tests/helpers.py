@@ -124,3 +124,46 @@ def running_endpoint(overrides: dict[str, Any], metrics_export_port: int | None 
         serve.shutdown()
         if started:
             ray.shutdown()
+
+
+def reference_matches(terms: tuple[Any, ...], metadata: Any) -> Any:
+    """The relevance filter's verdicts written plainly, item by item (what ``relevance.ItemMatcher`` computes with
+    numpy): for each field the key terms name, an item passes when it matches one of that field's terms in its
+    structured column (category: leaf or first-level category; brand; an attribute's values) or in its title
+    (whole words; a substring when the term is Chinese)."""
+    import re
+    from collections import defaultdict
+
+    import numpy as np
+
+    cjk = re.compile(r"[\u3400-\u9fff]")
+
+    def contains(words: list[str], term: str) -> bool:
+        if cjk.search(term):
+            return term in "".join(words).lower()
+        return f" {term} " in f" {' '.join(words).lower()} "
+
+    n = metadata.num_rows
+    keep = np.ones(n, bool)
+    if not terms or not n:
+        return keep
+    by_field: dict[str, list[Any]] = defaultdict(list)
+    for t in terms:
+        by_field[t.field].append(t)
+    leaf = metadata["leaf_id"].fill_null(-1).to_numpy()
+    cate1 = metadata["cate1_id"].fill_null(-1).to_numpy()
+    brand = metadata["brand_id"].fill_null(-1).to_numpy()
+    attrs = [set(a or ()) for a in metadata["attr_value_ids"].to_pylist()]
+    titles = [t or [] for t in metadata["title_words"].to_pylist()]
+    for kind, group in by_field.items():
+        hit = np.zeros(n, bool)
+        for t in group:
+            if kind == "category":
+                hit |= np.isin(leaf, list(t.leaf_ids)) | np.isin(cate1, list(t.cate1_ids))
+            elif kind == "brand":
+                hit |= np.isin(brand, list(t.value_ids))
+            else:
+                hit |= np.array([bool(a & t.value_ids) for a in attrs])
+            hit |= np.array([contains(title, t.text) for title in titles])
+        keep &= hit
+    return keep

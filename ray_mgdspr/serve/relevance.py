@@ -56,13 +56,6 @@ def _key(text: str) -> str:
     return "".join(words) if _CJK.search(text) else " ".join(words)
 
 
-def _contains(words: list[str], term: str) -> bool:
-    """Whether the word list contains ``term`` (a ``_key``): as a substring for Chinese, else whole words."""
-    if _CJK.search(term):
-        return term in "".join(words).lower()
-    return f" {term} " in f" {' '.join(words).lower()} "
-
-
 @dataclass
 class RelevanceFilter:
     """Key-term extraction over a catalogue's vocabulary (categories, brands, attribute values).
@@ -76,6 +69,7 @@ class RelevanceFilter:
     terms: dict[str, list[KeyTerm]]
     items: pa.Table | None = None
     _by_length: list[str] = field(init=False, repr=False)
+    _matcher: ItemMatcher | None = field(init=False, repr=False, default=None)
 
     def __post_init__(self) -> None:
         self._by_length = sorted(self.terms, key=lambda t: (-len(t), t))  # longest match first
@@ -149,44 +143,25 @@ class RelevanceFilter:
             raise ValueError("this RelevanceFilter was built without item metadata (from_world(load_items=True))")
         item_ids = np.asarray(item_ids, np.int64)
         known = self.items["item_id"].to_numpy()
+        if self._matcher is None:
+            self._matcher = ItemMatcher(self.items)  # the metadata's columns converted once
         out = np.zeros(item_ids.shape, bool)
         for row, (words, ids) in enumerate(zip(query_words, item_ids, strict=True)):
             pos, ok = sorted_lookup(known, ids)
-            out[row, ok] = matches(self.key_terms(words), self.items.take(pa.array(pos[ok])))
+            out[row, ok] = self._matcher(self.key_terms(words), pos[ok])
         return out
 
 
 def matches(terms: tuple[KeyTerm, ...], metadata: pa.Table) -> np.ndarray:
-    """(n,) bool: whether each item of ``metadata`` passes the key terms ``terms``.
+    """(n,) bool: whether each item of ``metadata`` passes the key terms ``terms``: for each field the terms
+    name, the item matches one of that field's terms in its structured column (category: leaf or first-level
+    category; brand; an attribute's values) or in its title (whole words; a substring for Chinese).
 
     Args:
         terms: a query's key terms (``RelevanceFilter.key_terms``); empty keeps every item.
         metadata: item rows with ``leaf_id``, ``cate1_id``, ``brand_id``, ``attr_value_ids``, ``title_words``.
     """
-    n = metadata.num_rows
-    keep = np.ones(n, bool)
-    if not terms or not n:
-        return keep
-    by_field: dict[str, list[KeyTerm]] = defaultdict(list)
-    for t in terms:
-        by_field[t.field].append(t)
-    leaf = metadata["leaf_id"].fill_null(-1).to_numpy()
-    cate1 = metadata["cate1_id"].fill_null(-1).to_numpy()
-    brand = metadata["brand_id"].fill_null(-1).to_numpy()
-    attrs = [set(a or ()) for a in metadata["attr_value_ids"].to_pylist()]
-    titles = [t or [] for t in metadata["title_words"].to_pylist()]
-    for kind, group in by_field.items():
-        hit = np.zeros(n, bool)
-        for t in group:
-            if kind == "category":
-                hit |= np.isin(leaf, list(t.leaf_ids)) | np.isin(cate1, list(t.cate1_ids))
-            elif kind == "brand":
-                hit |= np.isin(brand, list(t.value_ids))
-            else:
-                hit |= np.array([bool(a & t.value_ids) for a in attrs])
-            hit |= np.array([_contains(title, t.text) for title in titles])
-        keep &= hit
-    return keep
+    return ItemMatcher(metadata)(terms, np.arange(metadata.num_rows))
 
 
 def _member(rows: np.ndarray, posting: np.ndarray | None) -> np.ndarray:
@@ -198,10 +173,10 @@ def _member(rows: np.ndarray, posting: np.ndarray | None) -> np.ndarray:
 
 
 class ItemMatcher:
-    """``matches`` over one fixed item table, its columns converted once (a shard's or the catalogue's metadata):
-    serving checks hundreds to thousands of candidates per request for each key term. Gives exactly
-    ``matches(terms, metadata.take(rows))``, with numpy doing the per-item work (issue 16's profile: the
-    per-item Python checks were half of a shard replica's CPU):
+    """The relevance verdicts (``matches``) over one fixed item table, its columns converted once (a shard's or the
+    catalogue's metadata): serving checks hundreds to thousands of candidates per request for each key term, so
+    numpy does the per-item work (issue 16's profile: per-item Python checks were half of a shard replica's CPU;
+    tests check every verdict against a plain per-item reference, ``tests/helpers.py``):
 
     * attribute values: the rows' values gathered from one flat array (CSR offsets) and tested with ``np.isin``;
     * title words (Latin scripts): a word's sorted posting list of rows, searched for each row; a phrase of
@@ -221,7 +196,7 @@ class ItemMatcher:
         np.cumsum([len(a) for a in attrs], out=self.attr_offsets[1:])
         self.attr_values = np.fromiter((v for a in attrs for v in a), np.int64, int(self.attr_offsets[-1]))
         titles = [t or [] for t in metadata["title_words"].to_pylist()]
-        self.spaced = [f" {' '.join(t).lower()} " for t in titles]  # what _contains searches, built once
+        self.spaced = [f" {' '.join(t).lower()} " for t in titles]  # whole words: " word " in " title "
         self.joined = ["".join(t).lower() for t in titles]
         words: dict[str, list[int]] = defaultdict(list)
         chars: dict[str, list[int]] = defaultdict(list)
@@ -270,7 +245,7 @@ class ItemMatcher:
         return np.bincount(owner[found], minlength=len(rows)) > 0
 
     def _has_text(self, rows: np.ndarray, text: str) -> np.ndarray:
-        """``_contains`` of each row's title and ``text``."""
+        """Whether each row's title holds ``text``: as whole words, or as a substring when it is Chinese."""
         if _CJK.search(text):
             candidates = _member(rows, self.chars.get(text[0])) if _CJK.match(text[0]) else np.ones(len(rows), bool)
             out = np.zeros(len(rows), bool)

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pytest
+from helpers import reference_matches
 
 from ray_mgdspr.config import ProjectConfig, ServeConfig
 from ray_mgdspr.data.world import read_table
@@ -32,14 +33,14 @@ def queries(deployment: Any) -> list[list[str]]:
     return [w or [] for w in words] + [q.split() for q in searches["query"].to_pylist()]
 
 
-def test_item_matcher_equals_matches(deployment: Any, queries: list[list[str]]) -> None:
+def test_item_matcher_equals_the_reference_verdicts(deployment: Any, queries: list[list[str]]) -> None:
     relevance = RelevanceFilter.from_world(deployment.world)
     matcher = ItemMatcher(relevance.items)
     rows = np.random.default_rng(0).choice(relevance.items.num_rows, 300, replace=False)
     checked = 0
     for words in queries:
         terms = relevance.key_terms(words)
-        want = matches(terms, relevance.items.take(pa.array(rows)))
+        want = reference_matches(terms, relevance.items.take(pa.array(rows)))
         np.testing.assert_array_equal(matcher(terms, rows), want, err_msg=str(words))
         checked += bool(terms) and 0 < want.sum() < len(rows)
     assert checked > 20  # queries whose terms keep some items and not others

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+from helpers import reference_matches
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -95,9 +96,9 @@ def test_bm25_ranks_title_matches_pads_and_round_trips(tmp_path: Path) -> None:
         Bm25Index.load(tmp_path)
 
 
-# ItemMatcher (the shards' vectorised verdicts) against matches (the reference), on tables and terms drawn to hit
-# the edge cases: Latin words and phrases, empty words and double spaces, Chinese substrings across title words,
-# mixed-script terms, missing brands, titles and attribute lists.
+# ItemMatcher (the vectorised verdicts behind matches) against the plain per-item reference, on tables and
+# terms drawn to hit the edge cases: Latin words and phrases, empty words and double spaces, Chinese substrings
+# across title words, mixed-script terms, missing brands, titles and attribute lists.
 _WORDS = ["red", "dress", "cotton", "", "a", "red dress", "红", "色", "连衣裙", "红色", "iphone手机", "手机"]
 _TEXTS = [*_WORDS, "red  dress", " red", "色连", "d"]
 _ITEM = st.fixed_dictionaries({
@@ -114,8 +115,9 @@ _SCHEMA = pa.schema([("leaf_id", pa.int64()), ("cate1_id", pa.int64()), ("brand_
 
 @settings(max_examples=300, deadline=None)
 @given(items=st.lists(_ITEM, min_size=1, max_size=30), terms=st.lists(_TERM, max_size=3), data=st.data())
-def test_item_matcher_gives_exactly_matches(items: list[dict], terms: list[KeyTerm], data: st.DataObject) -> None:
+def test_item_matcher_gives_exactly_the_reference_verdicts(items: list[dict], terms: list[KeyTerm],
+                                                           data: st.DataObject) -> None:
     table = pa.Table.from_pylist(items, schema=_SCHEMA)
     rows = np.array(data.draw(st.lists(st.integers(0, len(items) - 1), max_size=60)), np.int64)
-    want = matches(tuple(terms), table.take(pa.array(rows, pa.int64())))
+    want = reference_matches(tuple(terms), table.take(pa.array(rows, pa.int64())))
     np.testing.assert_array_equal(ItemMatcher(table)(tuple(terms), rows), want)
