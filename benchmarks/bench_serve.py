@@ -72,6 +72,7 @@ from typing import Any
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # before anything imports ray (shared/notes/RAY.md)
 
 import numpy as np
+import proctree  # benchmarks/ is on sys.path when run as a script
 import psutil
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -334,23 +335,13 @@ def _cpu(p: psutil.Process) -> float:
     return t.user + t.system
 
 
-def _label(p: psutil.Process) -> str:
-    """A Ray process by what it runs: ``ServeReplica:<app>:<deployment>``, ``ServeController``, ``raylet``..."""
-    cmd = (p.cmdline() or [p.name()])[0]
-    if "ServeReplica:" in cmd:
-        return cmd[cmd.index("ServeReplica:"):].split(".")[0].split()[0]
-    if cmd.startswith("ray::"):
-        return cmd.removeprefix("ray::").split(".")[0].split()[0]
-    return os.path.basename(cmd.split()[0]) if cmd.strip() else p.name()
-
-
 def cpu_snapshot(monolith_pid: int | None) -> dict[str, Any]:
     """CPU seconds so far: this process (clients + Ray driver), the monolith, Ray's process tree, the machine."""
     me = psutil.Process()
     procs: dict[int, tuple[str, float, str]] = {}
     for p in me.children(recursive=True):
         try:
-            procs[p.pid] = ("monolith" if p.pid == monolith_pid else "ray", _cpu(p), _label(p))
+            procs[p.pid] = ("monolith" if p.pid == monolith_pid else "ray", _cpu(p), proctree.label(p))
         except psutil.Error:
             continue
     machine = psutil.cpu_times()

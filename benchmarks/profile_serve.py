@@ -42,7 +42,8 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import psutil
 
 sys.path.insert(0, str(Path(__file__).parent))
-import bench_serve as bench  # the benchmark's setup, monolith, clients and process labels
+import bench_serve as bench  # the benchmark's setup, monolith and clients
+import proctree
 
 from ray_mgdspr.runtime import free_port
 
@@ -83,7 +84,7 @@ def server_processes(monolith_pid: int | None) -> dict[int, str]:
     found = {}
     for p in psutil.Process().children(recursive=True):
         try:
-            label = "monolith" if p.pid == monolith_pid else bench._label(p)
+            label = "monolith" if p.pid == monolith_pid else proctree.label(p)
         except psutil.Error:
             continue
         if label == "monolith" or label.startswith("ServeReplica:") or label == "ProxyActor":

@@ -322,7 +322,9 @@ class TrainConfig(StrictModel):
     epochs: int = Field(2, ge=1)
     batch_size: int = Field(256, ge=1, description="examples per step and worker (the global batch is "
                             "num_workers x this); also the single-process loop's (fit_local)")
-    max_steps_per_epoch: int | None = Field(None, ge=1, description="cap per worker and epoch (smoke runs)")
+    max_steps_per_epoch: int | None = Field(
+        None, ge=1, description="cap per worker and epoch (smoke runs, bounded budgets); only the examples the "
+        "capped epochs read are featurized")
     num_workers: int = Field(2, ge=1, description="DDP workers")
     use_gpu: bool = False
     resources_per_worker: dict[str, float] = Field(

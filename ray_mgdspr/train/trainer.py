@@ -170,6 +170,9 @@ def _examples(cfg: ProjectConfig, world: str, days: list[int], vocab_path: Path,
               context: ItemContext) -> ray.data.Dataset:
     """The featurized training examples: streamed each epoch, or (``data.materialize``) featurized once here."""
     ds = training_dataset(world, days, vocab_path, cfg.features, cfg.data, context=context)
+    t = cfg.train
+    if t.max_steps_per_epoch is not None:  # a capped epoch reads no more: featurize only those (not drained)
+        ds = ds.limit(t.max_steps_per_epoch * t.batch_size * t.num_workers)
     if not cfg.data.materialize:
         return ds
     t0 = time.perf_counter()

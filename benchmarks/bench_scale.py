@@ -1,0 +1,367 @@
+"""The whole pipeline at each preset on this box: time and peak memory per stage, then the served endpoint.
+
+Data: SYNTHETIC (the simulator's worlds). For each preset (``demo``, ``small``, ``medium``, ``large``):
+
+1. ``mgdspr pipeline --simulate`` in a subprocess, with a bounded training budget (1 epoch of ``--steps`` steps
+   per worker; everything else is the preset's): simulate -> validate -> train (Ray Train) -> embed (Ray Data)
+   -> index build + verify -> CURRENT. Each stage's time comes from the run's own ``pipeline.json``.
+2. ``mgdspr serve -c <run>/config.yaml`` in a subprocess: start-up (the behaviour store is built from the logs,
+   the version loaded) until ``GET /v1/version`` answers, then ``--queries`` held-out test-day searches, one at
+   a time (k 50, filter on), after 5 warm-up requests: p50 / p99 and errors (the first request's latency, which
+   loads the replicas' lazy parts, is reported apart).
+
+Memory: the RSS of every process of each subprocess's tree is sampled twice a second (``proctree.PeakMemory``)
+and kept per stage and role (the driver, ``RayTrainWorker``, ``MapWorker(FeaturizeBatch)``, Serve replicas, ...):
+the largest process per role, and the tree's summed RSS (an upper bound: shared object-store pages count in
+every process that maps them).
+
+Growth: for each stage, the exponent ``b`` of ``seconds ~ size^b`` between consecutive presets, ``size`` being
+what the stage reads (log rows for logs and the store, items for embedding and the index). ``b`` near 1 is
+linear; a stage with ``b`` well above 1 is named in the report.
+
+    python benchmarks/bench_scale.py                       # demo, small, medium, large (~1 h on 2 cores)
+    python benchmarks/bench_scale.py --preset demo --preset small --steps 20 --queries 50   # a few minutes
+
+Results merge by preset into ``benchmarks/results/scale.{json,md,svg}`` (a later run of one preset replaces
+that preset's row only, so the presets may be run one at a time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import itertools
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import proctree  # benchmarks/ is on sys.path when run as a script
+import psutil
+
+RESULTS = Path(__file__).parent / "results"
+PRESETS = ["demo", "small", "medium", "large"]
+MGDSPR = [str(Path(sys.executable).parent / "mgdspr")]
+ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+# what each stage's cost should grow with: the rows it reads, or the catalogue
+WARMUP = 5  # requests sent before the measured ones (the first one's latency is kept apart)
+SIZE_OF = {"logs": "log_rows", "train": "log_rows", "embed": "items", "index": "items", "serve_start": "log_rows"}
+
+
+def log(msg: str) -> None:
+    print(f"[{dt.datetime.now():%H:%M:%S}] {msg}", flush=True)
+
+
+def write_config(preset: str, work: Path, steps: int) -> Path:
+    from ray_mgdspr.config import config_to_yaml, load_preset
+
+    cfg = load_preset(preset)
+    train = cfg.train.model_copy(update={"world": str(work / "world"), "storage_path": str(work / "train"),
+                                         "run_name": "scale", "epochs": 1, "max_steps_per_epoch": steps})
+    cfg = cfg.model_copy(update={
+        "train": train,
+        "embed": cfg.embed.model_copy(update={"out": str(work / "embeddings")}),
+        "index": cfg.index.model_copy(update={"out": str(work / "index")}),
+    })
+    path = work / "config.yaml"
+    path.write_text(config_to_yaml(cfg))
+    return path
+
+
+def follow(proc: subprocess.Popen, sampler: proctree.PeakMemory, phases: dict[str, str], prefix: str,
+           tail: list[str]) -> None:
+    """Echo ``proc``'s output and move the sampler's phase when a line starts a stage."""
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        line = line.rstrip()
+        tail.append(line)
+        del tail[:-40]
+        for marker, phase in phases.items():
+            if marker in line:
+                sampler.phase = phase
+        if line.startswith("[pipeline]") or "Error" in line or "error:" in line:
+            log(f"{prefix} {line[:300]}")
+
+
+def run_pipeline(preset: str, work: Path, steps: int) -> dict[str, Any]:
+    config = write_config(preset, work, steps)
+    out = work / "pipeline"
+    cmd = [*MGDSPR, "pipeline", "--config", str(config), "--simulate", "--out", str(out)]
+    log(f"{preset}: {' '.join(cmd)}")
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+    sampler = proctree.PeakMemory(proc.pid)
+    sampler.start()
+    stages = ["check", "logs", "ray", "train", "embed", "index", "serve-config", "promote"]
+    tail: list[str] = []
+    follow(proc, sampler, {f"[pipeline] {s}: started": s for s in stages}, preset, tail)
+    code = proc.wait()
+    wall = time.perf_counter() - t0
+    memory = sampler.stop()
+    report = json.loads((out / "pipeline.json").read_text()) if (out / "pipeline.json").is_file() else {}
+    if code != 0:
+        raise RuntimeError(f"{preset}: pipeline exit {code}: {report.get('error')}\n" + "\n".join(tail[-20:]))
+    return {"wall_s": round(wall, 1), "report": report, "memory": memory, "config": str(config)}
+
+
+def held_out_requests(world: Path, n: int) -> list[dict[str, Any]]:
+    import pyarrow as pa
+
+    from ray_mgdspr.data.world import read_manifest, read_table
+
+    manifest = read_manifest(world)
+    events = read_table(world, "search_events", days=manifest.test_days, columns=["user_id", "ts", "query"])
+    ts = events["ts"].cast(pa.timestamp("ms", tz="UTC")).cast(pa.int64()).to_numpy()
+    queries, users = events["query"].to_pylist(), events["user_id"].to_pylist()
+    order = [i for i in np.random.default_rng(0).permutation(events.num_rows) if queries[i].strip()]
+    return [{"query": queries[i], "user_id": int(users[i]), "ts": int(ts[i]), "k": 50, "filter": True}
+            for i in order[:n]]
+
+
+def stop_tree(proc: subprocess.Popen) -> None:
+    """SIGINT (the CLI shuts Serve down), then whatever of the tree is left is killed."""
+    descendants = proctree.tree(psutil.Process(proc.pid))
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    for p in descendants:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+
+
+def run_serve(work: Path, queries: int, start_timeout: float) -> dict[str, Any]:
+    import httpx
+
+    from ray_mgdspr.runtime import free_port
+
+    port = free_port()
+    cmd = [*MGDSPR, "serve", "--config", str(work / "pipeline" / "config.yaml"), "--port", str(port)]
+    base = f"http://127.0.0.1:{port}"
+    requests = held_out_requests(work / "world", queries)
+    log(f"serve: {' '.join(cmd)}")
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+    sampler = proctree.PeakMemory(proc.pid)
+    sampler.phase = "serve_start"
+    sampler.start()
+    tail: list[str] = []
+    threading.Thread(target=follow, args=(proc, sampler, {}, "serve", tail), daemon=True).start()
+    try:
+        with httpx.Client(base_url=base, timeout=60) as http:
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"serve exited {proc.returncode}:\n" + "\n".join(tail[-20:]))
+                if time.perf_counter() - t0 > start_timeout:
+                    raise RuntimeError(f"serve did not answer in {start_timeout:.0f} s:\n" + "\n".join(tail[-20:]))
+                try:
+                    if http.get("/v1/version").status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(1)
+            started = time.perf_counter() - t0
+            t = time.perf_counter()
+            first = http.post("/v1/retrieve", json=requests[0])  # replicas load lazily: the first request pays
+            first_ms = (time.perf_counter() - t) * 1000
+            for body in requests[1:WARMUP]:
+                http.post("/v1/retrieve", json=body)
+            log(f"serve: answering after {started:.1f} s (first request {first.status_code} in {first_ms:.0f} ms); "
+                f"{len(requests)} queries, 1 client")
+            sampler.phase = "serve_queries"
+            latencies, server, errors, empty = [], [], [], 0
+            for body in requests:
+                t = time.perf_counter()
+                r = http.post("/v1/retrieve", json=body)
+                latencies.append((time.perf_counter() - t) * 1000)
+                if r.status_code != 200:
+                    errors.append(f"{r.status_code}: {r.text[:200]}")
+                    continue
+                payload = r.json()
+                server.append(payload["latency_ms"]["total"])
+                empty += payload["count"] == 0
+    finally:
+        stop_tree(proc)
+        memory = sampler.stop()
+    lat = np.array(latencies)
+    return {"start_s": round(started, 1), "first_request_ms": round(first_ms, 1), "queries": len(requests),
+            "errors": len(errors),
+            "error_examples": errors[:3], "empty_pages": int(empty),
+            "p50_ms": round(float(np.percentile(lat, 50)), 1), "p99_ms": round(float(np.percentile(lat, 99)), 1),
+            "server_p50_ms": round(float(np.percentile(server, 50)), 1) if server else None,
+            "memory": memory}
+
+
+def disk_mib(path: Path) -> float:
+    return round(sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20, 1) if path.exists() else 0.0
+
+
+def run_preset(preset: str, root: Path, steps: int, queries: int, start_timeout: float) -> dict[str, Any]:
+    from ray_mgdspr.data.world import read_manifest
+
+    work = root / preset
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    load_start = os.getloadavg()[0]
+    pipe = run_pipeline(preset, work, steps)
+    manifest = read_manifest(work / "world")
+    served = run_serve(work, queries, start_timeout)
+    stages = {s["name"]: s for s in pipe["report"]["stages"]}
+    train = stages["train"]["detail"]
+    tables = manifest.tables
+    return {
+        "preset": preset, "label": manifest.label, "load_start": load_start, "load_end": os.getloadavg()[0],
+        "items": tables.get("items", 0), "users": tables.get("users", 0),
+        "log_rows": sum(v for k, v in tables.items() if k not in ("items", "users", "brands", "shops", "leaves")),
+        "tables": tables, "steps": train.get("steps"), "recall": {k: v for k, v in train.items()
+                                                                  if k.startswith("recall@")},
+        "seconds": {name: s["seconds"] for name, s in stages.items()} | {"serve_start": served["start_s"]},
+        "pipeline_wall_s": pipe["wall_s"], "memory": pipe["memory"] | served.pop("memory"), "serve": served,
+        "disk_mib": {d: disk_mib(work / d) for d in ("world", "train", "embeddings", "index", "pipeline")},
+    }
+
+
+def growth(rows: list[dict[str, Any]]) -> dict[str, list[float | None]]:
+    """Per stage, ``b`` in ``seconds ~ size^b`` between each pair of consecutive presets."""
+    out: dict[str, list[float | None]] = {}
+    for stage, size in SIZE_OF.items():
+        bs: list[float | None] = []
+        for a, b in itertools.pairwise(rows):
+            ta, tb, sa, sb = a["seconds"].get(stage), b["seconds"].get(stage), a[size], b[size]
+            ok = ta and tb and sa and sb and sb != sa
+            bs.append(round(math.log(tb / ta) / math.log(sb / sa), 2) if ok else None)
+        out[stage] = bs
+    return out
+
+
+def biggest(memory: dict[str, dict], phase: str) -> tuple[str, float]:
+    largest = memory.get(phase, {}).get("largest_mib", {})
+    return max(largest.items(), key=lambda kv: kv[1]) if largest else ("-", 0.0)
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for stage, size in SIZE_OF.items():
+        pts = [(r[size], r["seconds"][stage]) for r in rows if r["seconds"].get(stage)]
+        axes[0].plot(*zip(*pts, strict=True), marker="o", label=f"{stage} (vs {size.replace('_', ' ')})")
+    axes[0].set(xscale="log", yscale="log", xlabel="rows or items (SYNTHETIC worlds)", ylabel="seconds",
+                title="time per stage")
+    for phase in ("logs", "train", "embed", "index", "serve_queries"):
+        pts = [(r["items"], biggest(r["memory"], phase)[1]) for r in rows if phase in r["memory"]]
+        if pts:
+            axes[1].plot(*zip(*pts, strict=True), marker="o", label=phase)
+    axes[1].set(xscale="log", yscale="log", xlabel="catalogue items", ylabel="largest process RSS, MiB",
+                title="peak RSS of the largest process")
+    for ax in axes:
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def report(result: dict[str, Any]) -> str:
+    rows = result["rows"]
+    g = growth(rows)
+    lines = [f"# The pipeline end to end per preset ({result['date']}, {result['machine']})", "",
+             "Data: **SYNTHETIC** (the simulator's worlds). Command: `python benchmarks/bench_scale.py "
+             + " ".join(f"--preset {r['preset']}" for r in rows) + f" --steps {result['steps']}`; training is "
+             f"bounded to 1 epoch of {result['steps']} steps per worker (the preset's model, batch and workers).",
+             "", "## Time per stage (seconds)", "",
+             "| preset | items | users | log rows | logs (simulate + validate) | ray | train | embed | index "
+             "| serve start | pipeline wall | load avg |", "|---|" + "---:|" * 11]
+    for r in rows:
+        s = r["seconds"]
+        lines.append(f"| {r['preset']} | {r['items']:,} | {r['users']:,} | {r['log_rows']:,} | {s.get('logs', 0):.1f} "
+                     f"| {s.get('ray', 0):.1f} | {s.get('train', 0):.1f} | {s.get('embed', 0):.1f} "
+                     f"| {s.get('index', 0):.1f} | {s.get('serve_start', 0):.1f} | {r['pipeline_wall_s']:.0f} "
+                     f"| {r['load_start']:.1f} -> {r['load_end']:.1f} |")
+    lines += ["", "Growth exponent `b` of `seconds ~ size^b` between consecutive presets (1 = linear; fixed "
+              "start-up costs pull it below 1 at small sizes):", "",
+              "| stage | size | " + " | ".join(f"{a['preset']} -> {b['preset']}" for a, b in
+                                            itertools.pairwise(rows)) + " |",
+              "|---|---|" + "---:|" * max(1, len(rows) - 1)]
+    for stage, bs in g.items():
+        lines.append(f"| {stage} | {SIZE_OF[stage]} | " + " | ".join("-" if b is None else f"{b:.2f}" for b in bs)
+                     + " |")
+    lines += ["", "## Peak RSS per stage (MiB): the largest process, and the tree's sum", "",
+              "| preset | stage | largest process | its RSS | driver | tree sum (upper bound) | processes |",
+              "|---|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        for phase in ("logs", "train", "embed", "index", "serve_start", "serve_queries"):
+            m = r["memory"].get(phase)
+            if not m:
+                continue
+            name, rss = biggest(r["memory"], phase)
+            driver = m["largest_mib"].get("driver", 0.0)
+            lines.append(f"| {r['preset']} | {phase} | {name} | {rss:,.0f} | {driver:,.0f} | {m['total_mib']:,.0f} "
+                         f"| {sum(m['processes'].values())} |")
+    lines += ["", "## Serving the built version (1 client, k 50, filter on, held-out test-day searches)", "",
+              "| preset | queries | errors | empty pages | first request ms | p50 ms | p99 ms | server p50 ms "
+              "| training recall |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        v = r["serve"]
+        rec = ", ".join(f"{k} {x:.3f}" for k, x in r["recall"].items())
+        lines.append(f"| {r['preset']} | {v['queries']} | {v['errors']} | {v['empty_pages']} | {v['first_request_ms']} "
+                     f"| {v['p50_ms']} "
+                     f"| {v['p99_ms']} | {v['server_p50_ms']} | {rec} (after {r['steps']} steps) |")
+    lines += ["", "## Disk (MiB)", "", "| preset | world | train | embeddings | index |", "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        d = r["disk_mib"]
+        lines.append(f"| {r['preset']} | {d['world']:,} | {d['train']:,} | {d['embeddings']:,} | {d['index']:,} |")
+    lines += ["", "![time and memory against size](scale.svg)", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", action="append", choices=PRESETS, help="repeatable (default: all four)")
+    ap.add_argument("--steps", type=int, default=100, help="training steps per worker (1 epoch)")
+    ap.add_argument("--queries", type=int, default=200, help="held-out searches sent to the endpoint")
+    ap.add_argument("--start-timeout", type=float, default=1800, help="seconds for serve to answer")
+    ap.add_argument("--work", type=Path, help="working directory (default: a temporary one, deleted)")
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    presets = args.preset or PRESETS
+    root = args.work or Path(tempfile.mkdtemp(prefix="bench-scale-"))
+    path = args.results / "scale.json"
+    previous = json.loads(path.read_text()) if path.is_file() else {"rows": []}
+    rows = {r["preset"]: r for r in previous["rows"] if previous.get("steps") == args.steps}
+    try:
+        for preset in presets:
+            rows[preset] = run_preset(preset, root, args.steps, args.queries, args.start_timeout)
+            log(f"{preset}: done: " + json.dumps(rows[preset]["seconds"]))
+            memory = psutil.virtual_memory().total / 2**30
+            result = {"date": dt.date.today().isoformat(), "steps": args.steps,
+                      "machine": f"{platform.machine()} {os.cpu_count()} cpu, {memory:.0f} GiB, python "
+                                 f"{platform.python_version()}",
+                      "rows": sorted(rows.values(), key=lambda r: PRESETS.index(r["preset"]))}
+            args.results.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(result, indent=2))
+            plot(result["rows"], args.results / "scale.svg")
+            (args.results / "scale.md").write_text(report(result))
+    finally:
+        if args.work is None:
+            shutil.rmtree(root, ignore_errors=True)
+    print((args.results / "scale.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
