@@ -302,6 +302,8 @@ def report(result: dict[str, Any]) -> str:
         lines.append(f"| {stage} | {SIZE_OF[stage]} | " + " | ".join("-" if b is None else f"{b:.2f}" for b in bs)
                      + " |")
     lines += ["", "## Peak RSS per stage (MiB): the largest process, and the tree's sum", "",
+              "A Ray worker process between tasks (`ray::IDLE`) keeps the label of what it last ran, so a role can "
+              "appear in a later stage while its process waits, idle, to be reused or reaped.", "",
               "| preset | stage | largest process | its RSS | driver | tree sum (upper bound) | processes |",
               "|---|---|---|---:|---:|---:|---:|"]
     for r in rows:
