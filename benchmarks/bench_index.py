@@ -21,12 +21,18 @@ What it measures (data: SYNTHETIC):
    plain in-process loop ``ItemEmbedder(bundle, context)(batch)`` that reads and writes the same Parquet, in
    items/s; the outputs are compared. Goal: actor pool >= 0.8x the loop.
 
+4. ``--per-shard SIZES``: one shard of each size (e.g. 1M and 4M vectors) at d = 128 for ``Flat``, ``SQfp16``,
+   ``IVF4096,Flat``, ``IVF4096,SQ8`` and ``IVF4096,PQ32np``: build time, bytes per vector, the loaded reader's
+   RSS, single-query p50 / p99 on one faiss thread and recall@100 against exact: what sizing a 100M catalogue
+   rests on (docs/operations.md). Alone; writes ``index-shard.{json,md}``.
+
 Every index build and every search session runs in a fresh subprocess, so its peak memory is its own.
 
     python benchmarks/bench_index.py                  # 1M vectors, 200k items: ~5 min on 2 idle cores, ~11 busy
     python benchmarks/bench_index.py --quick          # ~2 min: 50k/100k vectors, 20k items
     python benchmarks/bench_index.py --sizes 100000,300000,1000000 --embed-items 1000000
     python benchmarks/bench_index.py --skip-index --embed-items 1000000   # part 3 alone, ~6 min
+    python benchmarks/bench_index.py --per-shard 1000000,4000000         # part 4 alone
 
 Results go to ``benchmarks/results/index-cpu.{json,md}`` and ``benchmarks/results/index-growth.svg``
 (``--quick`` writes ``index-cpu-quick.*``, ``--skip-index`` ``index-embed-<items>.*`` instead).
@@ -52,7 +58,11 @@ from pathlib import Path
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 RESULTS = Path(__file__).parent / "results"
-DIM, CLUSTERS, N_QUERIES, K, SHARDS = 64, 1000, 1000, 100, 2
+# part 4 (--per-shard) runs one shard at the paper's d with fewer queries; its children read the same from here
+DIM = int(os.environ.get("BENCH_INDEX_DIM", 64))
+SHARDS = int(os.environ.get("BENCH_INDEX_SHARDS", 2))
+N_QUERIES = int(os.environ.get("BENCH_INDEX_QUERIES", 1000))
+CLUSTERS, K = 1000, 100
 FLAT = "Flat"
 # factory -> search settings swept (the first is the IndexConfig default: nprobe 16, efSearch 128)
 FACTORIES: dict[str, list[dict]] = {
@@ -62,6 +72,15 @@ FACTORIES: dict[str, list[dict]] = {
     "IVF1024,PQ16np": [{"nprobe": 16}, {"nprobe": 64}],
 }
 GROWTH_FACTORIES = (FLAT, "IVF1024,Flat")
+# part 4: one shard of 1M-10M vectors at d 128, the factories a 100M catalogue would choose between
+SHARD_DIM, SHARD_QUERIES = 128, 200
+SHARD_FACTORIES: dict[str, list[dict]] = {
+    FLAT: [{}],
+    "SQfp16": [{}],
+    "IVF4096,Flat": [{"nprobe": 16}, {"nprobe": 64}],
+    "IVF4096,SQ8": [{"nprobe": 16}, {"nprobe": 64}],
+    "IVF4096,PQ32np": [{"nprobe": 16}, {"nprobe": 64}],
+}
 GOAL_RECALL, GOAL_SPEEDUP, GOAL_EMBED = 0.95, 10.0, 0.8
 SINGLE_THREADS = 1  # faiss threads for single queries; batches use every core
 
@@ -466,6 +485,8 @@ def report(result: dict, command: str) -> str:
         md += report_index(result)
     if result["embedding"]:
         md += report_embedding(result["embedding"])
+    if result.get("per_shard"):
+        md += report_per_shard(result)
     return "\n".join(md) + "\n"
 
 
@@ -601,6 +622,47 @@ def index_parts(tmp: str, sizes: list[int], singles: int, repeats: int) -> tuple
     return factories, growth
 
 
+def per_shard_part(tmp: str, sizes: list[int], singles: int, repeats: int) -> dict[str, list[dict]]:
+    """Part 4: one shard of each size (prefixes of the same data) for each of ``SHARD_FACTORIES``."""
+    import numpy as np
+
+    n = sizes[-1]
+    data = f"{tmp}/data"
+    os.makedirs(data)
+    print(f"data: {n:,} x {DIM} clustered vectors + {N_QUERIES:,} queries (synthetic, seeded) ...", flush=True)
+    vectors, clusters, queries = make_data(n, N_QUERIES)
+    np.save(f"{data}/vectors.npy", vectors)
+    np.save(f"{data}/clusters.npy", clusters)
+    np.save(f"{data}/queries.npy", queries)
+    del vectors, clusters
+    out: dict[str, list[dict]] = {f: [] for f in SHARD_FACTORIES}
+    for size in sizes:
+        print(f"4. one shard of {size:,} vectors", flush=True)
+        for factory, settings in SHARD_FACTORIES.items():  # Flat first: its result is the others' ground truth
+            out[factory].append(index_run(data, tmp, size, factory, settings, singles, repeats))
+        subprocess.run(["rm", "-rf", f"{tmp}/index-{size}-{FLAT}"], check=True)
+    return out
+
+
+def report_per_shard(result: dict) -> list[str]:
+    md = ["", f"## 4. One shard at d = {DIM} (sizing a 100M catalogue: docs/operations.md)", "",
+          f"Vectors: {CLUSTERS:,} seeded Gaussian clusters as in part 1, d = {DIM}, {N_QUERIES} queries, top-{K}, "
+          f"S = {SHARDS} (one shard, built by `build_index_version` like every version). Single queries on "
+          f"{SINGLE_THREADS} faiss thread, as a shard replica runs them; recall@{K} against the exact Flat top-{K} "
+          "of the same shard. Bytes per vector = index file / n (the 8-byte item id map included).", "",
+          "| n | factory | setting | build s | index MiB | bytes / vector | reader RSS MiB | single p50 ms "
+          "| single p99 ms | batch QPS | recall@100 |", "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for factory, runs in result["per_shard"].items():
+        for r in runs:
+            for s in r["search"]:
+                setting = ", ".join(f"{k} {v}" for k, v in s["setting"].items()) or "exact"
+                md.append(f"| {r['n']:,} | {factory} | {setting} | {r['build_s']:.1f} "
+                          f"| {r['index_bytes'] / 2**20:,.0f} | {r['index_bytes'] / r['n']:.0f} "
+                          f"| {s['reader_rss_growth_mib']:,.0f} | {s['single_p50_ms']:.2f} | {s['single_p99_ms']:.2f} "
+                          f"| {s['batch_qps']:,.0f} | {s['recall_at_100']:.3f} |")
+    return md
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default=None, help="growth sizes, comma-separated; the largest is N of part 1 "
@@ -611,8 +673,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats (default 3 index, 2 embedding)")
     ap.add_argument("--skip-embed", action="store_true", help="parts 1-2 only")
     ap.add_argument("--skip-index", action="store_true", help="part 3 only; writes index-embed-<items>.{json,md}")
+    ap.add_argument("--per-shard", default=None, help="part 4 alone: one shard of each of these sizes "
+                    "(comma-separated) at d 128; writes index-shard.{json,md}")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.per_shard:  # before any child starts: they read these from the environment
+        global DIM, SHARDS, N_QUERIES
+        DIM, SHARDS, N_QUERIES = SHARD_DIM, 1, SHARD_QUERIES
+        os.environ.update(BENCH_INDEX_DIM=str(DIM), BENCH_INDEX_SHARDS="1", BENCH_INDEX_QUERIES=str(N_QUERIES))
     if args.child:
         kind, data, n, factory, root, *rest = args.child
         if kind == "build":
@@ -634,19 +702,24 @@ def main() -> None:
     load_start = os.getloadavg()[0]
     factories: dict = {}
     growth: dict[str, list[dict]] = {}
+    per_shard: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-index-") as tmp:
-        if not args.skip_index:
+        if args.per_shard:
+            per_shard = per_shard_part(tmp, sorted(int(x) for x in args.per_shard.split(",")),
+                                       args.singles or 50, args.repeats or 1)
+        elif not args.skip_index:
             factories, growth = index_parts(tmp, sizes, singles, repeats)
         index_s = time.perf_counter() - started
         load_index_end = os.getloadavg()[0]
-        embedding = None if args.skip_embed else embedding_bench(tmp, embed_items, max(1, repeats - 1))
+        skip_embed = args.skip_embed or args.per_shard
+        embedding = None if skip_embed else embedding_bench(tmp, embed_items, max(1, repeats - 1))
     result = {
         "data": "SYNTHETIC (clustered vectors; simulated catalogue for embedding)",
         "date": dt.date.today().isoformat(),
         "machine": f"{platform.machine()} {os.cpu_count()} cpu, python {platform.python_version()}",
         "n": n, "dim": DIM, "clusters": CLUSTERS, "queries": N_QUERIES, "k": K, "shards": SHARDS,
         "repeats": repeats, "singles": singles, "sizes": sizes,
-        "factories": factories, "growth": growth, "embedding": embedding,
+        "factories": factories, "growth": growth, "embedding": embedding, "per_shard": per_shard,
         "load_start": load_start, "load_index_end": load_index_end, "load_end": os.getloadavg()[0],
         "index_part_s": round(index_s, 1), "total_s": round(time.perf_counter() - started, 1),
     }
@@ -657,6 +730,8 @@ def main() -> None:
     name = "index-cpu-quick" if args.quick else "index-cpu"
     if args.skip_index:
         name = f"index-embed-{embed_items}"
+    if args.per_shard:
+        name = "index-shard"
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     md = report(result, command)
