@@ -651,7 +651,8 @@ def report_per_shard(result: dict) -> list[str]:
           f"Vectors: {CLUSTERS:,} seeded Gaussian clusters as in part 1, d = {DIM}, {N_QUERIES} queries, top-{K}, "
           f"S = {SHARDS} (one shard, built by `build_index_version` like every version). Single queries on "
           f"{SINGLE_THREADS} faiss thread, as a shard replica runs them; recall@{K} against the exact Flat top-{K} "
-          "of the same shard. Bytes per vector = index file / n (the 8-byte item id map included).", "",
+          "of the same shard. Bytes per vector = index file / n (the 8-byte item id map included). Load average "
+          f"{result['load_start']:.1f} at the start, {result['load_end']:.1f} at the end.", "",
           "| n | factory | setting | build s | index MiB | bytes / vector | reader RSS MiB | single p50 ms "
           "| single p99 ms | batch QPS | recall@100 |", "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for factory, runs in result["per_shard"].items():

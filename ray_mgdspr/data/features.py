@@ -188,6 +188,19 @@ class Featurizer:
         out._set_history(behaviours, query_history)
         return out
 
+    def for_users(self, user_ids: Iterable[int], history_days: Iterable[int] | None = None) -> Featurizer:
+        """The same featurizer with only ``user_ids``' histories, read from the world (filtered as read): the
+        features of a few users' rows without holding every user's (held-out evaluation samples).
+
+        Args:
+            user_ids: the users whose rows will be featurized.
+            history_days: days of history to read (default: all days of the world).
+        """
+        days = sorted(set(read_manifest(self.world).all_days if history_days is None else history_days))
+        keep = pc.field("user_id").isin(pa.array(np.unique(np.asarray(list(user_ids), np.int64))))
+        return self.with_history(*(_read(self.world, name, days, HISTORY_COLUMNS[name], filters=keep)
+                                   for name in ("behaviours", "query_history")))
+
     def _set_history(self, behaviours: pa.Table, history: pa.Table) -> None:
         """Index the behaviours and history queries by (user, ts) for the window lookups."""
         vocab, config = self.vocab, self.config
@@ -593,11 +606,12 @@ def _positive_pairs(events: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     return parent[kept], items[kept]
 
 
-def _read(world: Path, name: str, days: list[int] | None, columns: list[str]) -> pa.Table:
-    """A table of the world; a ``ValueError`` naming the world and the table when it is absent."""
+def _read(world: Path, name: str, days: list[int] | None, columns: list[str], **kwargs: Any) -> pa.Table:
+    """A table of the world (``kwargs``: ``pq.read_table``'s, e.g. ``filters``); a ``ValueError`` naming the world
+    and the table when it is absent."""
     if not table_files(world, schema.TABLES[name]):
         raise ValueError(f"world {world}: table {name!r} is missing")
-    return read_table(world, name, days=days, columns=columns)
+    return read_table(world, name, days=days, columns=columns, **kwargs)
 
 
 def _event_columns(events: pa.Table) -> pa.Table:

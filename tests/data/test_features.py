@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ray_mgdspr.config import FeatureConfig
-from ray_mgdspr.data.features import DAY_MS, LONG_ACTIONS, Featurizer, ItemPopularity, PriceLevels
+from ray_mgdspr.data.features import DAY_MS, LONG_ACTIONS, MISSING, Featurizer, ItemPopularity, PriceLevels
 from ray_mgdspr.data.vocab import PAD, Vocabulary
 from ray_mgdspr.data.world import read_manifest, read_table
 
@@ -308,6 +308,23 @@ def test_evaluation_events_hold_the_test_day_targets(world_en: Path, feat_en: Fe
     assert min(test["ts"].to_pylist()) >= first_test_ms
     out = feat_en(test.slice(0, 10))
     assert "item_id" not in out and out["rt_item"].shape == (10, CFG.realtime_len)
+
+
+def test_a_featurizer_of_a_few_users_gives_their_rows_the_same_features(world_en: Path, vocab_en: Vocabulary,
+                                                                        feat_en: Featurizer) -> None:
+    """``for_users`` (held-out evaluation) reads only those users' histories, yet featurizes their rows exactly as a
+    featurizer holding every user's does; other users' rows get no history."""
+    m = read_manifest(world_en)
+    test = feat_en.events(m.test_days)
+    rows = test.take(pa.array(np.arange(0, test.num_rows, max(1, test.num_rows // 40))))
+    few = Featurizer(world_en, vocab_en, CFG, history_days=[]).for_users(rows["user_id"].to_numpy())
+    want, got = feat_en(rows), few(rows)
+    assert want.keys() == got.keys()
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    assert (want["rt_item"] != MISSING).any()  # the sample has histories to compare
+    others = test.filter(pc.invert(pc.is_in(test["user_id"], rows["user_id"]))).slice(0, 20)
+    assert (feat_en(others)["rt_item"] != MISSING).any() and (few(others)["rt_item"] == MISSING).all()
 
 
 # ------------------------------------------------------------------------------ query tokens
