@@ -1,0 +1,61 @@
+"""The benchmarks' own measuring parts, small and fast, so they do not rot between benchmark runs (a change to the
+shard metadata once broke every index build of ``bench_index.py`` unnoticed)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import bench_index  # noqa: E402
+import proctree  # noqa: E402
+
+
+def test_peak_memory_sees_a_childs_allocation_under_its_phase() -> None:
+    """A child that holds 200 MiB, then exits: the sampler's phase of that time has the child's peak; the tree's
+    sum holds it too, and a later phase does not."""
+    code = textwrap.dedent("""
+        import sys, time
+        block = bytearray(200 * 2**20)  # zero-filled: every page touched
+        print("held", flush=True)
+        sys.stdin.readline()
+    """)
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    sampler = proctree.PeakMemory(child.pid, interval=0.05, driver="child")
+    sampler.start()
+    try:
+        sampler.phase = "holding"
+        assert child.stdout.readline().strip() == "held"
+        sampler.sample()
+        sampler.phase = "after"
+    finally:
+        child.communicate("\n", timeout=30)
+    peaks = sampler.stop()
+    assert peaks["holding"]["largest_mib"]["child"] >= 200
+    assert peaks["holding"]["total_mib"] >= 200
+    assert peaks["holding"]["processes"]["child"] == 1
+    assert peaks.get("after", {}).get("largest_mib", {}).get("child", 0) < 200
+
+
+def test_per_shard_build_and_search_run_at_a_tiny_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``bench_index``'s children build a version the way the project does and search it; recall of Flat is 1."""
+    monkeypatch.setattr(bench_index, "DIM", 16)
+    monkeypatch.setattr(bench_index, "SHARDS", 1)
+    data = tmp_path / "data"
+    data.mkdir()
+    vectors, clusters, queries = bench_index.make_data(2_000, 20)
+    for name, array in (("vectors", vectors), ("clusters", clusters), ("queries", queries)):
+        np.save(data / f"{name}.npy", array)
+    root = tmp_path / "root"
+    built = bench_index.child_build(str(data), 2_000, bench_index.FLAT, str(root))
+    assert built["n"] == 2_000 and built["index_bytes"] > 2_000 * 16 * 4
+    searched = bench_index.child_search(str(data), 2_000, bench_index.FLAT, str(root), [{}], "", 5, 1)
+    assert searched["settings"][0]["flat_vs_numpy_recall_20q"] == 1.0
+    assert searched["settings"][0]["single_p99_ms"] > 0
