@@ -595,19 +595,23 @@ def report_embedding(e: dict) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 
 
-def index_parts(tmp: str, sizes: list[int], singles: int, repeats: int) -> tuple[dict, dict[str, list[dict]]]:
-    """Parts 1 and 2: every factory at the largest size, then the growth curve."""
+def write_data(tmp: str, n: int) -> str:
+    """``make_data(n)`` saved where the children read it (``<tmp>/data``); returns that directory."""
     import numpy as np
 
-    n = sizes[-1]
     data = f"{tmp}/data"
     os.makedirs(data)
     print(f"data: {n:,} x {DIM} clustered vectors + {N_QUERIES:,} queries (synthetic, seeded) ...", flush=True)
     vectors, clusters, queries = make_data(n, N_QUERIES)
-    np.save(f"{data}/vectors.npy", vectors)
-    np.save(f"{data}/clusters.npy", clusters)
-    np.save(f"{data}/queries.npy", queries)
-    del vectors, clusters
+    for name, array in (("vectors", vectors), ("clusters", clusters), ("queries", queries)):
+        np.save(f"{data}/{name}.npy", array)
+    return data
+
+
+def index_parts(tmp: str, sizes: list[int], singles: int, repeats: int) -> tuple[dict, dict[str, list[dict]]]:
+    """Parts 1 and 2: every factory at the largest size, then the growth curve."""
+    n = sizes[-1]
+    data = write_data(tmp, n)
     print(f"1. factories at N = {n:,}", flush=True)
     factories = {f: index_run(data, tmp, n, f, s, singles, repeats) for f, s in FACTORIES.items()}
     print(f"2. growth over {sizes}", flush=True)
@@ -626,17 +630,8 @@ def index_parts(tmp: str, sizes: list[int], singles: int, repeats: int) -> tuple
 
 def per_shard_part(tmp: str, sizes: list[int], singles: int, repeats: int) -> dict[str, list[dict]]:
     """Part 4: one shard of each size (prefixes of the same data) for each of ``SHARD_FACTORIES``."""
-    import numpy as np
-
     n = sizes[-1]
-    data = f"{tmp}/data"
-    os.makedirs(data)
-    print(f"data: {n:,} x {DIM} clustered vectors + {N_QUERIES:,} queries (synthetic, seeded) ...", flush=True)
-    vectors, clusters, queries = make_data(n, N_QUERIES)
-    np.save(f"{data}/vectors.npy", vectors)
-    np.save(f"{data}/clusters.npy", clusters)
-    np.save(f"{data}/queries.npy", queries)
-    del vectors, clusters
+    data = write_data(tmp, n)
     out: dict[str, list[dict]] = {f: [] for f in SHARD_FACTORIES}
     for size in sizes:
         print(f"4. one shard of {size:,} vectors", flush=True)

@@ -48,14 +48,12 @@ def test_per_shard_build_and_search_run_at_a_tiny_size(tmp_path: Path, monkeypat
     """``bench_index``'s children build a version the way the project does and search it; recall of Flat is 1."""
     monkeypatch.setattr(bench_index, "DIM", 16)
     monkeypatch.setattr(bench_index, "SHARDS", 1)
-    data = tmp_path / "data"
-    data.mkdir()
-    vectors, clusters, queries = bench_index.make_data(2_000, 20)
-    for name, array in (("vectors", vectors), ("clusters", clusters), ("queries", queries)):
-        np.save(data / f"{name}.npy", array)
+    monkeypatch.setattr(bench_index, "N_QUERIES", 20)
+    data = bench_index.write_data(str(tmp_path), 2_000)
+    assert np.load(f"{data}/queries.npy").shape == (20, 16)
     root = tmp_path / "root"
-    built = bench_index.child_build(str(data), 2_000, bench_index.FLAT, str(root))
+    built = bench_index.child_build(data, 2_000, bench_index.FLAT, str(root))
     assert built["n"] == 2_000 and built["index_bytes"] > 2_000 * 16 * 4
-    searched = bench_index.child_search(str(data), 2_000, bench_index.FLAT, str(root), [{}], "", 5, 1)
+    searched = bench_index.child_search(data, 2_000, bench_index.FLAT, str(root), [{}], "", 5, 1)
     assert searched["settings"][0]["flat_vs_numpy_recall_20q"] == 1.0
     assert searched["settings"][0]["single_p99_ms"] > 0
