@@ -144,13 +144,14 @@ def stop_tree(proc: subprocess.Popen) -> None:
             p.kill()
 
 
-def run_serve(work: Path, queries: int, start_timeout: float) -> dict[str, Any]:
+def run_serve(work: Path, queries: int, start_timeout: float, config: Path | None = None) -> dict[str, Any]:
     import httpx
 
     from ray_mgdspr.runtime import free_port
 
     port = free_port()
-    cmd = [*MGDSPR, "serve", "--config", str(work / "pipeline" / "config.yaml"), "--port", str(port)]
+    config = config or work / "pipeline" / "config.yaml"
+    cmd = [*MGDSPR, "serve", "--config", str(config), "--port", str(port)]
     base = f"http://127.0.0.1:{port}"
     requests = held_out_requests(work / "world", queries)
     log(f"serve: {' '.join(cmd)}")
@@ -183,7 +184,8 @@ def run_serve(work: Path, queries: int, start_timeout: float) -> dict[str, Any]:
             log(f"serve: answering after {started:.1f} s (first request {first.status_code} in {first_ms:.0f} ms); "
                 f"{len(requests)} queries, 1 client")
             sampler.phase = "serve_queries"
-            latencies, server, errors, empty = [], [], [], 0
+            latencies, server, search, errors, empty = [], [], [], [], 0
+            stages: dict[str, list[float]] = {}
             for body in requests:
                 t = time.perf_counter()
                 r = http.post("/v1/retrieve", json=body)
@@ -193,7 +195,14 @@ def run_serve(work: Path, queries: int, start_timeout: float) -> dict[str, Any]:
                     continue
                 payload = r.json()
                 server.append(payload["latency_ms"]["total"])
+                search.append(payload["latency_ms"]["search"])
+                for stage, ms in payload["latency_ms"].items():  # stages that did not run count as 0
+                    stages.setdefault(stage, [0.0] * (len(server) - 1)).append(ms)
+                for values in stages.values():
+                    values.extend([0.0] * (len(server) - len(values)))
                 empty += payload["count"] == 0
+            time.sleep(2)  # recall canary samples finish in the background and report to the manager
+            version = http.get("/v1/version").json()
     finally:
         stop_tree(proc)
         memory = sampler.stop()
@@ -203,6 +212,11 @@ def run_serve(work: Path, queries: int, start_timeout: float) -> dict[str, Any]:
             "error_examples": errors[:3], "empty_pages": int(empty),
             "p50_ms": round(float(np.percentile(lat, 50)), 1), "p99_ms": round(float(np.percentile(lat, 99)), 1),
             "server_p50_ms": round(float(np.percentile(server, 50)), 1) if server else None,
+            "search_p50_ms": round(float(np.percentile(search, 50)), 1) if search else None,
+            "search_p99_ms": round(float(np.percentile(search, 99)), 1) if search else None,
+            "stages_p50_ms": {k: round(float(np.percentile(v, 50)), 1) for k, v in stages.items()},
+            "stages_p99_ms": {k: round(float(np.percentile(v, 99)), 1) for k, v in stages.items()},
+            "version": version.get("version"), "canary": (version.get("canary") or {}).get(version.get("version")),
             "memory": memory}
 
 
@@ -213,6 +227,44 @@ def serve_again(row: dict[str, Any], root: Path, queries: int, start_timeout: fl
     memory = {k: v for k, v in row["memory"].items() if not k.startswith("serve")} | served.pop("memory")
     return row | {"seconds": row["seconds"] | {"serve_start": served["start_s"]}, "memory": memory,
                   "serve": served, "serve_load": [os.getloadavg()[0]]}
+
+
+def serve_layout(row: dict[str, Any], root: Path, factory: str, shards: int, queries: int,
+                 start_timeout: float) -> dict[str, Any]:
+    """``row`` with a serving measurement of another index layout of the same embeddings (``--index``): the kept
+    run's embedding set built again as ``factory`` x ``shards`` (`mgdspr index build`), served twice from the same
+    store: once for latency (canary off), once with every request sampled by the recall canary (its recall@50
+    against the exhaustive search of the same index: exact for IVF-Flat), whose latency is not kept."""
+    from ray_mgdspr.config import config_to_yaml, load_config
+
+    work = root / row["preset"]
+    slug = f"{factory.replace(',', '_')}-s{shards}"
+    cfg = load_config(work / "pipeline" / "config.yaml")
+    index_root = work / f"index-{slug}"
+    shutil.rmtree(index_root, ignore_errors=True)
+    cfg = cfg.model_copy(update={"index": cfg.index.model_copy(update={"factory": factory, "shards": shards,
+                                                                     "out": str(index_root)})})
+    report = json.loads((work / "pipeline" / "pipeline.json").read_text())
+    embeddings = next(s["detail"]["path"] for s in report["stages"] if s["name"] == "embed")
+    build_config = work / f"config-{slug}.yaml"
+    build_config.write_text(config_to_yaml(cfg))
+    log(f"{row['preset']}: index build {factory} x {shards}")
+    t = time.perf_counter()
+    subprocess.run([*MGDSPR, "index", "build", "--embeddings", embeddings, "--config", str(build_config)],
+                   check=True, env=ENV, stdout=subprocess.DEVNULL)
+    build_s = time.perf_counter() - t
+    runs = {}
+    for name, share in (("latency", 0.0), ("canary", 1.0)):
+        serve_cfg = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={
+            "index_root": str(index_root), "canary_share": share, "canary_k": 50, "canary_window": 100_000})})
+        path = work / f"config-{slug}-{name}.yaml"
+        path.write_text(config_to_yaml(serve_cfg))
+        runs[name] = run_serve(work, queries, start_timeout, config=path)
+    latency, canary = runs["latency"], runs["canary"]
+    layout = {"factory": factory, "shards": shards, "nprobe": cfg.serve.nprobe or cfg.index.nprobe,
+              "build_s": round(build_s, 1), "load": os.getloadavg()[0], "canary": canary["canary"],
+              "memory": latency.pop("memory")} | {k: v for k, v in latency.items() if k != "canary"}
+    return row | {"layouts": {**row.get("layouts", {}), slug: layout}}
 
 
 def disk_mib(path: Path) -> float:
@@ -268,6 +320,12 @@ def simulate_fit(rows: list[dict[str, Any]]) -> tuple[float, float, list[float]]
     y = np.array([r["seconds"]["logs"] for r in fit])
     (a, b), *_ = np.linalg.lstsq(x, y, rcond=None)
     return a * 1e6, b * 1e6, [round(float(v), 2) for v in (x @ [a, b]) / y]
+
+
+def by_stage(served: dict[str, Any]) -> str:
+    """The server's stages at p99, slowest first (``total`` left out)."""
+    p99 = {k: v for k, v in (served.get("stages_p99_ms") or {}).items() if k != "total"}
+    return ", ".join(f"{k} {v}" for k, v in sorted(p99.items(), key=lambda kv: -kv[1])) or "-"
 
 
 def biggest(memory: dict[str, dict], phase: str) -> tuple[str, float]:
@@ -359,6 +417,22 @@ def report(result: dict[str, Any]) -> str:
     again = [f"{r['preset']} (load {r['serve_load'][0]:.1f})" for r in rows if r.get("serve_load")]
     if again:
         lines += ["", "Serving measured again on the kept runs with `--serve-only`: " + ", ".join(again) + "."]
+    layouts = [(r, v) for r in rows for v in r.get("layouts", {}).values()]
+    if layouts:
+        lines += ["", "## Other index layouts of the same embeddings (`--serve-only --index FACTORY --shards S`)", "",
+                  "Each served twice from the run's store: for latency (canary off; 1 client, k 50, filter on), and "
+                  "with the recall canary sampling every request (recall@50 of the served top 50, unfiltered, "
+                  "against the exhaustive search of the same index: exact for IVF-Flat).", "",
+                  "| preset | factory | shards | nprobe | build s | ready after s | p50 ms | p99 ms "
+                  "| search p50 / p99 ms | p99 by stage (ms; a stage that did not run counts 0) | errors "
+                  "| recall@50 vs exhaustive (samples) | load |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---|---|---:|---|---:|"]
+        for r, v in layouts:
+            c = v.get("canary") or {}
+            recall = f"{c['recall']:.3f} ({c.get('samples')})" if c.get("recall") is not None else "-"
+            lines.append(f"| {r['preset']} | {v['factory']} | {v['shards']} | {v['nprobe']} | {v['build_s']} "
+                         f"| {v['start_s']} | {v['p50_ms']} | {v['p99_ms']} | {v['search_p50_ms']} / "
+                         f"{v['search_p99_ms']} | {by_stage(v)} | {v['errors']} | {recall} | {v['load']:.1f} |")
     lines += ["", "## Disk (MiB)", "", "| preset | world | train | embeddings | index |", "|---|---:|---:|---:|---:|"]
     for r in rows:
         d = r["disk_mib"]
@@ -375,11 +449,15 @@ def main() -> None:
     ap.add_argument("--start-timeout", type=float, default=1800, help="seconds for serve to answer")
     ap.add_argument("--work", type=Path, help="working directory (default: a temporary one, deleted)")
     ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--index", metavar="FACTORY", help="with --serve-only: serve the kept run's embeddings "
+                    "built as this index.factory in --shards shards instead (e.g. IVF4096,Flat), and read the "
+                    "recall canary")
+    ap.add_argument("--shards", type=int, default=4, help="with --index: index.shards")
     ap.add_argument("--serve-only", action="store_true", help="measure serving again on the runs kept in --work "
                     "(their pipeline rows are kept)")
     args = ap.parse_args()
-    if args.serve_only and not args.work:
-        ap.error("--serve-only needs --work, the directory of an earlier run")
+    if (args.serve_only or args.index) and not args.work:
+        ap.error("--serve-only and --index need --work, the directory of an earlier run")
     presets = args.preset or PRESETS
     root = args.work or Path(tempfile.mkdtemp(prefix="bench-scale-"))
     path = args.results / "scale.json"
@@ -387,7 +465,10 @@ def main() -> None:
     rows = {r["preset"]: r for r in previous["rows"] if previous.get("steps") == args.steps}
     try:
         for preset in presets:
-            if args.serve_only:
+            if args.index:
+                rows[preset] = serve_layout(rows[preset], root, args.index, args.shards, args.queries,
+                                            args.start_timeout)
+            elif args.serve_only:
                 rows[preset] = serve_again(rows[preset], root, args.queries, args.start_timeout)
             else:
                 rows[preset] = run_preset(preset, root, args.steps, args.queries, args.start_timeout)
