@@ -46,6 +46,8 @@ class Bm25Index:
             raise ValueError(f"{len(item_ids)} item ids but {len(titles)} titles")
         if not titles:
             raise ValueError("cannot build a BM25 index over an empty catalogue")
+        if not any(titles):
+            raise ValueError(f"cannot build a BM25 index: none of the {len(titles)} items has a title word")
         retriever = bm25s.BM25()
         retriever.index(titles, show_progress=False)
         return cls(retriever, item_ids)
@@ -61,8 +63,8 @@ class Bm25Index:
             k: results per query, >= 1.
 
         Returns:
-            scores (q, k) float32 best first and item_ids (q, k) int64; slots without a matching item are
-            -inf / -1.
+            scores (q, k) float32 best first (equal scores by item id) and item_ids (q, k) int64; slots without
+            a matching item are -inf / -1.
         """
         if k < 1:
             raise ValueError(f"k must be >= 1 (got {k})")
@@ -76,11 +78,17 @@ class Bm25Index:
         asked = [i for i, q in enumerate(known) if q]  # a query of unseen words only matches nothing
         if not asked:
             return scores, ids
-        kept = min(k, len(self))
-        rows, found = self._retriever.retrieve([known[i] for i in asked], k=kept, show_progress=False, n_threads=1)
-        hit = found > 0
-        scores[asked, :kept] = np.where(hit, found, -np.inf)
-        ids[asked, :kept] = np.where(hit, self.item_ids[rows], -1)
+        for i in asked:
+            bm25 = self._retriever.get_scores(known[i])  # (n,): bm25s' Lucene BM25 of every item
+            rows = np.flatnonzero(bm25 > 0)  # a zero score shares no word with the query
+            if len(rows) > k:  # keep the k-th best score and every tie of it, ordered below
+                kth = np.partition(bm25[rows], len(rows) - k)[len(rows) - k]
+                rows = rows[bm25[rows] >= kth]
+            # best first, ties by item id. Not bm25s' own top-k: np.argpartition over the mostly-zero scores of
+            # a large catalogue is pathological (240 ms at 1M items, against ~5 ms for this)
+            rows = rows[np.lexsort((self.item_ids[rows], -bm25[rows]))[:k]]
+            scores[i, :len(rows)] = bm25[rows]
+            ids[i, :len(rows)] = self.item_ids[rows]
         return scores, ids
 
     def save(self, path: str | Path) -> None:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ray_mgdspr.eval.baselines import bm25_topk, load_minilm, minilm_topk
+from ray_mgdspr.index.lexical import Bm25Index
 from ray_mgdspr.model.retrieval import exact_topk
 
 IDS = np.array([10, 11, 12, 13, 14, 15])
@@ -19,6 +22,32 @@ def test_bm25_ranks_word_matches_first_and_pads_non_matches() -> None:
     assert topk[0, 0] == 10 and topk[1, 0] == 12
     assert (topk[0, 1:] == -1).all()  # only one title shares a word with "running shoes"
     assert (topk[2] == -1).all()  # no shared word: nothing retrieved
+
+
+WORDS = ["red", "blue", "shoe", "shirt", "cake", "chair", "set", "new", "large"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(titles=st.lists(st.lists(st.sampled_from(WORDS), max_size=6), min_size=1, max_size=40),
+       query=st.lists(st.sampled_from([*WORDS[:5], "lamp"]), min_size=1, max_size=3),
+       k=st.integers(1, 12))
+def test_bm25_top_k_is_bm25s_scores_best_first_ties_by_item_id(titles: list[list[str]], query: list[str],
+                                                              k: int) -> None:
+    """``Bm25Index.search`` ranks by bm25s' own scores (no top-k of bm25s': its argpartition is pathological on
+    mostly-zero scores), best first, equal scores by item id, matches only, padded after."""
+    ids = np.random.default_rng(len(titles)).permutation(10_000)[:len(titles)]
+    if not any(titles):
+        with pytest.raises(ValueError, match="none of the"):
+            Bm25Index.build(ids, titles)
+        return
+    index = Bm25Index.build(ids, titles)
+    scores, found = index.search([query], k)
+    known = [w for w in query if w in index._retriever.vocab_dict]
+    bm25 = index._retriever.get_scores(known) if known else np.zeros(len(ids), np.float32)
+    want = sorted((-float(s), int(i)) for s, i in zip(bm25, ids, strict=True) if s > 0)[:k]
+    assert [int(i) for i in found[0] if i >= 0] == [i for _, i in want]
+    np.testing.assert_allclose(scores[0][:len(want)], [-s for s, _ in want], rtol=1e-6)
+    assert (found[0][len(want):] == -1).all() and np.isneginf(scores[0][len(want):]).all()
 
 
 def test_exact_topk_equals_brute_force() -> None:
