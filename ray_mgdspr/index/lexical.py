@@ -85,7 +85,7 @@ class Bm25Index:
                 kth = np.partition(bm25[rows], len(rows) - k)[len(rows) - k]
                 rows = rows[bm25[rows] >= kth]
             # best first, ties by item id. Not bm25s' own top-k: np.argpartition over the mostly-zero scores of
-            # a large catalogue is pathological (240 ms at 1M items, against ~5 ms for this)
+            # a large catalogue is pathological (160 ms per query at 1M items, against 2.2 ms for this)
             rows = rows[np.lexsort((self.item_ids[rows], -bm25[rows]))[:k]]
             scores[i, :len(rows)] = bm25[rows]
             ids[i, :len(rows)] = self.item_ids[rows]

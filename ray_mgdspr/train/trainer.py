@@ -153,8 +153,9 @@ def _catalogue_features(world: str, vocab_path: str, cfg: ProjectConfig, context
     return CatalogueFeatures.from_featurizer(featurizer, read_table(world, "items", columns=["item_id"])["item_id"])
 
 
-def held_out_features(world: str, vocab_path: str, cfg: ProjectConfig, days: list[int],
-                      context: ItemContext) -> dict[str, Any]:
+@ray.remote
+def _eval_features(world: str, vocab_path: str, cfg: ProjectConfig, days: list[int],
+                   context: ItemContext) -> dict[str, Any]:
     """A seeded sample of held-out searches, featurized, with their targets (clicked ∪ bought). Only the sampled
     users' histories are read (at the large preset a whole featurizer held 4.6 GB for 1,000 searches)."""
     featurizer = Featurizer(world, Vocabulary.load(vocab_path), cfg.features, history_days=[], context=context)
@@ -165,9 +166,6 @@ def held_out_features(world: str, vocab_path: str, cfg: ProjectConfig, days: lis
     targets = [np.asarray(t, np.int64) for t in events["target_item_ids"].to_pylist()]
     featurizer = featurizer.for_users(events["user_id"].to_numpy())
     return {"features": featurizer(events), "targets": targets}
-
-
-_eval_features = ray.remote(held_out_features)
 
 
 def _examples(cfg: ProjectConfig, world: str, days: list[int], vocab_path: Path,
