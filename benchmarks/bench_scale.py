@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 import proctree  # benchmarks/ is on sys.path when run as a script
 import psutil
+from bench_serve import held_out_requests  # the same held-out search bodies bench_serve sends
 
 RESULTS = Path(__file__).parent / "results"
 PRESETS = ["demo", "small", "medium", "large"]
@@ -116,20 +117,6 @@ def run_pipeline(preset: str, work: Path, steps: int) -> dict[str, Any]:
     return {"wall_s": round(wall, 1), "report": report, "memory": memory, "config": str(config)}
 
 
-def held_out_requests(world: Path, n: int) -> list[dict[str, Any]]:
-    import pyarrow as pa
-
-    from ray_mgdspr.data.world import read_manifest, read_table
-
-    manifest = read_manifest(world)
-    events = read_table(world, "search_events", days=manifest.test_days, columns=["user_id", "ts", "query"])
-    ts = events["ts"].cast(pa.timestamp("ms", tz="UTC")).cast(pa.int64()).to_numpy()
-    queries, users = events["query"].to_pylist(), events["user_id"].to_pylist()
-    order = [i for i in np.random.default_rng(0).permutation(events.num_rows) if queries[i].strip()]
-    return [{"query": queries[i], "user_id": int(users[i]), "ts": int(ts[i]), "k": 50, "filter": True}
-            for i in order[:n]]
-
-
 def stop_tree(proc: subprocess.Popen) -> None:
     """SIGINT (the CLI shuts Serve down), then whatever of the tree is left is killed."""
     descendants = proctree.tree(psutil.Process(proc.pid))
@@ -153,7 +140,7 @@ def run_serve(work: Path, queries: int, start_timeout: float, config: Path | Non
     config = config or work / "pipeline" / "config.yaml"
     cmd = [*MGDSPR, "serve", "--config", str(config), "--port", str(port)]
     base = f"http://127.0.0.1:{port}"
-    requests = held_out_requests(work / "world", queries)
+    requests = held_out_requests(work / "world", 50, queries)
     log(f"serve: {' '.join(cmd)}")
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)

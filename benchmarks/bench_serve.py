@@ -168,12 +168,7 @@ def prepare(tmp: Path, quick: bool) -> Setup:
     build_sqlite_store(world, store)
     timings["store_s"] = time.perf_counter() - t
 
-    events = read_table(world, "search_events", days=manifest.test_days, columns=["user_id", "ts", "query"])
-    ts = events["ts"].cast(pa.timestamp("ms", tz="UTC")).cast(pa.int64()).to_numpy()
-    order = np.random.default_rng(0).permutation(events.num_rows)
-    queries, users = events["query"].to_pylist(), events["user_id"].to_pylist()
-    requests = [{"query": queries[i], "user_id": int(users[i]), "ts": int(ts[i]), "k": K, "filter": True,
-                 "channels": CHANNELS} for i in order if queries[i].strip()]
+    requests = held_out_requests(world, K, channels=CHANNELS)
 
     # keep what part 3 needs to draw synthetic catalogues around this one
     np.save(tmp / "real_vectors.npy", vectors)
@@ -328,6 +323,24 @@ def start_monolith(setup: Setup, port: int) -> subprocess.Popen:
 
 # --------------------------------------------------------------------------------------------------
 # load and CPU accounting
+
+
+def held_out_requests(world: Path, k: int, n: int | None = None, channels: list[str] | None = None
+                      ) -> list[dict[str, Any]]:
+    """``/v1/retrieve`` bodies of the world's test-day searches (query, user id, logged ts; filter on), shuffled
+    (seed 0), blank queries left out; the first ``n`` (None: all). ``channels`` None: the endpoint's default."""
+    import pyarrow as pa
+
+    from ray_mgdspr.data.world import read_manifest, read_table
+
+    events = read_table(world, "search_events", days=read_manifest(world).test_days,
+                        columns=["user_id", "ts", "query"])
+    ts = events["ts"].cast(pa.timestamp("ms", tz="UTC")).cast(pa.int64()).to_numpy()
+    queries, users = events["query"].to_pylist(), events["user_id"].to_pylist()
+    order = [i for i in np.random.default_rng(0).permutation(events.num_rows) if queries[i].strip()][:n]
+    extra = {} if channels is None else {"channels": channels}
+    return [{"query": queries[i], "user_id": int(users[i]), "ts": int(ts[i]), "k": k, "filter": True, **extra}
+            for i in order]
 
 
 def _cpu(p: psutil.Process) -> float:
