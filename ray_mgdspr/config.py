@@ -511,7 +511,14 @@ class ServeConfig(StrictModel):
                                     "after this wait, doubling per attempt, within serve.request_timeout_s")
     token: str | None = Field(None, description="bearer token of the write paths (events, promotion); the "
                               "MGDSPR_SERVE_TOKEN environment variable overrides; none set: writes are refused")
-    batch_size: int = Field(32, ge=1, description="@serve.batch size of the encoder and the shards")
+    placement: Literal["per_stage", "colocated"] = Field(
+        "per_stage", description="how a served version is deployed: per_stage, one deployment for the encoder, one "
+        "per shard and one for BM25 (each scales and moves on its own: a cluster whose shards do not fit one "
+        "node); colocated, one deployment whose every replica holds the whole version and answers a batch of "
+        "requests in one call (one hop per request instead of 1 + shards: a version that fits one replica; "
+        "docs/serving.md, Placement)")
+    batch_size: int = Field(32, ge=1, description="@serve.batch size of the encoder and the shards (colocated: "
+                            "of the version's replicas)")
     batch_wait_ms: float = Field(2.0, ge=0, description="how long a batch waits to fill")
     request_timeout_s: float = Field(10.0, gt=0, description="a request's budget across all stages")
     version_refresh_s: float = Field(0.25, gt=0, description="how often the ingress asks which version serves")
@@ -535,6 +542,8 @@ class ServeConfig(StrictModel):
     encoder: DeploymentConfig = DeploymentConfig()
     shard: DeploymentConfig = DeploymentConfig(max_replicas=1)
     head: DeploymentConfig = DeploymentConfig(max_replicas=1, num_cpus=0.1)
+    retriever: DeploymentConfig = Field(DeploymentConfig(), description="placement colocated: the replicas of "
+                                        "the whole version (encoder, every shard, BM25 in one process each)")
 
     def resolved(self, project: ProjectConfig) -> ResolvedServeConfig:
         """This section with every field it inherits (``None``: index_root, world, backend, nprobe, ef_search)

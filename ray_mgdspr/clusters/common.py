@@ -104,7 +104,8 @@ def _requests(cfg: ProjectConfig, stages: tuple[str, ...]) -> Iterator[tuple[str
         yield "index.build_cpus", {"CPU": cfg.index.build_cpus, **cfg.index.build_resources}, 1
     if "serve" in stages:
         s = cfg.serve
-        for name in ("ingress", "encoder", "shard", "head"):
+        per_version = ("retriever",) if s.placement == "colocated" else ("encoder", "shard", "head")
+        for name in ("ingress", *per_version):
             d = getattr(s, name)
             count = d.min_replicas * (cfg.index.shards if name == "shard" else 1)
             yield f"serve.{name}", {"CPU": d.num_cpus, "GPU": d.num_gpus, **d.resources}, count

@@ -606,6 +606,27 @@ class LocalStages:
         return [await call for call in calls]
 
 
+class _Searched:
+    """``LocalStages`` with one request's shard hits already searched (``Retriever.answer_batch``)."""
+
+    def __init__(self, local: LocalStages, hits: list[Hits] | None) -> None:
+        self.local, self.hits = local, hits
+
+    async def encode(self, query: str, user_id: int | None, ts: int) -> Encoded:
+        raise RuntimeError("a batched answer is encoded before its stages run")
+
+    async def shards(self, embedding: np.ndarray, depth: int, terms: tuple[KeyTerm, ...], need: int | None
+                     ) -> list[Hits]:
+        assert self.hits is not None, "the batch searched no shards for a request without the embedding channel"
+        return self.hits
+
+    async def lexical(self, words: list[str], k: int, terms: tuple[KeyTerm, ...]) -> Hits:
+        return await self.local.lexical(words, k, terms)
+
+    async def together(self, *calls: Awaitable[Any]) -> list[Any]:
+        return await self.local.together(*calls)
+
+
 class Retriever:
     """A whole version in one process (no Ray), configured as the endpoint is: the same ``ServeConfig`` (every
     depth, limit and the fallback), the same request checks (``request_k``), the same ``answer``, the same
@@ -651,6 +672,47 @@ class Retriever:
     def request(self, req: RetrieveRequest) -> dict:
         """The response to a parsed request body (``retrieve`` without building it)."""
         return run_now(retrieve(req, request_k(req, self.cfg), self.cfg, self.release.version, self.stages))
+
+    def answer_batch(self, requests: Sequence[tuple[RetrieveRequest, int]]) -> list[tuple[dict, np.ndarray]]:
+        """Responses to a batch of parsed requests (each with its k from ``request_k``), each equal to
+        ``request``'s: the batch's queries go through the query tower in one forward pass and each shard is
+        searched once for all of them (at each request's own depth and passing prefix), then every request is
+        answered on its own (merge, filter, fallbacks). What a replica of the whole version runs
+        (``serve.placement: colocated``, ``serve/versions.py``).
+
+        Returns:
+            per request, its response and its H_qu (d,) (the recall canary samples it). Stage times: ``encode``
+            and ``search`` are the batch's; ``total`` runs from the batch's start to the request's answer.
+        """
+        t0 = time.perf_counter()
+        encoded = self.encoder.encode([r.query for r, _ in requests], [r.user_id for r, _ in requests],
+                                      [request_ts(r.ts) for r, _ in requests])
+        encode_s = time.perf_counter() - t0
+        searched = [i for i, (r, _) in enumerate(requests) if "embedding" in r.channels]
+        hits: dict[int, list[Hits]] = {}
+        search_s = 0.0
+        if searched:
+            t = time.perf_counter()
+            queries = np.stack([encoded[i].embedding for i in searched])
+            depths = [embedding_depth(requests[i][1], requests[i][0].filter, encoded[i].terms, self.cfg.filter_depth)
+                      for i in searched]
+            terms = [encoded[i].terms for i in searched]
+            need = [requests[i][1] if requests[i][0].filter else None for i in searched]
+            per_shard = [s.search(queries, depths, terms, need=need) for s in self.shards]
+            hits = {i: [shard[row] for shard in per_shard] for row, i in enumerate(searched)}
+            search_s = time.perf_counter() - t
+        out = []
+        for i, ((req, k), enc) in enumerate(zip(requests, encoded, strict=True)):
+            body = run_now(answer(enc, k, req.filter, tuple(req.channels), self.cfg, self.release.version,
+                                  _Searched(self.stages, hits.get(i)), {"encode": encode_s}, t0))
+            if i in hits:
+                body["latency_ms"]["search"] = round(search_s * 1000, 3)
+            out.append((body, enc.embedding))
+        return out
+
+    def canary(self, embedding: np.ndarray, k: int, ef_search: int = 4096) -> list[CanaryHits]:
+        """A recall canary sample of one query H_qu (d,) on every shard (``ShardSearcher.canary``), in shard order."""
+        return [s.canary(embedding[None, :], k, ef_search) for s in self.shards]
 
     def behaviours(self, user_id: int, limit: int = 20, ts: int | None = None) -> dict:
         """A user's behaviours as ``GET /v1/users/{user_id}/behaviours`` answers them (``recent_behaviours``).

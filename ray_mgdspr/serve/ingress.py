@@ -87,12 +87,34 @@ async def _bug(request: Request, e: Exception) -> JSONResponse:
 
 @dataclass(frozen=True)
 class _Serving:
-    """One version's handles, read once per request."""
+    """One version's handles, read once per request: per stage (``encoder``, ``shards``, ``head``), or the one
+    deployment of the whole version (``whole``, ``serve.placement: colocated``)."""
 
     version: str
-    encoder: DeploymentHandle
-    shards: list[DeploymentHandle]
-    head: DeploymentHandle
+    encoder: DeploymentHandle | None = None
+    shards: tuple[DeploymentHandle, ...] = ()
+    head: DeploymentHandle | None = None
+    whole: DeploymentHandle | None = None
+
+    @classmethod
+    def of(cls, app_name: str, version: str, placement: str, shards: int) -> "_Serving":
+        name = version_app_name(app_name, version)
+        if placement == "colocated":
+            return cls(version, whole=serve.get_deployment_handle("version", name))
+        return cls(version, serve.get_deployment_handle("encoder", name),
+                   tuple(serve.get_deployment_handle(f"shard-{s}", name) for s in range(shards)),
+                   serve.get_deployment_handle("head", name))
+
+    @property
+    def behaviours(self) -> DeploymentHandle:
+        """The deployment that reads users' behaviours with this version's titles."""
+        return self.whole or self.head
+
+    async def canary(self, embedding: np.ndarray, k: int) -> list[CanaryHits]:
+        """Every shard's canary sample of one query (its top k as served and exact), in shard order."""
+        if self.whole is not None:
+            return await self.whole.canary.remote((embedding, k))
+        return list(await asyncio.gather(*(s.canary.remote((embedding, k)) for s in self.shards)))
 
 
 def _no_constant(name: str) -> None:
@@ -198,11 +220,7 @@ class Ingress:
                                                            deadline))
         if info.version is None or (self.serving and self.serving.version == info.version):
             return
-        name = version_app_name(self.cfg.app_name, info.version)
-        self.serving = _Serving(
-            info.version, serve.get_deployment_handle("encoder", name),
-            [serve.get_deployment_handle(f"shard-{s}", name) for s in range(info.shards or 0)],
-            serve.get_deployment_handle("head", name))
+        self.serving = _Serving.of(self.cfg.app_name, info.version, self.cfg.placement, info.shards or 0)
         self.metrics.serving(info.version)
 
     async def _refresh_forever(self) -> None:
@@ -332,11 +350,15 @@ class Ingress:
             except RequestRefused as e:
                 raise HttpError(422, f"retrieve: {e}", problems=[{"field": e.field, "problem": e.problem}]) from None
             v = await self._current(deadline)
-            stages = _HandleStages(self, v, deadline)
-            body = await retrieve(req, k, self.cfg, v.version, stages)
+            if v.whole is not None:  # the whole version in one replica: one call
+                body, embedding = await self._read("version", lambda: v.whole.answer.remote((req, k)), deadline)
+            else:
+                stages = _HandleStages(self, v, deadline)
+                body = await retrieve(req, k, self.cfg, v.version, stages)
+                embedding = None if stages.encoded is None else stages.encoded.embedding
             self._observe(body)
-            if "embedding" in req.channels and stages.encoded is not None:
-                self._sample(v, stages.encoded.embedding)
+            if "embedding" in req.channels and embedding is not None:
+                self._sample(v, embedding)
             return body
 
         return await self._respond("retrieve", request, handle)
@@ -370,13 +392,8 @@ class Ingress:
         their overlap recorded: this replica's window and gauge, the samples counter, and the version manager's
         window (``GET /v1/version``). Never raises: a failure is logged and counted."""
         version, k = serving.version, self.cfg.canary_k
-
-        async def ask(shard: DeploymentHandle) -> CanaryHits:
-            return await shard.canary.remote((embedding, k))
-
         try:
-            hits = await asyncio.wait_for(asyncio.gather(*(ask(s) for s in serving.shards)),
-                                          self.cfg.request_timeout_s)
+            hits = await asyncio.wait_for(serving.canary(embedding, k), self.cfg.request_timeout_s)
             recall = float(merged_recall([h.ann for h in hits], [h.exact for h in hits], k)[0])
         except Exception:
             self.metrics.canary_samples.labels(version, "failed").inc()
@@ -423,7 +440,7 @@ class Ingress:
             req: BehavioursRequest = self._parse(BehavioursRequest, self._query(request, "behaviours"), "behaviours")
             v = await self._current(deadline)
             ts = request_ts(req.ts)
-            data = await self._read("behaviours", lambda: v.head.behaviours.remote(req.user_id, ts, req.limit),
+            data = await self._read("behaviours", lambda: v.behaviours.behaviours.remote(req.user_id, ts, req.limit),
                                     deadline)
             return behaviours_body(req.user_id, v.version, ts, data)
 

@@ -1,9 +1,12 @@
 """One served version as a Serve application, and the version manager that deploys, switches and drains them.
 
-A version application (``<app_name>-<version>``, no route) holds ``encoder`` (``QueryEncoderDeployment``),
-``shard-0`` .. ``shard-{S-1}`` (``IndexShard``, one deployment per shard, since replicas of one deployment are
-load-balanced, not fanned out) and ``head`` (``VersionHead``: the lexical channel; it binds the others into one
-application). Each wraps a Ray-free class of ``serve/engine.py``.
+A version application (``<app_name>-<version>``, no route) is deployed as ``serve.placement`` says:
+
+- ``per_stage``: ``encoder`` (``QueryEncoderDeployment``), ``shard-0`` .. ``shard-{S-1}`` (``IndexShard``, one
+  deployment per shard, since replicas of one deployment are load-balanced, not fanned out) and ``head``
+  (``VersionHead``: the lexical channel; it binds the others into one application). Each wraps a Ray-free class
+  of ``serve/engine.py``.
+- ``colocated``: ``version`` (``VersionReplica``), each replica the whole version (``engine.Retriever``).
 
 ``VersionManager`` (one replica, in the front application beside ``serve/ingress.py``'s ``Ingress``) says which
 version serves. Promotion deploys the new version's application beside the old, waits until every replica has
@@ -33,6 +36,7 @@ from ray_mgdspr.serve.engine import (
     LexicalChannel,
     QueryEncoder,
     ReleaseError,
+    Retriever,
     ShardSearcher,
     each_alone,
     recent_behaviours,
@@ -41,7 +45,7 @@ from ray_mgdspr.serve.engine import (
 from ray_mgdspr.serve.errors import public_message
 from ray_mgdspr.serve.metrics import BatchSizes
 from ray_mgdspr.serve.relevance import KeyTerm
-from ray_mgdspr.serve.schemas import CanaryRecall, VersionInfo
+from ray_mgdspr.serve.schemas import CanaryRecall, RetrieveRequest, VersionInfo
 from ray_mgdspr.serve.store import Store, open_store
 
 log = logging.getLogger("ray.serve")
@@ -168,9 +172,47 @@ class VersionHead:
         return recent_behaviours(self._store, self.lexical.titles, user_id, ts, limit)
 
 
+@serve.deployment
+class VersionReplica:
+    """The whole version in each replica (``serve.placement: colocated``): ``engine.Retriever``, answering batches
+    of requests (``@serve.batch``) with one forward pass and one search per shard (``Retriever.answer_batch``);
+    the recall canary's searches and users' behaviours too. One hop from the ingress per request."""
+
+    def __init__(self, settings: dict, version: str) -> None:
+        cfg = ResolvedServeConfig.model_validate(settings)
+        release = verify_release(cfg.index_root, version, check_files=False)  # the loaders check their files
+        self.version = version
+        self.core = Retriever(release, cfg)
+        self.canary_ef_search = cfg.canary_ef_search
+        self.batch_sizes = BatchSizes("version")
+        _batched(self._answer, cfg)
+
+    async def answer(self, request: tuple[RetrieveRequest, int]) -> tuple[dict, np.ndarray]:
+        """One request (its k from ``engine.request_k``): its response and its H_qu, answered in a batch with
+        concurrent requests."""
+        return _own(await self._answer(request))
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    async def _answer(self, requests: list[tuple[RetrieveRequest, int]]) -> list[tuple[dict, np.ndarray] | Exception]:
+        self.batch_sizes.observe(len(requests))
+        return await asyncio.to_thread(each_alone, self.core.answer_batch, requests)
+
+    async def canary(self, request: tuple[np.ndarray, int]) -> list[CanaryHits]:
+        """A recall canary sample of one query (H_qu, k) on every shard, in a thread beside the live batches."""
+        embedding, k = request
+        return await asyncio.to_thread(self.core.canary, embedding, k, self.canary_ef_search)
+
+    async def behaviours(self, user_id: int, ts: int, limit: int) -> list[dict]:
+        """As ``VersionHead.behaviours``."""
+        return await asyncio.to_thread(recent_behaviours, self.core.encoder.store, self.core.lexical.titles,
+                                       user_id, ts, limit)
+
+
 def version_app(cfg: ResolvedServeConfig, version: str, shards: int) -> serve.Application:
-    """The Serve application of one version (see the module docstring)."""
+    """The Serve application of one version (see the module docstring; ``serve.placement``)."""
     settings = cfg.model_dump()
+    if cfg.placement == "colocated":
+        return VersionReplica.options(name="version", **cfg.retriever.serve_options()).bind(settings, version)
     encoder = QueryEncoderDeployment.options(name="encoder", **cfg.encoder.serve_options()).bind(settings, version)
     shard_handles = [IndexShard.options(name=f"shard-{s}", **cfg.shard.serve_options()).bind(settings, version, s)
                      for s in range(shards)]

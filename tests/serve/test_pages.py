@@ -15,6 +15,7 @@ from ray_mgdspr.data.world import read_table
 from ray_mgdspr.serve.engine import Retriever, assemble, merge_hits, relaxed_terms
 from ray_mgdspr.serve.pages import held_out_searches, page_report
 from ray_mgdspr.serve.relevance import ItemMatcher, RelevanceFilter, matches
+from ray_mgdspr.serve.schemas import RetrieveRequest
 from ray_mgdspr.serve.store import SqliteStore
 
 
@@ -59,6 +60,30 @@ def test_shard_prefixes_give_the_full_depth_answer(retriever: Retriever, queries
             assert got.items == want.items and got.filtered == want.filtered
             shorter += sum(len(p.item_ids) for p in part) < sum(len(f.item_ids) for f in full)
     assert shorter > 10  # the prefixes did cut something
+
+
+def test_a_batch_of_requests_gets_each_request_s_own_answer(retriever: Retriever, queries: list[list[str]]) -> None:
+    """``answer_batch`` (one forward pass, one search per shard for the whole batch, at each request's own depth and
+    passing prefix) answers every request as ``request`` answers it alone: pages, scores, counts, fallbacks."""
+    mix = [{}, {"filter": False}, {"channels": ["lexical"]}, {"channels": ["embedding", "lexical"]}]
+    requests = [RetrieveRequest(query=" ".join(words) or "dress", user_id=[None, 3, 17, 999_999][n % 4],
+                                k=[5, 50, 20][n % 3], ts=4_000_000_000_000, **mix[n % len(mix)])
+                for n, words in enumerate(queries[:48])]
+    batch = retriever.answer_batch([(r, r.k) for r in requests])
+    fallbacks = 0
+    for req, (got, embedding) in zip(requests, batch, strict=True):
+        want = retriever.request(req)
+        assert [(i["item_id"], i["channels"]) for i in got["data"]] == \
+            [(i["item_id"], i["channels"]) for i in want["data"]], req
+        for channel in req.channels:
+            np.testing.assert_allclose([i["scores"].get(channel, 0) for i in got["data"]],
+                                       [i["scores"].get(channel, 0) for i in want["data"]], rtol=1e-5, atol=1e-6)
+        fields = ("version", "count", "filtered", "fallback", "fallback_added", "relaxed_to", "key_terms")
+        assert {f: got[f] for f in fields} == {f: want[f] for f in fields}
+        assert set(got["latency_ms"]) == set(want["latency_ms"])
+        assert embedding.shape == (retriever.release.index.dim,)
+        fallbacks += got["fallback"] is not None
+    assert fallbacks > 0  # some pages of the batch took the lexical fallback
 
 
 def test_short_pages_at_most_one_percent_with_the_fallback(retriever: Retriever, deployment: Any) -> None:

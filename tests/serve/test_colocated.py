@@ -1,0 +1,139 @@
+"""The endpoint with ``serve.placement: colocated`` (each replica of a version holds the whole version) on real
+Serve over HTTP: the same answers as the Ray-free core, one at a time and in concurrent batches; promotion under
+load without failures or mixing, to a version with another shard count; the recall canary; users' behaviours."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from helpers import Load, free_port, running_endpoint, wait_for
+from ray import serve
+
+from ray_mgdspr.config import ServeConfig
+from ray_mgdspr.serve.engine import Retriever
+
+pytestmark = pytest.mark.slow
+TOKEN = "colocated-token-7"
+AUTH = {"authorization": f"Bearer {TOKEN}"}
+TS = 4_000_000_000_000
+QUERIES = [("red dress", 3), ("running shoes", None), ("portable car cover", 17), ("dress", 999_999),
+           ("wireless headphones", 5), ("beige", 8)]
+
+
+@pytest.fixture(scope="module")
+def server(deployment: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, ServeConfig]]:
+    tmp = tmp_path_factory.mktemp("colocated")
+    shutil.copy(deployment.store, tmp / "behaviours.sqlite")
+    shutil.copytree(deployment.index_root, tmp / "index")  # promotions here move CURRENT of this copy only
+    overrides = {"port": free_port(), "index_root": str(tmp / "index"), "world": str(deployment.world),
+                 "store": str(tmp / "behaviours.sqlite"), "version": "v1", "token": TOKEN, "drain_s": 1.0,
+                 "watch_current_s": 0, "placement": "colocated", "filter_depth": 200, "canary_share": 1.0,
+                 "batch_wait_ms": 20.0,  # concurrent requests of the tests below share batches
+                 "retriever": {"min_replicas": 1, "max_replicas": 1}}
+    with running_endpoint(overrides) as endpoint:
+        yield endpoint
+
+
+@pytest.fixture(scope="module")
+def client(server: tuple[str, ServeConfig]) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server[0], timeout=60) as c:
+        yield c
+
+
+def retrieve(client: httpx.Client, **body: object) -> dict:
+    r = client.post("/v1/retrieve", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def page(body: dict) -> list[tuple[int, list[str]]]:
+    return [(i["item_id"], i["channels"]) for i in body["data"]]
+
+
+CHANNEL_MIX = ((20, False, ["embedding"]), (5, True, ["embedding"]), (50, True, ["embedding"]),
+               (10, True, ["embedding", "lexical"]))
+BODIES = [{"query": q, "user_id": u, "k": k, "filter": f, "ts": TS, "channels": channels}
+          for q, u in QUERIES for k, f, channels in CHANNEL_MIX]
+
+
+def promote(client: httpx.Client, version: str) -> None:
+    if client.get("/v1/version").json()["version"] != version:
+        r = client.post("/v1/admin/promote", json={"version": version}, headers=AUTH, timeout=300)
+        assert r.status_code == 200, r.text
+    wait_for(lambda: not [a for a in serve.status().applications if a.startswith("mgdspr-")
+                          and a != f"mgdspr-{version}"], 60, "the other versions' applications to be deleted")
+
+
+def test_one_deployment_per_version_and_the_answers_of_the_ray_free_core(server: tuple[str, ServeConfig],
+                                                                          client: httpx.Client) -> None:
+    promote(client, "v1")
+    deployments = set(serve.status().applications["mgdspr-v1"].deployments)
+    assert deployments == {"version"}
+    core = Retriever.open(server[1], "v1")
+    bodies = BODIES
+    want = [core.retrieve(b["query"], b["user_id"], b["k"], b["filter"], tuple(b["channels"]), b["ts"])
+            for b in bodies]
+    alone = [retrieve(client, **b) for b in bodies]
+    with ThreadPoolExecutor(12) as pool:  # concurrent: answered in shared batches
+        together = list(pool.map(lambda b: retrieve(client, **b), bodies))
+    for body, w, a, t in zip(bodies, want, alone, together, strict=True):
+        for got in (a, t):
+            assert got["version"] == "v1"
+            assert page(got) == page(w), body
+            assert {f: got[f] for f in ("count", "filtered", "fallback", "fallback_added", "key_terms")} == \
+                {f: w[f] for f in ("count", "filtered", "fallback", "fallback_added", "key_terms")}, body
+            if "embedding" in body["channels"]:
+                np.testing.assert_allclose([i["scores"].get("embedding", 0) for i in got["data"]],
+                                           [i["scores"].get("embedding", 0) for i in w["data"]], rtol=1e-5,
+                                           atol=1e-6)
+                assert {"encode", "search", "merge", "filter", "total"} <= set(got["latency_ms"])
+    assert any(w["fallback"] for w in want)  # the lexical fallback ran inside the replica too
+
+
+def test_promotion_under_load_has_no_failures_and_no_mixing(server: tuple[str, ServeConfig],
+                                                           client: httpx.Client) -> None:
+    promote(client, "v1")
+    with Load(server[0], clients=4) as load:
+        time.sleep(1.0)
+        r = client.post("/v1/admin/promote", json={"version": "v2"}, headers=AUTH, timeout=300)
+        assert r.status_code == 200, r.text
+        time.sleep(2.0)
+    results = load.all
+    assert results and all(status == 200 for status, *_ in results), Counter(r[:3] for r in results)
+    for per_client in load.results:
+        versions = [r[1] for r in per_client]
+        assert versions == sorted(versions) and versions[-1] == "v2"
+    core = Retriever.open(server[1], "v2")  # 3 shards
+    for b in BODIES[:8]:
+        assert page(retrieve(client, **b)) == page(core.retrieve(b["query"], b["user_id"], b["k"], b["filter"],
+                                                                 tuple(b["channels"]), b["ts"]))
+
+
+def test_the_recall_canary_samples_the_colocated_version(client: httpx.Client) -> None:
+    promote(client, "v1")
+
+    def sampled() -> dict:
+        return client.get("/v1/version").json()["canary"].get("v1") or {"samples": 0}
+
+    before = sampled()["samples"]
+    for q, u in QUERIES:
+        retrieve(client, query=q, user_id=u, k=10, ts=TS)
+    wait_for(lambda: sampled()["samples"] >= before + len(QUERIES), 30, "canary samples of v1")
+    assert sampled()["recall"] == pytest.approx(1.0)  # Flat shards: the ANN is exact
+
+
+def test_user_behaviours_come_from_the_colocated_version(server: tuple[str, ServeConfig],
+                                                         client: httpx.Client) -> None:
+    promote(client, "v1")
+    r = client.get("/v1/users/3/behaviours", params={"ts": TS, "limit": 5}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    assert r.json() == Retriever.open(server[1], "v1").behaviours(3, limit=5, ts=TS)
+    assert r.json()["count"] > 0
