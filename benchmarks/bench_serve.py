@@ -22,7 +22,10 @@ What it measures (data: SYNTHETIC, a simulated world; part 3's catalogues are sy
    and QPS per server core (robust to how much of the shared machine each system got), and an idle window
    shows what Serve burns with no traffic. The monolith's and Serve's ``/healthz`` are checked to be this
    run's processes, and every response's version is counted.
-   Goals (reported, not asserted): Serve QPS >= 1.0x the monolith at 16 clients; Serve p99 <= 2x monolith p99.
+   ``--placements`` (default both) measures each ``serve.placement`` this way, one after another on the same
+   Ray (``per_stage``: encoder, shard and BM25 deployments; ``colocated``: one deployment holding the whole
+   version), and records the batch sizes ``@serve.batch`` formed per cell (Ray's export of
+   ``mgdspr_batch_size``). Goals (issue 16; reported, not asserted): ``GOALS``.
 2. ``stages``: encode, search (the shard fan-out), merge, filter and total from the responses'
    ``latency_ms``, mean and p99, for Serve (and the monolith, for reference) at 1 and 16 clients.
 3. ``p99 vs catalogue size and shard count``: 1 client through the Serve app, after switching versions
@@ -85,7 +88,15 @@ VERSION = "bench-v1"
 K = 50
 CHANNELS = ["embedding"]
 STAGES = ("encode", "search", "merge", "filter", "total")
-GOAL_QPS_16, GOAL_P99 = 1.0, 2.0
+GOALS = {"qps_16": 1.0, "p99_16": 1.5, "p50_1": 1.5, "cpu_per_request": 1.5, "overhead_ms_1": 5.0}
+"""Issue 16's goals, Serve against the monolith in one run: QPS at 16 clients >= 1.0x, p99 at 16 clients <= 1.5x,
+p50 at 1 client <= 1.5x, server CPU per request <= 1.5x (at 1 and 16 clients), framework overhead at 1 client
+(client latency minus the server's own ``total``) <= 5 ms."""
+PLACEMENTS = ("per_stage", "colocated")
+FAST = "+tp"
+"""A system name ``<placement>+tp``: that placement with Ray Serve's throughput-optimised mode
+(``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` in the environment of the Ray it starts)."""
+BATCH_EXPORT_WAIT_S = 2.5  # > Ray's metrics report interval, set to 1 s in this run's ray.init
 SYNTHETIC_ID_BASE = 1_000_000_000  # synthetic items get ids far from the simulated catalogue's
 GPU_RESULTS = "gpu-check-h200"
 
@@ -456,6 +467,46 @@ def measure(base: str, requests: list[dict[str, Any]], clients: int, warmup: flo
     }
 
 
+def batch_counts(metrics_port: int | None) -> dict[str, dict[str, float]]:
+    """Ray's export of ``mgdspr_batch_size`` summed over replicas: stage -> {count, sum, le=<bound>: cumulative}."""
+    import httpx
+
+    if metrics_port is None:
+        return {}
+    try:
+        text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return {}
+    out: dict[str, dict[str, float]] = {}
+    for line in text.splitlines():
+        if not line.startswith("ray_mgdspr_batch_size_") or "{" not in line:
+            continue
+        name, rest = line.split("{", 1)
+        labels = dict(kv.split("=", 1) for kv in rest.rsplit("}", 1)[0].replace('"', "").split(",") if "=" in kv)
+        value = float(line.rsplit(" ", 1)[1])
+        key = {"ray_mgdspr_batch_size_count": "count", "ray_mgdspr_batch_size_sum": "sum"}.get(name)
+        if key is None and name == "ray_mgdspr_batch_size_bucket":
+            key = f"le={labels.get('le')}"
+        if key is not None:
+            stage = out.setdefault(labels.get("stage", "?"), {})
+            stage[key] = stage.get(key, 0.0) + value
+    return out
+
+
+def batch_delta(a: dict[str, dict[str, float]], b: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Batches formed between two scrapes, per stage: how many, the mean size, and the share of batches of 1."""
+    out = {}
+    for stage, after in b.items():
+        before = a.get(stage, {})
+        n = after.get("count", 0) - before.get("count", 0)
+        if n <= 0:
+            continue
+        ones = after.get("le=1.5", 0) - before.get("le=1.5", 0)
+        out[stage] = {"batches": n, "mean_size": (after.get("sum", 0) - before.get("sum", 0)) / n,
+                      "share_of_1": ones / n}
+    return out
+
+
 def pct(values: list[float] | np.ndarray, q: float) -> float:
     return float(np.percentile(values, q)) if len(values) else float("nan")
 
@@ -485,9 +536,22 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
                        "errors": r["errors"], "others_cores": r["cpu"]["others_cores"],
                        "replicas": r.get("replicas")} for r in runs],
         "error_examples": sorted({e for r in runs for e in r["error_examples"]})[:5],
+        "batches": _pooled_batches([r.get("batches", {}) for r in runs]),
         "answered_by": dict(sum((Counter(r["versions"]) for r in runs), Counter())),
         "qps_per_server_core": 1000 / max(1e-9, 1000 * sum(r["cpu"]["server_cpu_s"] for r in runs) / max(1, ok)),
     }
+
+
+def _pooled_batches(per_run: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for run in per_run:
+        for stage, x in run.items():
+            o = out.setdefault(stage, {"batches": 0.0, "requests": 0.0, "ones": 0.0})
+            o["batches"] += x["batches"]
+            o["requests"] += x["batches"] * x["mean_size"]
+            o["ones"] += x["batches"] * x["share_of_1"]
+    return {stage: {"batches": o["batches"], "mean_size": o["requests"] / o["batches"],
+                    "share_of_1": o["ones"] / o["batches"]} for stage, o in out.items() if o["batches"]}
 
 
 def replicas(app_name: str) -> dict[str, int]:
@@ -555,17 +619,21 @@ def compare_topk(serve_base: str, mono_base: str, requests: list[dict[str, Any]]
 
 
 def serve_vs_monolith(serve_base: str, mono_base: str, mono_pid: int, setup: Setup, rounds: int, warmup: float,
-                      duration: float, app_name: str) -> dict[str, Any]:
+                      duration: float, app_name: str, metrics_port: int | None = None) -> dict[str, Any]:
     cells = [("monolith", 1), ("serve", 1), ("monolith", 16), ("serve", 16)]
     runs: dict[str, list[dict[str, Any]]] = {f"{s}-{c}": [] for s, c in cells}
     offset = 0
     for r in range(rounds):
         for system, clients in (cells if r % 2 == 0 else cells[::-1]):
             base = serve_base if system == "serve" else mono_base
+            before = batch_counts(metrics_port) if system == "serve" else {}
             m = measure(base, setup.requests, clients, warmup, duration, offset, mono_pid)
             offset += 104_729
             if system == "serve":
                 m["replicas"] = replicas(app_name)
+                if metrics_port is not None:
+                    time.sleep(BATCH_EXPORT_WAIT_S)  # the last batches reach Ray's export
+                    m["batches"] = batch_delta(before, batch_counts(metrics_port))
             runs[f"{system}-{clients}"].append(m)
             print(f"  round {r + 1} {system:>8} x{clients:<2}: {m['qps']:6.1f} QPS, p50 "
                   f"{pct(m['latencies_ms'], 50):6.1f} ms, p99 {pct(m['latencies_ms'], 99):6.1f} ms, errors "
@@ -578,15 +646,19 @@ def serve_vs_monolith(serve_base: str, mono_base: str, mono_pid: int, setup: Set
             "qps": s["qps"] / m["qps"], "p50": s["p50_ms"] / m["p50_ms"], "p99": s["p99_ms"] / m["p99_ms"],
             "qps_per_server_core": s["qps_per_server_core"] / m["qps_per_server_core"],
             "server_cpu_per_request": s["server_cpu_ms_per_request"] / m["server_cpu_ms_per_request"],
+            "overhead_ms": s["outside_mean_ms"], "monolith_overhead_ms": m["outside_mean_ms"],
             "per_round_qps": [a["qps"] / b["qps"] for a, b in zip(runs[f"serve-{c}"], runs[f"monolith-{c}"],
                                                                   strict=True)],
             "per_round_p99": [pct(a["latencies_ms"], 99) / pct(b["latencies_ms"], 99)
                               for a, b in zip(runs[f"serve-{c}"], runs[f"monolith-{c}"], strict=True)],
         }
     goals = {
-        "serve_qps_ge_1x_monolith_at_16": ratios["clients_16"]["qps"] >= GOAL_QPS_16,
-        "serve_p99_le_2x_monolith_at_1": ratios["clients_1"]["p99"] <= GOAL_P99,
-        "serve_p99_le_2x_monolith_at_16": ratios["clients_16"]["p99"] <= GOAL_P99,
+        "qps_16": ratios["clients_16"]["qps"] >= GOALS["qps_16"],
+        "p99_16": ratios["clients_16"]["p99"] <= GOALS["p99_16"],
+        "p50_1": ratios["clients_1"]["p50"] <= GOALS["p50_1"],
+        "cpu_per_request": max(ratios[f"clients_{c}"]["server_cpu_per_request"] for c in (1, 16))
+        <= GOALS["cpu_per_request"],
+        "overhead_ms_1": ratios["clients_1"]["overhead_ms"] <= GOALS["overhead_ms_1"],
     }
     return {"summary": summary, "ratios": ratios, "goals": goals}
 
@@ -657,90 +729,91 @@ def plot(result: dict[str, Any], out: Path) -> None:
     plt.close(fig)
 
 
-def report(result: dict[str, Any], png: str) -> str:
-    p1 = result["serve_vs_monolith"]
+PLACEMENT_TEXT = {
+    "per_stage": "one deployment for the encoder, one per shard, one for BM25 (the ingress calls the encoder, then "
+                 "every shard concurrently)",
+    "colocated": "one deployment per version, each replica the whole version (`engine.Retriever`, "
+                 "`@serve.batch` over whole requests: one query-tower forward and one Faiss search per shard for "
+                 "the batch); the ingress makes one call per request",
+}
+
+
+def _verdict(ok: bool) -> str:
+    return "**met**" if ok else "**not met**"
+
+
+def _part1(result: dict[str, Any], placement: str, x: dict[str, Any]) -> list[str]:
+    """Section 1 for one placement: the table, the ratios, the goals, CPU by process, batches."""
+    p1, idle, topk = x["serve_vs_monolith"], x["idle"], x["topk_check"]
     s, r, g = p1["summary"], p1["ratios"], p1["goals"]
-    setup = result["setup"]
-    machine = (f"{result['machine']}; load average (1 min) {result['load_start']:.2f} at start, "
-               f"{result['load_end']:.2f} at end")
-    md = [f"# Retrieval serving: Ray Serve vs a single-process monolith ({result['date']})", "",
-          f"Data: SYNTHETIC. Machine: {machine}. Command: `{result['command']}`.", "",
-          "Setup (same for both systems):", ""]
-    md += [f"- {k}: {v}" for k, v in setup["describe"].items()]
-    md += ["- Serve: `ray_mgdspr.serve.app.start` on `ray.init(address=\"local\", num_cpus=8)`, shipped deployment "
-           "defaults (0.25 CPU per replica; ingress and encoder autoscale 1-2 replicas at 4 ongoing requests; "
-           "max_ongoing_requests 64; `@serve.batch` size 32, wait 2 ms in the encoder and each shard), 1 faiss and "
-           "1 torch thread per replica.",
-           "- Monolith (baseline): FastAPI around `ray_mgdspr.serve.engine.Retriever` (the same QueryEncoder, "
-           "ShardSearchers, merge, filter), uvicorn, 1 worker, 1 process; each request runs in a thread "
-           "(`asyncio.to_thread`), 1 faiss and 1 torch thread (OMP_NUM_THREADS=1, as Ray gives every replica below 2 "
-           "CPUs: `Retriever(faiss_threads=1)` alone does not reach the request threads).",
-           f"- Same answers: on {result['topk_check']['requests']} requests the two returned identical item lists "
-           f"{result['topk_check']['identical_item_lists']} times (max score difference "
-           f"{result['topk_check']['max_abs_score_diff']:.1e})"
-           + ("." if not result["topk_check"]["differences"] else
-              "; differences: " + "; ".join(json.dumps(d) for d in result["topk_check"]["differences"][:3]) + "."),
-           f"- Windows: {result['warmup_s']:g} s warm-up + {result['duration_s']:g} s measured per cell, "
-           f"{result['rounds']} rounds in ABBA order (pooled below); clients are httpx threads in the benchmark "
-           "process, on the same 2 cores as the servers.",
-           "- Setup times (not measured): " + ", ".join(f"{k.removesuffix('_s')} {v:.0f} s"
-                                                         for k, v in setup["timings"].items()) + ".",
-           "", f"## 1. Serve vs monolith (data SYNTHETIC; {result['machine']})", "",
-           "| system | clients | QPS | p50 ms | p99 ms | mean ms | errors | server CPU ms / request | "
-           "QPS per server core | server cores | others' cores | requests |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    md = [f"## 1. Serve ({placement}) vs monolith (data SYNTHETIC; {result['machine']})", "",
+          f"Placement `{placement.removesuffix(FAST)}`: {PLACEMENT_TEXT[placement.removesuffix(FAST)]}"
+          + (" (Ray Serve's throughput-optimised mode: `RAY_SERVE_THROUGHPUT_OPTIMIZED=1` in the environment of the "
+             "Ray it ran on; in Ray 2.60 it turns on gRPC between deployments and direct ingress, runs the router and "
+             "user code on the replica's event loop and freezes GC after start-up)"
+             if placement.endswith(FAST) else "") + "."
+          f" Serve started in {x['serve_start_s']:.0f} s. Same "
+          f"answers: on {topk['requests']} requests Serve and the monolith returned identical item lists "
+          f"{topk['identical_item_lists']} times (max score difference {topk['max_abs_score_diff']:.1e})"
+          + ("." if not topk["differences"] else
+             "; differences: " + "; ".join(json.dumps(d) for d in topk["differences"][:3]) + "."), "",
+          "| system | clients | QPS | p50 ms | p99 ms | mean ms | errors | server CPU ms / request | "
+          "QPS per server core | server cores | others' cores | requests |",
+          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c in (1, 16):
         for system in ("monolith", "serve"):
-            x = s[f"{system}-{c}"]
-            cores = x["cpu"]["ray_cores" if system == "serve" else "monolith_cores"]
-            md.append(f"| {system}{' (baseline)' if system == 'monolith' else ''} | {c} | {x['qps']:.1f} | "
-                      f"{x['p50_ms']:.1f} | {x['p99_ms']:.1f} | {x['mean_ms']:.1f} | {x['errors']} "
-                      f"(+{x['warmup_errors']} in warm-up) | {x['server_cpu_ms_per_request']:.1f} | "
-                      f"{x['qps_per_server_core']:.1f} | {cores:.2f} | "
-                      f"{x['cpu']['others_cores']:.2f} | {x['requests']:,} |")
+            y = s[f"{system}-{c}"]
+            cores = y["cpu"]["ray_cores" if system == "serve" else "monolith_cores"]
+            md.append(f"| {system}{' (baseline)' if system == 'monolith' else ''} | {c} | {y['qps']:.1f} | "
+                      f"{y['p50_ms']:.1f} | {y['p99_ms']:.1f} | {y['mean_ms']:.1f} | {y['errors']} "
+                      f"(+{y['warmup_errors']} in warm-up) | {y['server_cpu_ms_per_request']:.1f} | "
+                      f"{y['qps_per_server_core']:.1f} | {cores:.2f} | "
+                      f"{y['cpu']['others_cores']:.2f} | {y['requests']:,} |")
     md += ["", "Ratios serve / monolith, this run (per round in brackets):", "",
-           "| clients | QPS | p50 | p99 | server CPU per request | QPS per server core |",
-           "|---:|---:|---:|---:|---:|---:|"]
+           "| clients | QPS | p50 | p99 | server CPU per request | QPS per server core | overhead ms (monolith) |",
+           "|---:|---:|---:|---:|---:|---:|---:|"]
     for c in (1, 16):
-        x = r[f"clients_{c}"]
-        md.append(f"| {c} | **{x['qps']:.2f}x** ({', '.join(f'{v:.2f}' for v in x['per_round_qps'])}) | "
-                  f"{x['p50']:.2f}x | **{x['p99']:.2f}x** ({', '.join(f'{v:.2f}' for v in x['per_round_p99'])}) | "
-                  f"{x['server_cpu_per_request']:.2f}x | {x['qps_per_server_core']:.2f}x |")
-
-    def verdict(ok: bool) -> str:
-        return "**met**" if ok else "**not met**"
-
-    md += ["",
-           f"- Goal Serve QPS >= {GOAL_QPS_16:g}x monolith at 16 clients: {r['clients_16']['qps']:.2f}x, "
-           f"{verdict(g['serve_qps_ge_1x_monolith_at_16'])}.",
-           f"- Goal Serve p99 <= {GOAL_P99:g}x monolith p99: 1 client {r['clients_1']['p99']:.2f}x "
-           f"{verdict(g['serve_p99_le_2x_monolith_at_1'])}; 16 clients {r['clients_16']['p99']:.2f}x "
-           f"{verdict(g['serve_p99_le_2x_monolith_at_16'])}.",
+        y = r[f"clients_{c}"]
+        md.append(f"| {c} | **{y['qps']:.2f}x** ({', '.join(f'{v:.2f}' for v in y['per_round_qps'])}) | "
+                  f"{y['p50']:.2f}x | **{y['p99']:.2f}x** ({', '.join(f'{v:.2f}' for v in y['per_round_p99'])}) | "
+                  f"{y['server_cpu_per_request']:.2f}x | {y['qps_per_server_core']:.2f}x | "
+                  f"{y['overhead_ms']:.1f} ({y['monolith_overhead_ms']:.1f}) |")
+    cpu = max(r[f"clients_{c}"]["server_cpu_per_request"] for c in (1, 16))
+    md += ["", "Goals (issue 16):", "",
+           f"- QPS at 16 clients >= {GOALS['qps_16']:g}x: {r['clients_16']['qps']:.2f}x, {_verdict(g['qps_16'])}.",
+           f"- p99 at 16 clients <= {GOALS['p99_16']:g}x: {r['clients_16']['p99']:.2f}x, {_verdict(g['p99_16'])}.",
+           f"- p50 at 1 client <= {GOALS['p50_1']:g}x: {r['clients_1']['p50']:.2f}x, {_verdict(g['p50_1'])}.",
+           f"- Server CPU per request <= {GOALS['cpu_per_request']:g}x (worse of 1 and 16 clients): {cpu:.2f}x, "
+           f"{_verdict(g['cpu_per_request'])}.",
+           f"- Framework overhead at 1 client (client latency minus the server's own `total`: HTTP, proxy, ingress, "
+           f"hops outside the stages) <= {GOALS['overhead_ms_1']:g} ms: {r['clients_1']['overhead_ms']:.1f} ms, "
+           f"{_verdict(g['overhead_ms_1'])}.",
            f"- Tails: p99 / p50 at 1 client is {s['monolith-1']['p99_ms'] / s['monolith-1']['p50_ms']:.1f}x for the "
-           f"monolith and {s['serve-1']['p99_ms'] / s['serve-1']['p50_ms']:.1f}x for Serve; per-round p99 ratios range "
-           f"{min(r['clients_1']['per_round_p99']):.2f}-{max(r['clients_1']['per_round_p99']):.2f}x (1 client) and "
-           f"{min(r['clients_16']['per_round_p99']):.2f}-{max(r['clients_16']['per_round_p99']):.2f}x (16 clients): "
-           "on this shared machine the p99s are set largely by other processes' bursts, so the p99 verdicts are "
-           "less certain than the QPS and CPU ones.",
+           f"monolith and {s['serve-1']['p99_ms'] / s['serve-1']['p50_ms']:.1f}x for Serve; per-round p99 ratios "
+           f"range {min(r['clients_1']['per_round_p99']):.2f}-{max(r['clients_1']['per_round_p99']):.2f}x (1 client) "
+           f"and {min(r['clients_16']['per_round_p99']):.2f}-{max(r['clients_16']['per_round_p99']):.2f}x "
+           "(16 clients).",
            "- Every measured response came from the intended server and version: "
            + ("yes" if all(set(s[k]["answered_by"]) == {VERSION} for k in s) else
               "NO: " + "; ".join(f"{k}: {s[k]['answered_by']}" for k in s)) + ".",
-           "- QPS per server core = answered requests per CPU-second of the server processes: the throughput each "
-           "system would have per core it is given; on this shared machine the two were not given the same share "
-           "(see server cores), so it is the fairer efficiency comparison than QPS alone.",
-           "- Server cores = CPU used by Ray's whole process tree (controller, proxy, replicas, GCS, raylet) or by "
-           "the uvicorn process, per second of window; others' cores = the rest of the machine minus this "
-           "benchmark (other engineers' runs): the noise each cell ran under. "
-           "Replicas running at the end of each Serve cell: "
+           "- Replicas running at the end of each Serve cell: "
            + "; ".join(f"x{c}: " + ", ".join(f"round {i + 1} {_replica_text(pr['replicas'])}"
                                             for i, pr in enumerate(s[f'serve-{c}']['per_round']))
                        for c in (1, 16)) + "."]
-    idle = result["idle"]
+    batches = {c: s[f"serve-{c}"].get("batches") or {} for c in (1, 16)}
+    if any(batches.values()):
+        md += ["", "Batches formed by `@serve.batch` (Ray's export of `mgdspr_batch_size`, summed over replicas, "
+                   "windows and warm-ups of the cells):", "",
+               "| stage | clients | batches | mean requests per batch | share of batches of 1 |",
+               "|---|---:|---:|---:|---:|"]
+        for c in (1, 16):
+            for stage, y in sorted(batches[c].items()):
+                md.append(f"| {stage} | {c} | {y['batches']:,.0f} | {y['mean_size']:.2f} | {y['share_of_1']:.0%} |")
     s1, s16 = s["serve-1"]["ray_cpu_ms_per_request_by_process"], s["serve-16"]["ray_cpu_ms_per_request_by_process"]
     labels = sorted(set(s1) | set(s16), key=lambda k: -(s16.get(k, 0) + s1.get(k, 0)))
     md += ["", f"Where Serve's CPU goes: CPU ms per answered request by Ray process (pooled over rounds), and "
                f"the same processes idle (no requests, {idle['wall_s']:.0f} s window: Ray tree "
-               f"{idle['ray_cores']:.2f} cores, monolith {idle['monolith_cores']:.2f} cores):", "",
+               f"{idle['ray_cores']:.3f} cores, monolith {idle['monolith_cores']:.3f} cores):", "",
            "| process | 1 client, ms / request | 16 clients, ms / request | idle, cores |", "|---|---:|---:|---:|"]
     for k in labels[:12]:
         md.append(f"| {k} | {s1.get(k, 0):.1f} | {s16.get(k, 0):.1f} | "
@@ -750,22 +823,70 @@ def report(result: dict[str, Any], png: str) -> str:
               f"{s['monolith-16']['server_cpu_ms_per_request']:.1f} | {idle['monolith_cores']:.3f} |")
     if any(s[k]["error_examples"] for k in s):
         md.append("- Errors: " + "; ".join(f"{k}: {s[k]['error_examples']}" for k in s if s[k]["error_examples"]))
-    md += ["", f"## 2. Latency by stage (server-side `latency_ms`, ms; data SYNTHETIC; {result['machine']})", "",
+    return [*md, ""]
+
+
+def report(result: dict[str, Any], png: str) -> str:
+    placements = result["placements"]
+    setup = result["setup"]
+    machine = (f"{result['machine']}; load average (1 min) {result['load_start']:.2f} at start, "
+               f"{result['load_end']:.2f} at end")
+    md = [f"# Retrieval serving: Ray Serve vs a single-process monolith ({result['date']})", "",
+          f"Data: SYNTHETIC. Machine: {machine}. Command: `{result['command']}`.", "",
+          "Setup (same for both systems):", ""]
+    md += [f"- {k}: {v}" for k, v in setup["describe"].items()]
+    md += ["- Serve: `ray_mgdspr.serve.app.start` on `ray.init(address=\"local\", num_cpus=8)`, shipped deployment "
+           "defaults (0.25 CPU per replica; ingress, encoder and a colocated version autoscale 1-2 replicas at 4 "
+           "ongoing requests; max_ongoing_requests 64; `@serve.batch` size 32, wait 2 ms), 1 faiss and 1 torch "
+           "thread per replica; each placement in `--placements` is started on the same Ray after the previous "
+           "one is shut down, and measured against the monolith in its own ABBA rounds.",
+           "- Monolith (baseline): FastAPI around `ray_mgdspr.serve.engine.Retriever` (the same QueryEncoder, "
+           "ShardSearchers, merge, filter), uvicorn, 1 worker, 1 process; each request runs in a thread "
+           "(`asyncio.to_thread`), 1 faiss and 1 torch thread (OMP_NUM_THREADS=1, as Ray gives every replica below 2 "
+           "CPUs: `Retriever(faiss_threads=1)` alone does not reach the request threads).",
+           f"- Windows: {result['warmup_s']:g} s warm-up + {result['duration_s']:g} s measured per cell, "
+           f"{result['rounds']} rounds in ABBA order (pooled below); clients are httpx threads in the benchmark "
+           "process, on the same 2 cores as the servers.",
+           "- Setup times (not measured): " + ", ".join(f"{k.removesuffix('_s')} {v:.0f} s"
+                                                         for k, v in setup["timings"].items()) + ".",
+           "- QPS per server core = answered requests per CPU-second of the server processes; server cores = CPU "
+           "used by Ray's whole process tree (controller, proxy, replicas, GCS, raylet) or by the uvicorn process, "
+           "per second of window; others' cores = the rest of the machine minus this benchmark: the noise each "
+           "cell ran under.", ""]
+    if len(placements) > 1:
+        md += ["Summary, Serve / monolith per placement (each against the monolith in its own rounds):", "",
+               "| placement | QPS x16 | p99 x16 | p50 x1 | CPU / request x1 | CPU / request x16 | overhead ms x1 | "
+               "idle Ray cores |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for name, x in placements.items():
+            r = x["serve_vs_monolith"]["ratios"]
+            md.append(f"| {name} | {r['clients_16']['qps']:.2f}x | {r['clients_16']['p99']:.2f}x | "
+                      f"{r['clients_1']['p50']:.2f}x | {r['clients_1']['server_cpu_per_request']:.2f}x | "
+                      f"{r['clients_16']['server_cpu_per_request']:.2f}x | {r['clients_1']['overhead_ms']:.1f} | "
+                      f"{x['idle']['ray_cores']:.3f} |")
+        md.append("")
+    for name, x in placements.items():
+        md += _part1(result, name, x)
+    md += [f"## 2. Latency by stage (server-side `latency_ms`, ms; data SYNTHETIC; {result['machine']})", "",
            "| system | clients | " + " | ".join(f"{st} mean / p99" for st in STAGES) + " | outside mean |",
            "|---|---:|" + "---:|" * (len(STAGES) + 1)]
-    for system in ("serve", "monolith"):
-        for c in (1, 16):
-            x = s[f"{system}-{c}"]
-            md.append(f"| {system} | {c} | " + " | ".join(
-                f"{x['stages'][st]['mean_ms']:.2f} / {x['stages'][st]['p99_ms']:.2f}" for st in STAGES)
-                + f" | {x['outside_mean_ms']:.2f} |")
-    md += ["", "- Serve: encode = ingress -> encoder call (RPC, `@serve.batch` wait, store lookup, query tower); "
-           "search = the concurrent fan-out to every shard deployment (RPC + batched Faiss + filter verdicts); "
-           "merge and filter run in the ingress. Monolith: the same stages as plain calls (shards one after "
-           "another). \"outside\" = client-observed latency minus the server's total (HTTP, Serve proxy and "
-           "ingress routing / validation, or uvicorn)."]
+    first = next(iter(placements.values()))["serve_vs_monolith"]["summary"]
+    rows = [(f"serve {name}", x["serve_vs_monolith"]["summary"][f"serve-{c}"], c)
+            for name, x in placements.items() for c in (1, 16)]
+    rows += [("monolith", first[f"monolith-{c}"], c) for c in (1, 16)]
+    for label, y, c in rows:
+        md.append(f"| {label} | {c} | " + " | ".join(
+            f"{y['stages'][st]['mean_ms']:.2f} / {y['stages'][st]['p99_ms']:.2f}" for st in STAGES)
+            + f" | {y['outside_mean_ms']:.2f} |")
+    md += ["", "- Serve per_stage: encode = ingress -> encoder call (RPC, `@serve.batch` wait, store lookup, query "
+           "tower); search = the concurrent fan-out to every shard deployment (RPC + batched Faiss + filter "
+           "verdicts); merge and filter run in the ingress. Serve colocated: every stage runs in the version's "
+           "replica (encode and search are the batch's); \"outside\" then also holds the ingress -> replica hop "
+           "and the batch wait. Monolith: the same stages as plain calls (shards one after another). \"outside\" = "
+           "client-observed latency minus the server's total (HTTP, Serve proxy and ingress routing / validation, "
+           "or uvicorn)."]
     sc = result["scaling"]
-    md += ["", f"## 3. p99 vs catalogue size and shard count (Serve, 1 client; data SYNTHETIC vectors; "
+    md += ["", f"## 3. p99 vs catalogue size and shard count (Serve {result['scaling_placement']}, 1 client; "
+               f"data SYNTHETIC vectors; "
                f"{result['machine']})", "",
            "The catalogues below are **SYNTHETIC vectors, not item-tower outputs**: clustered Gaussian draws in the "
            f"bundle's d = {setup['d']} (each synthetic item copies the metadata row of a random simulated item and "
@@ -778,7 +899,7 @@ def report(result: dict[str, Any], png: str) -> str:
            "merge+filter mean ms | QPS | requests | errors | Ray CPU ms / req | shards CPU ms / req | promote s | "
            "build s |",
            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    real = s["serve-1"]
+    real = placements[result["scaling_placement"]]["serve_vs_monolith"]["summary"]["serve-1"]
     md.append(f"| {VERSION} (real, part 1) | {setup['items']:,} | {setup['shards']} | {real['p50_ms']:.1f} | "
               f"{real['p99_ms']:.1f} | | {real['stages']['search']['mean_ms']:.2f} / "
               f"{real['stages']['search']['p99_ms']:.2f} | {real['stages']['encode']['mean_ms']:.2f} | "
@@ -865,11 +986,18 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=None, help="ABBA rounds of part 1 (default 3; quick 1)")
     ap.add_argument("--rerender", action="store_true", help="rewrite the .md and .png from the .json of an earlier "
                     "run (no measurement)")
+    ap.add_argument("--placements", default=f"per_stage,colocated,colocated{FAST}",
+                    help=f"serve.placement values to measure against the monolith, one after another, each on a fresh "
+                    f"local Ray; '<placement>{FAST}' runs it with RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (part 3 runs on "
+                    "the last); default: %(default)s")
     ap.add_argument("--monolith", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.monolith:
         monolith_main(json.loads(args.monolith))
         return
+    placements = [x.strip() for x in args.placements.split(",") if x.strip()]
+    if not placements or {x.removesuffix(FAST) for x in placements} - set(PLACEMENTS):
+        ap.error(f"--placements: each of {', '.join(PLACEMENTS)}, optionally with {FAST} (got {args.placements!r})")
     name = "serve-quick" if args.quick else "serve"
     png = f"{name}-p99.png"
     if args.rerender:
@@ -880,7 +1008,6 @@ def main() -> None:
 
     import httpx
     import ray
-    from ray import serve
 
     from ray_mgdspr.serve.app import AppArgs, start
 
@@ -907,32 +1034,46 @@ def main() -> None:
             setup.timings["synthetic_indexes_s"] = time.perf_counter() - t
 
             print("start: monolith (uvicorn subprocess) and Serve (local Ray, 8 logical CPUs) ...", flush=True)
-            mono_port = free_port()
+            mono_port, metrics_port = free_port(), free_port()
             mono = start_monolith(setup, mono_port)
-            ray.init(address="local", num_cpus=8, include_dashboard=False, logging_level=logging.WARNING,
-                     log_to_driver=False)
-            ray_started = True
-            t = time.perf_counter()
-            cfg = start(AppArgs(serve={**serve_overrides(setup), "port": free_port()}))
-            setup.timings["serve_start_s"] = time.perf_counter() - t
-            serve_base, mono_base = f"http://127.0.0.1:{cfg.port}", f"http://127.0.0.1:{mono_port}"
-            health = httpx.get(f"{serve_base}/healthz", timeout=30).json()
-            if health.get("version") != VERSION:
-                raise RuntimeError(f"{serve_base} is not this benchmark's Serve app: /healthz says {health}")
-            topk = compare_topk(serve_base, mono_base, setup.requests, 20)
-            print(f"top-k check: {topk}", flush=True)
-            time.sleep(2.0)
-            idle = idle_cpu(mono.pid, 5.0)
-            print(f"idle: Ray tree {idle['ray_cores']:.2f} cores, monolith {idle['monolith_cores']:.2f} cores; "
-                  f"{idle['ray_cpu_s_by_process']}", flush=True)
-
-            print(f"1. serve vs monolith: {rounds} round(s) x 4 cells of {warmup:g} + {duration:g} s", flush=True)
-            part1 = serve_vs_monolith(serve_base, mono_base, mono.pid, setup, rounds, warmup, duration, cfg.app_name)
+            mono_base = f"http://127.0.0.1:{mono_port}"
+            by_placement: dict[str, dict[str, Any]] = {}
+            for placement in placements:
+                if ray_started:  # each system on a fresh Ray (Serve's throughput mode is read as Ray starts)
+                    ray.shutdown()
+                if placement.endswith(FAST):
+                    os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
+                else:
+                    os.environ.pop("RAY_SERVE_THROUGHPUT_OPTIMIZED", None)
+                ray.init(address="local", num_cpus=8, include_dashboard=False, logging_level=logging.WARNING,
+                         log_to_driver=False, _metrics_export_port=metrics_port,
+                         _system_config={"metrics_report_interval_ms": 1000})  # batch sizes per cell
+                ray_started = True
+                t = time.perf_counter()
+                cfg = start(AppArgs(serve={**serve_overrides(setup), "placement": placement.removesuffix(FAST),
+                                           "port": free_port()}))
+                start_s = time.perf_counter() - t
+                serve_base = f"http://127.0.0.1:{cfg.port}"
+                health = httpx.get(f"{serve_base}/healthz", timeout=30).json()
+                if health.get("version") != VERSION:
+                    raise RuntimeError(f"{serve_base} is not this benchmark's Serve app: /healthz says {health}")
+                topk = compare_topk(serve_base, mono_base, setup.requests, 20)
+                print(f"[{placement}] top-k check: {topk}", flush=True)
+                time.sleep(2.0)
+                idle = idle_cpu(mono.pid, 5.0)
+                print(f"[{placement}] idle: Ray tree {idle['ray_cores']:.2f} cores, monolith "
+                      f"{idle['monolith_cores']:.2f} cores; {idle['ray_cpu_s_by_process']}", flush=True)
+                print(f"1. [{placement}] serve vs monolith: {rounds} round(s) x 4 cells of {warmup:g} + {duration:g} s",
+                      flush=True)
+                part1 = serve_vs_monolith(serve_base, mono_base, mono.pid, setup, rounds, warmup, duration,
+                                          cfg.app_name, metrics_port)
+                by_placement[placement] = {"serve_start_s": round(start_s, 1), "topk_check": topk, "idle": idle,
+                                           "serve_vs_monolith": part1}
             mono.terminate()
             mono.wait(30)
             mono = None
 
-            print("3. p99 vs catalogue size and shard count (Serve, 1 client) ...", flush=True)
+            print(f"3. p99 vs catalogue size and shard count (Serve {placements[-1]}, 1 client) ...", flush=True)
             scale = scaling(serve_base, versions, setup, warmup, duration)
         finally:
             if mono is not None:
@@ -942,7 +1083,6 @@ def main() -> None:
                 except subprocess.TimeoutExpired:
                     mono.kill()
             if ray_started:
-                serve.shutdown()
                 ray.shutdown()
 
     load_end = os.getloadavg()[0]
@@ -954,7 +1094,7 @@ def main() -> None:
         "k": K, "channels": CHANNELS, "filter": True,
         "setup": {"describe": setup.describe, "timings": {k: round(v, 1) for k, v in setup.timings.items()},
                   "d": setup.d, "items": setup.items, "shards": setup.shards, "requests": len(setup.requests)},
-        "topk_check": topk, "idle": idle, "serve_vs_monolith": part1, "scaling": scale,
+        "placements": by_placement, "scaling_placement": placements[-1], "scaling": scale,
         "size_for_shards": size_for_shards,
         "gpu_reference": gpu_reference(),
         "load_start": load_start, "load_end": load_end, "others_start": others_start,

@@ -512,11 +512,11 @@ class ServeConfig(StrictModel):
     token: str | None = Field(None, description="bearer token of the write paths (events, promotion); the "
                               "MGDSPR_SERVE_TOKEN environment variable overrides; none set: writes are refused")
     placement: Literal["per_stage", "colocated"] = Field(
-        "per_stage", description="how a served version is deployed: per_stage, one deployment for the encoder, one "
-        "per shard and one for BM25 (each scales and moves on its own: a cluster whose shards do not fit one "
-        "node); colocated, one deployment whose every replica holds the whole version and answers a batch of "
-        "requests in one call (one hop per request instead of 1 + shards: a version that fits one replica; "
-        "docs/serving.md, Placement)")
+        "colocated", description="how a served version is deployed: colocated, one deployment whose every replica "
+        "holds the whole version and answers a batch of requests in one call (one hop per request instead of "
+        "1 + shards; for a version that fits one replica's memory); per_stage, one deployment for the encoder, one "
+        "per shard and one for BM25, each scaling and placed on its own (a cluster whose shards need their own "
+        "nodes or GPUs); docs/serving.md, Placement")
     batch_size: int = Field(32, ge=1, description="@serve.batch size of the encoder and the shards (colocated: "
                             "of the version's replicas)")
     batch_wait_ms: float = Field(2.0, ge=0, description="how long a batch waits to fill")

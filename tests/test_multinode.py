@@ -96,7 +96,7 @@ def config(tmp: Path, world: Path) -> ProjectConfig:
     # HeadOnly: Serve's proxies share their port through SO_REUSEPORT, so on one machine the kernel would hand
     # connections to the lost node's proxy too (real nodes have addresses of their own behind a load balancer)
     data["serve"].update(store=str(tmp / "store.sqlite"), port=free_port(), watch_current_s=0,
-                         proxy_location="HeadOnly",
+                         proxy_location="HeadOnly", placement="per_stage",  # shard deployments spread over nodes
                          request_timeout_s=5, drain_s=0,
                          ingress={"num_cpus": 0.25, "resources": {"head": 0.1}, "min_replicas": 1, "max_replicas": 1},
                          encoder={**on_workers, "min_replicas": 2, "max_replicas": 2},

@@ -7,9 +7,11 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
@@ -91,6 +93,34 @@ def write_serve_config(args: AppArgs, out: str | Path) -> Path:
     return write_text_atomic(out, yaml.safe_dump(serve_config(args, resolve(args)), sort_keys=False))
 
 
+def wait_ready(cfg: ResolvedServeConfig) -> None:
+    """Wait until the endpoint answers its readiness probe (``GET /healthz``: a version is loaded), asking over
+    HTTP as a load balancer would (a deployment handle here would tie this process's event loop to Serve's router,
+    which ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` runs in the caller's loop).
+
+    Raises:
+        RuntimeError: the first version failed to load (the version manager's error, as ``GET /v1/version``
+            shows it). TimeoutError: not ready within ``serve.load_timeout_s``.
+    """
+    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::", "") else cfg.host
+    base = f"http://{f'[{host}]' if ':' in host else host}:{cfg.port}"
+    deadline = time.monotonic() + cfg.load_timeout_s
+    with httpx.Client(base_url=base, timeout=cfg.request_timeout_s + 5) as http:
+        while True:
+            try:
+                if http.get("/healthz").status_code == 200:
+                    return
+                info = http.get("/v1/version").json()
+                if info.get("version") is None and info.get("last_error"):
+                    raise RuntimeError(f"the first version failed to load: {info['last_error']}")
+            except (httpx.HTTPError, ValueError) as e:
+                log.debug("not ready yet: %s", e)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{base}/healthz did not answer 200 within serve.load_timeout_s="
+                                   f"{cfg.load_timeout_s} s")
+            time.sleep(0.2)
+
+
 def start(args: AppArgs) -> ResolvedServeConfig:
     """Start Serve's HTTP proxy on the configured address and deploy the app; returns the resolved config.
 
@@ -105,7 +135,5 @@ def start(args: AppArgs) -> ResolvedServeConfig:
     serve.start(proxy_location=cfg.proxy_location, http_options={"host": cfg.host, "port": cfg.port},
                 logging_config=LOGGING)
     serve.run(build_app(args), name=cfg.app_name, route_prefix="/", logging_config=LOGGING)
-    # the manager loads the first version on its first call: do it now, not on the first user request
-    serve.get_deployment_handle("VersionManager", cfg.app_name).active.remote().result(
-        timeout_s=cfg.load_timeout_s)
+    wait_ready(cfg)  # the manager loads the first version on its first call: now, not on a user's request
     return cfg

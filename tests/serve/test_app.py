@@ -57,6 +57,7 @@ def server(deployment: Any, store_copy: Path) -> Iterator[tuple[str, ServeConfig
         "store": str(store_copy), "version": "v1", "token": TOKEN, "drain_s": 1.0, "watch_current_s": 0.5,
         "max_k": 2000, "max_fetch": 2000, "max_body_bytes": 16384,
         "filter_depth": FILTER_DEPTH,
+        "placement": "per_stage",  # the per-stage graph; tests/serve/test_colocated.py: the other
         "encoder": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 0.5,
                     "downscale_delay_s": 3},
         "ingress": {"downscale_delay_s": 3},  # back to 1 replica soon after a test's load (test_metrics)

@@ -33,7 +33,7 @@ def server(deployment: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     store = tmp_path_factory.mktemp("faults") / "behaviours.sqlite"
     shutil.copy(deployment.store, store)
     overrides = {"port": free_port(), "index_root": str(deployment.index_root), "world": str(deployment.world),
-                 "store": str(store), "version": "v1", "watch_current_s": 0, "token": TOKEN,
+                 "store": str(store), "version": "v1", "watch_current_s": 0, "token": TOKEN, "placement": "per_stage",
                  "encoder": {**TWO, "num_cpus": 0.2}, "shard": {**TWO, "num_cpus": 0.2},
                  "head": {**TWO, "num_cpus": 0.1}, "ingress": {**TWO, "num_cpus": 0.1}}
     # no Ray is left from another module (tests/conftest.py): running_endpoint starts one with this export
