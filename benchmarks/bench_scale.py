@@ -217,7 +217,7 @@ def serve_again(row: dict[str, Any], root: Path, queries: int, start_timeout: fl
 
 
 def serve_layout(row: dict[str, Any], root: Path, factory: str, shards: int, queries: int,
-                 start_timeout: float) -> dict[str, Any]:
+                 start_timeout: float, placement: str = "colocated") -> dict[str, Any]:
     """``row`` with a serving measurement of another index layout of the same embeddings (``--index``): the kept
     run's embedding set built again as ``factory`` x ``shards`` (`mgdspr index build`), served twice from the same
     store: once for latency (canary off), once with every request sampled by the recall canary (its recall@50
@@ -225,7 +225,7 @@ def serve_layout(row: dict[str, Any], root: Path, factory: str, shards: int, que
     from ray_mgdspr.config import config_to_yaml, load_config
 
     work = root / row["preset"]
-    slug = f"{factory.replace(',', '_')}-s{shards}"
+    slug = f"{factory.replace(',', '_')}-s{shards}-{placement}"
     cfg = load_config(work / "pipeline" / "config.yaml")
     index_root = work / f"index-{slug}"
     shutil.rmtree(index_root, ignore_errors=True)
@@ -243,12 +243,14 @@ def serve_layout(row: dict[str, Any], root: Path, factory: str, shards: int, que
     runs = {}
     for name, share in (("latency", 0.0), ("canary", 1.0)):
         serve_cfg = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={
-            "index_root": str(index_root), "canary_share": share, "canary_k": 50, "canary_window": 100_000})})
+            "index_root": str(index_root), "canary_share": share, "canary_k": 50, "canary_window": 100_000,
+            "placement": placement})})
         path = work / f"config-{slug}-{name}.yaml"
         path.write_text(config_to_yaml(serve_cfg))
         runs[name] = run_serve(work, queries, start_timeout, config=path)
     latency, canary = runs["latency"], runs["canary"]
-    layout = {"factory": factory, "shards": shards, "nprobe": cfg.serve.nprobe or cfg.index.nprobe,
+    layout = {"factory": factory, "shards": shards, "placement": placement,
+              "nprobe": cfg.serve.nprobe or cfg.index.nprobe,
               "build_s": round(build_s, 1), "load": os.getloadavg()[0], "canary": canary["canary"],
               "memory": latency.pop("memory")} | {k: v for k, v in latency.items() if k != "canary"}
     return row | {"layouts": {**row.get("layouts", {}), slug: layout}}
@@ -410,14 +412,15 @@ def report(result: dict[str, Any]) -> str:
                   "Each served twice from the run's store: for latency (canary off; 1 client, k 50, filter on), and "
                   "with the recall canary sampling every request (recall@50 of the served top 50, unfiltered, "
                   "against the exhaustive search of the same index: exact for IVF-Flat).", "",
-                  "| preset | factory | shards | nprobe | build s | ready after s | p50 ms | p99 ms "
+                  "| preset | factory | shards | placement | nprobe | build s | ready after s | p50 ms | p99 ms "
                   "| search p50 / p99 ms | p99 by stage (ms; a stage that did not run counts 0) | errors "
                   "| recall@50 vs exhaustive (samples) | load |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---|---|---:|---|---:|"]
+                  "|---|---|---:|---|---:|---:|---:|---:|---:|---|---|---:|---|---:|"]
         for r, v in layouts:
             c = v.get("canary") or {}
             recall = f"{c['recall']:.3f} ({c.get('samples')})" if c.get("recall") is not None else "-"
-            lines.append(f"| {r['preset']} | {v['factory']} | {v['shards']} | {v['nprobe']} | {v['build_s']} "
+            lines.append(f"| {r['preset']} | {v['factory']} | {v['shards']} | {v.get('placement', 'per_stage')} "
+                         f"| {v['nprobe']} | {v['build_s']} "
                          f"| {v['start_s']} | {v['p50_ms']} | {v['p99_ms']} | {v['search_p50_ms']} / "
                          f"{v['search_p99_ms']} | {by_stage(v)} | {v['errors']} | {recall} | {v['load']:.1f} |")
     lines += ["", "## Disk (MiB)", "", "| preset | world | train | embeddings | index |", "|---|---:|---:|---:|---:|"]
@@ -440,6 +443,8 @@ def main() -> None:
                     "built as this index.factory in --shards shards instead (e.g. IVF4096,Flat), and read the "
                     "recall canary")
     ap.add_argument("--shards", type=int, default=4, help="with --index: index.shards")
+    ap.add_argument("--placement", choices=("colocated", "per_stage"), default="colocated",
+                    help="with --index: serve.placement")
     ap.add_argument("--serve-only", action="store_true", help="measure serving again on the runs kept in --work "
                     "(their pipeline rows are kept)")
     args = ap.parse_args()
@@ -454,7 +459,7 @@ def main() -> None:
         for preset in presets:
             if args.index:
                 rows[preset] = serve_layout(rows[preset], root, args.index, args.shards, args.queries,
-                                            args.start_timeout)
+                                            args.start_timeout, args.placement)
             elif args.serve_only:
                 rows[preset] = serve_again(rows[preset], root, args.queries, args.start_timeout)
             else:
