@@ -56,6 +56,13 @@ def wait_for_state_api(timeout_s: float = 60.0) -> None:
 # ------------------------------------------------------------------ the endpoint under load (tests/serve)
 
 
+def retrieve(client: httpx.Client, **body: object) -> dict:
+    """POST /v1/retrieve with ``body``; the response, asserted 200."""
+    r = client.post("/v1/retrieve", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
 class Load:
     """Clients posting /v1/retrieve in a loop until stopped; records (status, version, error, time answered)."""
 

@@ -23,7 +23,7 @@ import httpx
 import numpy as np
 import pytest
 import ray
-from helpers import Load, free_port, running_endpoint, wait_for
+from helpers import Load, free_port, retrieve, running_endpoint, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from ray import serve
@@ -89,12 +89,6 @@ def post_events(client: httpx.Client, *behaviours: tuple[int, int, str, int]) ->
     body = {"behaviours": [{"user_id": u, "item_id": i, "action": a, "ts": t} for u, i, a, t in behaviours]}
     r = client.post("/v1/events", json=body, headers=AUTH)
     assert r.status_code == 200, r.text
-
-
-def retrieve(client: httpx.Client, **body: object) -> dict:
-    r = client.post("/v1/retrieve", json=body)
-    assert r.status_code == 200, r.text
-    return r.json()
 
 
 def serve_version(client: httpx.Client, version: str) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from helpers import Load, free_port, running_endpoint, wait_for
+from helpers import Load, free_port, retrieve, running_endpoint, wait_for
 from ray import serve
 
 from ray_mgdspr.config import ServeConfig
@@ -46,12 +46,6 @@ def server(deployment: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 def client(server: tuple[str, ServeConfig]) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=server[0], timeout=60) as c:
         yield c
-
-
-def retrieve(client: httpx.Client, **body: object) -> dict:
-    r = client.post("/v1/retrieve", json=body)
-    assert r.status_code == 200, r.text
-    return r.json()
 
 
 def page(body: dict) -> list[tuple[int, list[str]]]:
