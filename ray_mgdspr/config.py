@@ -521,7 +521,9 @@ class ServeConfig(StrictModel):
                             "of the version's replicas)")
     batch_wait_ms: float = Field(2.0, ge=0, description="how long a batch waits to fill")
     request_timeout_s: float = Field(10.0, gt=0, description="a request's budget across all stages")
-    version_refresh_s: float = Field(0.25, gt=0, description="how often the ingress asks which version serves")
+    version_refresh_s: float = Field(0.25, gt=0, description="the ingress hears of a switch at once (a long poll "
+                                     "of the version manager); when that poll fails (the manager restarting), it "
+                                     "asks again after this wait")
     drain_s: float = Field(5.0, ge=0, description="after a switch, how long the old version keeps serving "
                            "requests that started on it before its application is deleted")
     load_timeout_s: float = Field(300.0, gt=0, description="how long a new version may take to load")

@@ -57,6 +57,8 @@ from ray_mgdspr.serve.versions import PromotionRefused, version_app_name
 log = logging.getLogger("ray.serve")
 
 TOKEN_ENV = "MGDSPR_SERVE_TOKEN"
+LONG_POLL_S = 2.0
+"""The longest the ingress's long poll of the version manager waits before it is renewed."""
 R = TypeVar("R")
 
 
@@ -216,22 +218,29 @@ class Ingress:
 
     async def _refresh(self, deadline: float | None = None) -> None:
         deadline = deadline or time.monotonic() + self.cfg.request_timeout_s
-        info = VersionInfo.model_validate(await self._read("manager", lambda: self.manager.active.remote(),
-                                                           deadline))
+        self._follow(VersionInfo.model_validate(await self._read("manager", lambda: self.manager.active.remote(),
+                                                                 deadline)))
+
+    def _follow(self, info: VersionInfo) -> None:
+        """Serve ``info.version`` from now on (new requests; those in flight finish on theirs)."""
         if info.version is None or (self.serving and self.serving.version == info.version):
             return
         self.serving = _Serving.of(self.cfg.app_name, info.version, self.cfg.placement, info.shards or 0)
         self.metrics.serving(info.version)
 
     async def _refresh_forever(self) -> None:
+        """Follow the version manager's switches: a long poll (``VersionManager.watch``) that answers at once when
+        the version switches, renewed every ``LONG_POLL_S`` (short: a replica shutting down waits for it); after
+        a failed poll (the manager restarting),
+        ask again after ``serve.version_refresh_s``."""
         republished = time.monotonic()
         while True:
-            await asyncio.sleep(self.cfg.version_refresh_s)
+            known = self.serving.version if self.serving else None
             try:
-                await self._refresh()
+                self._follow(VersionInfo.model_validate(await self.manager.watch.remote(known, LONG_POLL_S)))
             except Exception:
-                log.exception("asking the version manager failed; keeping %s",
-                              self.serving.version if self.serving else None)
+                log.exception("asking the version manager failed; keeping %s", known)
+                await asyncio.sleep(self.cfg.version_refresh_s)
             if time.monotonic() - republished >= GAUGE_REFRESH_S:  # Ray's export drops gauges not set again
                 self.metrics.republish()
                 republished = time.monotonic()
