@@ -14,7 +14,8 @@ shipped deployment defaults, and the single-process FastAPI + Faiss monolith of 
    and as CPU ms per request (share x the process's CPU ms per request).
 
 py-spy's sampling costs CPU on the same 2 cores, so the absolute rates are lower than ``bench_serve.py``'s;
-the shares are what this is for. Results: ``benchmarks/results/serve-profile.{md,json}``.
+the shares are what this is for. Results: ``benchmarks/results/serve-profile.{md,json}`` (``--placement
+colocated``, the default) and ``serve-profile-per-stage.{md,json}`` (``--placement per_stage``).
 
     python benchmarks/profile_serve.py              # ~5 min on 2 cores
     python benchmarks/profile_serve.py --quick      # small world (3,000 items)
@@ -139,14 +140,16 @@ def profile_window(base: str, setup: bench.Setup, pids: dict[int, str], clients:
 
 def report(result: dict[str, Any]) -> str:
     lines = [f"# Where Serve's CPU goes: py-spy under load ({result['date']}, {result['machine']})", "",
-             f"Data: SYNTHETIC. Command: `{result['command']}`. {result['clients']} clients, "
+             f"Data: SYNTHETIC. Command: `{result['command']}`. Serve placement "
+             f"`{result.get('placement', 'per_stage')}`. {result['clients']} clients, "
              f"{result['seconds']:g} s sampled at {result['rate']} Hz per process after {result['warmup']:g} s of "
              f"warm-up. Load average (1 min) {result['load_start']:.2f} at start, {result['load_end']:.2f} at end.",
              "", f"Setup: {result['setup']['world']}; {result['setup']['model']}; {result['setup']['index']}.", "",
              "py-spy samples only busy threads, so a frame's share of a process's samples is its share of that "
              "process's CPU; *ms/req* = share x the process's CPU ms per answered request (py-spy's own cost "
-             "runs on the same cores, so rates are lower than in `serve.md`, and more so for Serve, sampled in 7 "
-             "processes, than for the monolith, sampled in 1: compare the systems' QPS in `serve.md`, not here). "
+             "runs on the same cores, so rates are lower than in `serve.md`, and more so for Serve, sampled in each "
+             "of its processes, than for the monolith, sampled in 1: compare the systems' QPS in `serve.md`, "
+             "not here). "
              "Inclusive rows list any frame on "
              "the stack, so they overlap.", ""]
     for system in ("serve", "monolith"):
@@ -178,7 +181,11 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=15.0, help="sampled seconds per system")
     ap.add_argument("--warmup", type=float, default=3.0)
     ap.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
+    ap.add_argument("--placement", choices=("colocated", "per_stage"), default="colocated",
+                    help="serve.placement of the Serve app (results: serve-profile.md for colocated, "
+                    "serve-profile-per-stage.md for per_stage)")
     args = ap.parse_args()
+    name = "serve-profile" if args.placement == "colocated" else "serve-profile-per-stage"
 
     import ray
     from ray import serve
@@ -194,7 +201,8 @@ def main() -> None:
         try:
             ray.init(address="local", num_cpus=8, include_dashboard=False, logging_level=logging.WARNING,
                      log_to_driver=False)
-            cfg = start(AppArgs(serve={**bench.serve_overrides(setup), "port": free_port()}))
+            cfg = start(AppArgs(serve={**bench.serve_overrides(setup), "placement": args.placement,
+                                       "port": free_port()}))
             base = f"http://127.0.0.1:{cfg.port}"
             print("serve: profiling under load ...", flush=True)
             (tmp / "serve").mkdir()
@@ -217,12 +225,12 @@ def main() -> None:
     result = {"date": dt.date.today().isoformat(), "data": "SYNTHETIC",
               "machine": f"{platform.machine()} {os.cpu_count()} cpu, python {platform.python_version()}",
               "command": command, "clients": args.clients, "seconds": args.seconds, "warmup": args.warmup,
-              "rate": args.rate, "setup": setup.describe, "load_start": load_start,
+              "rate": args.rate, "placement": args.placement, "setup": setup.describe, "load_start": load_start,
               "load_end": os.getloadavg()[0], "serve": served, "monolith": monolith}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "serve-profile.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     md = report(result)
-    (RESULTS / "serve-profile.md").write_text(md)
+    (RESULTS / f"{name}.md").write_text(md)
     print(md)
 
 
