@@ -214,17 +214,17 @@ class ShardSearcher:
         for row, query_terms in enumerate(terms):
             keep = ids[row] >= 0
             hit_ids, hit_scores = ids[row][keep][:depths[row]], scores[row][keep][:depths[row]]
-            rows = self.shard.lookup_rows(hit_ids)
-            exhausted = len(rows) >= self.shard.rows
+            exhausted = len(hit_ids) >= self.shard.rows
             wanted = None if need is None else need[row]
             if wanted is None:
+                rows = self.shard.lookup_rows(hit_ids)
                 out.append(Hits(hit_ids, hit_scores, self._matches(query_terms, rows),
                                 [self._titles[r] for r in rows], exhausted))
                 continue
-            passes = self._passing_prefix(rows, query_terms, wanted)
+            rows, passes = self._passing_prefix(hit_ids, query_terms, wanted)
             n = len(passes)
             out.append(Hits(hit_ids[:n], hit_scores[:n], passes,
-                            [self._titles[r] if ok else "" for r, ok in zip(rows[:n], passes, strict=True)],
+                            [self._titles[r] if ok else "" for r, ok in zip(rows, passes, strict=True)],
                             exhausted))
         return out
 
@@ -262,19 +262,23 @@ class ShardSearcher:
         *exact, reference = self.search_exact(queries, depth, ef_search)
         return CanaryHits(ann, tuple(exact), reference)
 
-    def _passing_prefix(self, rows: np.ndarray, terms: tuple[KeyTerm, ...], need: int) -> np.ndarray:
-        """Verdicts of ``rows`` (best first) down to the ``need``-th passing one (all of them when fewer pass)."""
-        n = len(rows)
-        passes = np.zeros(n, bool)
+    def _passing_prefix(self, item_ids: np.ndarray, terms: tuple[KeyTerm, ...], need: int
+                        ) -> tuple[np.ndarray, np.ndarray]:
+        """Metadata rows and verdicts of ``item_ids`` (best first) down to the ``need``-th passing one (all of them
+        when fewer pass), looked up and checked in growing chunks only as deep as that (a deep search returns
+        thousands of ids, and looking each up cost more than the search: ``serve-profile.md``)."""
+        n = len(item_ids)
+        rows, passes = np.zeros(n, np.int64), np.zeros(n, bool)
         done, found, chunk = 0, 0, max(2 * need, 64)
         while done < n and found < need:
             hi = min(n, done + chunk)
+            rows[done:hi] = self.shard.lookup_rows(item_ids[done:hi])
             passes[done:hi] = self._matches(terms, rows[done:hi])
             found += int(passes[done:hi].sum())
             done, chunk = hi, chunk * 2
         if found >= need:
             done = int(np.flatnonzero(passes)[need - 1]) + 1
-        return passes[:done]
+        return rows[:done], passes[:done]
 
 
 class LexicalChannel:
