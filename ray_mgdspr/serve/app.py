@@ -93,6 +93,12 @@ def write_serve_config(args: AppArgs, out: str | Path) -> Path:
     return write_text_atomic(out, yaml.safe_dump(serve_config(args, resolve(args)), sort_keys=False))
 
 
+def local_url(cfg: ResolvedServeConfig) -> str:
+    """The endpoint's URL from this machine (loopback when it listens on every interface)."""
+    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::", "") else cfg.host
+    return f"http://{f'[{host}]' if ':' in host else host}:{cfg.port}"
+
+
 def wait_ready(cfg: ResolvedServeConfig) -> None:
     """Wait until the endpoint answers its readiness probe (``GET /healthz``: a version is loaded), asking over
     HTTP as a load balancer would (a deployment handle here would tie this process's event loop to Serve's router,
@@ -102,8 +108,7 @@ def wait_ready(cfg: ResolvedServeConfig) -> None:
         RuntimeError: the first version failed to load (the version manager's error, as ``GET /v1/version``
             shows it). TimeoutError: not ready within ``serve.load_timeout_s``.
     """
-    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::", "") else cfg.host
-    base = f"http://{f'[{host}]' if ':' in host else host}:{cfg.port}"
+    base = local_url(cfg)
     deadline = time.monotonic() + cfg.load_timeout_s
     with httpx.Client(base_url=base, timeout=cfg.request_timeout_s + 5) as http:
         while True:

@@ -43,7 +43,7 @@ def serve_run(
 
     from ray_mgdspr.config import ConfigError, resolve_config
     from ray_mgdspr.runtime import connect_ray
-    from ray_mgdspr.serve.app import start
+    from ray_mgdspr.serve.app import local_url, start
     from ray_mgdspr.serve.engine import ReleaseError
 
     args = _args(config, {"host": host, "port": port, "version": version})
@@ -52,7 +52,8 @@ def serve_run(
         cfg = start(args)
     except (ConfigError, ReleaseError, FileNotFoundError, ValueError, RuntimeError) as e:
         raise fail(str(e)) from None
-    info = serve.get_deployment_handle("VersionManager", cfg.app_name).describe.remote().result()
+    info = _call(local_url(cfg), "/v1/version")  # over HTTP: a handle here would need an event loop in
+    # Serve's throughput-optimised mode (RAY_SERVE_THROUGHPUT_OPTIMIZED=1)
     console.print(f"serving version {info['version']} ({info['model']}) at http://{cfg.host}:{cfg.port} "
                   "- POST /v1/retrieve, GET /v1/version, /healthz, /metrics; Ctrl-C stops", soft_wrap=True)
     stop = threading.Event()

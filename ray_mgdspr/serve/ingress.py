@@ -478,7 +478,13 @@ class Ingress:
 
     @app.get("/healthz")
     async def healthz(self) -> JSONResponse:
-        v = await self._current()
+        """Readiness: 200 once a version is loaded; 503 before, or while the first one cannot be loaded."""
+        try:
+            v = await self._current()
+        except HttpError:
+            raise
+        except Exception as e:  # the version manager could not load the first version: not ready, not a bug
+            raise unavailable(f"no version is loaded: {public_message(str(cause(e)))}") from None
         return JSONResponse({"status": "ok", "version": v.version})
 
     @app.get("/ui")

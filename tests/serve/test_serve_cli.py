@@ -94,3 +94,17 @@ def test_serve_query_promote_status_from_the_command_line(tmp_path: Path, deploy
             proc.wait(30)
     down = _run("query", "red dress", "--url", url)
     assert down.returncode == 1 and "cannot connect" in down.stderr
+
+
+def test_a_first_version_that_cannot_load_ends_serve_with_its_error(tmp_path: Path, deployment: Any) -> None:
+    """`mgdspr serve` waits for readiness over HTTP; a first version the manager refuses ends it at once with the
+    manager's reason (exit 2), not after serve.load_timeout_s."""
+    path = _config(tmp_path, deployment, free_port())
+    cfg = yaml.safe_load(path.read_text())
+    cfg["serve"]["version"] = "v9"  # no such version in the index root
+    path.write_text(yaml.safe_dump(cfg))
+    t = time.perf_counter()
+    r = _run("serve", "--config", str(path))
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "the first version failed to load: v9" in r.stderr
+    assert time.perf_counter() - t < 200
