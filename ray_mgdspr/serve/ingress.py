@@ -108,7 +108,7 @@ class _Serving:
                    serve.get_deployment_handle("head", name))
 
     @property
-    def behaviours(self) -> DeploymentHandle:
+    def behaviour_reader(self) -> DeploymentHandle:
         """The deployment that reads users' behaviours with this version's titles."""
         return self.whole or self.head
 
@@ -231,8 +231,7 @@ class Ingress:
     async def _refresh_forever(self) -> None:
         """Follow the version manager's switches: a long poll (``VersionManager.watch``) that answers at once when
         the version switches, renewed every ``LONG_POLL_S`` (short: a replica shutting down waits for it); after
-        a failed poll (the manager restarting),
-        ask again after ``serve.version_refresh_s``."""
+        a failed poll (the manager restarting), ask again after ``serve.version_refresh_s``."""
         republished = time.monotonic()
         while True:
             known = self.serving.version if self.serving else None
@@ -449,7 +448,8 @@ class Ingress:
             req: BehavioursRequest = self._parse(BehavioursRequest, self._query(request, "behaviours"), "behaviours")
             v = await self._current(deadline)
             ts = request_ts(req.ts)
-            data = await self._read("behaviours", lambda: v.behaviours.behaviours.remote(req.user_id, ts, req.limit),
+            reader = v.behaviour_reader
+            data = await self._read("behaviours", lambda: reader.behaviours.remote(req.user_id, ts, req.limit),
                                     deadline)
             return behaviours_body(req.user_id, v.version, ts, data)
 
