@@ -182,7 +182,6 @@ class VersionReplica:
     def __init__(self, settings: dict, version: str) -> None:
         cfg = ResolvedServeConfig.model_validate(settings)
         release = verify_release(cfg.index_root, version, check_files=False)  # the loaders check their files
-        self.version = version
         self.core = Retriever(release, cfg)
         self.canary_ef_search = cfg.canary_ef_search
         self.batch_sizes = BatchSizes("version")
