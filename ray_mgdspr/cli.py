@@ -320,25 +320,30 @@ def index_update(
     version: Annotated[str | None, typer.Option(help="the new version's id (default: <model version>.d<UTC "
                                                 "time>)")] = None,
     current: Annotated[bool, typer.Option(help="point CURRENT at the new version")] = True,
+    compact: Annotated[bool, typer.Option(help="rewrite every shard with a change since its base files in full "
+                                          "(index.compact_at 0): a scheduled compaction")] = False,
     endpoint: Annotated[str | None, typer.Option(help="running endpoint to promote the new version on")] = None,
     token: Annotated[str | None, typer.Option(help="the endpoint's bearer token", envvar="MGDSPR_SERVE_TOKEN",
                                               show_envvar=True)] = None,
 ) -> None:
-    """Apply a new catalogue to an index version as a new version: only added and changed items are embedded, only
-    the shards they touch are rewritten (`index/update.py`). Exit 2 bad input, 1 the promotion failed."""
+    """Apply a new catalogue to an index version as a new version: only added and changed items are embedded and
+    written, as a delta segment beside each touched shard's base files; a shard whose changes reach index.compact_at
+    is rewritten in full (`index/update.py`). Exit 2 bad input, 1 the promotion failed."""
     from ray_mgdspr.index.update import update_index
     from ray_mgdspr.serve.cli import serve_promote
 
     cfg = project_config(config, preset)
+    index_cfg = cfg.index.model_copy(update={"compact_at": 0.0}) if compact else cfg.index
     try:
-        r = update_index(world or cfg.train.world, bundle, cfg.index, base=base, version=version,
+        r = update_index(world or cfg.train.world, bundle, index_cfg, base=base, version=version,
                          make_current=current, batch_size=cfg.embed.batch_size,
                          progress=lambda line: console.print(line, soft_wrap=True))
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         raise fail(str(e)) from None
     d, m = r.delta, r.manifest
     console.print(f"index {cfg.index.out}/{m.version}: {m.total_rows:,} items from {d.base} (+{d.added:,} new, "
-                  f"-{d.removed:,} removed, ~{d.changed:,} changed; shards {d.shards_touched} rewritten) in "
+                  f"-{d.removed:,} removed, ~{d.changed:,} changed; shards {d.shards_touched} touched, "
+                  f"{d.shards_compacted} compacted) in "
                   f"{r.seconds:.1f}s (embedding {r.embed_seconds:.1f}s)" + (", now current" if current else ""),
                   soft_wrap=True)
     if endpoint:

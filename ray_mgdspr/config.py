@@ -390,6 +390,10 @@ class IndexConfig(StrictModel):
         "auto", description="search backend; auto: faiss-gpu if faiss has GPU support, else torch exact on CUDA "
         "if a GPU is visible, else faiss-cpu")
     out: str = Field("runs/index", description="root of index versions (one directory per model version)")
+    compact_at: float = Field(0.1, ge=0, description="delta updates (`mgdspr index update`) keep a shard's base files "
+                              "and write its changes beside them as a delta segment, until the items changed since "
+                              "the base files reach this share of them: then the shard is rewritten in full "
+                              "(compacted); 0 rewrites every shard a delta touches")
     build_cpus: float = Field(0.5, gt=0, description="CPUs per shard-building Ray task")
     build_resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per "
                                               "shard-building task (e.g. {index_builder: 1} for big-memory nodes)")

@@ -9,7 +9,26 @@ from typing import Literal
 from pydantic import BaseModel, Field, model_validator
 
 FORMAT_VERSION = 1
+"""Format of a version whose shards are whole files (every full build): readers of format 1 can read it."""
+SEGMENTS_FORMAT = 2
+"""Format of a version with delta segments (``ShardDelta``): a reader that ignored them would serve removed items."""
+FORMATS = (FORMAT_VERSION, SEGMENTS_FORMAT)
 MANIFEST = "manifest.json"
+
+
+class ShardDelta(BaseModel):
+    """The changes to one shard since its base files, kept beside them: what a delta update writes instead of
+    rewriting the shard (``index/update.py``), until a compaction folds them in. The shard serves the base items
+    less ``removed_file``'s, plus ``metadata_file``'s (added or changed since the base; a changed item is in both).
+    """
+
+    vectors_file: str = Field(description="(rows, dim) float32 .npy: row i is the vector of metadata row i")
+    metadata_file: str = Field(description="Parquet rows (shards.METADATA_SCHEMA) of the items added or changed "
+                               "since the base files, sorted by item id")
+    removed_file: str = Field(description="(removed,) int64 .npy: items of the base files no longer served from "
+                              "them (removed, or changed and so in metadata_file), sorted")
+    rows: int = Field(ge=0, description="items in metadata_file and vectors_file")
+    removed: int = Field(ge=0, description="ids in removed_file")
 
 
 class ShardEntry(BaseModel):
@@ -18,14 +37,29 @@ class ShardEntry(BaseModel):
     shard: int = Field(ge=0, description="shard number s: holds the items with shard_of(item_id) == s")
     index_file: str
     metadata_file: str
-    rows: int = Field(ge=0, description="items in the shard (vectors in the index = rows of the metadata)")
-    sha256: dict[str, str] = Field(description="file name -> sha256, for both files")
+    rows: int = Field(ge=0, description="items the shard serves (without a delta: vectors in the index = rows of "
+                      "the metadata)")
+    sha256: dict[str, str] = Field(description="file name -> sha256, for every file of the shard")
+    delta: ShardDelta | None = Field(None, description="changes since index_file and metadata_file (the base "
+                                     "files); None: the base files are the shard")
+
+    @property
+    def files(self) -> list[str]:
+        """Every file of the shard: the base files, then the delta's."""
+        d = self.delta
+        return [self.index_file, self.metadata_file, *((d.vectors_file, d.metadata_file, d.removed_file) if d else ())]
+
+    @property
+    def base_rows(self) -> int:
+        """Items in the base files (vectors in index_file, rows of metadata_file)."""
+        return self.rows if self.delta is None else self.rows - self.delta.rows + self.delta.removed
 
     @model_validator(mode="after")
     def _checksums_cover_files(self) -> ShardEntry:
-        if set(self.sha256) != {self.index_file, self.metadata_file}:
-            raise ValueError(f"shard {self.shard}: sha256 must list exactly {self.index_file} and "
-                             f"{self.metadata_file} (got {sorted(self.sha256)})")
+        if set(self.sha256) != set(self.files) or len(set(self.files)) != len(self.files):
+            raise ValueError(f"shard {self.shard}: sha256 must list exactly {self.files} (got {sorted(self.sha256)})")
+        if self.base_rows < 0:
+            raise ValueError(f"shard {self.shard}: the delta removes more items than the base files hold")
         return self
 
 
@@ -37,7 +71,10 @@ class DeltaRecord(BaseModel):
     removed: int = Field(ge=0, description="items in the base only")
     changed: int = Field(ge=0, description="items in both whose compared columns differ (re-embedded)")
     unchanged: int = Field(ge=0, description="items kept with their base vectors")
-    shards_touched: list[int] = Field(description="shards rewritten; the others hold the base's files")
+    shards_touched: list[int] = Field(description="shards the delta changed; the others hold the base's files")
+    shards_compacted: list[int] = Field(default_factory=list, description="shards of shards_touched rewritten in "
+                                        "full (their delta folded into new base files); the rest keep their base "
+                                        "files and carry the changes as a delta segment")
 
 
 class IndexManifest(BaseModel):
@@ -67,6 +104,8 @@ class IndexManifest(BaseModel):
             raise ValueError(f"shards must be numbered 0..{len(self.shards) - 1} in order (got {numbers})")
         if self.total_rows != sum(e.rows for e in self.shards):
             raise ValueError(f"total_rows {self.total_rows} != sum of shard rows {sum(e.rows for e in self.shards)}")
+        if self.format_version < SEGMENTS_FORMAT and any(e.delta for e in self.shards):
+            raise ValueError(f"shards with a delta segment need format_version {SEGMENTS_FORMAT}")
         return self
 
 
@@ -86,6 +125,6 @@ def read_manifest(path: str | Path) -> IndexManifest:
     if not (path / MANIFEST).is_file():
         raise FileNotFoundError(f"{path}: not an index version (no {MANIFEST})")
     manifest = IndexManifest.model_validate_json((path / MANIFEST).read_text())
-    if manifest.format_version != FORMAT_VERSION:
-        raise ValueError(f"{path}: index format {manifest.format_version}, this code reads {FORMAT_VERSION}")
+    if manifest.format_version not in FORMATS:
+        raise ValueError(f"{path}: index format {manifest.format_version}, this code reads {list(FORMATS)}")
     return manifest

@@ -5,8 +5,12 @@ Layout of one version directory (the index root around it, ``CURRENT`` and stagi
     <index root>/<version>/
       manifest.json            see manifest.py: factory, dim, rows and sha256 of every file
       shard-00000.faiss        IDMap2(<factory>): a search returns item ids
-      shard-00000.parquet      item_id, leaf_id, cate1_id, brand_id, attr_value_ids, title_words
+      shard-00000.parquet      item_id, leaf_id, cate1_id, brand_id, attr_value_ids, title_words, title, ...
       ...
+      shard-00000.delta-<version>.{npy,parquet}, shard-00000.removed-<version>.npy
+                               a delta update's changes since the base files (manifest ``ShardDelta``): the shard
+                               serves the base less the removed ids plus the delta's items (``read_shard`` joins
+                               them in memory, ``shard_items`` the metadata alone)
 
 Item ``i`` lives in shard ``shard_of(i, S)``. Building one shard is one call, ``build_shard_files``,
 which a Ray task can run; ``build_index_version`` is the whole build in one process, and the Ray layer
@@ -34,7 +38,7 @@ import pyarrow.parquet as pq
 
 from ray_mgdspr.artifacts import sha256_file
 from ray_mgdspr.config import IndexConfig
-from ray_mgdspr.index.manifest import IndexManifest, ShardEntry, read_manifest
+from ray_mgdspr.index.manifest import IndexManifest, ShardDelta, ShardEntry, read_manifest
 from ray_mgdspr.index.versions import commit_version, staging_dir
 
 log = logging.getLogger(__name__)
@@ -248,10 +252,15 @@ def _check_placement(item_ids: np.ndarray, shard_no: int, shards: int) -> None:
                          f"{int(item_ids[wrong][0])} -> shard {int(owner[wrong][0])}); split with split_by_shard")
 
 
-def _shard_metadata(shard_no: int, index: faiss.IndexIDMap2, metadata: pa.Table) -> pa.Table:
+def _with_optional(metadata: pa.Table) -> pa.Table:
     for name in OPTIONAL_METADATA:
         if name not in metadata.column_names:
             metadata = metadata.append_column(name, pa.nulls(metadata.num_rows, METADATA_SCHEMA.field(name).type))
+    return metadata
+
+
+def _shard_metadata(shard_no: int, index: faiss.IndexIDMap2, metadata: pa.Table) -> pa.Table:
+    metadata = _with_optional(metadata)
     missing = [c for c in METADATA_SCHEMA.names if c not in metadata.column_names]
     if missing:
         raise ValueError(f"shard {shard_no}: metadata lacks columns {missing}")
@@ -346,12 +355,26 @@ def version_items(path: str | Path) -> pa.Table:
     """Every item of the index version at ``path``: its shards' metadata, sorted by item id (files not verified:
     ``verify_index``)."""
     path = Path(path)
-    return pa.concat_tables([pq.read_table(path / e.metadata_file) for e in read_manifest(path).shards],
+    return pa.concat_tables([shard_items(path, e) for e in read_manifest(path).shards],
+                            promote_options="default").sort_by("item_id")
+
+
+def shard_items(path: str | Path, entry: ShardEntry) -> pa.Table:
+    """The metadata of the items shard ``entry`` of the version at ``path`` serves (base files less the delta's
+    removed ids, plus the delta's rows), sorted by item id (files not verified)."""
+    path = Path(path)
+    table = pq.read_table(path / entry.metadata_file)
+    if entry.delta is None:
+        return table
+    removed = np.load(path / entry.delta.removed_file)
+    kept = table.filter(pa.array(~np.isin(table["item_id"].to_numpy(), removed)))
+    return pa.concat_tables([kept, pq.read_table(path / entry.delta.metadata_file)],
                             promote_options="default").sort_by("item_id")
 
 
 def read_shard(path: str | Path, shard_no: int) -> tuple[IndexManifest, faiss.IndexIDMap2, pa.Table]:
-    """Manifest, Faiss index and metadata table of one shard, after verifying that shard's files.
+    """Manifest, Faiss index and metadata table of one shard, after verifying that shard's files; a shard with a
+    delta segment comes joined: the base index without the removed ids, with the delta's vectors added.
 
     Raises:
         IndexCorruptError: the shard fails verification (the message lists why).
@@ -364,11 +387,98 @@ def read_shard(path: str | Path, shard_no: int) -> tuple[IndexManifest, faiss.In
     problems, index = _shard_problems(path, manifest, entry)
     if problems:
         raise IndexCorruptError(f"{path}: " + "; ".join(problems))
-    return manifest, index, pq.read_table(path / entry.metadata_file)
+    if entry.delta is not None:
+        d = entry.delta
+        index = without(index, np.load(path / d.removed_file))
+        ids = pq.read_table(path / d.metadata_file, columns=["item_id"])["item_id"].to_numpy()
+        index.add_with_ids(np.load(path / d.vectors_file), ids)
+    return manifest, index, shard_items(path, entry)
+
+
+def without(index: faiss.IndexIDMap2, item_ids: np.ndarray) -> faiss.IndexIDMap2:
+    """``index`` without the vectors of ``item_ids``.
+
+    Flat (and any index that renumbers what it keeps): ``IndexIDMap2.remove_ids``. IVF: a copy whose inverted lists
+    hold every kept entry with its code in its list, renumbered with the id map: ``remove_ids`` would leave the
+    positions an IVF stores out of step with the compacted id map (the IVF does not renumber), and adding would then
+    reuse positions still in use. Nothing is re-assigned to lists or re-encoded.
+
+    Raises:
+        RuntimeError: Faiss' own refusal (HNSW cannot remove vectors).
+    """
+    item_ids = np.ascontiguousarray(item_ids, np.int64)
+    if not len(item_ids):
+        return index
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None:
+        index.remove_ids(faiss.IDSelectorBatch(len(item_ids), faiss.swig_ptr(item_ids)))
+        return index
+    external = faiss.vector_to_array(index.id_map)
+    keep = ~np.isin(external, item_ids)
+    renumbered = np.cumsum(keep) - 1  # old position -> new position, for kept entries
+    out = faiss.clone_index(index)
+    out.reset()  # empty lists and id map; the coarse quantizer and any codebooks stay trained
+    out_ivf = faiss.extract_index_ivf(out)
+    lists, code_size = ivf.invlists, ivf.code_size
+    for no in range(ivf.nlist):
+        n = lists.list_size(no)
+        if n == 0:
+            continue
+        positions = faiss.rev_swig_ptr(lists.get_ids(no), n).copy()
+        codes = faiss.rev_swig_ptr(lists.get_codes(no), n * code_size).reshape(n, code_size)
+        kept = keep[positions]
+        if kept.any():
+            # both arrays named: swig_ptr holds no reference, so a temporary would be freed before Faiss reads it
+            ids = np.ascontiguousarray(renumbered[positions[kept]], np.int64)
+            kept_codes = np.ascontiguousarray(codes[kept])
+            out_ivf.invlists.add_entries(no, len(ids), faiss.swig_ptr(ids), faiss.swig_ptr(kept_codes))
+    out_ivf.ntotal = out.ntotal = int(keep.sum())
+    faiss.copy_array_to_vector(external[keep], out.id_map)
+    out.construct_rev_map()
+    return out
+
+
+def removable(factory: str, dim: int) -> str | None:
+    """Why shards of ``factory`` cannot have vectors removed (a delta's removed and changed items), or None."""
+    index = new_index(dim, factory)
+    try:
+        without(index, np.zeros(1, np.int64))
+    except RuntimeError as e:
+        return _faiss_reason(e)
+    return None
+
+
+def write_shard_delta(directory: str | Path, base: ShardEntry, tag: str, removed: np.ndarray, vectors: np.ndarray,
+                      metadata: pa.Table) -> ShardEntry:
+    """Shard ``base`` (whose base files are already in ``directory``) with a delta segment: ``removed`` (ids of its
+    base files no longer served) and the items of ``metadata`` with their ``vectors`` (row for row) added; the files
+    are named with ``tag`` (the new version), so a version's files never share a name with another's.
+
+    Raises:
+        ValueError: vectors and metadata differ in rows, or the metadata lacks a column.
+    """
+    directory = Path(directory)
+    vectors = np.ascontiguousarray(vectors, np.float32)
+    table = _with_optional(metadata).select(METADATA_SCHEMA.names).cast(METADATA_SCHEMA)
+    order = np.argsort(table["item_id"].to_numpy(), kind="stable")
+    table, vectors = table.take(pa.array(order)), vectors[order]
+    if len(vectors) != table.num_rows:
+        raise ValueError(f"shard {base.shard}: {len(vectors)} vectors for {table.num_rows} metadata rows")
+    stem = f"shard-{base.shard:05d}"
+    delta = ShardDelta(vectors_file=f"{stem}.delta-{tag}.npy", metadata_file=f"{stem}.delta-{tag}.parquet",
+                       removed_file=f"{stem}.removed-{tag}.npy", rows=table.num_rows, removed=len(removed))
+    np.save(directory / delta.vectors_file, vectors)
+    pq.write_table(table, directory / delta.metadata_file)
+    np.save(directory / delta.removed_file, np.sort(np.asarray(removed, np.int64)))
+    sha = {name: base.sha256[name] for name in (base.index_file, base.metadata_file)}
+    sha |= {name: sha256_file(directory / name) for name in (delta.vectors_file, delta.metadata_file,
+                                                             delta.removed_file)}
+    return ShardEntry(shard=base.shard, index_file=base.index_file, metadata_file=base.metadata_file,
+                      rows=base.base_rows - delta.removed + delta.rows, sha256=sha, delta=delta)
 
 
 def _shard_problems(path: Path, manifest: IndexManifest, entry: ShardEntry) -> tuple[list[str], faiss.Index | None]:
-    """The shard's problems, and its index when the files are intact (read once, for ``read_shard``)."""
+    """The shard's problems, and its base index when the files are intact (read once, for ``read_shard``)."""
     label = f"shard {entry.shard}"
     problems = []
     for name, sha in entry.sha256.items():
@@ -384,9 +494,33 @@ def _shard_problems(path: Path, manifest: IndexManifest, entry: ShardEntry) -> t
         return [f"{label}: {entry.index_file} cannot be read by Faiss: {_faiss_reason(e)}"], None
     if index.d != manifest.dim:
         problems.append(f"{label}: {entry.index_file} holds {index.d}-d vectors, the manifest says dim {manifest.dim}")
-    if index.ntotal != entry.rows:
-        problems.append(f"{label}: {entry.index_file} holds {index.ntotal} vectors, the manifest says {entry.rows}")
+    if index.ntotal != entry.base_rows:
+        problems.append(f"{label}: {entry.index_file} holds {index.ntotal} vectors, the manifest says "
+                        f"{entry.base_rows}")
     metadata_rows = pq.ParquetFile(path / entry.metadata_file).metadata.num_rows
-    if metadata_rows != entry.rows:
-        problems.append(f"{label}: {entry.metadata_file} has {metadata_rows} rows, the manifest says {entry.rows}")
+    if metadata_rows != entry.base_rows:
+        problems.append(f"{label}: {entry.metadata_file} has {metadata_rows} rows, the manifest says "
+                        f"{entry.base_rows}")
+    if entry.delta is not None:
+        problems += _delta_problems(path, manifest, entry, label)
     return problems, index
+
+
+def _delta_problems(path: Path, manifest: IndexManifest, entry: ShardEntry, label: str) -> list[str]:
+    d = entry.delta
+    assert d is not None
+    try:
+        vectors, removed = np.load(path / d.vectors_file, mmap_mode="r"), np.load(path / d.removed_file)
+    except ValueError as e:
+        return [f"{label}: its delta cannot be read by numpy: {e}"]
+    problems = []
+    if vectors.dtype != np.float32 or vectors.shape != (d.rows, manifest.dim):
+        problems.append(f"{label}: {d.vectors_file} holds {vectors.dtype} {vectors.shape}, the manifest says "
+                        f"float32 ({d.rows}, {manifest.dim})")
+    if removed.dtype != np.int64 or removed.shape != (d.removed,):
+        problems.append(f"{label}: {d.removed_file} holds {removed.dtype} {removed.shape}, the manifest says int64 "
+                        f"({d.removed},)")
+    metadata_rows = pq.ParquetFile(path / d.metadata_file).metadata.num_rows
+    if metadata_rows != d.rows:
+        problems.append(f"{label}: {d.metadata_file} has {metadata_rows} rows, the manifest says {d.rows}")
+    return problems

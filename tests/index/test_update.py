@@ -23,7 +23,7 @@ from ray_mgdspr.data.simulator.churn import daily_churn
 from ray_mgdspr.data.world import conform, read_table
 from ray_mgdspr.index.manifest import read_manifest
 from ray_mgdspr.index.search import IndexReader
-from ray_mgdspr.index.shards import build_index_version, split_by_shard, verify_index
+from ray_mgdspr.index.shards import build_index_version, shard_items, split_by_shard, verify_index
 from ray_mgdspr.index.update import CATALOGUE_COLUMNS, base_catalogue, embed_rows, plan_delta, update_index
 from ray_mgdspr.index.versions import current_version, list_versions
 from ray_mgdspr.model.bundle import item_context, item_popularity, price_levels, read_bundle_manifest
@@ -64,6 +64,18 @@ def test_plan_finds_added_removed_and_changed_items(world_en: Path) -> None:
     assert (len(same.added), len(same.removed), len(same.changed)) == (0, 0, 0)  # row order does not matter
 
 
+def assert_same_index(path: Path, ref: Path, dim: int) -> None:
+    """The versions at ``path`` and ``ref`` serve the same items with the same metadata, shard by shard, and give
+    the same answers (Flat: exact search, equal up to exact score ties)."""
+    queries = np.random.default_rng(0).standard_normal((64, dim)).astype(np.float32)
+    scores, ids = IndexReader(path).search(queries, 20)
+    ref_scores, ref_ids = IndexReader(ref).search(queries, 20)
+    np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-6)
+    assert (ids == ref_ids).mean() > 0.99
+    for mine, theirs in zip(read_manifest(path).shards, read_manifest(ref).shards, strict=True):
+        assert shard_items(path, mine).equals(shard_items(ref, theirs))
+
+
 def test_delta_equals_a_full_build_of_the_new_catalogue_on_flat_shards(tmp_path: Path, world_en: Path,
                                                                        bundle: Path, base) -> None:
     config, context = base
@@ -75,19 +87,75 @@ def test_delta_equals_a_full_build_of_the_new_catalogue_on_flat_shards(tmp_path:
     assert (m.delta.added, m.delta.removed, m.delta.changed) == (15, 15, 30)
     assert verify_index(Path(config.out) / "v-test.d1") == []
     assert read_manifest(Path(config.out) / "v-test").total_rows == items_of(world_en).num_rows  # base untouched
+    # 4% of the items changed: below compact_at (10%), so every shard keeps its base files and gains a segment
+    assert m.delta.shards_touched == [0, 1, 2] and m.delta.shards_compacted == [] and m.format_version == 2
+    for entry in m.shards:
+        assert entry.delta is not None and entry.delta.rows + entry.delta.removed < 0.1 * entry.base_rows
+        for name in (entry.index_file, entry.metadata_file):  # the base's bytes (linked where the disk allows)
+            assert (Path(config.out) / "v-test.d1" / name).read_bytes() == (Path(config.out) / "v-test" / name
+                                                                            ).read_bytes()
 
     # the reference: a full build of the changed catalogue (with the model's price levels, as embed_catalogue)
     ref = IndexConfig(out=str(tmp_path / "full"), shards=3)
     vectors = full_build(tmp_path / "full", "v-test", after, bundle, ref, context)
-    queries = np.random.default_rng(0).standard_normal((64, vectors.shape[1])).astype(np.float32)
-    scores, ids = IndexReader(Path(config.out) / "v-test.d1").search(queries, 20)
-    ref_scores, ref_ids = IndexReader(Path(ref.out) / "v-test").search(queries, 20)
-    np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-6)
-    assert (ids == ref_ids).mean() > 0.99  # equal up to exact score ties
-    for s in range(3):  # same items, same metadata, shard by shard
-        mine = pq.read_table(Path(config.out) / "v-test.d1" / f"shard-{s:05d}.parquet")
-        theirs = pq.read_table(Path(ref.out) / "v-test" / f"shard-{s:05d}.parquet")
-        assert mine.equals(theirs)
+    assert_same_index(Path(config.out) / "v-test.d1", Path(ref.out) / "v-test", vectors.shape[1])
+
+
+def test_deltas_day_after_day_fold_into_one_segment_then_compact(tmp_path: Path, world_en: Path, bundle: Path,
+                                                                 base) -> None:
+    """Three days of churn on top of each other: each version still equals a full build of its day's catalogue; a
+    shard carries one segment (the days folded), until its changes reach compact_at and it is rewritten."""
+    config, context = base
+    root = Path(config.out)
+    day, previous = items_of(world_en), "v-test"
+    for n, share in enumerate((0.02, 0.02, 0.08), start=1):
+        day = daily_churn(day, share=share, seed=10 + n)
+        m = update_index(day, bundle, config, base=previous, version=f"v-test.d{n}").manifest
+        ref = IndexConfig(out=str(tmp_path / f"full{n}"), shards=3)
+        vectors = full_build(Path(ref.out), "v-test", day, bundle, ref, context)
+        assert_same_index(root / f"v-test.d{n}", Path(ref.out) / "v-test", vectors.shape[1])
+        assert verify_index(root / f"v-test.d{n}") == []
+        segments = [e.delta for e in m.shards if e.delta is not None]
+        assert all(len(list((root / m.version).glob(f"shard-{e.shard:05d}.*"))) == (5 if e.delta else 2)
+                   for e in m.shards)  # one segment per shard: the earlier days' folded in
+        previous = m.version
+        if n < 3:
+            assert m.delta.shards_compacted == [] and len(segments) == 3
+    assert m.delta.shards_compacted == [0, 1, 2]  # 2% + 2% + 8% of changes: past 10%, rewritten in full
+    assert all(e.delta is None for e in m.shards) and m.format_version == 1
+
+
+def test_compact_at_zero_rewrites_every_touched_shard(tmp_path: Path, world_en: Path, bundle: Path, base) -> None:
+    config, context = base
+    after = daily_churn(items_of(world_en), share=0.04, seed=1)
+    m = update_index(after, bundle, config.model_copy(update={"compact_at": 0.0}), version="v-test.d1").manifest
+    assert m.delta.shards_compacted == [0, 1, 2] and all(e.delta is None for e in m.shards)
+    ref = IndexConfig(out=str(tmp_path / "full"), shards=3)
+    vectors = full_build(tmp_path / "full", "v-test", after, bundle, ref, context)
+    assert_same_index(Path(config.out) / "v-test.d1", Path(ref.out) / "v-test", vectors.shape[1])
+    for s in range(3):  # compacted: the files a full build writes
+        assert (pq.read_table(Path(config.out) / "v-test.d1" / f"shard-{s:05d}.parquet")
+                .equals(pq.read_table(Path(ref.out) / "v-test" / f"shard-{s:05d}.parquet")))
+
+
+def test_a_damaged_delta_segment_fails_verification_and_loading(tmp_path: Path, world_en: Path, bundle: Path,
+                                                                base) -> None:
+    from ray_mgdspr.index.shards import IndexCorruptError
+
+    config, _ = base
+    update_index(daily_churn(items_of(world_en), share=0.04, seed=1), bundle, config, version="v-test.d1")
+    path = Path(config.out) / "v-test.d1"
+    segment = read_manifest(path).shards[1].delta
+    removed = path / segment.removed_file
+    data = removed.read_bytes()
+    removed.unlink()  # a hard link could share its bytes with nothing else here, but write a new file anyway
+    removed.write_bytes(data[:-8] + np.int64(-7).tobytes())
+    problems = verify_index(path)
+    assert problems == [f"shard 1: {segment.removed_file} does not match its sha256 (corrupt or modified)"]
+    with pytest.raises(IndexCorruptError, match=segment.removed_file):
+        IndexReader(path)
+    with pytest.raises(ValueError, match=r"fails verification.*removed"):
+        update_index(items_of(world_en), bundle, config, base="v-test.d1", version="v-test.d2")
 
 
 def test_removed_items_are_never_found_and_untouched_shards_are_shared(tmp_path: Path, world_en: Path,
@@ -111,8 +179,7 @@ def test_removed_items_are_never_found_and_untouched_shards_are_shared(tmp_path:
                for v in ("v-test", "v-test.d2")]
     assert all(np.isin(hits.item_ids, gone).any() for hits in lexical[0])  # BM25 over the base finds them
     assert not any(np.isin(hits.item_ids, gone).any() for hits in lexical[1])  # the channel follows the version
-    untouched = set(range(3)) - set(result.delta.shards_touched)
-    for s in untouched:  # not rewritten: the base's bytes (a hard link where the file system allows)
+    for s in range(3):  # every shard keeps the base's files (touched ones gain a segment beside them)
         for ext in ("faiss", "parquet"):
             a, b = (Path(config.out) / v / f"shard-{s:05d}.{ext}" for v in ("v-test", "v-test.d2"))
             assert a.read_bytes() == b.read_bytes()
@@ -185,14 +252,24 @@ def test_cli_update_writes_a_new_version_from_a_changed_world(tmp_path: Path, wo
     assert current_version(config.out) == "v-test.d5"
     again = subprocess.run([*cli, "--version", "v-test.d5"], capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 2 and "immutable" in again.stderr
+    assert all(e.delta for e in read_manifest(Path(config.out) / "v-test.d5").shards)
+    # the scheduled compaction: the same catalogue (no change), every segment folded into new base files
+    compacted = subprocess.run([*cli, "--version", "v-test.d6", "--compact"], capture_output=True, text=True,
+                               env=env, timeout=300)
+    assert compacted.returncode == 0, compacted.stderr
+    assert "+0 new, -0 removed, ~0 changed; shards [] touched, [0, 1, 2] compacted" in compacted.stdout
+    m = read_manifest(Path(config.out) / "v-test.d6")
+    assert all(e.delta is None for e in m.shards) and m.format_version == 1 and verify_index(Path(config.out) /
+                                                                                             "v-test.d6") == []
+    assert shard_items(Path(config.out) / "v-test.d6", m.shards[0]).equals(
+        shard_items(Path(config.out) / "v-test.d5", read_manifest(Path(config.out) / "v-test.d5").shards[0]))
 
 
 @pytest.mark.parametrize("factory", ["Flat", "IVF4,Flat", "IVF4,PQ4", "IVF4,SQ8"])
 def test_without_keeps_every_other_vector_where_it_was(factory: str) -> None:
     """Removing items leaves every kept entry's list and code as it was: searches give the base's answers with the
     removed items taken out (IVF: not what IDMap2.remove_ids gives, whose positions go out of step)."""
-    from ray_mgdspr.index.shards import build_shard
-    from ray_mgdspr.index.update import without
+    from ray_mgdspr.index.shards import build_shard, without
 
     rng = np.random.default_rng(0)
     vectors = rng.standard_normal((400, 16)).astype(np.float32)
@@ -234,9 +311,4 @@ def test_a_bundle_without_price_levels_updates_with_the_base_catalogues(tmp_path
     update_index(after, old_style, config, version="v-test.d1")
     ref = IndexConfig(out=str(tmp_path / "full"), shards=2)
     full_build(tmp_path / "full", "v-test", after, old_style, ref, base_edges)
-    for s in range(2):
-        assert pq.read_table(Path(config.out) / "v-test.d1" / f"shard-{s:05d}.parquet").equals(
-            pq.read_table(Path(ref.out) / "v-test" / f"shard-{s:05d}.parquet"))
-    queries = np.random.default_rng(0).standard_normal((32, 16)).astype(np.float32)
-    np.testing.assert_allclose(IndexReader(Path(config.out) / "v-test.d1").search(queries, 10)[0],
-                               IndexReader(Path(ref.out) / "v-test").search(queries, 10)[0], rtol=1e-5, atol=1e-6)
+    assert_same_index(Path(config.out) / "v-test.d1", Path(ref.out) / "v-test", 16)
