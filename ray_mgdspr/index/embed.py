@@ -1,15 +1,19 @@
 """Catalogue embedding: the bundle's item tower over every item, as a Ray Data actor pool.
 
 ```
-items.parquet (ITEM_COLUMNS) ─▶ map_batches(ItemEmbedder, ActorPoolStrategy(embed.actors))
-                                     ─▶ <embed.out>/<model version>/part-*.parquet (item_id, embedding)
+items.parquet (ITEM_COLUMNS) ─▶ blocks (4 per actor) ─▶ map_batches(EmbeddingWriter, ActorPoolStrategy(embed.actors))
+                                     ─▶ <embed.out>/<model version>/part-<uuid>.parquet (item_id, embedding)
 ```
 
-Each actor loads only the item tower, once. The catalogue streams block by block, so memory is bounded by the blocks
-in flight, not the catalogue size; the price levels' edges (a few per leaf category) are the bundle's (those the
-model was trained with), else cut once by the driver from the catalogue's leaf and price columns, and handed to
-every actor. The set is written into a temporary directory
-and renamed into place when complete, with ``embeddings.json`` (model version and checksum, rows, dim) beside it.
+Each actor loads only the item tower, once, and writes the vectors of each block it embeds as one Parquet part
+itself; only the part's name and row count go back through Ray. (Through Ray Data's ``write_parquet`` the vectors,
+512 MB per million items at d = 128, crossed the object store to separate writer tasks: 6.5 CPU-seconds of a
+26-second, 1M-item run on two cores, measured with ``Dataset.stats()``.) The catalogue streams block by block, so
+memory is bounded by the blocks in flight, not the catalogue size; the price levels' edges (a few per leaf category)
+are the bundle's (those the model was trained with), else cut once by the driver from the catalogue's leaf and price
+columns, and handed to every actor. The set is written into a temporary directory and renamed into place when
+complete, with ``embeddings.json`` (model version and checksum, rows, dim) beside it; a part written by an attempt
+Ray retried is not counted, and removed.
 ``read_embeddings`` accepts the vector column both as Ray's Arrow tensor type and as ``list<float>``.
 """
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import math
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,6 +99,28 @@ class ItemEmbedder:
         return {"item_id": features["item_id"], "embedding": h.float().cpu().numpy()}
 
 
+class EmbeddingWriter(ItemEmbedder):
+    """Callable class for ``map_batches(batch_size=None)``: embeds a whole block ``batch_size`` items at a time and
+    writes its vectors as one Parquet part (``item_id``, ``embedding`` as an Arrow fixed-shape tensor) into
+    ``directory``; returns one row per part: its file name and rows."""
+
+    def __init__(self, bundle: str, context: ItemContext, directory: str, batch_size: int,
+                 device: str = "auto") -> None:
+        super().__init__(bundle, context, device)
+        self.directory, self.batch_size = Path(directory), batch_size
+
+    def __call__(self, block: pa.Table) -> dict[str, np.ndarray]:
+        parts = [super(EmbeddingWriter, self).__call__(block.slice(lo, self.batch_size))
+                 for lo in range(0, block.num_rows, self.batch_size)]
+        ids = np.concatenate([p["item_id"] for p in parts]) if parts else np.zeros(0, np.int64)
+        vectors = (np.concatenate([p["embedding"] for p in parts]) if parts
+                   else np.zeros((0, self.model.cfg.d), np.float32))
+        name = f"part-{uuid.uuid4().hex}.parquet"  # a retried block writes another name: only returned ones count
+        pq.write_table(pa.table({"item_id": ids, "embedding": pa.FixedShapeTensorArray.from_numpy_ndarray(vectors)}),
+                       self.directory / name)
+        return {"file": np.array([name]), "rows": np.array([len(ids)], np.int64)}
+
+
 @dataclass
 class EmbedResult:
     path: Path
@@ -132,12 +159,15 @@ def embed_catalogue(world: str | Path, bundle: str | Path, cfg: EmbedConfig, ove
         ds = ray.data.read_parquet(str(items), num_cpus=cfg.cpus_per_actor).select_columns(ITEM_COLUMNS)
         # streamed into blocks of at most this many rows (a one-file read is otherwise one block: one actor)
         ds = ds.repartition(target_num_rows_per_block=max(1, math.ceil(expected / read_blocks(expected, cfg))))
-        ds = ds.map_batches(ItemEmbedder, fn_constructor_kwargs={"bundle": str(Path(bundle).resolve()),
-                                                                 "context": context},
-                            compute=ray.data.ActorPoolStrategy(size=cfg.actors), num_cpus=cfg.cpus_per_actor,
-                            num_gpus=cfg.gpus_per_actor or None, batch_size=cfg.batch_size, batch_format="pyarrow")
-        ds.write_parquet(str(tmp))
-        rows = sum(pq.ParquetFile(f).metadata.num_rows for f in tmp.glob("*.parquet"))
+        ds = ds.map_batches(EmbeddingWriter, fn_constructor_kwargs={
+            "bundle": str(Path(bundle).resolve()), "context": context, "directory": str(tmp),
+            "batch_size": cfg.batch_size}, compute=ray.data.ActorPoolStrategy(size=cfg.actors),
+            num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor or None, batch_size=None, batch_format="pyarrow")
+        written = ds.to_arrow_refs()  # runs the pipeline; each row names a part its block was written to
+        parts = pa.concat_tables(ray.get(written)) if written else pa.table({"file": [], "rows": []})
+        for orphan in set(p.name for p in tmp.glob("part-*.parquet")) - set(parts["file"].to_pylist()):
+            (tmp / orphan).unlink()  # the part of a block whose actor failed and was retried
+        rows = sum(pq.ParquetFile(tmp / f).metadata.num_rows for f in parts["file"].to_pylist())
         if rows != expected:
             raise RuntimeError(f"embedded {rows} items but {items} has {expected}")
         manifest = EmbeddingsManifest(model_version=model.version, model_files=model.files,
