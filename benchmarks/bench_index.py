@@ -19,7 +19,7 @@ What it measures (data: SYNTHETIC):
 3. ``embedding``: the bundle's item tower (seeded, untrained, paper sizes d = 128) over a simulated
    catalogue: ``embed_catalogue`` (Ray Data actor pool, ``ray.init(num_cpus=4)``) against the baseline, a
    plain in-process loop ``ItemEmbedder(bundle, context)(batch)`` that reads and writes the same Parquet, in
-   items/s; the outputs are compared. Goal: actor pool >= 0.8x the loop.
+   items/s; the outputs are compared. Goal (issue 17): actor pool >= 0.9x the loop.
 
 4. ``--per-shard SIZES``: one shard of each size (e.g. 1M and 4M vectors) at d = 128 for ``Flat``, ``SQfp16``,
    ``IVF4096,Flat``, ``IVF4096,SQ8`` and ``IVF4096,PQ32np``: build time, bytes per vector, the loaded reader's
@@ -81,7 +81,7 @@ SHARD_FACTORIES: dict[str, list[dict]] = {
     "IVF4096,SQ8": [{"nprobe": 16}, {"nprobe": 64}],
     "IVF4096,PQ32np": [{"nprobe": 16}, {"nprobe": 64}],
 }
-GOAL_RECALL, GOAL_SPEEDUP, GOAL_EMBED = 0.95, 10.0, 0.8
+GOAL_RECALL, GOAL_SPEEDUP, GOAL_EMBED = 0.95, 10.0, 0.9
 SINGLE_THREADS = 1  # faiss threads for single queries; batches use every core
 
 

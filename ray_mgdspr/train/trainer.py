@@ -314,7 +314,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         skip = progress["step_in_epoch"] if epoch == progress["epoch"] else 0
         losses, compute_s, wait_s, tick = [], 0.0, 0.0, time.perf_counter()
         batches = shard.iter_torch_batches(batch_size=bs, dtypes=torch.int64, device=device, drop_last=True,
-                                           local_shuffle_buffer_size=cfg.data.shuffle_buffer)
+                                           local_shuffle_buffer_size=cfg.data.shuffle_buffer,
+                                           prefetch_batches=cfg.data.prefetch_batches)
         for i, batch in enumerate(batches):
             if i < skip or i >= steps_per_epoch:  # resumed: already trained; past the end: drain the stream
                 tick = time.perf_counter()
