@@ -297,7 +297,7 @@ class DataConfig(StrictModel):
     read_cpus: float = Field(0.25, gt=0, description="CPUs per read / explode task (fractional on a laptop)")
     repartition: int | None = Field(None, ge=1, description="split the read into this many blocks (None: as read)")
     shuffle_buffer: int | None = Field(2048, ge=1, description="rows each worker shuffles locally (None: off)")
-    prefetch_batches: int = Field(4, ge=0, description="batches each training worker's iterator prepares ahead of "
+    prefetch_batches: int = Field(1, ge=0, description="batches each training worker's iterator prepares ahead of "
                                   "the step, in a background thread (Ray Data iter_torch_batches)")
     materialize: bool = Field(True, description="featurize once per run: the examples are featurized before the "
                               "first epoch and kept in Ray's object store (spilled to disk when it is full) for "

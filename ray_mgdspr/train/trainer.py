@@ -342,7 +342,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         trained = max(len(losses), 1)
         metrics = {"epoch": epoch + 1, "step": progress["global_step"], "loss": float(np.mean(losses or [np.nan])),
                    "rows_per_s_per_worker": bs * trained / max(compute_s + wait_s, 1e-9),
-                   "compute_s": compute_s, "data_wait_s": wait_s}
+                   "compute_s": compute_s, "data_wait_s": wait_s, "torch_threads": torch.get_num_threads()}
         if rank == 0:
             metrics[f"recall@{t.eval_k}"] = evaluate(model, catalogue, held_out["features"], held_out["targets"],
                                                      t.eval_k, device)
