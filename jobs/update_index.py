@@ -7,8 +7,9 @@
 Compares today's catalogue (the world's items table) with the serving index version (CURRENT, or --base), embeds
 only the added and changed items with the base's model in the driver, writes them as a delta segment beside each
 touched shard's base files (a shard whose changes reach index.compact_at, or every one with --compact, is
-rewritten in full), and commits a new version (CURRENT moves, or --no-current); with --endpoint it is promoted there like any version
-(verified, loaded beside the serving one, switched without dropping requests; token in $MGDSPR_SERVE_TOKEN).
+rewritten in full), and commits a new version (CURRENT moves, or --no-current); with --endpoint it is promoted
+there like any version (verified, loaded beside the serving one, switched without dropping requests; token in
+$MGDSPR_SERVE_TOKEN).
 Paths must be reachable from the driver's node. Entrypoint resources: one CPU for the embedding
 (`--entrypoint-num-cpus 1`): a 1% delta of a 1M-item catalogue is ~10k items.
 
