@@ -11,13 +11,10 @@ log itself, only the Parquet footers of the day files, to fail fast on a missing
 
 Where memory goes
 -----------------
-The run's :class:`~ray_mgdspr.data.features.Featurizer` loads the items table and **every user's behaviours
-(click, buy, collect) and query history of** ``history_days`` into numpy arrays: the part that grows with the log.
-One Ray task builds it once (:func:`shared_featurizer`) and leaves it in Ray's object store; every featurizer actor
-on a node maps those arrays read-only from the node's shared memory (Ray deserialises numpy arrays without a copy)
-instead of loading its own. So the history is held once per node, whatever ``featurize_actors`` is (measured by
-``benchmarks/bench_featurizer_memory.py``). Narrow ``history_days`` to the training days plus the ``long_days``
-before them on a long log.
+Each featurizer actor builds a :class:`~ray_mgdspr.data.features.Featurizer`, which loads the items table and
+**every user's behaviours (click, buy, collect) and query history of** ``history_days`` into numpy arrays. That
+is the part that grows with the log, and it is paid once per actor: ``featurize_actors`` x (history of
+``history_days``). Narrow ``history_days`` to the training days plus the ``long_days`` before them on a long log.
 
 Resources are configuration
 ---------------------------
@@ -84,43 +81,28 @@ def training_dataset(world: str | Path, days: Iterable[int], vocab_path: str | P
     if data.repartition is not None:
         ds = ds.repartition(data.repartition)
     ds = ds.map_batches(explode_positives, batch_format="pyarrow", **cpus)
-    featurizer = shared_featurizer(world, vocab_path, features, history_days, context, cpus=data.featurize_cpus)
-    return ds.map_batches(FeaturizeBatch, fn_constructor_kwargs={"featurizer": featurizer},
+    featurizer_args = {"world": str(world), "vocab_path": str(vocab_path), "features": features,
+                       "history_days": None if history_days is None else sorted(set(history_days)),
+                       "context": context}
+    return ds.map_batches(FeaturizeBatch, fn_constructor_kwargs=featurizer_args,
                           compute=ray.data.ActorPoolStrategy(size=data.featurize_actors),
                           num_cpus=data.featurize_cpus, batch_size=data.batch_rows, batch_format="pyarrow")
 
 
-def load_featurizer(world: str | Path, vocab_path: str | Path, features: FeatureConfig,
-                    history_days: Iterable[int] | None = None, context: ItemContext | None = None) -> Featurizer:
-    """The featurizer of a training run: the world's catalogue and the histories of ``history_days`` (None: all
-    days), with ``context``'s price edges and popularity counts (None: the world's, computed here)."""
-    days = None if history_days is None else sorted(set(history_days))
-    return Featurizer(world, Vocabulary.load(vocab_path), features, days, context=context)
-
-
-_load_featurizer = ray.remote(load_featurizer)
-
-
-def shared_featurizer(world: str | Path, vocab_path: str | Path, features: FeatureConfig,
-                      history_days: Iterable[int] | None = None, context: ItemContext | None = None,
-                      cpus: float = 0.25) -> ray.ObjectRef:
-    """``load_featurizer`` run once as a Ray task of ``cpus``: a reference to the featurizer in the object store,
-    which every :class:`FeaturizeBatch` actor maps instead of loading its own copy (started now; a failure to load
-    surfaces when the first actor starts)."""
-    days = None if history_days is None else sorted(set(history_days))
-    return _load_featurizer.options(num_cpus=cpus).remote(str(world), str(vocab_path), features, days, context)
-
-
 class FeaturizeBatch:
-    """Ray Data callable class: featurizes batches with the run's one :class:`Featurizer`.
+    """Ray Data callable class: one :class:`Featurizer` per actor (it holds the users' histories).
 
     Args:
-        featurizer: a reference from :func:`shared_featurizer` (its arrays, the users' histories and the catalogue,
-            are mapped read-only from the node's shared memory, not copied into each actor), or a featurizer.
+        world: the world directory.
+        vocab_path: the vocabulary JSON file.
+        features: lengths and windows of the features.
+        history_days: days of behaviours and query history to load (None: all days).
+        context: the items' price edges and popularity counts (None: the world's, computed here).
     """
 
-    def __init__(self, featurizer: ray.ObjectRef | Featurizer) -> None:
-        self.featurizer: Featurizer = ray.get(featurizer) if isinstance(featurizer, ray.ObjectRef) else featurizer
+    def __init__(self, world: str, vocab_path: str, features: FeatureConfig,
+                 history_days: list[int] | None, context: ItemContext | None = None) -> None:
+        self.featurizer = Featurizer(world, Vocabulary.load(vocab_path), features, history_days, context=context)
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
         """Features of a batch of :func:`explode_positives` rows (dict of int64 arrays)."""

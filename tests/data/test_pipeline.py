@@ -20,7 +20,7 @@ import ray
 from ray_mgdspr.config import DataConfig, FeatureConfig, VocabConfig
 from ray_mgdspr.data import pipeline
 from ray_mgdspr.data.features import Featurizer, ItemContext, explode_positives
-from ray_mgdspr.data.pipeline import FeaturizeBatch, check_item_ids, load_featurizer, training_dataset
+from ray_mgdspr.data.pipeline import FeaturizeBatch, check_item_ids, training_dataset
 from ray_mgdspr.data.schema import day_file_name
 from ray_mgdspr.data.vocab import Vocabulary, build_vocab_from_world
 from ray_mgdspr.data.world import read_manifest
@@ -211,7 +211,7 @@ def test_featurize_batch_loads_the_history_days_it_is_given(world_en: Path, voca
     vocab = Vocabulary.load(vocab_path)
     last_day = train_days[-1:]
     rows = Featurizer(world_en, vocab, SMALL).examples(last_day).slice(0, 300)
-    got = FeaturizeBatch(load_featurizer(str(world_en), str(vocab_path), SMALL, last_day))(rows)
+    got = FeaturizeBatch(str(world_en), str(vocab_path), SMALL, last_day)(rows)
     want = Featurizer(world_en, vocab, SMALL, history_days=last_day)(rows)
     for key, expected in want.items():
         np.testing.assert_array_equal(got[key], expected, err_msg=key)
