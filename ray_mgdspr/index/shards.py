@@ -477,15 +477,21 @@ def write_shard_delta(directory: str | Path, base: ShardEntry, tag: str, removed
                       rows=base.base_rows - delta.removed + delta.rows, sha256=sha, delta=delta)
 
 
+def checksum_problems(path: Path, entry: ShardEntry, names: Sequence[str] | None = None) -> list[str]:
+    """The files of shard ``entry`` at ``path`` (``names``, default all) that are missing or fail their sha256."""
+    problems = []
+    for name in entry.files if names is None else names:
+        if not (path / name).is_file():
+            problems.append(f"shard {entry.shard}: {name} is missing")
+        elif sha256_file(path / name) != entry.sha256[name]:
+            problems.append(f"shard {entry.shard}: {name} does not match its sha256 (corrupt or modified)")
+    return problems
+
+
 def _shard_problems(path: Path, manifest: IndexManifest, entry: ShardEntry) -> tuple[list[str], faiss.Index | None]:
     """The shard's problems, and its base index when the files are intact (read once, for ``read_shard``)."""
     label = f"shard {entry.shard}"
-    problems = []
-    for name, sha in entry.sha256.items():
-        if not (path / name).is_file():
-            problems.append(f"{label}: {name} is missing")
-        elif sha256_file(path / name) != sha:
-            problems.append(f"{label}: {name} does not match its sha256 (corrupt or modified)")
+    problems = checksum_problems(path, entry)
     if problems:  # the contents of a damaged file say nothing more
         return problems, None
     try:

@@ -50,7 +50,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ray_mgdspr.artifacts import sha256_file
 from ray_mgdspr.config import IndexConfig
 from ray_mgdspr.data.features import ITEM_COLUMNS, ItemContext, ItemPopularity, PriceLevels
 from ray_mgdspr.data.world import read_table
@@ -68,6 +67,7 @@ from ray_mgdspr.index.shards import (
     METADATA_SCHEMA,
     OPTIONAL_METADATA,
     IndexCorruptError,
+    checksum_problems,
     read_shard,
     removable,
     shard_items,
@@ -215,9 +215,9 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def _segment(base: Path, entry: ShardEntry, gone: np.ndarray, ids: np.ndarray, vectors: np.ndarray,
-             rows: pa.Table) -> tuple[np.ndarray, np.ndarray, pa.Table]:
-    """Shard ``entry``'s changes since its base files once ``gone`` ids go and (``ids``, ``vectors``, ``rows``) come:
+def _segment(base: Path, entry: ShardEntry, gone: np.ndarray, vectors: np.ndarray, rows: pa.Table
+             ) -> tuple[np.ndarray, np.ndarray, pa.Table]:
+    """Shard ``entry``'s changes since its base files once ``gone`` ids go and (``vectors``, ``rows``) come:
     (removed ids of the base files, delta vectors, delta metadata), its earlier delta segment folded in."""
     rows = rows.select(METADATA_SCHEMA.names).cast(METADATA_SCHEMA)
     if entry.delta is None:
@@ -266,7 +266,7 @@ def apply_delta(root: str | Path, base: str, version: str, delta: Delta, ids: np
                 continue
             if mine.any() or len(gone):
                 touched.append(s)
-            removed, seg_vectors, seg_rows = _segment(base_path, entry, gone, ids[mine], vectors[mine],
+            removed, seg_vectors, seg_rows = _segment(base_path, entry, gone, vectors[mine],
                                                       delta.rows.filter(pa.array(mine)))
             if len(removed) + len(seg_vectors) >= compact_at * entry.base_rows:
                 compacted.append(s)
@@ -389,13 +389,6 @@ def update_index(catalogue: str | Path | pa.Table, bundle: str | Path, config: I
 def _read_files_problems(path: Path, manifest: IndexManifest) -> list[str]:
     """Checksum problems of the base's files a delta reads (metadata and delta segments; compaction verifies the
     shards it reads in full)."""
-    problems = []
-    for entry in manifest.shards:
-        read = [entry.metadata_file, *((entry.delta.metadata_file, entry.delta.vectors_file,
-                                        entry.delta.removed_file) if entry.delta else ())]
-        for name in read:
-            if not (path / name).is_file():
-                problems.append(f"shard {entry.shard}: {name} is missing")
-            elif sha256_file(path / name) != entry.sha256[name]:
-                problems.append(f"shard {entry.shard}: {name} does not match its sha256 (corrupt or modified)")
-    return problems
+    return [problem for e in manifest.shards for problem in checksum_problems(
+        path, e, [e.metadata_file, *((e.delta.metadata_file, e.delta.vectors_file, e.delta.removed_file)
+                                     if e.delta else ())])]
