@@ -35,6 +35,7 @@ Backend = Literal["faiss-cpu", "faiss-gpu", "torch"]
 BACKENDS: tuple[Backend, ...] = ("faiss-cpu", "faiss-gpu", "torch")
 _DEFAULTS = IndexConfig()
 _TORCH_SCORE_FLOATS = 1 << 26  # scores per torch matmul (query rows x shard rows): 256 MiB of float32
+DENSE_IDS = 16  # Shard.lookup_rows gathers from an id -> row table when the id range is at most this x the rows
 
 
 def resolve_backend(name: str = "auto") -> Backend:
@@ -80,6 +81,14 @@ class Shard:
         ids = metadata["item_id"].to_numpy()
         self._order = np.argsort(ids)
         self._sorted_ids = ids[self._order]
+        # id -> row as one gather when the ids are dense enough (a shard of S holds about 1/S of an id range:
+        # 4 S bytes per item, against d x 4 for its vector); a binary search per id otherwise. A deep filtered
+        # search looks up thousands of ids per request (issue 16's 1M-item profile: 2.6 ms of binary searches)
+        self._base, self._row_of = 0, None
+        if len(ids) and (span := int(self._sorted_ids[-1]) - int(self._sorted_ids[0]) + 1) <= DENSE_IDS * len(ids):
+            self._base = int(self._sorted_ids[0])
+            self._row_of = np.full(span, -1, np.int32 if len(ids) < 2**31 else np.int64)
+            self._row_of[ids - self._base] = np.arange(len(ids))
 
     @property
     def rows(self) -> int:
@@ -121,10 +130,18 @@ class Shard:
     def lookup_rows(self, item_ids: np.ndarray) -> np.ndarray:
         """Row numbers in ``metadata`` of ``item_ids`` (n,), in that order (raises as ``lookup``)."""
         ids = np.asarray(item_ids, dtype=np.int64)
-        pos, found = sorted_lookup(self._sorted_ids, ids)
-        if not found.all():
-            raise KeyError(f"shard {self.shard_no}: item ids not in this shard: {ids[~found][:5].tolist()}")
-        return self._order[pos]
+        if self._row_of is not None:
+            at = ids - self._base
+            inside = (at >= 0) & (at < len(self._row_of))
+            rows = self._row_of[np.where(inside, at, 0)]
+            found = inside & (rows >= 0)
+            if found.all():
+                return rows.astype(np.int64)
+        else:
+            pos, found = sorted_lookup(self._sorted_ids, ids)
+            if found.all():
+                return self._order[pos]
+        raise KeyError(f"shard {self.shard_no}: item ids not in this shard: {ids[~found][:5].tolist()}")
 
 
 class _FaissSearcher:

@@ -18,6 +18,7 @@ own candidates against its metadata, evaluation uses ``pass_mask``.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ray_mgdspr.arrays import sorted_lookup
 from ray_mgdspr.data.world import read_table
@@ -73,6 +75,9 @@ class RelevanceFilter:
 
     def __post_init__(self) -> None:
         self._by_length = sorted(self.terms, key=lambda t: (-len(t), t))  # longest match first
+        self._rank = {t: i for i, t in enumerate(self._by_length)}
+        self._max_words = max((len(t.split(" ")) for t in self.terms), default=0)
+        self._max_chars = max((len(t) for t in self.terms), default=0)
 
     @classmethod
     def from_world(cls, world: str | Path, load_items: bool = True) -> RelevanceFilter:
@@ -125,12 +130,25 @@ class RelevanceFilter:
         cjk = any(_CJK.search(w) for w in query_words)
         text = "".join(query_words).lower() if cjk else f" {' '.join(query_words).lower()} "
         found: list[KeyTerm] = []
-        for term in self._by_length:
+        for term in sorted(self._candidates(text, cjk), key=self._rank.__getitem__):
             needle = term if _CJK.search(term) else f" {term} "
             if needle in text:
                 found.extend(self.terms[term])
                 text = text.replace(needle, " | ")  # consumed: a shorter term inside it does not count again
         return tuple(found)
+
+    def _candidates(self, text: str, cjk: bool) -> set[str]:
+        """The catalogue terms that can match in ``text``: its substrings (Chinese) or runs of whole words that are
+        terms, looked up instead of testing all of the catalogue's terms (a million-item catalogue has ~10k, and
+        the scan cost 5 ms a query). Consuming a term only turns words into "|", so a term that matches after
+        that was a substring, or a run of words, of the text before; ``key_terms`` tests these in the same
+        longest-first order as the whole vocabulary, and so finds exactly what the scan found."""
+        if cjk:  # the query's words joined without spaces: terms are its substrings
+            return {text[i:j] for i in range(len(text)) for j in range(i + 1, min(len(text), i + self._max_chars) + 1)
+                    if text[i:j] in self.terms}
+        words = text[1:-1].split(" ")
+        return {run for i in range(len(words)) for j in range(i + 1, min(len(words), i + self._max_words) + 1)
+                if (run := " ".join(words[i:j])) in self.terms}
 
     def pass_mask(self, query_words: list[list[str]], item_ids: np.ndarray) -> np.ndarray:
         """(q, k) bool: whether each retrieved item passes its query's filter (-1 pads: False).
@@ -172,29 +190,49 @@ def _member(rows: np.ndarray, posting: np.ndarray | None) -> np.ndarray:
     return sorted_lookup(posting, rows)[1]
 
 
-class ItemMatcher:
-    """The relevance verdicts (``matches``) over one fixed item table, its columns converted once (a shard's or the
-    catalogue's metadata): serving checks hundreds to thousands of candidates per request for each key term, so
-    numpy does the per-item work (issue 16's profile: per-item Python checks were half of a shard replica's CPU;
-    tests check every verdict against a plain per-item reference, ``tests/helpers.py``):
+class _Postings:
+    """Rows by value of one integer column (or of a list column's values): an inverted index in CSR form."""
 
-    * attribute values: the rows' values gathered from one flat array (CSR offsets) and tested with ``np.isin``;
-    * title words (Latin scripts): a word's sorted posting list of rows, searched for each row; a phrase of
-      several words is checked as a phrase only on the rows that hold its first word;
-    * Chinese terms (substrings of the joined title): checked on the rows that hold the term's first character.
+    def __init__(self, values: np.ndarray, rows: np.ndarray) -> None:
+        order = np.argsort(values, kind="stable")
+        self.keys, starts = np.unique(values[order], return_index=True)
+        self.starts = np.append(starts, len(order))
+        self.rows = rows[order].astype(np.int32 if len(rows) < 2**31 else np.int64)
+
+    def of(self, ids: frozenset[int]) -> list[np.ndarray]:
+        """The rows holding each of ``ids`` (one array per id present)."""
+        pos, found = sorted_lookup(self.keys, np.fromiter(ids, np.int64, len(ids)))
+        return [self.rows[self.starts[p]:self.starts[p + 1]] for p in pos[found]]
+
+
+class ItemMatcher:
+    """The relevance verdicts (``matches``) over one fixed item table (a shard's or the catalogue's metadata).
+    Serving checks hundreds to thousands of candidates per request against each key term, so a term's verdict is
+    computed once for the whole table, as a mask, from inverted postings, and kept (a bounded LRU cache: key terms
+    repeat across queries); a request's verdicts are then a gather per term (issue 16's profiles: per-item Python
+    checks were half a shard replica's CPU, and per-request numpy checks of the candidates still 11 ms of a
+    1M-item request; tests check every verdict against a plain per-item reference, ``tests/helpers.py``).
+
+    A term's mask: the rows whose leaf / first-level category, brand or attribute values it names (postings by
+    value), or whose title holds it: for Latin scripts, the rows whose titles hold every word of it (word
+    postings intersected), checked as a phrase when it has several; for Chinese terms (substrings of the joined
+    title), the rows whose titles hold every Chinese character of it, checked as a substring.
 
     Args:
         metadata: item rows with ``leaf_id``, ``cate1_id``, ``brand_id``, ``attr_value_ids``, ``title_words``.
+        cache_bytes: memory for cached term masks (one byte per row each; at least 16 terms are kept).
     """
 
-    def __init__(self, metadata: pa.Table) -> None:
-        self.leaf = metadata["leaf_id"].fill_null(-1).to_numpy()
-        self.cate1 = metadata["cate1_id"].fill_null(-1).to_numpy()
-        self.brand = metadata["brand_id"].fill_null(-1).to_numpy()
-        attrs = [a or () for a in metadata["attr_value_ids"].to_pylist()]
-        self.attr_offsets = np.zeros(len(attrs) + 1, np.int64)
-        np.cumsum([len(a) for a in attrs], out=self.attr_offsets[1:])
-        self.attr_values = np.fromiter((v for a in attrs for v in a), np.int64, int(self.attr_offsets[-1]))
+    def __init__(self, metadata: pa.Table, cache_bytes: int = 64 << 20) -> None:
+        n = metadata.num_rows
+        self.n = n
+        every = np.arange(n)
+        self.leaf, self.cate1, self.brand = (
+            _Postings(metadata[c].fill_null(-1).to_numpy(), every) for c in ("leaf_id", "cate1_id", "brand_id"))
+        attrs = metadata["attr_value_ids"]
+        lengths = pc.list_value_length(attrs).fill_null(0).to_numpy()
+        self.attrs = _Postings(pc.list_flatten(attrs).to_numpy(zero_copy_only=False).astype(np.int64),
+                               np.repeat(every, lengths))
         titles = [t or [] for t in metadata["title_words"].to_pylist()]
         self.spaced = [f" {' '.join(t).lower()} " for t in titles]  # whole words: " word " in " title "
         self.joined = ["".join(t).lower() for t in titles]
@@ -207,9 +245,10 @@ class ItemMatcher:
                 for c in set(joined):
                     if _CJK.match(c):
                         chars[c].append(row)
-        dtype = np.int32 if len(titles) < 2**31 else np.int64  # postings: row numbers, one per (word, item)
+        dtype = np.int32 if n < 2**31 else np.int64  # postings: row numbers, one per (word, item)
         self.words = {w: np.asarray(r, dtype) for w, r in words.items()}
         self.chars = {c: np.asarray(r, dtype) for c, r in chars.items()}
+        self.mask = functools.lru_cache(maxsize=max(16, cache_bytes // max(1, n)))(self._mask)
 
     def __call__(self, terms: tuple[KeyTerm, ...], rows: np.ndarray) -> np.ndarray:
         """(n,) bool: whether each item at ``rows`` (row numbers of the metadata) passes ``terms``."""
@@ -220,42 +259,41 @@ class ItemMatcher:
         by_field: dict[str, list[KeyTerm]] = defaultdict(list)
         for t in terms:
             by_field[t.field].append(t)
-        for kind, group in by_field.items():
-            hit = np.zeros(len(rows), bool)
-            for t in group:
-                if kind == "category":
-                    hit |= np.isin(self.leaf[rows], list(t.leaf_ids)) | np.isin(self.cate1[rows], list(t.cate1_ids))
-                elif kind == "brand":
-                    hit |= np.isin(self.brand[rows], list(t.value_ids))
-                else:
-                    hit |= self._has_value(rows, t.value_ids)
-                hit |= self._has_text(rows, t.text)
+        for group in by_field.values():
+            hit = self.mask(group[0])[rows]
+            for t in group[1:]:
+                hit |= self.mask(t)[rows]
             keep &= hit
         return keep
 
-    def _has_value(self, rows: np.ndarray, ids: frozenset[int]) -> np.ndarray:
-        """Whether each row's attribute values meet ``ids``."""
-        starts, lengths = self.attr_offsets[rows], np.diff(self.attr_offsets)[rows]
-        total = int(lengths.sum())
-        if not total or not ids:
-            return np.zeros(len(rows), bool)
-        owner = np.repeat(np.arange(len(rows)), lengths)  # which row each gathered value belongs to
-        within = np.arange(total) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-        found = np.isin(self.attr_values[np.repeat(starts, lengths) + within], list(ids))
-        return np.bincount(owner[found], minlength=len(rows)) > 0
-
-    def _has_text(self, rows: np.ndarray, text: str) -> np.ndarray:
-        """Whether each row's title holds ``text``: as whole words, or as a substring when it is Chinese."""
-        if _CJK.search(text):
-            candidates = _member(rows, self.chars.get(text[0])) if _CJK.match(text[0]) else np.ones(len(rows), bool)
-            out = np.zeros(len(rows), bool)
-            out[candidates] = [text in self.joined[r] for r in rows[candidates]]
-            return out
-        words = text.split(" ")
-        candidates = _member(rows, self.words.get(words[0]))
-        if len(words) == 1:  # one word: in the title's words exactly when " word " is in the spaced title
-            return candidates
-        needle = f" {text} "
-        out = np.zeros(len(rows), bool)
-        out[candidates] = [needle in self.spaced[r] for r in rows[candidates]]
+    def _mask(self, term: KeyTerm) -> np.ndarray:
+        """(rows,) bool, read-only: the items that match ``term`` in its field's column or in their title."""
+        if term.field == "category":
+            held = self.leaf.of(term.leaf_ids) + self.cate1.of(term.cate1_ids)
+        else:
+            held = (self.brand if term.field == "brand" else self.attrs).of(term.value_ids)
+        out = np.zeros(self.n, bool)
+        for rows in [*held, self._title_rows(term.text)]:
+            out[rows] = True
+        out.flags.writeable = False
         return out
+
+    def _title_rows(self, text: str) -> np.ndarray:
+        """The rows whose title holds ``text``: as whole words, or as a substring when it is Chinese."""
+        cjk = bool(_CJK.search(text))
+        if cjk:  # every Chinese character of the term is in the title, then the substring itself
+            postings = [self.chars.get(c) for c in set(text) if _CJK.match(c)]
+        else:  # every word of the term is one of the title's words, then the phrase itself
+            postings = [self.words.get(w) for w in set(text.split(" "))]
+        if any(p is None for p in postings):
+            return np.zeros(0, np.int64)
+        postings.sort(key=len)
+        rows = postings[0]
+        for posting in postings[1:]:
+            rows = rows[_member(rows, posting)]
+        if cjk:
+            return rows[[text in self.joined[r] for r in rows.tolist()]] if len(rows) else rows
+        if len(postings) > 1 or " " in text:
+            needle = f" {text} "
+            return rows[[needle in self.spaced[r] for r in rows.tolist()]] if len(rows) else rows
+        return rows

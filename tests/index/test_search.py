@@ -214,3 +214,21 @@ def test_queries_of_the_wrong_shape_are_refused(tmp_path: Path) -> None:
         reader.search(np.zeros((3, 16), np.float32), 5)
     with pytest.raises(ValueError, match="k must be >= 1"):
         reader.search(np.zeros((3, 8), np.float32), 0)
+
+
+@pytest.mark.parametrize("stride", [3, 1_000_003])  # dense ids: an id -> row table; sparse: binary search
+def test_lookup_rows_finds_every_id_and_refuses_others_either_way(tmp_path: Path, stride: int) -> None:
+    vectors = integer_vectors(200, 8, seed=1)
+    ids = np.arange(200, dtype=np.int64) * stride + 5
+    parts = split_by_shard(vectors, ids, metadata_for(ids), 2)
+    build_index_version(tmp_path, "v1", parts, IndexConfig(shards=2), "v1", "sha", 8)
+    shards = [load_shard(tmp_path / "v1", s, "faiss-cpu") for s in range(2)]
+    for s, shard in enumerate(shards):
+        assert (shard._row_of is not None) == (stride == 3)
+        own = shard.metadata["item_id"].to_numpy()
+        order = np.random.default_rng(s).permutation(len(own))
+        np.testing.assert_array_equal(shard.lookup_rows(own[order]), order)
+        other = int(shards[1 - s].metadata["item_id"][0].as_py())  # inside this shard's id range, not its own
+        for stranger in (-1, 4, int(own.max()) + 1, other):
+            with pytest.raises(KeyError, match=f"shard {s}: item ids not in this shard: \\[{stranger}\\]"):
+                shard.lookup_rows(np.array([own[0], stranger]))

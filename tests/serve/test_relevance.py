@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -120,4 +121,33 @@ def test_item_matcher_gives_exactly_the_reference_verdicts(items: list[dict], te
     table = pa.Table.from_pylist(items, schema=_SCHEMA)
     rows = np.array(data.draw(st.lists(st.integers(0, len(items) - 1), max_size=60)), np.int64)
     want = reference_matches(tuple(terms), table.take(pa.array(rows, pa.int64())))
-    np.testing.assert_array_equal(ItemMatcher(table)(tuple(terms), rows), want)
+    matcher = ItemMatcher(table, cache_bytes=0)  # the smallest cache: 16 term masks
+    np.testing.assert_array_equal(matcher(tuple(terms), rows), want)
+    np.testing.assert_array_equal(matcher(tuple(terms), rows[::-1]), want[::-1])  # masks from the cache
+
+
+def scanned_key_terms(f: RelevanceFilter, query_words: list[str]) -> tuple[KeyTerm, ...]:
+    """``key_terms`` written as the plain scan of the whole vocabulary, longest term first."""
+    cjk = any(re.search(r"[\u3400-\u9fff]", w) for w in query_words)
+    text = "".join(query_words).lower() if cjk else f" {' '.join(query_words).lower()} "
+    found: list[KeyTerm] = []
+    for term in sorted(f.terms, key=lambda t: (-len(t), t)):
+        needle = term if re.search(r"[\u3400-\u9fff]", term) else f" {term} "
+        if needle in text:
+            found.extend(f.terms[term])
+            text = text.replace(needle, " | ")
+    return tuple(found)
+
+
+_VOCAB = ["red", "dress", "red dress", "t-shirt", "a", "a a", "b a", "shirt", "连衣裙", "红色", "红", "色连",
+          "iphone", "iphone手机", "手机", "x y z", "y"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(vocab=st.lists(st.sampled_from(_VOCAB), min_size=1, max_size=10, unique=True),
+       words=st.lists(st.sampled_from([*_VOCAB, "", "Red", "z", "x", "DRESS", "衣裙", "|"]), max_size=7))
+def test_key_terms_are_exactly_the_whole_vocabulary_scan(vocab: list[str], words: list[str]) -> None:
+    """``key_terms`` looks up the query's word runs (or substrings) instead of scanning every catalogue term,
+    and must find exactly what the scan finds, consumed words and ties included."""
+    f = RelevanceFilter({t: [KeyTerm("category", t, leaf_ids=frozenset({i}))] for i, t in enumerate(vocab)})
+    assert f.key_terms(words) == scanned_key_terms(f, words)
