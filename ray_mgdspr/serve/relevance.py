@@ -182,14 +182,6 @@ def matches(terms: tuple[KeyTerm, ...], metadata: pa.Table) -> np.ndarray:
     return ItemMatcher(metadata)(terms, np.arange(metadata.num_rows))
 
 
-def _member(rows: np.ndarray, posting: np.ndarray | None) -> np.ndarray:
-    """Whether each of ``rows`` is in the sorted ``posting`` list: a binary search per row, so the cost follows
-    the rows checked, not the posting's length (a common word's list spans much of a large catalogue)."""
-    if posting is None:
-        return np.zeros(len(rows), bool)
-    return sorted_lookup(posting, rows)[1]
-
-
 class _Postings:
     """Rows by value of one integer column (or of a list column's values): an inverted index in CSR form."""
 
@@ -205,22 +197,34 @@ class _Postings:
         return [self.rows[self.starts[p]:self.starts[p + 1]] for p in pos[found]]
 
 
+@dataclass
+class _Verdicts:
+    """One key term's verdicts over an item table, as far as they are known (``ItemMatcher``)."""
+
+    passes: np.ndarray  # (rows,) bool: the items known to match
+    unchecked: np.ndarray | None  # (rows,) bool: items that hold the term's rarest word (Chinese: character) in
+    #   their title and are not yet checked for the whole term there; None: ``passes`` is complete
+    needle: str = ""  # what ``unchecked`` items' titles are searched for
+    cjk: bool = False  # search the joined title (a substring) instead of the spaced one (whole words)
+
+
 class ItemMatcher:
     """The relevance verdicts (``matches``) over one fixed item table (a shard's or the catalogue's metadata).
-    Serving checks hundreds to thousands of candidates per request against each key term, so a term's verdict is
-    computed once for the whole table, as a mask, from inverted postings, and kept (a bounded LRU cache: key terms
-    repeat across queries); a request's verdicts are then a gather per term (issue 16's profiles: per-item Python
-    checks were half a shard replica's CPU, and per-request numpy checks of the candidates still 11 ms of a
-    1M-item request; tests check every verdict against a plain per-item reference, ``tests/helpers.py``).
+    Serving checks hundreds to thousands of candidates per request against each key term, and key terms repeat
+    across queries, so a term's verdicts are kept per item of the table (a bounded LRU cache) and a request's are a
+    gather per term (issue 16's profiles: per-item Python checks were half a shard replica's CPU, and per-request
+    numpy checks of the candidates still 11 ms of a 1M-item request; tests check every verdict against a plain
+    per-item reference, ``tests/helpers.py``).
 
-    A term's mask: the rows whose leaf / first-level category, brand or attribute values it names (postings by
-    value), or whose title holds it: for Latin scripts, the rows whose titles hold every word of it (word
-    postings intersected), checked as a phrase when it has several; for Chinese terms (substrings of the joined
-    title), the rows whose titles hold every Chinese character of it, checked as a substring.
+    A term's verdicts: the items whose leaf / first-level category, brand or attribute values it names, or whose
+    title holds it, from inverted postings (by value, by title word, by Chinese character). A term of one word is
+    its word's posting. A phrase, or a Chinese term (a substring of the joined title), is checked in the titles
+    that hold its rarest word or character, only for the items a request asks about, and the answer is kept: a
+    common phrase ("extra large") would cost tens of ms to check over a whole 1M-item table at once.
 
     Args:
         metadata: item rows with ``leaf_id``, ``cate1_id``, ``brand_id``, ``attr_value_ids``, ``title_words``.
-        cache_bytes: memory for cached term masks (one byte per row each; at least 16 terms are kept).
+        cache_bytes: memory for cached verdicts (one or two bytes per item per term; at least 16 terms kept).
     """
 
     def __init__(self, metadata: pa.Table, cache_bytes: int = 64 << 20) -> None:
@@ -248,7 +252,7 @@ class ItemMatcher:
         dtype = np.int32 if n < 2**31 else np.int64  # postings: row numbers, one per (word, item)
         self.words = {w: np.asarray(r, dtype) for w, r in words.items()}
         self.chars = {c: np.asarray(r, dtype) for c, r in chars.items()}
-        self.mask = functools.lru_cache(maxsize=max(16, cache_bytes // max(1, n)))(self._mask)
+        self.verdicts = functools.lru_cache(maxsize=max(16, cache_bytes // max(1, n)))(self._verdicts)
 
     def __call__(self, terms: tuple[KeyTerm, ...], rows: np.ndarray) -> np.ndarray:
         """(n,) bool: whether each item at ``rows`` (row numbers of the metadata) passes ``terms``."""
@@ -260,40 +264,46 @@ class ItemMatcher:
         for t in terms:
             by_field[t.field].append(t)
         for group in by_field.values():
-            hit = self.mask(group[0])[rows]
+            hit = self._passes(group[0], rows)
             for t in group[1:]:
-                hit |= self.mask(t)[rows]
+                hit |= self._passes(t, rows)
             keep &= hit
         return keep
 
-    def _mask(self, term: KeyTerm) -> np.ndarray:
-        """(rows,) bool, read-only: the items that match ``term`` in its field's column or in their title."""
+    def _passes(self, term: KeyTerm, rows: np.ndarray) -> np.ndarray:
+        """Whether each item at ``rows`` matches ``term``, checking titles where the verdict is not yet known."""
+        v = self.verdicts(term)
+        if v.unchecked is not None:
+            check = np.unique(rows[v.unchecked[rows]])
+            if len(check):
+                titles = self.joined if v.cjk else self.spaced
+                ok = np.fromiter((v.needle in titles[r] for r in check.tolist()), bool, len(check))
+                v.passes[check[ok]] = True  # before unchecked is cleared: a concurrent reader never misses one
+                v.unchecked[check] = False
+        return v.passes[rows]
+
+    def _verdicts(self, term: KeyTerm) -> _Verdicts:
+        """``term``'s verdicts as far as postings give them (``_passes`` completes them row by row)."""
         if term.field == "category":
             held = self.leaf.of(term.leaf_ids) + self.cate1.of(term.cate1_ids)
         else:
             held = (self.brand if term.field == "brand" else self.attrs).of(term.value_ids)
-        out = np.zeros(self.n, bool)
-        for rows in [*held, self._title_rows(term.text)]:
-            out[rows] = True
-        out.flags.writeable = False
-        return out
-
-    def _title_rows(self, text: str) -> np.ndarray:
-        """The rows whose title holds ``text``: as whole words, or as a substring when it is Chinese."""
+        passes = np.zeros(self.n, bool)
+        for rows in held:
+            passes[rows] = True
+        text = term.text
         cjk = bool(_CJK.search(text))
-        if cjk:  # every Chinese character of the term is in the title, then the substring itself
+        if cjk:  # a Chinese term is a substring of the titles that hold each of its Chinese characters
             postings = [self.chars.get(c) for c in set(text) if _CJK.match(c)]
-        else:  # every word of the term is one of the title's words, then the phrase itself
+        else:  # a Latin term is a run of whole words of the titles that hold each of its words
             postings = [self.words.get(w) for w in set(text.split(" "))]
         if any(p is None for p in postings):
-            return np.zeros(0, np.int64)
-        postings.sort(key=len)
-        rows = postings[0]
-        for posting in postings[1:]:
-            rows = rows[_member(rows, posting)]
-        if cjk:
-            return rows[[text in self.joined[r] for r in rows.tolist()]] if len(rows) else rows
-        if len(postings) > 1 or " " in text:
-            needle = f" {text} "
-            return rows[[needle in self.spaced[r] for r in rows.tolist()]] if len(rows) else rows
-        return rows
+            return _Verdicts(passes, None)
+        rarest = min(postings, key=len)
+        if not cjk and " " not in text:  # one word: in the title exactly when it is one of the title's words
+            passes[rarest] = True
+            return _Verdicts(passes, None)
+        unchecked = np.zeros(self.n, bool)
+        unchecked[rarest] = True
+        unchecked &= ~passes
+        return _Verdicts(passes, unchecked, text if cjk else f" {text} ", cjk)

@@ -123,7 +123,9 @@ def test_item_matcher_gives_exactly_the_reference_verdicts(items: list[dict], te
     want = reference_matches(tuple(terms), table.take(pa.array(rows, pa.int64())))
     matcher = ItemMatcher(table, cache_bytes=0)  # the smallest cache: 16 term masks
     np.testing.assert_array_equal(matcher(tuple(terms), rows), want)
-    np.testing.assert_array_equal(matcher(tuple(terms), rows[::-1]), want[::-1])  # masks from the cache
+    np.testing.assert_array_equal(matcher(tuple(terms), rows[::-1]), want[::-1])  # verdicts from the cache
+    every = np.arange(len(items))  # some verdicts kept from the calls above, the others checked now
+    np.testing.assert_array_equal(matcher(tuple(terms), every), reference_matches(tuple(terms), table))
 
 
 def scanned_key_terms(f: RelevanceFilter, query_words: list[str]) -> tuple[KeyTerm, ...]:
