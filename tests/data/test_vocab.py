@@ -94,3 +94,15 @@ def test_zh_world_vocab_keeps_segmenter_dictionary(world_zh: Path, tmp_path: Pat
     assert "连衣裙" in v.user_words and v.lang == "zh"
     back = Vocabulary.load(v.save(tmp_path / "v.json"))
     assert back.tokenizer().words("红色连衣裙") == ["红色", "连衣裙"]
+
+
+@pytest.mark.parametrize("dict_lookups", [0, 10**9])  # Arrow's index_in for many tokens, a dict for few
+def test_encode_gives_the_same_ids_by_either_lookup(monkeypatch: pytest.MonkeyPatch, dict_lookups: int) -> None:
+    import ray_mgdspr.data.vocab as vocab_module
+
+    v = vocab()
+    col = pa.array([["red", "tee"], [], None, ["unseen", "blue", "tee"], ["rare"]], pa.list_(pa.string()))
+    monkeypatch.setattr(vocab_module, "DICT_LOOKUPS", dict_lookups)
+    ids, offsets = v.encode("words", col)
+    assert offsets.tolist() == [0, 2, 2, 2, 5, 6]
+    assert ids.tolist() == v.encode_one("words", ["red", "tee", "unseen", "blue", "tee", "rare"])
