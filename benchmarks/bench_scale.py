@@ -131,7 +131,8 @@ def stop_tree(proc: subprocess.Popen) -> None:
             p.kill()
 
 
-def run_serve(work: Path, queries: int, start_timeout: float, config: Path | None = None) -> dict[str, Any]:
+def run_serve(work: Path, queries: int, start_timeout: float, config: Path | None = None, k: int = 50
+              ) -> dict[str, Any]:
     import httpx
 
     from ray_mgdspr.runtime import free_port
@@ -140,7 +141,7 @@ def run_serve(work: Path, queries: int, start_timeout: float, config: Path | Non
     config = config or work / "pipeline" / "config.yaml"
     cmd = [*MGDSPR, "serve", "--config", str(config), "--port", str(port)]
     base = f"http://127.0.0.1:{port}"
-    requests = held_out_requests(work / "world", 50, queries)
+    requests = held_out_requests(work / "world", k, queries)
     log(f"serve: {' '.join(cmd)}")
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
@@ -217,11 +218,12 @@ def serve_again(row: dict[str, Any], root: Path, queries: int, start_timeout: fl
 
 
 def serve_layout(row: dict[str, Any], root: Path, factory: str, shards: int, queries: int,
-                 start_timeout: float, placement: str = "colocated") -> dict[str, Any]:
+                 start_timeout: float, placement: str = "colocated", k: int = 50) -> dict[str, Any]:
     """``row`` with a serving measurement of another index layout of the same embeddings (``--index``): the kept
     run's embedding set built again as ``factory`` x ``shards`` (`mgdspr index build`), served twice from the same
-    store: once for latency (canary off), once with every request sampled by the recall canary (its recall@50
-    against the exhaustive search of the same index: exact for IVF-Flat), whose latency is not kept."""
+    store: once for latency (canary off; requests of depth ``k``), once with every request sampled by the recall
+    canary (its recall@50 against the exhaustive search of the same index: exact for IVF-Flat), whose latency is
+    not kept."""
     from ray_mgdspr.config import config_to_yaml, load_config
 
     work = root / row["preset"]
@@ -247,13 +249,13 @@ def serve_layout(row: dict[str, Any], root: Path, factory: str, shards: int, que
             "placement": placement})})
         path = work / f"config-{slug}-{name}.yaml"
         path.write_text(config_to_yaml(serve_cfg))
-        runs[name] = run_serve(work, queries, start_timeout, config=path)
+        runs[name] = run_serve(work, queries, start_timeout, config=path, k=k if name == "latency" else 50)
     latency, canary = runs["latency"], runs["canary"]
-    layout = {"factory": factory, "shards": shards, "placement": placement,
+    layout = {"factory": factory, "shards": shards, "placement": placement, "k": k,
               "nprobe": cfg.serve.nprobe or cfg.index.nprobe,
               "build_s": round(build_s, 1), "load": os.getloadavg()[0], "canary": canary["canary"],
               "memory": latency.pop("memory")} | {k: v for k, v in latency.items() if k != "canary"}
-    return row | {"layouts": {**row.get("layouts", {}), slug: layout}}
+    return row | {"layouts": {**row.get("layouts", {}), slug + ("" if k == 50 else f"-k{k}"): layout}}
 
 
 def disk_mib(path: Path) -> float:
@@ -409,18 +411,19 @@ def report(result: dict[str, Any]) -> str:
     layouts = [(r, v) for r in rows for v in r.get("layouts", {}).values()]
     if layouts:
         lines += ["", "## Other index layouts of the same embeddings (`--serve-only --index FACTORY --shards S`)", "",
-                  "Each served twice from the run's store: for latency (canary off; 1 client, k 50, filter on), and "
+                  "Each served twice from the run's store: for latency (canary off; 1 client, k as listed, filter "
+                  "on), and "
                   "with the recall canary sampling every request (recall@50 of the served top 50, unfiltered, "
                   "against the exhaustive search of the same index: exact for IVF-Flat).", "",
-                  "| preset | factory | shards | placement | nprobe | build s | ready after s | p50 ms | p99 ms "
+                  "| preset | factory | shards | placement | nprobe | k | build s | ready after s | p50 ms | p99 ms "
                   "| search p50 / p99 ms | p99 by stage (ms; a stage that did not run counts 0) | errors "
                   "| recall@50 vs exhaustive (samples) | load |",
-                  "|---|---|---:|---|---:|---:|---:|---:|---:|---|---|---:|---|---:|"]
+                  "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---|---|---:|---|---:|"]
         for r, v in layouts:
             c = v.get("canary") or {}
             recall = f"{c['recall']:.3f} ({c.get('samples')})" if c.get("recall") is not None else "-"
             lines.append(f"| {r['preset']} | {v['factory']} | {v['shards']} | {v.get('placement', 'per_stage')} "
-                         f"| {v['nprobe']} | {v['build_s']} "
+                         f"| {v['nprobe']} | {v.get('k', 50)} | {v['build_s']} "
                          f"| {v['start_s']} | {v['p50_ms']} | {v['p99_ms']} | {v['search_p50_ms']} / "
                          f"{v['search_p99_ms']} | {by_stage(v)} | {v['errors']} | {recall} | {v['load']:.1f} |")
     lines += ["", "## Disk (MiB)", "", "| preset | world | train | embeddings | index |", "|---|---:|---:|---:|---:|"]
@@ -445,6 +448,7 @@ def main() -> None:
     ap.add_argument("--shards", type=int, default=4, help="with --index: index.shards")
     ap.add_argument("--placement", choices=("colocated", "per_stage"), default="colocated",
                     help="with --index: serve.placement")
+    ap.add_argument("--k", type=int, default=50, help="with --index: the k of the latency run's requests")
     ap.add_argument("--serve-only", action="store_true", help="measure serving again on the runs kept in --work "
                     "(their pipeline rows are kept)")
     args = ap.parse_args()
@@ -459,7 +463,7 @@ def main() -> None:
         for preset in presets:
             if args.index:
                 rows[preset] = serve_layout(rows[preset], root, args.index, args.shards, args.queries,
-                                            args.start_timeout, args.placement)
+                                            args.start_timeout, args.placement, args.k)
             elif args.serve_only:
                 rows[preset] = serve_again(rows[preset], root, args.queries, args.start_timeout)
             else:

@@ -502,6 +502,10 @@ class ServeConfig(StrictModel):
     filter_depth: int = Field(9600, ge=1, description="with the relevance filter on and key terms in the query, "
                               "the embedding channel searches this deep (the paper's 9,600), capped by the "
                               "catalogue size; each shard returns only its hits down to its k-th passing one")
+    verdict_cache_mb: int = Field(64, ge=0, description="memory for the relevance filter's kept verdicts, per "
+                                  "item table (each shard, and the lexical channel's catalogue): one byte per item "
+                                  "per key term, two for a phrase; the least recently used terms are dropped (at "
+                                  "least 16 are kept)")
     fallback: Literal["lexical", "none"] = Field(
         "lexical", description="when fewer than k embedding hits pass the filter, fill the page with the lexical "
         "(BM25) channel's passing hits (runs only then); none: leave the page short")

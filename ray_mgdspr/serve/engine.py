@@ -181,11 +181,11 @@ class ShardSearcher:
     """One index shard, searched a batch at a time, each hit marked with the relevance filter's verdict."""
 
     def __init__(self, index_path: str | Path, shard_no: int, backend: str = "auto", *, nprobe: int = 16,
-                 ef_search: int = 128, faiss_threads: int = 1) -> None:
+                 ef_search: int = 128, faiss_threads: int = 1, verdict_cache_mb: int = 64) -> None:
         self.faiss_threads = faiss_threads
         self.shard: Shard = load_shard(index_path, shard_no, backend, nprobe=nprobe, ef_search=ef_search)
         self._titles = self.shard.metadata["title"].to_pylist()
-        self._matches = ItemMatcher(self.shard.metadata)
+        self._matches = ItemMatcher(self.shard.metadata, verdict_cache_mb << 20)
 
     @property
     def rows(self) -> int:
@@ -288,11 +288,11 @@ class LexicalChannel:
     removed is gone from this channel too), its hits marked with the relevance filter's verdict. Also the version's
     titles by item id (``titles``)."""
 
-    def __init__(self, index_path: str | Path) -> None:
+    def __init__(self, index_path: str | Path, verdict_cache_mb: int = 64) -> None:
         items = version_items(index_path)  # sorted by item id
         self._ids, self._titles = items["item_id"].to_numpy(), items["title"].to_pylist()
         self.index = Bm25Index.build(self._ids, items["title_words"])
-        self._matches = ItemMatcher(items)
+        self._matches = ItemMatcher(items, verdict_cache_mb << 20)
         # a query's BM25 top k, kept: the lexical fallback and the relaxed fill of one request rank the same words
         # (only their verdicts differ), and BM25 scores every item (3-5 ms at 1M items)
         self._top = functools.lru_cache(maxsize=LEXICAL_CACHE)(self._bm25)
@@ -330,7 +330,7 @@ def merge_hits(parts: list[Hits], k: int) -> Hits:
     order = top_order(scores[None, :], ids[None, :], k)[0]
     passes = np.concatenate([p.passes for p in parts])
     titles = [t for p in parts for t in p.titles]
-    return Hits(ids[order], scores[order], passes[order], [titles[i] for i in order],
+    return Hits(ids[order], scores[order], passes[order], [titles[i] for i in order.tolist()],
                 bool(parts) and all(p.exhausted for p in parts) and len(order) == len(ids))
 
 
@@ -395,15 +395,12 @@ def assemble(channels: dict[str, Hits], k: int, apply_filter: bool) -> Assembled
         hits = channels.get(channel)
         if hits is None:
             continue
-        kept = 0
-        for item, score, ok, title in zip(hits.item_ids, hits.scores, hits.passes, hits.titles, strict=True):
-            if kept == k:
-                break
-            if apply_filter and not ok:
-                out.filtered += 1
-                continue
-            kept += 1
-            _add(out, by_id, int(item), title, channel, float(score))
+        kept = np.flatnonzero(hits.passes)[:k] if apply_filter else np.arange(min(k, len(hits.item_ids)))
+        if apply_filter:  # the failing hits above the last kept one; all of them when fewer than k pass
+            out.filtered += (int(kept[-1]) + 1 - len(kept)) if len(kept) == k else len(hits.item_ids) - len(kept)
+        ids, scores = hits.item_ids[kept].tolist(), hits.scores[kept].tolist()
+        for i, item, score in zip(kept.tolist(), ids, scores, strict=True):
+            _add(out, by_id, item, hits.titles[i], channel, score)
     return out
 
 
@@ -658,9 +655,10 @@ class Retriever:
         store = open_store(cfg.store, release.bundle.features) if store is None else store
         self.encoder = QueryEncoder(release.bundle_path, cfg.world, store, threads=cfg.torch_threads)
         self.shards = [ShardSearcher(release.index_path, s, cfg.backend, nprobe=cfg.nprobe,
-                                     ef_search=cfg.ef_search, faiss_threads=cfg.faiss_threads)
+                                     ef_search=cfg.ef_search, faiss_threads=cfg.faiss_threads,
+                                     verdict_cache_mb=cfg.verdict_cache_mb)
                        for s in range(release.shards)]
-        self.lexical = LexicalChannel(release.index_path)
+        self.lexical = LexicalChannel(release.index_path, cfg.verdict_cache_mb)
         self.stages = LocalStages(self.encoder, self.shards, self.lexical)
 
     @classmethod

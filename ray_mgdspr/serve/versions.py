@@ -109,7 +109,8 @@ class IndexShard:
         cfg = ResolvedServeConfig.model_validate(settings)
         release = verify_release(cfg.index_root, version, check_files=False)  # load_shard checks its files
         self.core = ShardSearcher(release.index_path, shard_no, cfg.backend, nprobe=cfg.nprobe,
-                                  ef_search=cfg.ef_search, faiss_threads=cfg.faiss_threads)
+                                  ef_search=cfg.ef_search, faiss_threads=cfg.faiss_threads,
+                                  verdict_cache_mb=cfg.verdict_cache_mb)
         self.batch_sizes = BatchSizes("shard")
         self.canary_ef_search = cfg.canary_ef_search
         _batched(self._search, cfg)
@@ -150,7 +151,7 @@ class VersionHead:
         cfg = ResolvedServeConfig.model_validate(settings)
         release = verify_release(cfg.index_root, version, check_files=False)
         self.version = version
-        self.lexical = LexicalChannel(release.index_path)
+        self.lexical = LexicalChannel(release.index_path, cfg.verdict_cache_mb)
         self._bound = (encoder, shards)
         # the encoder's store and windows (the bundle's features), opened on the first read: a store that is down
         # fails those reads (503 for the store), never the loading of the version

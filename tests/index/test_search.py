@@ -11,9 +11,11 @@ import pyarrow as pa
 import pytest
 import torch
 from faiss.contrib.evaluation import check_ref_knn_with_draws, knn_intersection_measure
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ray_mgdspr.config import IndexConfig
-from ray_mgdspr.index.search import IndexReader, load_shard, merge_topk, resolve_backend
+from ray_mgdspr.index.search import IndexReader, load_shard, merge_topk, resolve_backend, top_order
 from ray_mgdspr.index.shards import IndexCorruptError, build_index_version, split_by_shard
 from ray_mgdspr.index.versions import set_current
 
@@ -232,3 +234,17 @@ def test_lookup_rows_finds_every_id_and_refuses_others_either_way(tmp_path: Path
         for stranger in (-1, 4, int(own.max()) + 1, other):
             with pytest.raises(KeyError, match=f"shard {s}: item ids not in this shard: \\[{stranger}\\]"):
                 shard.lookup_rows(np.array([own[0], stranger]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data(), rows=st.integers(1, 4), cols=st.integers(1, 40), k=st.integers(1, 50))
+def test_top_order_is_score_then_id_with_pads_last(data: st.DataObject, rows: int, cols: int, k: int) -> None:
+    """Against the plain lexsort of both keys, on scores with many ties, -inf and pads."""
+    scores = np.array(data.draw(st.lists(st.sampled_from([0.5, 0.25, -1.0, 3.0, -np.inf]),
+                                         min_size=rows * cols, max_size=rows * cols)), np.float32).reshape(rows, cols)
+    ids = np.array(data.draw(st.lists(st.integers(-1, 30), min_size=rows * cols, max_size=rows * cols)),
+                   np.int64).reshape(rows, cols)
+    want = np.lexsort((np.where(ids < 0, np.iinfo(np.int64).max, ids), -scores), axis=1)[:, :k]
+    got = top_order(scores, ids, k)
+    np.testing.assert_array_equal(np.take_along_axis(scores, got, 1), np.take_along_axis(scores, want, 1))
+    np.testing.assert_array_equal(np.take_along_axis(ids, got, 1), np.take_along_axis(ids, want, 1))

@@ -9,10 +9,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from helpers import reference_matches
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ray_mgdspr.config import ProjectConfig, ServeConfig
 from ray_mgdspr.data.world import read_table
-from ray_mgdspr.serve.engine import Retriever, assemble, merge_hits, relaxed_terms
+from ray_mgdspr.serve.engine import Hits, Retriever, assemble, merge_hits, relaxed_terms
 from ray_mgdspr.serve.pages import held_out_searches, page_report
 from ray_mgdspr.serve.relevance import ItemMatcher, RelevanceFilter, matches
 from ray_mgdspr.serve.schemas import RetrieveRequest
@@ -160,3 +162,39 @@ def test_relaxed_fill_keeps_the_product_type_when_too_few_items_have_every_key_t
         assert matches(category, rest).all()  # the product type is kept
     print(f"{relaxed_pages} of {len(enc)} pages relaxed to the product type (SYNTHETIC)")
     assert relaxed_pages >= 3
+
+
+def plain_assemble(channels: dict[str, Hits], k: int, apply_filter: bool) -> tuple[list[dict], int]:
+    """``assemble`` written as a loop over the hits: each channel's first k (passing) hits, embedding first, an item
+    of both channels listed once; ``filtered`` counts the failing hits met before each channel's k-th kept one."""
+    items: dict[int, dict] = {}
+    filtered = 0
+    for channel in ("embedding", "lexical"):
+        hits, kept = channels.get(channel), 0
+        for item, score, ok, title in ([] if hits is None else
+                                       zip(hits.item_ids, hits.scores, hits.passes, hits.titles, strict=True)):
+            if kept == k:
+                break
+            if apply_filter and not ok:
+                filtered += 1
+                continue
+            kept += 1
+            entry = items.setdefault(int(item), {"item_id": int(item), "title": title, "channels": [], "scores": {}})
+            if channel not in entry["channels"]:
+                entry["channels"].append(channel)
+                entry["scores"][channel] = float(score)
+    return list(items.values()), filtered
+
+
+_HITS = st.lists(st.tuples(st.integers(0, 15), st.floats(-2, 2, width=32), st.booleans()), max_size=25)
+
+
+@settings(max_examples=300, deadline=None)
+@given(embedding=st.none() | _HITS, lexical=st.none() | _HITS, k=st.integers(1, 12), apply_filter=st.booleans())
+def test_assemble_equals_the_plain_loop(embedding: list | None, lexical: list | None, k: int,
+                                        apply_filter: bool) -> None:
+    channels = {name: Hits(np.array([h[0] for h in hits], np.int64), np.array([h[1] for h in hits], np.float32),
+                           np.array([h[2] for h in hits], bool), [f"t{h[0]}" for h in hits])
+                for name, hits in (("embedding", embedding), ("lexical", lexical)) if hits is not None}
+    got = assemble(channels, k, apply_filter)
+    assert (got.items, got.filtered) == plain_assemble(channels, k, apply_filter)
