@@ -298,12 +298,11 @@ class LexicalChannel:
         self._top = functools.lru_cache(maxsize=LEXICAL_CACHE)(self._bm25)
 
     def _bm25(self, words: tuple[str, ...], k: int) -> tuple[np.ndarray, np.ndarray]:
-        """BM25's top k of one query: ids and scores of the items that share a word with it (read-only)."""
-        scores, ids = self.index.search([list(words)], k)
-        keep = ids[0] >= 0
-        hit_ids, hit_scores = ids[0][keep], scores[0][keep]
-        hit_ids.flags.writeable = hit_scores.flags.writeable = False
-        return hit_ids, hit_scores
+        """BM25's top k of one query: rows of the version's items (the index is built in their order) and scores,
+        of the items that share a word with it (read-only)."""
+        rows, scores = self.index.top_rows(list(words), k)
+        rows.flags.writeable = scores.flags.writeable = False
+        return rows, scores
 
     def _rows(self, item_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Each id's row among the version's items, and whether the version serves it (else its row is any)."""
@@ -317,9 +316,9 @@ class LexicalChannel:
     def search(self, words: list[list[str]], k: int, terms: list[tuple[KeyTerm, ...]]) -> list[Hits]:
         out = []
         for query_words, query_terms in zip(words, terms, strict=True):
-            hit_ids, hit_scores = self._top(tuple(query_words), k)
-            rows, _ = self._rows(hit_ids)  # BM25 returns only the version's ids
-            out.append(Hits(hit_ids, hit_scores, self._matches(query_terms, rows), [self._titles[r] for r in rows]))
+            rows, scores = self._top(tuple(query_words), k)
+            out.append(Hits(self._ids[rows], scores, self._matches(query_terms, rows),
+                            [self._titles[r] for r in rows.tolist()]))
         return out
 
 
