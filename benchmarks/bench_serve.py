@@ -295,6 +295,12 @@ def monolith_main(spec: dict[str, Any]) -> None:
                 access_log=False)
 
 
+def _default_batch_wait_ms() -> float:
+    from ray_mgdspr.config import ServeConfig
+
+    return ServeConfig().batch_wait_ms
+
+
 def serve_overrides(setup: Setup) -> dict[str, Any]:
     """The ``serve:`` section both systems run: the Serve app (``AppArgs``) and, resolved, the monolith."""
     return {"index_root": str(setup.index_root), "world": str(setup.world), "store": str(setup.store),
@@ -837,7 +843,8 @@ def report(result: dict[str, Any], png: str) -> str:
     md += [f"- {k}: {v}" for k, v in setup["describe"].items()]
     md += ["- Serve: `ray_mgdspr.serve.app.start` on `ray.init(address=\"local\", num_cpus=8)`, shipped deployment "
            "defaults (0.25 CPU per replica; ingress, encoder and a colocated version autoscale 1-2 replicas at 4 "
-           "ongoing requests; max_ongoing_requests 64; `@serve.batch` size 32, wait 2 ms), 1 faiss and 1 torch "
+           f"ongoing requests; max_ongoing_requests 64; `@serve.batch` size 32, wait "
+           f"{result.get('batch_wait_ms', 2.0):g} ms), 1 faiss and 1 torch "
            "thread per replica; each placement in `--placements` is started on the same Ray after the previous "
            "one is shut down, and measured against the monolith in its own ABBA rounds.",
            "- Monolith (baseline): FastAPI around `ray_mgdspr.serve.engine.Retriever` (the same QueryEncoder, "
@@ -990,6 +997,9 @@ def main() -> None:
                     help=f"serve.placement values to measure against the monolith, one after another, each on a fresh "
                     f"local Ray; '<placement>{FAST}' runs it with RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (part 3 runs on "
                     "the last); default: %(default)s")
+    ap.add_argument("--batch-wait-ms", type=float, default=None,
+                    help="serve.batch_wait_ms of the Serve app (default: the shipped default)")
+    ap.add_argument("--name", help="results go to results/NAME.{md,json,png} (default serve, or serve-quick)")
     ap.add_argument("--monolith", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.monolith:
@@ -998,7 +1008,8 @@ def main() -> None:
     placements = [x.strip() for x in args.placements.split(",") if x.strip()]
     if not placements or {x.removesuffix(FAST) for x in placements} - set(PLACEMENTS):
         ap.error(f"--placements: each of {', '.join(PLACEMENTS)}, optionally with {FAST} (got {args.placements!r})")
-    name = "serve-quick" if args.quick else "serve"
+    name = args.name or ("serve-quick" if args.quick else "serve")
+    batch_wait = {} if args.batch_wait_ms is None else {"batch_wait_ms": args.batch_wait_ms}
     png = f"{name}-p99.png"
     if args.rerender:
         result = json.loads((RESULTS / f"{name}.json").read_text())
@@ -1051,7 +1062,7 @@ def main() -> None:
                 ray_started = True
                 t = time.perf_counter()
                 cfg = start(AppArgs(serve={**serve_overrides(setup), "placement": placement.removesuffix(FAST),
-                                           "port": free_port()}))
+                                           "port": free_port(), **batch_wait}))
                 start_s = time.perf_counter() - t
                 serve_base = f"http://127.0.0.1:{cfg.port}"
                 health = httpx.get(f"{serve_base}/healthz", timeout=30).json()
@@ -1095,6 +1106,7 @@ def main() -> None:
         "setup": {"describe": setup.describe, "timings": {k: round(v, 1) for k, v in setup.timings.items()},
                   "d": setup.d, "items": setup.items, "shards": setup.shards, "requests": len(setup.requests)},
         "placements": by_placement, "scaling_placement": placements[-1], "scaling": scale,
+        "batch_wait_ms": args.batch_wait_ms if args.batch_wait_ms is not None else _default_batch_wait_ms(),
         "size_for_shards": size_for_shards,
         "gpu_reference": gpu_reference(),
         "load_start": load_start, "load_end": load_end, "others_start": others_start,

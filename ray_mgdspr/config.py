@@ -529,7 +529,9 @@ class ServeConfig(StrictModel):
         "nodes or GPUs); docs/serving.md, Placement")
     batch_size: int = Field(32, ge=1, description="@serve.batch size of the encoder and the shards (colocated: "
                             "of the version's replicas)")
-    batch_wait_ms: float = Field(2.0, ge=0, description="how long a batch waits to fill")
+    batch_wait_ms: float = Field(0.0, ge=0, description="how long a `@serve.batch` batch waits to fill after its "
+                                 "first request (0: it takes the requests already queued; Ray Serve waits the whole "
+                                 "time unless the batch fills, so each request of a quiet endpoint pays it)")
     request_timeout_s: float = Field(10.0, gt=0, description="a request's budget across all stages")
     version_refresh_s: float = Field(0.25, gt=0, description="the ingress hears of a switch at once (a long poll "
                                      "of the version manager); when that poll fails (the manager restarting), it "
