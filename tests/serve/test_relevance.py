@@ -153,3 +153,26 @@ def test_key_terms_are_exactly_the_whole_vocabulary_scan(vocab: list[str], words
     and must find exactly what the scan finds, consumed words and ties included."""
     f = RelevanceFilter({t: [KeyTerm("category", t, leaf_ids=frozenset({i}))] for i, t in enumerate(vocab)})
     assert f.key_terms(words) == scanned_key_terms(f, words)
+
+
+_TITLE_WORDS = ["red", "Red", "RED", "dress", "shirt", " ", "", "\t", "a", "blue", "x-1", "\x1c"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(titles=st.lists(st.none() | st.lists(st.sampled_from(_TITLE_WORDS), max_size=5), min_size=1, max_size=20),
+       queries=st.lists(st.lists(st.sampled_from(_TITLE_WORDS), max_size=3), min_size=1, max_size=4),
+       k=st.integers(1, 25))
+def test_bm25_built_from_arrow_equals_built_from_lists(titles: list, queries: list, k: int) -> None:
+    """``Bm25Index.build`` of an Arrow column (token ids from Arrow, for ASCII titles) ranks exactly as the build
+    of the same titles as Python lists (lower-cased and stripped word by word in Python)."""
+    ids = np.arange(len(titles)) * 7 + 3
+    column = pa.array(titles, pa.list_(pa.string()))
+    try:
+        plain = Bm25Index.build(ids, [t or [] for t in titles])
+    except ValueError:  # no title word at all: both refuse
+        with pytest.raises(ValueError, match="none of the"):
+            Bm25Index.build(ids, column)
+        return
+    arrow = Bm25Index.build(ids, column)
+    for got, want in zip(arrow.search(queries, k), plain.search(queries, k), strict=True):
+        np.testing.assert_array_equal(got, want)
