@@ -199,7 +199,8 @@ class _Postings:
 
 
 class _Tokens:
-    """Rows by token of a list-of-strings column (each token's rows once, ascending): an inverted index in CSR form.
+    """Rows by token of a list-of-strings column (each token's rows once, ascending): ``_Postings`` of the tokens'
+    dictionary codes.
 
     Args:
         tokens: one list of tokens per row.
@@ -212,15 +213,13 @@ class _Tokens:
         row = pc.list_parent_indices(tokens).to_numpy().astype(np.int64)
         pairs = np.sort(token * max(n, 1) + row)  # by token then row (np.unique's hashing was 10x slower)
         pairs = pairs[np.concatenate([[True], pairs[1:] != pairs[:-1]])] if len(pairs) else pairs  # each pair once
-        token, row = np.divmod(pairs, max(n, 1))
-        self._index = {t: i for i, t in enumerate(encoded.dictionary.to_pylist())}
-        self._starts = np.searchsorted(token, np.arange(len(self._index) + 1))
-        self._rows = row.astype(np.int32 if n < 2**31 else np.int64)
+        self._code = {t: i for i, t in enumerate(encoded.dictionary.to_pylist())}
+        self._rows = _Postings(*np.divmod(pairs, max(n, 1)))
 
     def get(self, token: str) -> np.ndarray | None:
         """The rows holding ``token``; None when none does."""
-        i = self._index.get(token)
-        return None if i is None else self._rows[self._starts[i]:self._starts[i + 1]]
+        code = self._code.get(token)
+        return None if code is None else self._rows.of(frozenset({code}))[0]
 
 
 @dataclass
