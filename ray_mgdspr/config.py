@@ -312,6 +312,10 @@ class RayConfig(StrictModel):
     local_num_cpus: int | None = Field(
         4, ge=1, description="logical CPUs of a local Ray (None: the machine's); Ray Data's file listing asks for a "
         "whole CPU, so a 2-core laptop running 2 fractional workers needs more logical CPUs than cores")
+    http_proxy: Literal["haproxy", "ray"] = Field(
+        "haproxy", description="Serve's HTTP front in a local Ray the command starts: haproxy (the HAProxy Ray "
+        "bundles, in front of ingress replicas that serve HTTP themselves; RAY_SERVE_ENABLE_HA_PROXY=1) or ray "
+        "(Ray's Python proxy actor). A cluster's is set in its nodes' environment (clusters/README.md)")
 
 
 class TrainConfig(StrictModel):

@@ -29,6 +29,27 @@ def free_port(host: str = "127.0.0.1") -> int:
     return free_ports(1, host)[0]
 
 
+HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
+DRAIN_ENV = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
+HAPROXY_DRAIN_S = 2.0
+"""How long a stopping ingress replica stays reachable behind Ray's HAProxy before it refuses new connections
+(Ray's default, 30 s, gives an external load balancer such as an ALB time to deregister it). Ray reconfigures its
+own HAProxy when the replica set changes (within ~0.1 s) and HAProxy retries a refused connection on another
+replica, so 2 s suffices; with 30 s every stopping version application and every ``serve.shutdown`` held its
+replicas 30 s longer. An explicit ``RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S`` in the environment wins."""
+
+
+def set_http_proxy(proxy: str) -> None:
+    """Choose Serve's HTTP front (``RayConfig.http_proxy``) for the Ray this process starts next: Ray reads
+    ``RAY_SERVE_ENABLE_HA_PROXY`` from the environment of the processes it starts, so it must be set before
+    ``ray.init``. ``haproxy``: Ray's bundled HAProxy on the Serve port, forwarding to each ingress replica's own
+    HTTP server (direct ingress); ``ray``: Ray's Python proxy actor. On this 2-core machine HAProxy cut the
+    framework overhead of a request from 19-23 ms to 8 ms (``benchmarks/results/serve.md``)."""
+    os.environ[HAPROXY_ENV] = "1" if proxy == "haproxy" else "0"
+    if proxy == "haproxy":
+        os.environ.setdefault(DRAIN_ENV, str(HAPROXY_DRAIN_S))
+
+
 def connect_ray(cfg: RayConfig, address: str | None = None) -> None:
     """Join ``address`` (or ``cfg.address``, or $RAY_ADDRESS; ``auto`` finds a ``ray start`` cluster on this
     machine), else start a local Ray with
@@ -47,6 +68,7 @@ def connect_ray(cfg: RayConfig, address: str | None = None) -> None:
         ray.init(address=address, logging_level=logging.WARNING)
     else:
         # "local": always a new Ray of our own, never whichever `ray start` cluster happens to run here
+        set_http_proxy(cfg.http_proxy)
         ray.init(address="local", num_cpus=cfg.local_num_cpus, logging_level=logging.WARNING)
 
 

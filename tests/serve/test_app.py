@@ -23,7 +23,7 @@ import httpx
 import numpy as np
 import pytest
 import ray
-from helpers import Load, free_port, retrieve, running_endpoint, wait_for
+from helpers import Load, free_port, listener, retrieve, running_endpoint, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from ray import serve
@@ -113,6 +113,13 @@ def test_health_and_version(client: httpx.Client) -> None:
     assert client.get("/healthz").json() == {"status": "ok", "version": "v1"}
     info = client.get("/v1/version").json()
     assert info["version"] == "v1" and info["shards"] == 2 and info["dim"] == 16
+
+
+def test_the_default_http_front_is_haproxy_in_front_of_the_ingress_replicas(server: tuple[str, ServeConfig],
+                                                                            client: httpx.Client) -> None:
+    _, cfg = server
+    assert listener(cfg.port).name() == "haproxy"  # ray.http_proxy's default: Ray's bundled HAProxy holds the port
+    assert client.get("/healthz").status_code == 200  # and answers through the ingress replicas
 
 
 def _browser() -> str:

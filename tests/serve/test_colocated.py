@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 import pyarrow as pa
 import pytest
-from helpers import Load, free_port, retrieve, running_endpoint, wait_for
+from helpers import Load, free_port, listener, retrieve, running_endpoint, wait_for
 from ray import serve
 
 from ray_mgdspr.config import ServeConfig
@@ -40,8 +40,8 @@ def server(deployment: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterato
                  "watch_current_s": 0, "placement": "colocated", "filter_depth": 200, "canary_share": 1.0,
                  "batch_wait_ms": 20.0,  # concurrent requests of the tests below share batches
                  "retriever": {"min_replicas": 1, "max_replicas": 1}}
-    with running_endpoint(overrides) as endpoint:
-        yield endpoint
+    with running_endpoint(overrides, http_proxy="ray") as endpoint:  # Ray's Python proxy (clusters' default);
+        yield endpoint  # the other modules run behind HAProxy (ray.http_proxy's default)
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +73,7 @@ def test_one_deployment_per_version_and_the_answers_of_the_ray_free_core(server:
     promote(client, "v1")
     deployments = set(serve.status().applications["mgdspr-v1"].deployments)
     assert deployments == {"version"}
+    assert "ProxyActor" in listener(server[1].port).name()  # this module's front: Ray's Python proxy
     core = Retriever.open(server[1], "v1")
     bodies = BODIES
     want = [core.retrieve(b["query"], b["user_id"], b["k"], b["filter"], tuple(b["channels"]), b["ts"])
