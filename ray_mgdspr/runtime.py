@@ -37,6 +37,11 @@ HAPROXY_DRAIN_S = 2.0
 own HAProxy when the replica set changes (within ~0.1 s) and HAProxy retries a refused connection on another
 replica, so 2 s suffices; with 30 s every stopping version application and every ``serve.shutdown`` held its
 replicas 30 s longer. An explicit ``RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S`` in the environment wins."""
+HAPROXY_PORT_ENVS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
+"""HAProxy's stats page and metrics listeners, on fixed ports by default (8404, 9101): two local Rays on one
+machine (a demo beside the test suite) would collide there, so a local Ray gets free ones unless the
+environment names them."""
+_chosen_ports: dict[str, str] = {}  # the ports set_http_proxy chose (vs an operator's own)
 
 
 def set_http_proxy(proxy: str) -> None:
@@ -48,6 +53,9 @@ def set_http_proxy(proxy: str) -> None:
     os.environ[HAPROXY_ENV] = "1" if proxy == "haproxy" else "0"
     if proxy == "haproxy":
         os.environ.setdefault(DRAIN_ENV, str(HAPROXY_DRAIN_S))
+        for env, port in zip(HAPROXY_PORT_ENVS, free_ports(len(HAPROXY_PORT_ENVS)), strict=True):
+            if os.environ.get(env) in (None, _chosen_ports.get(env)):
+                os.environ[env] = _chosen_ports[env] = str(port)
 
 
 def connect_ray(cfg: RayConfig, address: str | None = None) -> None:
