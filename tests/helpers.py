@@ -106,24 +106,25 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 @contextmanager
-def running_endpoint(overrides: dict[str, Any], metrics_export_port: int | None = None, http_proxy: str = "haproxy"
-                     ) -> Iterator[tuple[str, Any]]:
+def running_endpoint(overrides: dict[str, Any], metrics_export_port: int | None = None,
+                     ray_cfg: dict[str, Any] | None = None) -> Iterator[tuple[str, Any]]:
     """The retrieval endpoint with these ``serve:`` overrides on a local Ray (started here unless one runs, with
     8 logical CPUs: two versions side by side during a swap hold ~3.5 CPUs of fractional replicas, and Ray's
-    Prometheus export on ``metrics_export_port`` when given; Serve's HTTP front ``http_proxy``, as
-    ``RayConfig.http_proxy``); yields its URL and resolved ``ServeConfig``, then shuts Serve (and the Ray it
-    started) down."""
+    Prometheus export on ``metrics_export_port`` when given; Serve's HTTP front and modes from ``ray_cfg``, a
+    ``RayConfig``'s fields, its defaults otherwise); yields its URL and resolved ``ServeConfig``, then shuts Serve
+    (and the Ray it started) down."""
     import logging
 
     import ray
     from ray import serve
 
-    from ray_mgdspr.runtime import set_http_proxy
+    from ray_mgdspr.config import RayConfig
+    from ray_mgdspr.runtime import serve_environment
     from ray_mgdspr.serve.app import AppArgs, start
 
     started = not ray.is_initialized()
     if started:
-        set_http_proxy(http_proxy)
+        serve_environment(RayConfig(**(ray_cfg or {})))
         ray.init(address="local", num_cpus=8, include_dashboard=False, logging_level=logging.WARNING,
                  log_to_driver=False,
                  **({"_metrics_export_port": metrics_export_port} if metrics_export_port else {}))

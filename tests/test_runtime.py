@@ -1,5 +1,5 @@
 """``runtime.terminal_only_for``: what a process prints goes to a log file, the project's consoles keep the terminal.
-``runtime.set_http_proxy``: the environment a local Ray starts Serve's HTTP front from."""
+``runtime.serve_environment``: the environment a local Ray starts Serve's HTTP front and modes from."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from ray_mgdspr import runtime
+from ray_mgdspr.config import RayConfig
 
 SCRIPT = textwrap.dedent("""
     import os, subprocess, sys
@@ -50,24 +51,25 @@ def test_everything_but_the_consoles_goes_to_the_log(tmp_path: Path) -> None:
     assert sorted(lines[1:]) == sorted(["python stdout", "python stderr", "fd 1", "fd 2", "child process"])
 
 
-def test_set_http_proxy_sets_what_ray_reads_as_it_starts(monkeypatch: pytest.MonkeyPatch) -> None:
-    envs = (runtime.HAPROXY_ENV, runtime.DRAIN_ENV, *runtime.HAPROXY_PORT_ENVS)
+def test_serve_environment_sets_what_ray_reads_as_it_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    envs = (runtime.HAPROXY_ENV, runtime.THROUGHPUT_ENV, runtime.DRAIN_ENV, *runtime.HAPROXY_PORT_ENVS)
     for env in envs:  # set, then deleted: monkeypatch restores each as it was before the test
         monkeypatch.setenv(env, "")
         monkeypatch.delenv(env)
     monkeypatch.setattr(runtime, "_chosen_ports", {})
-    runtime.set_http_proxy("haproxy")
+    runtime.serve_environment(RayConfig())
     first = {env: runtime.os.environ[env] for env in envs}
-    assert first[runtime.HAPROXY_ENV] == "1" and float(first[runtime.DRAIN_ENV]) == runtime.HAPROXY_DRAIN_S
+    assert first[runtime.HAPROXY_ENV] == "1" and first[runtime.THROUGHPUT_ENV] == "1"
+    assert float(first[runtime.DRAIN_ENV]) == runtime.HAPROXY_DRAIN_S
     stats, metrics = (int(first[e]) for e in runtime.HAPROXY_PORT_ENVS)
     assert stats != metrics and min(stats, metrics) > 1024
-    runtime.set_http_proxy("haproxy")  # the next local Ray of this process: its own free ports again
+    runtime.serve_environment(RayConfig())  # the next local Ray of this process: its own free ports again
     assert all(runtime.os.environ[e].isdigit() for e in runtime.HAPROXY_PORT_ENVS)
-    runtime.set_http_proxy("ray")
-    assert runtime.os.environ[runtime.HAPROXY_ENV] == "0"
+    runtime.serve_environment(RayConfig(http_proxy="ray", serve_throughput_optimized=False))
+    assert runtime.os.environ[runtime.HAPROXY_ENV] == "0" and runtime.os.environ[runtime.THROUGHPUT_ENV] == "0"
 
     # what an operator set is kept: the drain period and the listeners' ports
     monkeypatch.setenv(runtime.DRAIN_ENV, "30")
     monkeypatch.setenv(runtime.HAPROXY_PORT_ENVS[0], "8404")
-    runtime.set_http_proxy("haproxy")
+    runtime.serve_environment(RayConfig())
     assert runtime.os.environ[runtime.DRAIN_ENV] == "30" and runtime.os.environ[runtime.HAPROXY_PORT_ENVS[0]] == "8404"

@@ -40,8 +40,10 @@ def server(deployment: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterato
                  "watch_current_s": 0, "placement": "colocated", "filter_depth": 200, "canary_share": 1.0,
                  "batch_wait_ms": 20.0,  # concurrent requests of the tests below share batches
                  "retriever": {"min_replicas": 1, "max_replicas": 1}}
-    with running_endpoint(overrides, http_proxy="ray") as endpoint:  # Ray's Python proxy (clusters' default);
-        yield endpoint  # the other modules run behind HAProxy (ray.http_proxy's default)
+    # Ray's Serve as clusters run it by default (its Python proxy, no throughput-optimised mode); the other modules
+    # run the defaults of a local Ray (HAProxy, throughput-optimised)
+    with running_endpoint(overrides, ray_cfg={"http_proxy": "ray", "serve_throughput_optimized": False}) as endpoint:
+        yield endpoint
 
 
 @pytest.fixture(scope="module")
