@@ -217,8 +217,14 @@ def serve_again(row: dict[str, Any], root: Path, queries: int, start_timeout: fl
                   "serve": served, "serve_load": [os.getloadavg()[0]]}
 
 
+FRONTS = {"local": {}, "ray": {"http_proxy": "ray", "serve_throughput_optimized": False}}
+"""``--ray-front``: the ``ray:`` fields of the served config. ``local``: a local Ray's defaults (HAProxy,
+Serve's throughput-optimised mode); ``ray``: Ray's own defaults, as the cluster specs run it (its Python proxy)."""
+
+
 def serve_layout(row: dict[str, Any], root: Path, factory: str, shards: int, queries: int,
-                 start_timeout: float, placement: str = "colocated", k: int = 50) -> dict[str, Any]:
+                 start_timeout: float, placement: str = "colocated", k: int = 50, front: str = "local"
+                 ) -> dict[str, Any]:
     """``row`` with a serving measurement of another index layout of the same embeddings (``--index``): the kept
     run's embedding set built again as ``factory`` x ``shards`` (`mgdspr index build`), served twice from the same
     store: once for latency (canary off; requests of depth ``k``), once with every request sampled by the recall
@@ -246,16 +252,17 @@ def serve_layout(row: dict[str, Any], root: Path, factory: str, shards: int, que
     for name, share in (("latency", 0.0), ("canary", 1.0)):
         serve_cfg = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={
             "index_root": str(index_root), "canary_share": share, "canary_k": 50, "canary_window": 100_000,
-            "placement": placement})})
+            "placement": placement}), "ray": cfg.ray.model_copy(update=FRONTS[front])})
         path = work / f"config-{slug}-{name}.yaml"
         path.write_text(config_to_yaml(serve_cfg))
         runs[name] = run_serve(work, queries, start_timeout, config=path, k=k if name == "latency" else 50)
     latency, canary = runs["latency"], runs["canary"]
-    layout = {"factory": factory, "shards": shards, "placement": placement, "k": k,
+    layout = {"factory": factory, "shards": shards, "placement": placement, "k": k, "front": front,
               "nprobe": cfg.serve.nprobe or cfg.index.nprobe,
               "build_s": round(build_s, 1), "load": os.getloadavg()[0], "canary": canary["canary"],
               "memory": latency.pop("memory")} | {k: v for k, v in latency.items() if k != "canary"}
-    return row | {"layouts": {**row.get("layouts", {}), slug + ("" if k == 50 else f"-k{k}"): layout}}
+    key = slug + ("" if k == 50 else f"-k{k}") + ("" if front == "local" else f"-{front}-front")
+    return row | {"layouts": {**row.get("layouts", {}), key: layout}}
 
 
 def disk_mib(path: Path) -> float:
@@ -414,7 +421,10 @@ def report(result: dict[str, Any]) -> str:
                   "Each served twice from the run's store: for latency (canary off; 1 client, k as listed, filter "
                   "on), and "
                   "with the recall canary sampling every request (recall@50 of the served top 50, unfiltered, "
-                  "against the exhaustive search of the same index: exact for IVF-Flat).", "",
+                  "against the exhaustive search of the same index: exact for IVF-Flat). Rows measured before "
+                  "2026-12-06 10:00 ran behind Ray's Python proxy; later ones behind HAProxy in Serve's "
+                  "throughput-optimised mode (a local Ray's defaults) unless they say Ray's Python proxy "
+                  "(`--ray-front ray`).", "",
                   "| preset | factory | shards | placement | nprobe | k | build s | ready after s | p50 ms | p99 ms "
                   "| search p50 / p99 ms | p99 by stage (ms; a stage that did not run counts 0) | errors "
                   "| recall@50 vs exhaustive (samples) | load |",
@@ -422,7 +432,8 @@ def report(result: dict[str, Any]) -> str:
         for r, v in layouts:
             c = v.get("canary") or {}
             recall = f"{c['recall']:.3f} ({c.get('samples')})" if c.get("recall") is not None else "-"
-            lines.append(f"| {r['preset']} | {v['factory']} | {v['shards']} | {v.get('placement', 'per_stage')} "
+            front = " (Ray's Python proxy)" if v.get("front") == "ray" else ""
+            lines.append(f"| {r['preset']} | {v['factory']} | {v['shards']} | {v.get('placement', 'per_stage')}{front} "
                          f"| {v['nprobe']} | {v.get('k', 50)} | {v['build_s']} "
                          f"| {v['start_s']} | {v['p50_ms']} | {v['p99_ms']} | {v['search_p50_ms']} / "
                          f"{v['search_p99_ms']} | {by_stage(v)} | {v['errors']} | {recall} | {v['load']:.1f} |")
@@ -449,6 +460,9 @@ def main() -> None:
     ap.add_argument("--placement", choices=("colocated", "per_stage"), default="colocated",
                     help="with --index: serve.placement")
     ap.add_argument("--k", type=int, default=50, help="with --index: the k of the latency run's requests")
+    ap.add_argument("--ray-front", choices=tuple(FRONTS), default="local", help="with --index: Serve's HTTP front "
+                    "and mode: local (HAProxy, throughput-optimised: a local Ray's defaults) or ray (Ray's Python "
+                    "proxy, as the cluster specs run it)")
     ap.add_argument("--serve-only", action="store_true", help="measure serving again on the runs kept in --work "
                     "(their pipeline rows are kept)")
     args = ap.parse_args()
@@ -463,7 +477,7 @@ def main() -> None:
         for preset in presets:
             if args.index:
                 rows[preset] = serve_layout(rows[preset], root, args.index, args.shards, args.queries,
-                                            args.start_timeout, args.placement, args.k)
+                                            args.start_timeout, args.placement, args.k, args.ray_front)
             elif args.serve_only:
                 rows[preset] = serve_again(rows[preset], root, args.queries, args.start_timeout)
             else:
