@@ -29,6 +29,27 @@ def free_port(host: str = "127.0.0.1") -> int:
     return free_ports(1, host)[0]
 
 
+def port_holder(host: str, port: int) -> str | None:
+    """None when a server could listen on ``host:port`` now; else who listens there (process name and pid, where
+    this machine tells), for an error that says what to stop."""
+    with closing(socket.socket()) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: a TIME_WAIT is no holder
+        try:
+            s.bind((host, port))
+            return None
+        except OSError:
+            pass
+    import psutil
+
+    try:
+        for c in psutil.net_connections("tcp"):
+            if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid:
+                return f"{psutil.Process(c.pid).name()} (pid {c.pid})"
+    except psutil.Error:
+        pass
+    return "another process"
+
+
 HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
 THROUGHPUT_ENV = "RAY_SERVE_THROUGHPUT_OPTIMIZED"
 DRAIN_ENV = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"

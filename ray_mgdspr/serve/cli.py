@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from pathlib import Path
@@ -42,13 +43,23 @@ def serve_run(
     from ray import serve
 
     from ray_mgdspr.config import ConfigError, resolve_config
-    from ray_mgdspr.runtime import connect_ray
-    from ray_mgdspr.serve.app import local_url, start
+    from ray_mgdspr.runtime import connect_ray, port_holder
+    from ray_mgdspr.serve.app import local_url, resolve, start
     from ray_mgdspr.serve.engine import ReleaseError
 
     args = _args(config, {"host": host, "port": port, "version": version})
     try:
-        connect_ray(resolve_config(args.config).ray, address)
+        ray_cfg, holder = resolve_config(args.config).ray, None
+        if not (address or ray_cfg.address or os.environ.get("RAY_ADDRESS")):  # a local Ray: its port must be free
+            wanted = resolve(args)
+            holder = port_holder(wanted.host, wanted.port)
+    except (ConfigError, ReleaseError, FileNotFoundError, ValueError, RuntimeError) as e:
+        raise fail(str(e)) from None
+    if holder:
+        raise fail(f"port {wanted.port} on {wanted.host} is in use by {holder}: stop it (a `haproxy` left by `ray "
+                   "stop --force`: `pkill haproxy`) or serve on another port (--port)")
+    try:
+        connect_ray(ray_cfg, address)
         cfg = start(args)
     except (ConfigError, ReleaseError, FileNotFoundError, ValueError, RuntimeError) as e:
         raise fail(str(e)) from None

@@ -108,3 +108,18 @@ def test_a_first_version_that_cannot_load_ends_serve_with_its_error(tmp_path: Pa
     assert r.returncode == 2, r.stdout + r.stderr
     assert "the first version failed to load: v9" in r.stderr
     assert time.perf_counter() - t < 200
+
+
+def test_serve_on_a_port_in_use_names_what_holds_it_before_starting_ray(tmp_path: Path, deployment: Any) -> None:
+    import socket
+
+    with socket.socket() as held:  # e.g. a haproxy left running by `ray stop --force`
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        t = time.monotonic()
+        r = _run("serve", "-c", str(_config(tmp_path, deployment, port)))
+    assert r.returncode == 2, r.stderr
+    message = " ".join(r.stderr.split())
+    assert f"port {port} on 127.0.0.1 is in use by" in message and f"(pid {os.getpid()})" in message, message
+    assert time.monotonic() - t < 60  # refused before a Ray starts
