@@ -63,7 +63,9 @@ HAPROXY_PORT_ENVS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_
 """HAProxy's stats page and metrics listeners, on fixed ports by default (8404, 9101): two local Rays on one
 machine (a demo beside the test suite) would collide there, so a local Ray gets free ones unless the
 environment names them."""
-_chosen_ports: dict[str, str] = {}  # the ports serve_environment chose (vs an operator's own)
+CHOSEN_PORTS_ENV = "MGDSPR_HAPROXY_CHOSEN_PORTS"
+"""The ports ``serve_environment`` chose, as ``ENV=PORT`` pairs: inherited by child processes (a CLI run from a
+test or a notebook), so that they too tell the ports chosen here from an operator's own and choose again."""
 
 
 def serve_environment(cfg: RayConfig) -> None:
@@ -77,9 +79,11 @@ def serve_environment(cfg: RayConfig) -> None:
     os.environ[THROUGHPUT_ENV] = "1" if cfg.serve_throughput_optimized else "0"
     if cfg.http_proxy == "haproxy":
         os.environ.setdefault(DRAIN_ENV, str(HAPROXY_DRAIN_S))
+        chosen = dict(pair.split("=", 1) for pair in os.environ.get(CHOSEN_PORTS_ENV, "").split(",") if "=" in pair)
         for env, port in zip(HAPROXY_PORT_ENVS, free_ports(len(HAPROXY_PORT_ENVS)), strict=True):
-            if os.environ.get(env) in (None, _chosen_ports.get(env)):
-                os.environ[env] = _chosen_ports[env] = str(port)
+            if os.environ.get(env) in (None, chosen.get(env)):
+                os.environ[env] = chosen[env] = str(port)
+        os.environ[CHOSEN_PORTS_ENV] = ",".join(f"{k}={v}" for k, v in chosen.items())
 
 
 def connect_ray(cfg: RayConfig, address: str | None = None) -> None:

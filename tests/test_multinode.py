@@ -35,6 +35,7 @@ from ray_mgdspr.config import ProjectConfig, load_preset
 from ray_mgdspr.index.build import build_index
 from ray_mgdspr.index.embed import embed_catalogue
 from ray_mgdspr.model.bundle import load_bundle
+from ray_mgdspr.runtime import HAPROXY_ENV, THROUGHPUT_ENV
 from ray_mgdspr.serve.app import AppArgs, start
 from ray_mgdspr.serve.client import EndpointError, call
 from ray_mgdspr.train.trainer import TrainResult, run_dir, train
@@ -53,6 +54,10 @@ def cluster() -> Iterator[Cluster]:
     with pytest.MonkeyPatch.context() as mp:
         for key, value in RAY_TEST_ENV.items():
             mp.setenv(key, value)
+        # Serve as the cluster specs run it (Ray's Python proxy, no throughput-optimised mode), whatever an earlier
+        # module of this process set for its local Ray (runtime.serve_environment)
+        mp.setenv(HAPROXY_ENV, "0")
+        mp.setenv(THROUGHPUT_ENV, "0")
         c = Cluster(initialize_head=True, head_node_args={
             "num_cpus": 2, "resources": {"head": 1}, "include_dashboard": True, "gcs_server_port": free_port(),
             "dashboard_port": free_port(), "dashboard_agent_listen_port": free_port(),

@@ -52,19 +52,21 @@ def test_everything_but_the_consoles_goes_to_the_log(tmp_path: Path) -> None:
 
 
 def test_serve_environment_sets_what_ray_reads_as_it_starts(monkeypatch: pytest.MonkeyPatch) -> None:
-    envs = (runtime.HAPROXY_ENV, runtime.THROUGHPUT_ENV, runtime.DRAIN_ENV, *runtime.HAPROXY_PORT_ENVS)
+    envs = (runtime.HAPROXY_ENV, runtime.THROUGHPUT_ENV, runtime.DRAIN_ENV, *runtime.HAPROXY_PORT_ENVS,
+            runtime.CHOSEN_PORTS_ENV)
     for env in envs:  # set, then deleted: monkeypatch restores each as it was before the test
         monkeypatch.setenv(env, "")
         monkeypatch.delenv(env)
-    monkeypatch.setattr(runtime, "_chosen_ports", {})
     runtime.serve_environment(RayConfig())
     first = {env: runtime.os.environ[env] for env in envs}
     assert first[runtime.HAPROXY_ENV] == "1" and first[runtime.THROUGHPUT_ENV] == "1"
     assert float(first[runtime.DRAIN_ENV]) == runtime.HAPROXY_DRAIN_S
     stats, metrics = (int(first[e]) for e in runtime.HAPROXY_PORT_ENVS)
     assert stats != metrics and min(stats, metrics) > 1024
-    runtime.serve_environment(RayConfig())  # the next local Ray of this process: its own free ports again
+    runtime.serve_environment(RayConfig())  # the next local Ray (of this process or a child): free ports again
     assert all(runtime.os.environ[e].isdigit() for e in runtime.HAPROXY_PORT_ENVS)
+    assert runtime.os.environ[runtime.CHOSEN_PORTS_ENV] == ",".join(
+        f"{e}={runtime.os.environ[e]}" for e in runtime.HAPROXY_PORT_ENVS)
     runtime.serve_environment(RayConfig(http_proxy="ray", serve_throughput_optimized=False))
     assert runtime.os.environ[runtime.HAPROXY_ENV] == "0" and runtime.os.environ[runtime.THROUGHPUT_ENV] == "0"
 
