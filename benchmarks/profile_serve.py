@@ -46,7 +46,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import bench_serve as bench  # the benchmark's setup, monolith and clients
 import proctree
 
-from ray_mgdspr.runtime import free_port
+from ray_mgdspr.config import RayConfig
+from ray_mgdspr.runtime import free_port, serve_environment
 
 RESULTS = Path(__file__).parent / "results"
 TOP = 12
@@ -138,10 +139,14 @@ def profile_window(base: str, setup: bench.Setup, pids: dict[int, str], clients:
     return {"qps": m["qps"], "answered": m["ok"], "errors": m["errors"], "processes": per_process}
 
 
+OLD_FRONT = "behind Ray's Python proxy"  # results from before the local defaults changed (2026-12-06)
+
+
 def report(result: dict[str, Any]) -> str:
     lines = [f"# Where Serve's CPU goes: py-spy under load ({result['date']}, {result['machine']})", "",
              f"Data: SYNTHETIC. Command: `{result['command']}`. Serve placement "
-             f"`{result.get('placement', 'per_stage')}`. {result['clients']} clients, "
+             f"`{result.get('placement', 'per_stage')}`, {result.get('front', OLD_FRONT)}. "
+             f"{result['clients']} clients, "
              f"{result['seconds']:g} s sampled at {result['rate']} Hz per process after {result['warmup']:g} s of "
              f"warm-up. Load average (1 min) {result['load_start']:.2f} at start, {result['load_end']:.2f} at end.",
              "", f"Setup: {result['setup']['world']}; {result['setup']['model']}; {result['setup']['index']}.", "",
@@ -199,6 +204,7 @@ def main() -> None:
         tmp = Path(tmp_name)
         setup = bench.prepare(tmp, args.quick)
         try:
+            serve_environment(RayConfig())  # Serve as a local Ray of the project runs it: HAProxy, throughput mode
             ray.init(address="local", num_cpus=8, include_dashboard=False, logging_level=logging.WARNING,
                      log_to_driver=False)
             cfg = start(AppArgs(serve={**bench.serve_overrides(setup), "placement": args.placement,
@@ -225,7 +231,9 @@ def main() -> None:
     result = {"date": dt.date.today().isoformat(), "data": "SYNTHETIC",
               "machine": f"{platform.machine()} {os.cpu_count()} cpu, python {platform.python_version()}",
               "command": command, "clients": args.clients, "seconds": args.seconds, "warmup": args.warmup,
-              "rate": args.rate, "placement": args.placement, "setup": setup.describe, "load_start": load_start,
+              "rate": args.rate, "placement": args.placement,
+              "front": "behind Ray's bundled HAProxy in Serve's throughput-optimised mode (a local Ray's defaults)",
+              "setup": setup.describe, "load_start": load_start,
               "load_end": os.getloadavg()[0], "serve": served, "monolith": monolith}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
