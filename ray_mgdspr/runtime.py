@@ -29,6 +29,18 @@ def free_port(host: str = "127.0.0.1") -> int:
     return free_ports(1, host)[0]
 
 
+def port_listeners(port: int) -> list[Any]:
+    """The processes (``psutil.Process``) that listen on TCP ``port`` of this machine (those this process may see)."""
+    import psutil
+
+    try:
+        pids = {c.pid for c in psutil.net_connections("tcp")
+                if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid}
+        return [psutil.Process(pid) for pid in sorted(pids)]
+    except psutil.Error:
+        return []
+
+
 def port_holder(host: str, port: int) -> str | None:
     """None when a server could listen on ``host:port`` now; else who listens there (process name and pid, where
     this machine tells), for an error that says what to stop."""
@@ -39,15 +51,8 @@ def port_holder(host: str, port: int) -> str | None:
             return None
         except OSError:
             pass
-    import psutil
-
-    try:
-        for c in psutil.net_connections("tcp"):
-            if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid:
-                return f"{psutil.Process(c.pid).name()} (pid {c.pid})"
-    except psutil.Error:
-        pass
-    return "another process"
+    holders = port_listeners(port)
+    return ", ".join(f"{h.name()} (pid {h.pid})" for h in holders) or "another process"
 
 
 HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"

@@ -138,12 +138,12 @@ def running_endpoint(overrides: dict[str, Any], metrics_export_port: int | None 
 
 
 def listener(port: int) -> Any:
-    """The process (``psutil.Process``) listening on TCP ``port`` of this machine."""
-    import psutil
+    """The process (``psutil.Process``) listening on TCP ``port`` of this machine; fails unless exactly one does."""
+    from ray_mgdspr.runtime import port_listeners
 
-    pids = {c.pid for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
-    assert len(pids) == 1, f"{len(pids)} processes listen on port {port}"
-    return psutil.Process(pids.pop())
+    processes = port_listeners(port)
+    assert len(processes) == 1, f"{len(processes)} processes listen on port {port}"
+    return processes[0]
 
 
 def reference_matches(terms: tuple[Any, ...], metadata: Any) -> Any:
