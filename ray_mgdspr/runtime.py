@@ -58,6 +58,7 @@ def port_holder(host: str, port: int) -> str | None:
 HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
 THROUGHPUT_ENV = "RAY_SERVE_THROUGHPUT_OPTIMIZED"
 DRAIN_ENV = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
+CONTROL_LOOP_ENV = "RAY_SERVE_CONTROL_LOOP_INTERVAL_S"
 HAPROXY_DRAIN_S = 2.0
 """How long a stopping ingress replica stays reachable behind Ray's HAProxy before it refuses new connections
 (Ray's default, 30 s, gives an external load balancer such as an ALB time to deregister it). Ray reconfigures its
@@ -79,9 +80,11 @@ def serve_environment(cfg: RayConfig) -> None:
     ingress replica's own HTTP server; ``ray``: Ray's Python proxy actor) and its throughput-optimised mode
     (``cfg.serve_throughput_optimized``). On this 2-core machine the two together cut a request's framework
     overhead from 19.7 to 7.6 ms and Serve's CPU per request from 2.5x to 1.4x the monolith's
-    (``benchmarks/results/serve.md``)."""
+    (``benchmarks/results/serve.md``). Also the period of Serve's controller loop (``cfg.serve_control_loop_s``),
+    which is most of what an idle endpoint burns."""
     os.environ[HAPROXY_ENV] = "1" if cfg.http_proxy == "haproxy" else "0"
     os.environ[THROUGHPUT_ENV] = "1" if cfg.serve_throughput_optimized else "0"
+    os.environ[CONTROL_LOOP_ENV] = str(cfg.serve_control_loop_s)
     if cfg.http_proxy == "haproxy":
         os.environ.setdefault(DRAIN_ENV, str(HAPROXY_DRAIN_S))
         chosen = dict(pair.split("=", 1) for pair in os.environ.get(CHOSEN_PORTS_ENV, "").split(",") if "=" in pair)

@@ -53,7 +53,7 @@ def test_everything_but_the_consoles_goes_to_the_log(tmp_path: Path) -> None:
 
 def test_serve_environment_sets_what_ray_reads_as_it_starts(monkeypatch: pytest.MonkeyPatch) -> None:
     envs = (runtime.HAPROXY_ENV, runtime.THROUGHPUT_ENV, runtime.DRAIN_ENV, *runtime.HAPROXY_PORT_ENVS,
-            runtime.CHOSEN_PORTS_ENV)
+            runtime.CHOSEN_PORTS_ENV, runtime.CONTROL_LOOP_ENV)
     for env in envs:  # set, then deleted: monkeypatch restores each as it was before the test
         monkeypatch.setenv(env, "")
         monkeypatch.delenv(env)
@@ -61,14 +61,16 @@ def test_serve_environment_sets_what_ray_reads_as_it_starts(monkeypatch: pytest.
     first = {env: runtime.os.environ[env] for env in envs}
     assert first[runtime.HAPROXY_ENV] == "1" and first[runtime.THROUGHPUT_ENV] == "1"
     assert float(first[runtime.DRAIN_ENV]) == runtime.HAPROXY_DRAIN_S
+    assert float(first[runtime.CONTROL_LOOP_ENV]) == RayConfig().serve_control_loop_s
     stats, metrics = (int(first[e]) for e in runtime.HAPROXY_PORT_ENVS)
     assert stats != metrics and min(stats, metrics) > 1024
     runtime.serve_environment(RayConfig())  # the next local Ray (of this process or a child): free ports again
     assert all(runtime.os.environ[e].isdigit() for e in runtime.HAPROXY_PORT_ENVS)
     assert runtime.os.environ[runtime.CHOSEN_PORTS_ENV] == ",".join(
         f"{e}={runtime.os.environ[e]}" for e in runtime.HAPROXY_PORT_ENVS)
-    runtime.serve_environment(RayConfig(http_proxy="ray", serve_throughput_optimized=False))
+    runtime.serve_environment(RayConfig(http_proxy="ray", serve_throughput_optimized=False, serve_control_loop_s=0.1))
     assert runtime.os.environ[runtime.HAPROXY_ENV] == "0" and runtime.os.environ[runtime.THROUGHPUT_ENV] == "0"
+    assert float(runtime.os.environ[runtime.CONTROL_LOOP_ENV]) == 0.1
 
     # what an operator set is kept: the drain period and the listeners' ports
     monkeypatch.setenv(runtime.DRAIN_ENV, "30")
