@@ -19,7 +19,8 @@ What it measures (data: SYNTHETIC):
 3. ``embedding``: the bundle's item tower (seeded, untrained, paper sizes d = 128) over a simulated
    catalogue: ``embed_catalogue`` (Ray Data actor pool, ``ray.init(num_cpus=4)``) against the baseline, a
    plain in-process loop ``ItemEmbedder(bundle, context)(batch)`` that reads and writes the same Parquet, in
-   items/s; the outputs are compared. Goal (issue 17): actor pool >= 0.9x the loop.
+   items/s; the outputs are compared. The loop and the pools run in the same Ray session, in ABBA rounds after a
+   warm-up of each (``--repeats`` - 1 rounds, at least 1). Goal (issue 17): actor pool >= 0.9x the loop.
 
 4. ``--per-shard SIZES``: one shard of each size (e.g. 1M and 4M vectors) at d = 128 for ``Flat``, ``SQfp16``,
    ``IVF4096,Flat``, ``IVF4096,SQ8`` and ``IVF4096,PQ32np``: build time, bytes per vector, the loaded reader's
@@ -361,16 +362,6 @@ def embedding_bench(tmp: str, n_items: int, repeats: int) -> dict:
                        f"{tmp}/loop.parquet")
         return time.perf_counter() - t0, t2 - t1, ids, vec
 
-    print(f"baseline: in-process loop, batch {batch}, torch threads {torch.get_num_threads()} ...", flush=True)
-    loop(batch)  # warm-up: one batch
-    loops = [loop() for _ in range(repeats)]
-    ref_ids, ref_vec = loops[-1][2], loops[-1][3]
-    order = np.argsort(ref_ids)
-    loop_total = [x[0] for x in loops]
-    loop_only = [x[1] for x in loops]
-    print(f"  {n_items / statistics.mean(loop_total):,.0f} items/s end to end "
-          f"({n_items / statistics.mean(loop_only):,.0f} items/s in the tower loop)", flush=True)
-
     import ray
 
     ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
@@ -383,25 +374,48 @@ def embedding_bench(tmp: str, n_items: int, repeats: int) -> dict:
 
     pools = [EmbedConfig().model_dump(include={"actors", "cpus_per_actor"}),
              {"actors": 2, "cpus_per_actor": 1.0}, {"actors": 1, "cpus_per_actor": 2.0}]
-    runs = []
+    loops: list[tuple[float, float, np.ndarray, np.ndarray]] = []
+    secs: list[list[float]] = [[] for _ in pools]
     try:
         worker_threads = ray.get(torch_threads.remote())
-        for pool in pools:
-            ecfg = EmbedConfig(out=f"{tmp}/emb", **pool)
-            print(f"actor pool {pool} ...", flush=True)
-            secs = [embed_catalogue(world, bundle, ecfg, overwrite=True).seconds for _ in range(repeats)]
-            ids, vec = read_embeddings(f"{tmp}/emb/v-bench")
+        print(f"warm-up: the loop (one batch, torch threads {torch.get_num_threads()}) and one actor-pool run "
+              f"{pools[1]} ...", flush=True)
+        loop(batch)
+        embed_catalogue(world, bundle, EmbedConfig(out=f"{tmp}/emb", **pools[1]), overwrite=True)
+        # each round: the loop, then every pool, in the reverse order every other round (ABBA), so the machine's
+        # drift falls on the loop and the pools alike
+        for r in range(repeats):
+            order = [None, *range(len(pools))]
+            for which in (order if r % 2 == 0 else order[::-1]):
+                if which is None:
+                    loops.append(loop())
+                    print(f"  round {r + 1}: loop {loops[-1][0]:.1f} s", flush=True)
+                else:
+                    ecfg = EmbedConfig(out=f"{tmp}/emb-{which}", **pools[which])
+                    secs[which].append(embed_catalogue(world, bundle, ecfg, overwrite=True).seconds)
+                    print(f"  round {r + 1}: actor pool {pools[which]} {secs[which][-1]:.1f} s", flush=True)
+        ref_ids, ref_vec = loops[-1][2], loops[-1][3]
+        order = np.argsort(ref_ids)
+        loop_total = [x[0] for x in loops]
+        loop_only = [x[1] for x in loops]
+        print(f"  loop: {n_items / statistics.mean(loop_total):,.0f} items/s end to end "
+              f"({n_items / statistics.mean(loop_only):,.0f} items/s in the tower loop)", flush=True)
+        runs = []
+        for i, (pool, pool_secs) in enumerate(zip(pools, secs, strict=True)):
+            ids, vec = read_embeddings(f"{tmp}/emb-{i}/v-bench")  # its last round's vectors
             o = np.argsort(ids)
             agree = bool(np.array_equal(ids[o], ref_ids[order]))
             max_diff = float(np.abs(vec[o] - ref_vec[order]).max()) if agree else float("nan")
-            r = {**pool, "seconds": round(statistics.mean(secs), 2),
-                 "seconds_std": round(statistics.stdev(secs), 2) if len(secs) > 1 else 0.0,
-                 "items_per_s": round(n_items / statistics.mean(secs)), "ids_agree": agree,
-                 "max_abs_diff_vs_loop": max_diff}
+            r = {**pool, "seconds": round(statistics.mean(pool_secs), 2),
+                 "seconds_std": round(statistics.stdev(pool_secs), 2) if len(pool_secs) > 1 else 0.0,
+                 "items_per_s": round(n_items / statistics.mean(pool_secs)), "ids_agree": agree,
+                 "max_abs_diff_vs_loop": max_diff,
+                 "ratio_per_round": [round(lt / ps, 3) for lt, ps in zip(loop_total, pool_secs, strict=True)]}
             r["ratio_vs_loop"] = round(r["items_per_s"] / (n_items / statistics.mean(loop_total)), 3)
             runs.append(r)
-            print(f"  {r['items_per_s']:,} items/s ({r['seconds']:.1f} ± {r['seconds_std']:.1f} s), "
-                  f"{r['ratio_vs_loop']:.2f}x the loop; max |diff| {max_diff:.1e}", flush=True)
+            print(f"  {pool}: {r['items_per_s']:,} items/s ({r['seconds']:.1f} ± {r['seconds_std']:.1f} s), "
+                  f"{r['ratio_vs_loop']:.2f}x the loop (per round {r['ratio_per_round']}); max |diff| "
+                  f"{max_diff:.1e}", flush=True)
     finally:
         ray.shutdown()
     return {
@@ -412,7 +426,7 @@ def embedding_bench(tmp: str, n_items: int, repeats: int) -> dict:
                  "seconds_std": round(statistics.stdev(loop_total), 2) if len(loop_total) > 1 else 0.0,
                  "items_per_s": round(n_items / statistics.mean(loop_total)),
                  "tower_only_items_per_s": round(n_items / statistics.mean(loop_only))},
-        "actor_pool": runs, "items_row_groups": row_groups, "load_start": load_start,
+        "actor_pool": runs, "rounds": repeats, "items_row_groups": row_groups, "load_start": load_start,
         "load_end": os.getloadavg()[0],
     }
 
@@ -569,14 +583,16 @@ def report_index(result: dict) -> list[str]:
 def report_embedding(e: dict) -> list[str]:
     md = ["", f"## 3. Catalogue embedding, {e['n_items']:,} simulated items (item tower d = {e['d']}, untrained, "
                f"batch {e['batch_size']})", "",
-           "| run | items/s | seconds | vs loop | max abs diff vs loop |", "|---|---:|---:|---:|---:|",
+           "| run | items/s | seconds | vs loop | vs loop, per round | max abs diff vs loop |",
+           "|---|---:|---:|---:|---|---:|",
            f"| baseline: in-process loop ({e['loop_threads']} torch threads), read + embed + write | "
            f"{e['loop']['items_per_s']:,} | {e['loop']['seconds']:.1f} ± {e['loop']['seconds_std']:.1f} "
-           "| 1.00x | |"]
+           "| 1.00x | | |"]
     for r in e["actor_pool"]:
+        rounds = ", ".join(f"{x:.2f}" for x in r.get("ratio_per_round", []))
         md.append(f"| `embed_catalogue` actors {r['actors']} x {r['cpus_per_actor']:g} CPU | "
                   f"{r['items_per_s']:,} | {r['seconds']:.1f} ± {r['seconds_std']:.1f} | "
-                  f"{r['ratio_vs_loop']:.2f}x | {r['max_abs_diff_vs_loop']:.1e} |")
+                  f"{r['ratio_vs_loop']:.2f}x | {rounds} | {r['max_abs_diff_vs_loop']:.1e} |")
     default = e["actor_pool"][0]
     best = max(e["actor_pool"], key=lambda r: r["ratio_vs_loop"])
     md += ["", f"- Tower loop alone (no read / write): {e['loop']['tower_only_items_per_s']:,} items/s. "
@@ -586,6 +602,9 @@ def report_embedding(e: dict) -> list[str]:
            f"(**{'met' if default['ratio_vs_loop'] >= GOAL_EMBED else 'not met'}**); best "
            f"{best['actors']} x {best['cpus_per_actor']:g} CPU {best['ratio_vs_loop']:.2f}x "
            f"(**{'met' if best['ratio_vs_loop'] >= GOAL_EMBED else 'not met'}**).",
+           f"- Timing: {e.get('rounds', 1)} round(s) in one Ray session after a warm-up of each; every round runs the "
+           "loop and each pool once, in reverse order every other round (ABBA), so drift in the machine's load falls "
+           "on both; means ± std over rounds.",
            f"- Catalogue preparation (not timed above): simulate {e['simulate_s']:.0f} s, "
            f"vocabulary {e['vocab_s']:.0f} s. `items.parquet`: 1 file, {e['items_row_groups']} row group(s). "
            f"Load average (1 min) at start / end of this part: {e['load_start']:.1f} / {e['load_end']:.1f}."]

@@ -1,25 +1,27 @@
 """Catalogue embedding: the bundle's item tower over every item, as a Ray Data actor pool.
 
 ```
-items.parquet (ITEM_COLUMNS) ─▶ blocks (4 per actor) ─▶ map_batches(EmbeddingWriter, ActorPoolStrategy(embed.actors))
-                                     ─▶ <embed.out>/<model version>/part-<uuid>.parquet (item_id, embedding)
+items.parquet's row ranges (4 per actor, cut at row groups) ─▶ map_batches(EmbeddingWriter, ActorPoolStrategy)
+   each actor: its range's row groups (ITEM_COLUMNS) ─▶ item tower ─▶ <embed.out>/<model version>/part-<uuid>.parquet
 ```
 
-Each actor loads only the item tower, once, and writes the vectors of each block it embeds as one Parquet part
-itself; only the part's name and row count go back through Ray. (Through Ray Data's ``write_parquet`` the vectors,
-512 MB per million items at d = 128, crossed the object store to separate writer tasks: 6.5 CPU-seconds of a
-26-second, 1M-item run on two cores, measured with ``Dataset.stats()``.) The catalogue streams block by block, so
-memory is bounded by the blocks in flight, not the catalogue size; the price levels' edges (a few per leaf category)
-are the bundle's (those the model was trained with), else cut once by the driver from the catalogue's leaf and price
-columns, and handed to every actor. The set is written into a temporary directory and renamed into place when
-complete, with ``embeddings.json`` (model version and checksum, rows, dim) beside it; a part written by an attempt
-Ray retried is not counted, and removed.
+Each actor loads only the item tower, once, reads the rows of each range it is given straight from the catalogue's
+Parquet file and writes their vectors as one Parquet part itself; only the ranges go in through Ray and only the
+part's name and row count come back. Ray Data's ``read_parquet`` reads a file in one task: at 1M items it spent
+4.2-4.5 s reading the whole catalogue into one block before any actor had work, then two repartition tasks split it
+(2026-12-06, ``ray.timeline()``). Through Ray Data's ``write_parquet`` the vectors, 512 MB per million items at
+d = 128, crossed the object store to separate writer tasks: 6.5 CPU-seconds of a 26-second, 1M-item run on two
+cores. The catalogue streams range by range, so memory is bounded by the ranges in flight, not the catalogue size;
+the price levels' edges (a few per leaf category) are the bundle's (those the model was trained with), else cut once
+by the driver from the catalogue's leaf and price columns, and handed to every actor. The set is written into a
+temporary directory and renamed into place when complete, with ``embeddings.json`` (model version and checksum,
+rows, dim) beside it; a part written by an attempt Ray retried is not counted, and removed.
 ``read_embeddings`` accepts the vector column both as Ray's Arrow tensor type and as ``list<float>``.
 """
 
 from __future__ import annotations
 
-import math
+import itertools
 import time
 import uuid
 from dataclasses import dataclass
@@ -99,26 +101,53 @@ class ItemEmbedder:
         return {"item_id": features["item_id"], "embedding": h.float().cpu().numpy()}
 
 
-class EmbeddingWriter(ItemEmbedder):
-    """Callable class for ``map_batches(batch_size=None)``: embeds a whole block ``batch_size`` items at a time and
-    writes its vectors as one Parquet part (``item_id``, ``embedding`` as an Arrow fixed-shape tensor) into
-    ``directory``; returns one row per part: its file name and rows."""
+class RowRanges:
+    """Rows of a Parquet file by position: ``read(start, stop)`` reads only the row groups the range overlaps."""
 
-    def __init__(self, bundle: str, context: ItemContext, directory: str, batch_size: int,
+    def __init__(self, path: str | Path, columns: list[str]) -> None:
+        self.file, self.columns = pq.ParquetFile(path), columns
+        sizes = [self.file.metadata.row_group(g).num_rows for g in range(self.file.num_row_groups)]
+        self.starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])  # row group g: starts[g]..starts[g+1]
+
+    def read(self, start: int, stop: int) -> pa.Table:
+        """Rows ``start`` to ``stop`` (exclusive) of ``columns``."""
+        if not 0 <= start <= stop <= self.starts[-1]:
+            raise IndexError(f"rows {start}..{stop} of {self.file.metadata.num_rows}")
+        first = max(0, int(np.searchsorted(self.starts, start, side="right")) - 1)
+        last = int(np.searchsorted(self.starts, stop, side="left"))  # row groups first..last-1 hold the range
+        table = self.file.read_row_groups(range(first, max(first, last)), columns=self.columns)
+        return table.slice(start - int(self.starts[first]), stop - start)
+
+
+class EmbeddingWriter(ItemEmbedder):
+    """Callable class for ``map_batches(batch_size=None)`` over a dataset of row ranges (``start``, ``stop``) of
+    the catalogue file ``items``: reads each range's rows (``ITEM_COLUMNS``, only the row groups it overlaps),
+    embeds them ``batch_size`` items at a time and writes their vectors as one Parquet part (``item_id``,
+    ``embedding`` as an Arrow fixed-shape tensor) into ``directory``; returns one row per part: its file name and
+    rows."""
+
+    def __init__(self, bundle: str, context: ItemContext, items: str, directory: str, batch_size: int,
                  device: str = "auto") -> None:
         super().__init__(bundle, context, device)
+        self.items = RowRanges(items, ITEM_COLUMNS)
         self.directory, self.batch_size = Path(directory), batch_size
 
-    def __call__(self, block: pa.Table) -> dict[str, np.ndarray]:
-        parts = [super(EmbeddingWriter, self).__call__(block.slice(lo, self.batch_size))
-                 for lo in range(0, block.num_rows, self.batch_size)]
-        ids = np.concatenate([p["item_id"] for p in parts]) if parts else np.zeros(0, np.int64)
-        vectors = (np.concatenate([p["embedding"] for p in parts]) if parts
-                   else np.zeros((0, self.model.cfg.d), np.float32))
-        name = f"part-{uuid.uuid4().hex}.parquet"  # a retried block writes another name: only returned ones count
-        pq.write_table(pa.table({"item_id": ids, "embedding": pa.FixedShapeTensorArray.from_numpy_ndarray(vectors)}),
-                       self.directory / name)
-        return {"file": np.array([name]), "rows": np.array([len(ids)], np.int64)}
+    def __call__(self, ranges: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        names, counts = [], []
+        for start, stop in zip(ranges["start"].tolist(), ranges["stop"].tolist(), strict=True):
+            rows = self.items.read(start, stop)
+            parts = [super(EmbeddingWriter, self).__call__(rows.slice(lo, self.batch_size))
+                     for lo in range(0, rows.num_rows, self.batch_size)]
+            ids = np.concatenate([p["item_id"] for p in parts]) if parts else np.zeros(0, np.int64)
+            vectors = (np.concatenate([p["embedding"] for p in parts]) if parts
+                       else np.zeros((0, self.model.cfg.d), np.float32))
+            name = f"part-{uuid.uuid4().hex}.parquet"  # a retried range writes another name: only returned ones count
+            pq.write_table(pa.table({"item_id": ids,
+                                     "embedding": pa.FixedShapeTensorArray.from_numpy_ndarray(vectors)}),
+                           self.directory / name)
+            names.append(name)
+            counts.append(len(ids))
+        return {"file": np.array(names), "rows": np.array(counts, np.int64)}
 
 
 @dataclass
@@ -130,15 +159,28 @@ class EmbedResult:
     seconds: float
 
 
-def read_blocks(rows: int, cfg: EmbedConfig) -> int:
-    """Blocks the catalogue is embedded in: 4 per actor, so that every actor of the pool has work and reading,
-    embedding and writing overlap (a one-file catalogue is otherwise one block, embedded by one actor while the
-    others idle), but no more than one per ``batch_size`` items.
+def row_ranges(row_group_rows: list[int], min_rows: int, at_least: int = 1) -> list[tuple[int, int]]:
+    """Row ranges ``(start, stop)`` that cover a file with these row groups, largest first: one per row group
+    (consecutive row groups of fewer than ``min_rows`` rows together), so each row group is read once; when that
+    gives fewer than ``at_least`` ranges, ``at_least`` ranges of equal row counts instead (at most one per
+    ``min_rows`` rows; a range reads the whole row groups it overlaps, so those are read more than once).
 
-    >>> read_blocks(1_000_000, EmbedConfig(actors=2)), read_blocks(5_000, EmbedConfig(actors=2))
-    (8, 2)
+    >>> row_ranges([100] * 4, 50, at_least=2)
+    [(0, 100), (100, 200), (200, 300), (300, 400)]
+    >>> row_ranges([30, 30, 30, 100, 10], 50), row_ranges([1000], 50, at_least=3), row_ranges([], 50, 3)
+    ([(60, 190), (0, 60), (190, 200)], [(333, 667), (0, 333), (667, 1000)], [])
     """
-    return max(1, min(4 * cfg.actors, math.ceil(rows / cfg.batch_size)))
+    total, edges, rows = sum(row_group_rows), [0], 0
+    for size in row_group_rows:
+        rows += size
+        if rows - edges[-1] >= min_rows:
+            edges.append(rows)
+    edges.append(total)
+    ranges = [(a, b) for a, b in itertools.pairwise(edges) if b > a]
+    if len(ranges) < at_least:
+        n = max(1, min(at_least, total // max(1, min_rows)))
+        ranges = [(a, b) for a, b in itertools.pairwise(round(k * total / n) for k in range(n + 1)) if b > a]
+    return sorted(ranges, key=lambda r: r[0] - r[1])  # largest first: the last range to start is a short one
 
 
 def embed_catalogue(world: str | Path, bundle: str | Path, cfg: EmbedConfig, overwrite: bool = False) -> EmbedResult:
@@ -155,15 +197,20 @@ def embed_catalogue(world: str | Path, bundle: str | Path, cfg: EmbedConfig, ove
         raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
     with atomic_dir(out) as tmp:
         context = item_context(bundle, model, world)  # the model's own edges and counts when it has them
-        expected = pq.ParquetFile(items).metadata.num_rows
-        ds = ray.data.read_parquet(str(items), num_cpus=cfg.cpus_per_actor).select_columns(ITEM_COLUMNS)
-        # streamed into blocks of at most this many rows (a one-file read is otherwise one block: one actor)
-        ds = ds.repartition(target_num_rows_per_block=max(1, math.ceil(expected / read_blocks(expected, cfg))))
+        catalogue = pq.ParquetFile(items)
+        missing = sorted(set(ITEM_COLUMNS) - set(catalogue.schema_arrow.names))
+        if missing:
+            raise ValueError(f"{items}: no column(s) {', '.join(missing)} (an items table has {ITEM_COLUMNS})")
+        expected = catalogue.metadata.num_rows
+        sizes = [catalogue.metadata.row_group(i).num_rows for i in range(catalogue.num_row_groups)]
+        ranges = row_ranges(sizes, cfg.batch_size, at_least=cfg.actors)
+        # one range per block: the actors take them one at a time and read their rows themselves
+        ds = ray.data.from_items([{"start": a, "stop": b} for a, b in ranges], override_num_blocks=max(1, len(ranges)))
         ds = ds.map_batches(EmbeddingWriter, fn_constructor_kwargs={
-            "bundle": str(Path(bundle).resolve()), "context": context, "directory": str(tmp),
-            "batch_size": cfg.batch_size}, compute=ray.data.ActorPoolStrategy(size=cfg.actors),
-            num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor or None, batch_size=None, batch_format="pyarrow")
-        written = ds.to_arrow_refs()  # runs the pipeline; each row names a part its block was written to
+            "bundle": str(Path(bundle).resolve()), "context": context, "items": str(items.resolve()),
+            "directory": str(tmp), "batch_size": cfg.batch_size}, compute=ray.data.ActorPoolStrategy(size=cfg.actors),
+            num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor or None, batch_size=None, batch_format="numpy")
+        written = ds.to_arrow_refs() if ranges else []  # runs the pipeline; each row names a part it wrote
         parts = pa.concat_tables(ray.get(written)) if written else pa.table({"file": [], "rows": []})
         for orphan in set(p.name for p in tmp.glob("part-*.parquet")) - set(parts["file"].to_pylist()):
             (tmp / orphan).unlink()  # the part of a block whose actor failed and was retried

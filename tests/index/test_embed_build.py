@@ -16,12 +16,20 @@ import ray
 import torch
 
 from ray_mgdspr.config import EmbedConfig, IndexConfig
-from ray_mgdspr.data.features import Featurizer
+from ray_mgdspr.data.features import ITEM_COLUMNS, Featurizer
 from ray_mgdspr.index.build import build_index
-from ray_mgdspr.index.embed import embed_catalogue, read_embeddings, read_embeddings_manifest, vectors_of
+from ray_mgdspr.index.embed import (
+    ItemEmbedder,
+    RowRanges,
+    embed_catalogue,
+    read_embeddings,
+    read_embeddings_manifest,
+    row_ranges,
+    vectors_of,
+)
 from ray_mgdspr.index.search import IndexReader
 from ray_mgdspr.index.versions import current_version, list_versions
-from ray_mgdspr.model.bundle import load_bundle
+from ray_mgdspr.model.bundle import item_context, load_bundle, read_bundle_manifest
 from ray_mgdspr.model.layers import as_tensors
 
 pytestmark = pytest.mark.slow
@@ -58,6 +66,49 @@ def test_actor_pool_embedding_equals_an_in_process_pass(ray_session: None, world
     assert [p.name for p in tmp_path.iterdir()] == ["v-test"]  # no temporary directory left
     with pytest.raises(FileExistsError, match="overwrite"):
         embed_catalogue(world_en, bundle, EmbedConfig(out=str(tmp_path)))
+
+
+@pytest.mark.parametrize("row_groups", [5, 1])
+def test_actors_read_their_own_row_ranges_of_a_many_row_group_catalogue(
+        ray_session: None, world_en: Path, bundle: Path, tmp_path: Path, row_groups: int) -> None:
+    """Two actors, the catalogue in 5 row groups (one range each) or 1 (two ranges that both read it): every item
+    embedded once, as an in-process pass embeds it."""
+    items = pq.read_table(world_en / "items.parquet")
+    world = tmp_path / "world"
+    world.mkdir()
+    pq.write_table(items, world / "items.parquet", row_group_size=-(-items.num_rows // row_groups))
+    assert pq.ParquetFile(world / "items.parquet").num_row_groups == row_groups
+    r = embed_catalogue(world, bundle, EmbedConfig(out=str(tmp_path / "emb"), actors=2, batch_size=64))
+    assert len(list(r.path.glob("part-*.parquet"))) == max(row_groups, 2)
+    ids, vectors = read_embeddings(r.path)
+    embedder = ItemEmbedder(str(bundle), item_context(bundle, read_bundle_manifest(bundle), world))
+    reference = embedder(items.select(ITEM_COLUMNS))
+    order, ref_order = np.argsort(ids), np.argsort(reference["item_id"])
+    assert np.array_equal(ids[order], reference["item_id"][ref_order])
+    np.testing.assert_allclose(vectors[order], reference["embedding"][ref_order], rtol=1e-5, atol=1e-6)
+
+
+def test_row_ranges_cover_the_file_and_read_exactly_their_rows(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    for sizes, min_rows, at_least in [([7] * 7 + [1], 4, 1), ([7] * 7 + [1], 16, 2), ([49], 6, 3), ([0], 2, 1)]:
+        path = tmp_path / "t.parquet"
+        n = sum(sizes)
+        with pq.ParquetWriter(path, pa.schema([("a", pa.int64())])) as w:
+            lo = 0
+            for size in sizes:
+                w.write_table(pa.table({"a": np.arange(lo, lo + size)}), row_group_size=max(size, 1))
+                lo += size
+        assert [pq.ParquetFile(path).metadata.row_group(g).num_rows for g in range(len(sizes))] == sizes
+        ranges = row_ranges(sizes, min_rows, at_least)
+        assert [b - a for a, b in ranges] == sorted((b - a for a, b in ranges), reverse=True)  # largest first
+        edges = [0, *(b for _, b in sorted(ranges))]  # contiguous, non-empty, from 0 to n
+        assert [a for a, _ in sorted(ranges)] == edges[:-1] and edges[-1] == n and all(a < b for a, b in ranges)
+        assert len(ranges) >= min(at_least, n // min_rows) and all(b - a >= min_rows for a, b in ranges[:-1])
+        reader = RowRanges(path, ["a"])
+        for a, b in [*ranges, *sorted(tuple(sorted(rng.integers(0, n + 1, 2))) for _ in range(20))]:
+            assert reader.read(a, b)["a"].to_pylist() == list(range(a, b))
+        with pytest.raises(IndexError, match=f"of {n}"):
+            reader.read(0, n + 1)
 
 
 def test_vectors_read_from_tensor_or_list_columns() -> None:
