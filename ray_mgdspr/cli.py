@@ -288,7 +288,7 @@ def embed(
     cfg = project_config(config, preset)
     r = on_ray(cfg.ray, address, lambda: embed_catalogue(world or cfg.train.world, bundle, cfg.embed, overwrite))
     console.print(f"embedded {r.rows:,} items (d={r.dim}) with model {r.model_version} in {r.seconds:.1f}s "
-                  f"-> {r.path}", soft_wrap=True)
+                  f"-> {r.path}\n{r.summary()}", soft_wrap=True)
 
 
 @index_app.command("build")

@@ -198,7 +198,8 @@ class Pipeline:
 
         with self.stage("embed") as d:
             r = embed_catalogue(self.cfg.train.world, bundle, self.cfg.embed, overwrite=True)
-            d.update(path=str(r.path), rows=r.rows, dim=r.dim)
+            d.update(path=str(r.path), rows=r.rows, dim=r.dim, first_range_s=r.first_range_s,
+                     actors=[{**a.model_dump(), "items_per_s": round(a.items_per_s)} for a in r.actors])
         return r.path
 
     def index(self, embeddings: Path) -> str:

@@ -22,9 +22,11 @@ rows, dim) beside it; a part written by an attempt Ray retried is not counted, a
 from __future__ import annotations
 
 import itertools
+import os
+import socket
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -133,21 +135,59 @@ class EmbeddingWriter(ItemEmbedder):
         self.directory, self.batch_size = Path(directory), batch_size
 
     def __call__(self, ranges: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        names, counts = [], []
+        out: dict[str, list] = {k: [] for k in ("file", "rows", "actor", "started", "read_s", "embed_s", "write_s")}
         for start, stop in zip(ranges["start"].tolist(), ranges["stop"].tolist(), strict=True):
+            started = time.time()
+            t0 = time.perf_counter()
             rows = self.items.read(start, stop)
+            t1 = time.perf_counter()
             parts = [super(EmbeddingWriter, self).__call__(rows.slice(lo, self.batch_size))
                      for lo in range(0, rows.num_rows, self.batch_size)]
             ids = np.concatenate([p["item_id"] for p in parts]) if parts else np.zeros(0, np.int64)
             vectors = (np.concatenate([p["embedding"] for p in parts]) if parts
                        else np.zeros((0, self.model.cfg.d), np.float32))
+            t2 = time.perf_counter()
             name = f"part-{uuid.uuid4().hex}.parquet"  # a retried range writes another name: only returned ones count
             pq.write_table(pa.table({"item_id": ids,
                                      "embedding": pa.FixedShapeTensorArray.from_numpy_ndarray(vectors)}),
                            self.directory / name)
-            names.append(name)
-            counts.append(len(ids))
-        return {"file": np.array(names), "rows": np.array(counts, np.int64)}
+            for key, value in (("file", name), ("rows", len(ids)), ("actor", f"{socket.gethostname()}:{os.getpid()}"),
+                               ("started", started), ("read_s", t1 - t0), ("embed_s", t2 - t1),
+                               ("write_s", time.perf_counter() - t2)):
+                out[key].append(value)
+        return {k: np.array(v) for k, v in out.items()}
+
+
+class ActorStats(BaseModel):
+    """What one embedding actor did: its ranges' rows and the seconds it spent reading, embedding and writing."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    actor: str = Field(description="host:pid of the actor's process")
+    parts: int = Field(ge=0)
+    rows: int = Field(ge=0)
+    read_s: float = Field(ge=0)
+    embed_s: float = Field(ge=0)
+    write_s: float = Field(ge=0)
+
+    @property
+    def busy_s(self) -> float:
+        return self.read_s + self.embed_s + self.write_s
+
+    @property
+    def items_per_s(self) -> float:
+        """Items per second while it had a range to embed."""
+        return self.rows / self.busy_s if self.busy_s > 0 else 0.0
+
+
+def actor_stats(parts: list[dict]) -> list[ActorStats]:
+    """Per actor, from the rows ``EmbeddingWriter`` returned (one per part), busiest first."""
+    by: dict[str, ActorStats] = {}
+    for p in parts:
+        a = by.setdefault(p["actor"], ActorStats(actor=p["actor"], parts=0, rows=0, read_s=0, embed_s=0, write_s=0))
+        a.parts, a.rows = a.parts + 1, a.rows + p["rows"]
+        a.read_s, a.embed_s, a.write_s = a.read_s + p["read_s"], a.embed_s + p["embed_s"], a.write_s + p["write_s"]
+    return sorted(by.values(), key=lambda a: -a.rows)
 
 
 @dataclass
@@ -157,6 +197,19 @@ class EmbedResult:
     dim: int
     model_version: str
     seconds: float
+    actors: list[ActorStats] = field(default_factory=list)
+    first_range_s: float | None = None  # from the call's start to the first range an actor began: the start-up
+
+    def summary(self) -> str:
+        """One line on the pool: items/s per actor while busy, where their time went, the start-up."""
+        if not self.actors:
+            return "no actor embedded anything (an empty catalogue)"
+        busy = sum(a.busy_s for a in self.actors) or 1.0
+        shares = ", ".join(f"{k} {sum(getattr(a, f'{k}_s') for a in self.actors) / busy:.0%}"
+                           for k in ("read", "embed", "write"))
+        rates = ", ".join(f"{a.items_per_s:,.0f}" for a in self.actors)
+        return (f"{len(self.actors)} actor(s): {rates} items/s each while busy ({shares}); pool "
+                f"{self.rows / self.seconds:,.0f} items/s overall; first range began after {self.first_range_s:.1f}s")
 
 
 def row_ranges(row_group_rows: list[int], min_rows: int, at_least: int = 1) -> list[tuple[int, int]]:
@@ -187,7 +240,7 @@ def embed_catalogue(world: str | Path, bundle: str | Path, cfg: EmbedConfig, ove
     """Embed every item of ``world`` with the item tower of ``bundle`` into ``<cfg.out>/<model version>``."""
     import ray
 
-    t0 = time.perf_counter()
+    t0, wall0 = time.perf_counter(), time.time()
     model = read_bundle_manifest(bundle)  # checks the bundle before any actor starts
     items = Path(world) / schema.ITEMS.path_name()
     if not items.is_file():
@@ -211,17 +264,19 @@ def embed_catalogue(world: str | Path, bundle: str | Path, cfg: EmbedConfig, ove
             "directory": str(tmp), "batch_size": cfg.batch_size}, compute=ray.data.ActorPoolStrategy(size=cfg.actors),
             num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor or None, batch_size=None, batch_format="numpy")
         written = ds.to_arrow_refs() if ranges else []  # runs the pipeline; each row names a part it wrote
-        parts = pa.concat_tables(ray.get(written)) if written else pa.table({"file": [], "rows": []})
-        for orphan in set(p.name for p in tmp.glob("part-*.parquet")) - set(parts["file"].to_pylist()):
+        parts = pa.concat_tables(ray.get(written)).to_pylist() if written else []  # one dict per part
+        for orphan in set(p.name for p in tmp.glob("part-*.parquet")) - {p["file"] for p in parts}:
             (tmp / orphan).unlink()  # the part of a block whose actor failed and was retried
-        rows = sum(pq.ParquetFile(tmp / f).metadata.num_rows for f in parts["file"].to_pylist())
+        rows = sum(pq.ParquetFile(tmp / p["file"]).metadata.num_rows for p in parts)
         if rows != expected:
             raise RuntimeError(f"embedded {rows} items but {items} has {expected}")
         manifest = EmbeddingsManifest(model_version=model.version, model_files=model.files,
                                       bundle=str(Path(bundle).resolve()), rows=rows, dim=model.model.d,
                                       world=str(world), seconds=time.perf_counter() - t0)
         (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2))
-    return EmbedResult(out, rows, model.model.d, model.version, time.perf_counter() - t0)
+    first = min((p["started"] for p in parts), default=None)
+    return EmbedResult(out, rows, model.model.d, model.version, time.perf_counter() - t0, actor_stats(parts),
+                       None if first is None else max(0.0, first - wall0))
 
 
 def read_embeddings(path: str | Path) -> tuple[np.ndarray, np.ndarray]:

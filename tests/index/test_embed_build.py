@@ -80,6 +80,10 @@ def test_actors_read_their_own_row_ranges_of_a_many_row_group_catalogue(
     assert pq.ParquetFile(world / "items.parquet").num_row_groups == row_groups
     r = embed_catalogue(world, bundle, EmbedConfig(out=str(tmp_path / "emb"), actors=2, batch_size=64))
     assert len(list(r.path.glob("part-*.parquet"))) == max(row_groups, 2)
+    # what each actor did: every part and row counted once, with its own process's times
+    assert 1 <= len(r.actors) <= 2 and sum(a.parts for a in r.actors) == max(row_groups, 2)
+    assert sum(a.rows for a in r.actors) == items.num_rows and all(a.embed_s > 0 for a in r.actors)
+    assert 0 <= r.first_range_s < r.seconds and "items/s each while busy" in r.summary()
     ids, vectors = read_embeddings(r.path)
     embedder = ItemEmbedder(str(bundle), item_context(bundle, read_bundle_manifest(bundle), world))
     reference = embedder(items.select(ITEM_COLUMNS))
