@@ -261,7 +261,8 @@ def embed_catalogue(world: str | Path, bundle: str | Path, cfg: EmbedConfig, ove
         ds = ray.data.from_items([{"start": a, "stop": b} for a, b in ranges], override_num_blocks=max(1, len(ranges)))
         ds = ds.map_batches(EmbeddingWriter, fn_constructor_kwargs={
             "bundle": str(Path(bundle).resolve()), "context": context, "items": str(items.resolve()),
-            "directory": str(tmp), "batch_size": cfg.batch_size}, compute=ray.data.ActorPoolStrategy(size=cfg.actors),
+            "directory": str(tmp), "batch_size": cfg.batch_size},
+            compute=ray.data.ActorPoolStrategy(size=max(1, min(cfg.actors, len(ranges)))),  # no actor without a range
             num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor or None, batch_size=None, batch_format="numpy")
         written = ds.to_arrow_refs() if ranges else []  # runs the pipeline; each row names a part it wrote
         parts = pa.concat_tables(ray.get(written)).to_pylist() if written else []  # one dict per part
