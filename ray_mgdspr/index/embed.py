@@ -26,6 +26,7 @@ import os
 import socket
 import time
 import uuid
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -133,12 +134,12 @@ class EmbeddingWriter(ItemEmbedder):
         super().__init__(bundle, context, device)
         self.items = RowRanges(items, ITEM_COLUMNS)
         self.directory, self.batch_size = Path(directory), batch_size
+        self.actor = f"{socket.gethostname()}:{os.getpid()}"
 
     def __call__(self, ranges: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out: dict[str, list] = {k: [] for k in ("file", "rows", "actor", "started", "read_s", "embed_s", "write_s")}
+        written = []
         for start, stop in zip(ranges["start"].tolist(), ranges["stop"].tolist(), strict=True):
-            started = time.time()
-            t0 = time.perf_counter()
+            started, t0 = time.time(), time.perf_counter()
             rows = self.items.read(start, stop)
             t1 = time.perf_counter()
             parts = [super(EmbeddingWriter, self).__call__(rows.slice(lo, self.batch_size))
@@ -151,11 +152,9 @@ class EmbeddingWriter(ItemEmbedder):
             pq.write_table(pa.table({"item_id": ids,
                                      "embedding": pa.FixedShapeTensorArray.from_numpy_ndarray(vectors)}),
                            self.directory / name)
-            for key, value in (("file", name), ("rows", len(ids)), ("actor", f"{socket.gethostname()}:{os.getpid()}"),
-                               ("started", started), ("read_s", t1 - t0), ("embed_s", t2 - t1),
-                               ("write_s", time.perf_counter() - t2)):
-                out[key].append(value)
-        return {k: np.array(v) for k, v in out.items()}
+            written.append({"file": name, "rows": len(ids), "actor": self.actor, "started": started,
+                            "read_s": t1 - t0, "embed_s": t2 - t1, "write_s": time.perf_counter() - t2})
+        return {key: np.array([w[key] for w in written]) for key in written[0]}
 
 
 class ActorStats(BaseModel):
@@ -182,12 +181,13 @@ class ActorStats(BaseModel):
 
 def actor_stats(parts: list[dict]) -> list[ActorStats]:
     """Per actor, from the rows ``EmbeddingWriter`` returned (one per part), busiest first."""
-    by: dict[str, ActorStats] = {}
+    by_actor: dict[str, list[dict]] = defaultdict(list)
     for p in parts:
-        a = by.setdefault(p["actor"], ActorStats(actor=p["actor"], parts=0, rows=0, read_s=0, embed_s=0, write_s=0))
-        a.parts, a.rows = a.parts + 1, a.rows + p["rows"]
-        a.read_s, a.embed_s, a.write_s = a.read_s + p["read_s"], a.embed_s + p["embed_s"], a.write_s + p["write_s"]
-    return sorted(by.values(), key=lambda a: -a.rows)
+        by_actor[p["actor"]].append(p)
+    summed = ("rows", "read_s", "embed_s", "write_s")
+    stats = [ActorStats(actor=actor, parts=len(ps), **{k: sum(p[k] for p in ps) for k in summed})
+             for actor, ps in by_actor.items()]
+    return sorted(stats, key=lambda a: -a.rows)
 
 
 @dataclass
