@@ -1,0 +1,166 @@
+"""What the endpoint burns with no requests: CPU of `mgdspr serve`'s whole process tree, per process, per setting.
+
+For each ``--loops`` value of ``ray.serve_control_loop_s`` (``RAY_SERVE_CONTROL_LOOP_INTERVAL_S``), in turn:
+start ``mgdspr serve -c CONFIG`` in a subprocess (a local Ray of its own, with the config's other ``ray:``
+settings: HAProxy, throughput mode), wait for ``/healthz``, let it settle ``--settle`` s, then read the CPU
+seconds of every process of its tree from ``/proc`` (psutil) at the start and end of a ``--window`` s window
+with no requests, and stop it with SIGINT (Ctrl-C). Processes are labelled by what they run
+(``benchmarks/proctree.py``). The settings are measured in ABBA order when ``--rounds`` > 1.
+
+The endpoint serves CONFIG's index (by default the demo's: run ``make demo`` first). Data: SYNTHETIC.
+Issue 16's goal: the idle Ray tree at most 0.05 cores.
+
+    python benchmarks/idle_serve.py                         # ~3 min: loops 0.1 and 0.5, 1 round
+    python benchmarks/idle_serve.py --loops 0.1,0.5,1 --rounds 2
+
+Results: ``benchmarks/results/serve-idle.{md,json}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import proctree  # benchmarks/, the script's directory
+import psutil
+import yaml
+
+from ray_mgdspr.runtime import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+GOAL_CORES = 0.05
+
+
+def cpu_by_label(root: psutil.Process) -> dict[int, tuple[str, float]]:
+    """CPU seconds so far of every process of ``root``'s tree, with its label."""
+    out = {}
+    for p in proctree.tree(root):
+        try:
+            t = p.cpu_times()
+            label = proctree.label(p)
+            if label == "python":  # Ray's helper scripts by their script; `mgdspr serve` itself by its entry point
+                args = p.cmdline()[1:]
+                label = "python " + Path(next((a for a in args if a.endswith(".py")), args[0] if args else "?")).name
+            out[p.pid] = (label, t.user + t.system)
+        except psutil.Error:
+            continue
+    return out
+
+
+def measure(config: Path, loop_s: float, settle: float, window: float, workdir: Path) -> dict:
+    """Start the endpoint with this control loop, measure its idle window, stop it."""
+    port = free_port()
+    cfg = yaml.safe_load(config.read_text()) or {}
+    cfg.setdefault("ray", {})["serve_control_loop_s"] = loop_s
+    run_config = workdir / f"idle-{loop_s:g}.yaml"
+    run_config.write_text(yaml.safe_dump(cfg))
+    log = (workdir / f"idle-{loop_s:g}.log").open("w")
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([str(ROOT / ".venv/bin/mgdspr"), "serve", "-c", str(run_config), "--port", str(port)],
+                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")})
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"mgdspr serve exited with {proc.returncode}; see {log.name}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.perf_counter() - t0 > 300:
+                raise RuntimeError(f"no /healthz within 300 s; see {log.name}")
+            time.sleep(0.5)
+        ready_s = time.perf_counter() - t0
+        time.sleep(settle)
+        root = psutil.Process(proc.pid)
+        a, ta = cpu_by_label(root), time.perf_counter()
+        time.sleep(window)
+        b, tb = cpu_by_label(root), time.perf_counter()
+        wall = tb - ta
+        by: Counter[str] = Counter()
+        for pid, (label, cpu) in b.items():
+            by[label] += max(0.0, cpu - a.get(pid, (label, 0.0))[1])
+        return {"control_loop_s": loop_s, "ready_s": round(ready_s, 1), "window_s": round(wall, 1),
+                "cores": round(sum(by.values()) / wall, 4), "processes": len(b),
+                "by_label": {k: round(v / wall, 4) for k, v in by.most_common()},
+                "load": round(os.getloadavg()[0], 2)}
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def render(result: dict) -> str:
+    runs = result["runs"]
+    loops = sorted({r["control_loop_s"] for r in runs})
+    mean = {s: sum(r["cores"] for r in runs if r["control_loop_s"] == s) /
+            sum(1 for r in runs if r["control_loop_s"] == s) for s in loops}
+    labels = sorted({k for r in runs for k in r["by_label"]},
+                    key=lambda k: -max(r["by_label"].get(k, 0) for r in runs))
+    md = [f"# The idle endpoint ({result['date']}, {result['machine']})", "",
+          f"Data: SYNTHETIC. Command: `{result['command']}`. Endpoint: `mgdspr serve -c {result['config']}` "
+          f"(its own local Ray), no requests; CPU of its whole process tree from `/proc` over a {result['window']:g} s "
+          f"window after {result['settle']:g} s of settling, per `ray.serve_control_loop_s`. Load average (1 min) "
+          f"{result['load_start']:.2f} at start, {result['load_end']:.2f} at end.", "",
+          "| control loop s | idle cores (mean) | rounds | goal (issue 16: <= 0.05) |", "|---:|---:|---:|---|"]
+    for s in loops:
+        n = sum(1 for r in runs if r["control_loop_s"] == s)
+        md.append(f"| {s:g} | {mean[s]:.3f} | {n} | {'met' if mean[s] <= GOAL_CORES else 'not met'} |")
+    md += ["", "Per process (cores, each run in order):", "",
+           "| process | " + " | ".join(f"loop {r['control_loop_s']:g} s" for r in runs) + " |",
+           "|---|" + "---:|" * len(runs)]
+    for k in labels:
+        md.append(f"| {k} | " + " | ".join(f"{r['by_label'].get(k, 0):.4f}" for r in runs) + " |")
+    md.append("| **all** | " + " | ".join(f"**{r['cores']:.3f}**" for r in runs) + " |")
+    return "\n".join(md) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", type=Path, default=Path("runs/demo/config.yaml"),
+                    help="the endpoint's config (default: the demo's; run `make demo` first)")
+    ap.add_argument("--loops", default="0.1,0.5", help="serve_control_loop_s values, comma-separated")
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--settle", type=float, default=20.0)
+    ap.add_argument("--window", type=float, default=30.0)
+    args = ap.parse_args()
+    config = (ROOT / args.config) if not args.config.is_absolute() else args.config
+    if not config.is_file():
+        sys.exit(f"{config}: no such config; run `make demo` first or pass --config")
+    loops = [float(x) for x in args.loops.split(",")]
+    out = ROOT / "benchmarks/results"
+    workdir = Path(tempfile.mkdtemp(prefix="idle-serve-"))  # each run's config and `mgdspr serve` log
+    result = {"date": dt.date.today().isoformat(), "machine": f"{platform.machine()} {os.cpu_count()} cpu, "
+              f"python {platform.python_version()}", "data": "SYNTHETIC",
+              "command": "python benchmarks/idle_serve.py" + " ".join(["", *sys.argv[1:]]).rstrip(),
+              "config": str(args.config), "settle": args.settle, "window": args.window,
+              "load_start": os.getloadavg()[0], "runs": []}
+    for r in range(args.rounds):
+        for s in (loops if r % 2 == 0 else loops[::-1]):
+            run = measure(config, s, args.settle, args.window, workdir)
+            print(f"control loop {s:g} s: {run['cores']:.3f} cores idle ({run['processes']} processes, "
+                  f"ready in {run['ready_s']:.0f} s, load {run['load']:.2f})", flush=True)
+            result["runs"].append(run)
+    result["load_end"] = os.getloadavg()[0]
+    (out / "serve-idle.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "serve-idle.md").write_text(render(result))
+    print(render(result))
+
+
+if __name__ == "__main__":
+    main()
