@@ -5,7 +5,7 @@ start ``mgdspr serve -c CONFIG`` in a subprocess (a local Ray of its own, with t
 settings: HAProxy, throughput mode), wait for ``/healthz``, let it settle ``--settle`` s, then read the CPU
 seconds of every process of its tree from ``/proc`` (psutil) at the start and end of a ``--window`` s window
 with no requests, and stop it with SIGINT (Ctrl-C). Processes are labelled by what they run
-(``benchmarks/proctree.py``). The settings are measured in ABBA order when ``--rounds`` > 1.
+(``bench_serve.cpu_snapshot``, ``proctree.label``). The settings are measured in ABBA order when ``--rounds`` > 1.
 
 The endpoint serves CONFIG's index (by default the demo's: run ``make demo`` first). Data: SYNTHETIC.
 Issue 16's goal: the idle Ray tree at most 0.05 cores.
@@ -28,34 +28,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 
+import bench_serve as bench  # its CPU snapshots of this process's descendants, labelled by proctree
 import httpx
-import proctree  # benchmarks/, the script's directory
-import psutil
 import yaml
 
 from ray_mgdspr.runtime import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 GOAL_CORES = 0.05
-
-
-def cpu_by_label(root: psutil.Process) -> dict[int, tuple[str, float]]:
-    """CPU seconds so far of every process of ``root``'s tree, with its label."""
-    out = {}
-    for p in proctree.tree(root):
-        try:
-            t = p.cpu_times()
-            label = proctree.label(p)
-            if label == "python":  # Ray's helper scripts by their script; `mgdspr serve` itself by its entry point
-                args = p.cmdline()[1:]
-                label = "python " + Path(next((a for a in args if a.endswith(".py")), args[0] if args else "?")).name
-            out[p.pid] = (label, t.user + t.system)
-        except psutil.Error:
-            continue
-    return out
 
 
 def measure(config: Path, loop_s: float, settle: float, window: float, workdir: Path) -> dict:
@@ -84,17 +66,14 @@ def measure(config: Path, loop_s: float, settle: float, window: float, workdir: 
             time.sleep(0.5)
         ready_s = time.perf_counter() - t0
         time.sleep(settle)
-        root = psutil.Process(proc.pid)
-        a, ta = cpu_by_label(root), time.perf_counter()
+        a = bench.cpu_snapshot(None)  # this process's descendants: `mgdspr serve` and its Ray
         time.sleep(window)
-        b, tb = cpu_by_label(root), time.perf_counter()
-        wall = tb - ta
-        by: Counter[str] = Counter()
-        for pid, (label, cpu) in b.items():
-            by[label] += max(0.0, cpu - a.get(pid, (label, 0.0))[1])
-        return {"control_loop_s": loop_s, "ready_s": round(ready_s, 1), "window_s": round(wall, 1),
-                "cores": round(sum(by.values()) / wall, 4), "processes": len(b),
-                "by_label": {k: round(v / wall, 4) for k, v in by.most_common()},
+        b = bench.cpu_snapshot(None)
+        delta = bench.cpu_delta(a, b)
+        wall = delta["wall_s"]
+        return {"control_loop_s": loop_s, "ready_s": round(ready_s, 1), "window_s": wall,
+                "cores": delta["ray_cores"], "processes": len(b["procs"]),
+                "by_label": {k: round(v / wall, 4) for k, v in delta["ray_cpu_s_by_process"].items()},
                 "load": round(os.getloadavg()[0], 2)}
     finally:
         proc.send_signal(signal.SIGINT)

@@ -20,13 +20,18 @@ import psutil
 
 
 def label(p: psutil.Process) -> str:
-    """A Ray process by what it runs: ``ServeReplica:<app>:<deployment>``, ``ServeController``, ``raylet``..."""
-    cmd = (p.cmdline() or [p.name()])[0]
+    """A Ray process by what it runs: ``ServeReplica:<app>:<deployment>``, ``ServeController``, ``raylet``...; a
+    Python process by its script or entry point (``python log_monitor.py``, ``python mgdspr``)."""
+    args = p.cmdline() or [p.name()]
+    cmd = args[0]
     if "ServeReplica:" in cmd:
         return cmd[cmd.index("ServeReplica:"):].split(".")[0].split()[0]
     if cmd.startswith("ray::"):
         return cmd.removeprefix("ray::").split(".")[0].split()[0]
-    return os.path.basename(cmd.split()[0]) if cmd.strip() else p.name()
+    name = os.path.basename(cmd.split()[0]) if cmd.strip() else p.name()
+    if name.startswith("python") and len(args) > 1:
+        return f"{name} {os.path.basename(next((a for a in args[1:] if a.endswith('.py')), args[1]))}"
+    return name
 
 
 def tree(root: psutil.Process) -> list[psutil.Process]:

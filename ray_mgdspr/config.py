@@ -323,7 +323,7 @@ class RayConfig(StrictModel):
     serve_control_loop_s: float = Field(
         0.5, gt=0, le=10, description="period of Serve's controller loop in a local Ray the command starts "
         "(RAY_SERVE_CONTROL_LOOP_INTERVAL_S; Ray's default 0.1). It reconciles replicas, versions and autoscaling; "
-        "0.5 s cut the idle endpoint's CPU from 0.133 to 0.105 cores on 2 cores (benchmarks/idle_serve.py), and a "
+        "0.5 s cut the idle endpoint's CPU from 0.147 to 0.104 cores on 2 cores (benchmarks/idle_serve.py), and a "
         "replica's start or stop is noticed up to 0.4 s later. A cluster's is set in its nodes' environment")
 
 

@@ -109,8 +109,8 @@ class RowRanges:
 
     def __init__(self, path: str | Path, columns: list[str]) -> None:
         self.file, self.columns = pq.ParquetFile(path), columns
-        sizes = [self.file.metadata.row_group(g).num_rows for g in range(self.file.num_row_groups)]
-        self.starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])  # row group g: starts[g]..starts[g+1]
+        self.sizes = [self.file.metadata.row_group(g).num_rows for g in range(self.file.num_row_groups)]
+        self.starts = np.concatenate([[0], np.cumsum(self.sizes, dtype=np.int64)])  # group g: starts[g]..starts[g+1]
 
     def read(self, start: int, stop: int) -> pa.Table:
         """Rows ``start`` to ``stop`` (exclusive) of ``columns``."""
@@ -250,13 +250,12 @@ def embed_catalogue(world: str | Path, bundle: str | Path, cfg: EmbedConfig, ove
         raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
     with atomic_dir(out) as tmp:
         context = item_context(bundle, model, world)  # the model's own edges and counts when it has them
-        catalogue = pq.ParquetFile(items)
-        missing = sorted(set(ITEM_COLUMNS) - set(catalogue.schema_arrow.names))
+        catalogue = RowRanges(items, ITEM_COLUMNS)
+        missing = sorted(set(ITEM_COLUMNS) - set(catalogue.file.schema_arrow.names))
         if missing:
             raise ValueError(f"{items}: no column(s) {', '.join(missing)} (an items table has {ITEM_COLUMNS})")
-        expected = catalogue.metadata.num_rows
-        sizes = [catalogue.metadata.row_group(i).num_rows for i in range(catalogue.num_row_groups)]
-        ranges = row_ranges(sizes, cfg.batch_size, at_least=cfg.actors)
+        expected = catalogue.file.metadata.num_rows
+        ranges = row_ranges(catalogue.sizes, cfg.batch_size, at_least=cfg.actors)
         # one range per block: the actors take them one at a time and read their rows themselves
         ds = ray.data.from_items([{"start": a, "stop": b} for a, b in ranges], override_num_blocks=max(1, len(ranges)))
         ds = ds.map_batches(EmbeddingWriter, fn_constructor_kwargs={
