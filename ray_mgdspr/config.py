@@ -303,6 +303,11 @@ class DataConfig(StrictModel):
                               "first epoch and kept in Ray's object store (spilled to disk when it is full) for "
                               "every epoch; false streams the logs through the featurizer actors again each epoch "
                               "(docs/training.md, \"Feeding the workers\")")
+    materialize_to: Literal["auto", "object_store", "storage"] = Field(
+        "auto", description="where examples featurized once are kept: object_store (Ray's, fastest; a block lost "
+        "with its node cannot be rebuilt, since actors made it), storage (Parquet under the run's directory on "
+        "train.storage_path, reused by a resumed run with the same inputs; survives the loss of any node), or auto "
+        "(storage when the cluster has more than one node, else object_store)")
 
 
 class RayConfig(StrictModel):

@@ -178,6 +178,9 @@ def test_training_recovers_from_a_lost_node_from_its_checkpoint(training: Traini
     assert all(0 < s < EPOCHS * STEPS and s % CHECKPOINT_EVERY == 0 for s in resumed), resumed
     # no step lost or repeated: the run ends where one uninterrupted run would
     assert meta["epochs"] == EPOCHS and meta["steps"] == EPOCHS * STEPS
+    # the examples featurized once live on the run's storage, not in the object store, on a cluster of several
+    # nodes (data.materialize_to: auto): blocks an actor made on the lost node could not be rebuilt
+    assert [p.name for p in (run_dir(training.cfg) / "examples").iterdir() if list(p.glob("*.parquet"))]
     assert [h["epoch"] for h in training.result.metrics] == list(range(1, EPOCHS + 1))
 
 

@@ -25,6 +25,12 @@ actor). On a 2-core machine whole CPUs per actor deadlock next to Ray Train; on 
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
+import pickle
+import shutil
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +52,8 @@ from ray_mgdspr.data.features import (
 )
 from ray_mgdspr.data.schema import ITEMS, SEARCH_EVENTS, day_file_name
 from ray_mgdspr.data.vocab import Vocabulary
+
+log = logging.getLogger(__name__)
 
 
 def training_dataset(world: str | Path, days: Iterable[int], vocab_path: str | Path, features: FeatureConfig,
@@ -107,6 +115,72 @@ class FeaturizeBatch:
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
         """Features of a batch of :func:`explode_positives` rows (dict of int64 arrays)."""
         return self.featurizer(batch)
+
+
+def examples_key(world: str | Path, days: Iterable[int], vocab_path: str | Path, features: FeatureConfig,
+                 context: ItemContext | None, rows: int | None) -> str:
+    """A digest of everything featurized training examples depend on: the world's files (path, size, mtime),
+    the days, the vocabulary file's bytes, the feature config, the item context and a row limit. Two datasets of
+    :func:`training_dataset` with the same key hold the same examples (:func:`materialize_in_storage` reuses one).
+
+    Args:
+        world: a world directory or URI; days, vocab_path, features, context: as :func:`training_dataset`.
+        rows: the dataset's row limit (``ds.limit``), or None.
+    """
+    root = _Location.of(world)
+    files = root.fs.get_file_info(pafs.FileSelector(root.path, recursive=True))
+    stats = sorted((f.path, f.size, f.mtime_ns) for f in files if f.type == pafs.FileType.File)
+    digest = hashlib.sha256()
+    for part in (stats, sorted(set(days)), Path(vocab_path).read_bytes(), features.model_dump_json(), rows):
+        digest.update(pickle.dumps(part))
+    digest.update(pickle.dumps(context))  # dataclasses of numpy arrays: the same bytes for the same values
+    return digest.hexdigest()[:16]
+
+
+def materialize_in_storage(ds: ray.data.Dataset, directory: str | Path, key: str,
+                           cpus: float = 0.25) -> ray.data.Dataset:
+    """Run ``ds`` once into Parquet files under ``directory/key`` and return a dataset that reads them back.
+
+    This is ``ds.materialize()`` for a cluster of several nodes. Ray can rebuild a block lost with its node only
+    when a task made it. Actors make the featurized examples, and Ray Data frees an actor's constructor
+    arguments once the dataset has run, so a lost block of a materialized dataset cannot be rebuilt
+    (ray-project/ray#31794, #53727): the next epoch fails with ``ReferenceCountingAssertionError``. Files on
+    the run's shared storage survive the loss of any node, and reading them is a task Ray can retry.
+
+    The files are written to a temporary directory beside the final one and renamed into place, so the
+    directory is complete or absent: a run that fails while writing leaves nothing to reuse. A directory that
+    already holds ``key`` is reused (a resumed run does not featurize again). Other keys' directories under
+    ``directory`` are removed after a write (the examples of earlier inputs).
+
+    Args:
+        ds: the dataset to run (e.g. :func:`training_dataset`).
+        directory: a directory on storage every node reads (the run's directory on a cluster).
+        key: :func:`examples_key` of the inputs ``ds`` was made from.
+        cpus: CPUs per write and read task (fractional on a laptop).
+
+    Returns:
+        a lazy dataset that reads ``directory/key``.
+    """
+    directory = Path(directory)
+    final = directory / key
+    if final.is_dir():
+        log.info("reusing the featurized examples in %s", final)
+    else:
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = directory / f".{key}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            ds.write_parquet(str(tmp), ray_remote_args={"num_cpus": cpus})
+            try:
+                os.rename(tmp, final)
+            except OSError:  # another run wrote the same examples first: keep theirs
+                if not final.is_dir():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for old in directory.iterdir():
+            if old != final and old.is_dir() and not old.name.startswith("."):
+                shutil.rmtree(old, ignore_errors=True)
+    return ray.data.read_parquet(str(final), num_cpus=cpus)
 
 
 def search_event_files(world: str | Path, days: Iterable[int]) -> list[str]:

@@ -34,7 +34,13 @@ from ray_mgdspr.artifacts import write_text_atomic
 from ray_mgdspr.config import ProjectConfig
 from ray_mgdspr.data import schema
 from ray_mgdspr.data.features import Featurizer, ItemContext
-from ray_mgdspr.data.pipeline import check_item_ids, search_event_files, training_dataset
+from ray_mgdspr.data.pipeline import (
+    check_item_ids,
+    examples_key,
+    materialize_in_storage,
+    search_event_files,
+    training_dataset,
+)
 from ray_mgdspr.data.vocab import KINDS, Vocabulary, build_vocab_from_world
 from ray_mgdspr.data.world import read_manifest, read_table, table_files
 from ray_mgdspr.metrics import recall_at_k
@@ -170,17 +176,30 @@ def _eval_features(world: str, vocab_path: str, cfg: ProjectConfig, days: list[i
 
 def _examples(cfg: ProjectConfig, world: str, days: list[int], vocab_path: Path,
               context: ItemContext) -> ray.data.Dataset:
-    """The featurized training examples: streamed each epoch, or (``data.materialize``) featurized once here."""
+    """The featurized training examples: streamed each epoch, or (``data.materialize``) featurized once here and
+    kept in the object store or on the run's storage (``data.materialize_to``)."""
     ds = training_dataset(world, days, vocab_path, cfg.features, cfg.data, context=context)
-    t = cfg.train
+    t, d = cfg.train, cfg.data
+    rows = None
     if t.max_steps_per_epoch is not None:  # a capped epoch reads no more: featurize only those (not drained)
-        ds = ds.limit(t.max_steps_per_epoch * t.batch_size * t.num_workers)
-    if not cfg.data.materialize:
+        rows = t.max_steps_per_epoch * t.batch_size * t.num_workers
+        ds = ds.limit(rows)
+    if not d.materialize:
         return ds
+    where = d.materialize_to
+    if where == "auto":
+        where = "storage" if sum(n["Alive"] for n in ray.nodes()) > 1 else "object_store"
     t0 = time.perf_counter()
+    if where == "storage":
+        directory = run_dir(cfg) / "examples"
+        ds = materialize_in_storage(ds, directory, examples_key(world, days, vocab_path, cfg.features, context, rows),
+                                    cpus=d.read_cpus)
+        log.info("featurized %d training examples once for %d epochs in %.1f s (Parquet in %s)",
+                 ds.count(), t.epochs, time.perf_counter() - t0, directory)
+        return ds
     ds = ds.materialize()
     log.info("featurized %d training examples once for %d epochs in %.1f s (%.1f MiB in the object store)",
-             ds.count(), cfg.train.epochs, time.perf_counter() - t0, ds.size_bytes() / 2**20)
+             ds.count(), t.epochs, time.perf_counter() - t0, ds.size_bytes() / 2**20)
     return ds
 
 

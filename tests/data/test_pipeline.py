@@ -126,6 +126,67 @@ def test_torch_batches_have_the_contract_shapes(ray_cluster: None, world_en: Pat
     assert reference["lt_item"].shape[1:] == (3, SMALL.long_len)
 
 
+def failing_dataset() -> ray.data.Dataset:
+    def boom(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise RuntimeError("this dataset ran")
+
+    return ray.data.range(10).map_batches(boom, num_cpus=0.25)
+
+
+def test_examples_materialized_in_storage_are_the_examples_and_reused(
+        ray_cluster: None, world_en: Path, vocab_path: Path, train_days: list[int],
+        reference: dict[str, np.ndarray], tmp_path: Path) -> None:
+    """``data.materialize_to: storage``: the examples go to Parquet once, read back equal (int64, same shapes);
+    the same key is reused without running the dataset again; a new key replaces the old directory."""
+    data = DataConfig(featurize_actors=2, featurize_cpus=0.5, batch_rows=97)
+    key = pipeline.examples_key(world_en, train_days, vocab_path, SMALL, None, None)
+    ds = pipeline.materialize_in_storage(training_dataset(world_en, train_days, vocab_path, SMALL, data),
+                                         tmp_path / "examples", key)
+    assert sorted(p.name for p in (tmp_path / "examples").iterdir()) == [key]  # no temporary directory left
+    assert list((tmp_path / "examples" / key).glob("*.parquet"))
+    assert_equal_examples(columns_of(list(ds.iter_batches(batch_size=None, batch_format="numpy"))), reference)
+
+    again = pipeline.materialize_in_storage(failing_dataset(), tmp_path / "examples", key)
+    assert again.count() == len(reference["item_id"])
+
+    other = pipeline.examples_key(world_en, train_days, vocab_path, SMALL, None, 100)
+    pipeline.materialize_in_storage(training_dataset(world_en, train_days, vocab_path, SMALL, data).limit(100),
+                                    tmp_path / "examples", other)
+    assert sorted(p.name for p in (tmp_path / "examples").iterdir()) == [other]
+
+
+def test_a_failed_write_to_storage_leaves_nothing_to_reuse(ray_cluster: None, tmp_path: Path) -> None:
+    with pytest.raises(Exception, match="this dataset ran"):
+        pipeline.materialize_in_storage(failing_dataset(), tmp_path / "examples", "k")
+    assert list((tmp_path / "examples").iterdir()) == []
+
+
+def test_the_examples_key_follows_every_input(world_en: Path, vocab_path: Path, train_days: list[int],
+                                              tmp_path: Path) -> None:
+    key = pipeline.examples_key
+    base = key(world_en, train_days, vocab_path, SMALL, None, None)
+    assert base == key(world_en, list(reversed(train_days)), vocab_path, SMALL, None, None)
+    context = ItemContext.of_world(world_en)
+    assert key(world_en, train_days, vocab_path, SMALL, context, None) == key(
+        world_en, train_days, vocab_path, SMALL, ItemContext.of_world(world_en), None)
+    changed = [key(world_en, train_days[:-1], vocab_path, SMALL, None, None),
+               key(world_en, train_days, vocab_path, SMALL.model_copy(update={"his_queries": 2}), None, None),
+               key(world_en, train_days, vocab_path, SMALL, context, None),
+               key(world_en, train_days, vocab_path, SMALL, None, 64)]
+    vocab2 = tmp_path / "vocab.json"
+    vocab2.write_bytes(vocab_path.read_bytes() + b" ")
+    changed.append(key(world_en, train_days, vocab2, SMALL, None, None))
+    world = copy_world(world_en, tmp_path)
+    assert key(world, train_days, vocab_path, SMALL, None, None) != base  # another place is another world
+    copied = key(world, train_days, vocab_path, SMALL, None, None)
+    items = next(world.glob("items*"))
+    item_file = items if items.is_file() else next(items.rglob("*.parquet"))
+    os.utime(item_file, ns=(item_file.stat().st_atime_ns, item_file.stat().st_mtime_ns + 10**9))
+    changed.append(key(world, train_days, vocab_path, SMALL, None, None))
+    assert changed[-1] != copied
+    assert len({base, *changed}) == len(changed) + 1
+
+
 # ------------------------------------------------------------------------------- checks before running
 
 

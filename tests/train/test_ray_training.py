@@ -121,15 +121,20 @@ def test_training_learns(world_en: Path, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_resume_continues_from_checkpoint(world_en: Path, tmp_path: Path) -> None:
     """Same run_name + storage_path: epoch 1 comes from the checkpoint, only epoch 2 is trained. The first run
-    featurizes its examples once (``data.materialize``, the default), the second streams them through the
-    featurizer (the other feeding mode, on the same checkpoint)."""
+    featurizes its examples once (``data.materialize``, the default) into Parquet on the run's storage
+    (``data.materialize_to: storage``, what a cluster of several nodes gets), the second streams them through
+    the featurizer (the other feeding mode, on the same checkpoint)."""
     steps = 8
     common = dict(max_steps_per_epoch=steps, eval_events=200, checkpoint_every=1000, num_to_keep=3)
     cfg1 = make_config(world_en, tmp_path, "resume", epochs=1, **common)
+    assert cfg1.data.materialize and cfg1.data.materialize_to == "auto"
+    cfg1 = cfg1.model_copy(update={"data": cfg1.data.model_copy(update={"materialize_to": "storage"})})
     first = train(cfg1)
     check_result(first, cfg1, 1, steps)
     after_first = checkpoints(cfg1)
     assert len(after_first) == 1
+    [examples] = (run_dir(cfg1) / "examples").iterdir()
+    assert list(examples.glob("*.parquet"))
 
     cfg2 = make_config(world_en, tmp_path, "resume", epochs=2, **common)
     assert cfg2.data.materialize
