@@ -303,6 +303,10 @@ class DataConfig(StrictModel):
                               "first epoch and kept in Ray's object store (spilled to disk when it is full) for "
                               "every epoch; false streams the logs through the featurizer actors again each epoch "
                               "(docs/training.md, \"Feeding the workers\")")
+    share_history: bool = Field(
+        True, description="build the featurizer (catalogue, every user's histories) once per run, save its arrays "
+        "under the run's directory and memory-map them in every featurizer actor: a node holds one copy however "
+        "many actors it runs; false: each actor reads the world and builds its own copy")
     materialize_to: Literal["auto", "object_store", "storage"] = Field(
         "auto", description="where examples featurized once are kept: object_store (Ray's, fastest; a block lost "
         "with its node cannot be rebuilt, since actors made it), storage (Parquet under the run's directory on "

@@ -16,6 +16,7 @@ import os
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # before anything imports ray (see shared/notes/RAY.md)
 
+import gc
 import json
 import logging
 import threading
@@ -24,6 +25,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pytest
 import ray
 from helpers import RAY_TEST_ENV, free_port, wait_for_state_api
@@ -32,6 +34,7 @@ from ray.cluster_utils import Cluster
 from ray.util.state import list_actors, list_tasks
 
 from ray_mgdspr.config import ProjectConfig, load_preset
+from ray_mgdspr.data.pipeline import materialize_in_storage
 from ray_mgdspr.index.build import build_index
 from ray_mgdspr.index.embed import embed_catalogue
 from ray_mgdspr.model.bundle import load_bundle
@@ -182,6 +185,32 @@ def test_training_recovers_from_a_lost_node_from_its_checkpoint(training: Traini
     # nodes (data.materialize_to: auto): blocks an actor made on the lost node could not be rebuilt
     assert [p.name for p in (run_dir(training.cfg) / "examples").iterdir() if list(p.glob("*.parquet"))]
     assert [h["epoch"] for h in training.result.metrics] == list(range(1, EPOCHS + 1))
+
+
+def test_examples_kept_on_storage_survive_the_node_that_made_them(cluster: Cluster, tmp_path: Path) -> None:
+    """Blocks an actor pool made, kept with ``materialize_in_storage``, read back whole after the node whose actor
+    made them is lost. (Kept with ``Dataset.materialize()`` instead, the read fails with ``ActorDiedError`` /
+    ``ReferenceCountingAssertionError`` once the lazy dataset is gone: Ray must restart the actor to rebuild the
+    lost blocks, and Ray Data has freed its constructor arguments. docs/training.md, "Feeding the workers".)"""
+    class AddOne:  # an actor-pool map function, as the featurizer is (local: pickled by value for the workers)
+        def __init__(self, k: int) -> None:
+            self.k = k
+
+        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            return {"id": batch["id"] + self.k}
+
+    doomed = cluster.add_node(num_cpus=1, resources={"doomed": 1}, object_store_memory=200 * 1024**2)
+    cluster.wait_for_nodes()
+    rows = 2_000_000  # 8 blocks of 2 MB: kept in the node's object store, not inlined in the driver's
+    ds = ray.data.range(rows, override_num_blocks=8).map_batches(
+        AddOne, fn_constructor_kwargs={"k": 1}, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.25,
+        resources={"doomed": 0.1}, batch_format="numpy")
+    kept = materialize_in_storage(ds, tmp_path / "examples", "key")
+    del ds
+    gc.collect()
+    cluster.remove_node(doomed, allow_graceful=False)
+    total = sum(int(b["id"].sum()) for b in kept.iter_batches(batch_size=None, batch_format="numpy"))
+    assert total == rows * (rows + 1) // 2
 
 
 @dataclass

@@ -90,6 +90,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ray_mgdspr.arrays import sorted_lookup
+from ray_mgdspr.artifacts import atomic_dir
 from ray_mgdspr.config import FeatureConfig
 from ray_mgdspr.data import schema
 from ray_mgdspr.data.vocab import PAD, Kind, Vocabulary
@@ -217,6 +218,75 @@ class Featurizer:
         self._actions = {a: self._behaviour_timeline(b_user, b_ts, item, action == a) for a in LONG_ACTIONS}
         words = _pad_csr(*vocab.encode("words", _lower(history["query_words"])), config.query_words_kept)
         self._queries = self._timeline(q_user, q_ts, {"words": _with_pad_row(words.astype(np.int32), PAD)})
+
+    # ---------------------------------------------------------------------------------- sharing
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the featurizer's arrays (catalogue, popularity, every user's histories) as ``.npy`` files and
+        the rest as ``featurizer.json`` into ``directory``, whole or not at all (``artifacts.atomic_dir``): what
+        :meth:`load` maps back. The vocabulary is not saved; load with the one this featurizer was built with.
+
+        Returns:
+            ``directory``.
+        """
+        arrays = {"items.ids": self._item_ids, "items.titles": self._titles, "users": self._users,
+                  **{f"items.{s}": a for s, a in self._side.items()},
+                  "popularity.item_ids": self.popularity.item_ids,
+                  **{f"popularity.{k}": a for k, a in self.popularity.counts.items()},
+                  "queries.keys": self._queries.keys, "queries.words": self._queries.payload["words"]}
+        for action, tl in self._actions.items():
+            arrays |= {f"actions.{action}.keys": tl.keys, **{f"actions.{action}.{k}": a for k, a in tl.payload.items()}}
+        with atomic_dir(directory) as tmp:
+            for name, array in arrays.items():
+                np.save(tmp / f"{name}.npy", np.ascontiguousarray(array), allow_pickle=False)
+            meta = {"world": str(self.world), "config": self.config.model_dump(mode="json"),
+                    "ts0": self._ts0, "span": self._span, "actions": list(self._actions), "sides": list(self._side)}
+            (tmp / "featurizer.json").write_text(json.dumps(meta, indent=1))
+        return Path(directory)
+
+    @classmethod
+    def load(cls, directory: str | Path, vocab: Vocabulary, mmap: bool = True) -> Featurizer:
+        """A featurizer from :meth:`save`'s files, equal to the one saved.
+
+        With ``mmap`` (the default) the arrays are read-only memory maps of the files: the processes of a node
+        that load the same directory share one copy of them in the OS page cache, so the history memory of a
+        node does not grow with its featurizer actors (``data.share_history``), and loading reads nothing
+        until a batch touches it.
+
+        Args:
+            directory: a directory :meth:`save` wrote.
+            vocab: the vocabulary the saved featurizer was built with.
+            mmap: map the files (True) or read them into memory.
+
+        Raises:
+            ValueError: ``directory`` is not a saved featurizer (names the missing file).
+        """
+        directory = Path(directory)
+        try:
+            meta = json.loads((directory / "featurizer.json").read_text())
+            arrays = {name: np.load(directory / f"{name}.npy", mmap_mode="r" if mmap else None, allow_pickle=False)
+                      for name in cls._saved_names(meta)}
+        except FileNotFoundError as e:
+            raise ValueError(f"{directory}: not a saved featurizer ({e.filename} is missing)") from None
+        out = cls.__new__(cls)
+        out.world, out.vocab = Path(meta["world"]), vocab
+        out.config = FeatureConfig.model_validate(meta["config"])
+        out._context, out._tokenizer = None, vocab.tokenizer()
+        out._ts0, out._span = int(meta["ts0"]), int(meta["span"])
+        out._item_ids, out._titles, out._users = arrays["items.ids"], arrays["items.titles"], arrays["users"]
+        out._side = {s: arrays[f"items.{s}"] for s in meta["sides"]}
+        out.popularity = ItemPopularity(arrays["popularity.item_ids"],
+                                        *(arrays[f"popularity.{k}"] for k in ItemPopularity.COLUMNS))
+        out._queries = _Timeline(arrays["queries.keys"], {"words": arrays["queries.words"]})
+        out._actions = {a: _Timeline(arrays[f"actions.{a}.keys"],
+                                     {k: arrays[f"actions.{a}.{k}"] for k in ("item", "row")}) for a in meta["actions"]}
+        return out
+
+    @staticmethod
+    def _saved_names(meta: dict[str, Any]) -> list[str]:
+        return ["items.ids", "items.titles", "users", *(f"items.{s}" for s in meta["sides"]), "popularity.item_ids",
+                *(f"popularity.{k}" for k in ItemPopularity.COLUMNS), "queries.keys", "queries.words",
+                *(f"actions.{a}.{k}" for a in meta["actions"] for k in ("keys", "item", "row"))]
 
     # ------------------------------------------------------------------------------------------ rows
 

@@ -11,10 +11,12 @@ log itself, only the Parquet footers of the day files, to fail fast on a missing
 
 Where memory goes
 -----------------
-Each featurizer actor builds a :class:`~ray_mgdspr.data.features.Featurizer`, which loads the items table and
-**every user's behaviours (click, buy, collect) and query history of** ``history_days`` into numpy arrays. That
-is the part that grows with the log, and it is paid once per actor: ``featurize_actors`` x (history of
-``history_days``). Narrow ``history_days`` to the training days plus the ``long_days`` before them on a long log.
+A :class:`~ray_mgdspr.data.features.Featurizer` holds the items table and **every user's behaviours (click, buy,
+collect) and query history of** ``history_days`` as numpy arrays: the part that grows with the log. With a
+``share_dir`` (the trainer passes the run's directory) and ``data.share_history``, one task builds it once and
+saves the arrays (:meth:`Featurizer.save`), and each :class:`FeaturizeBatch` actor memory-maps them: one copy per
+node in the page cache, however many actors. Otherwise each actor builds its own: ``featurize_actors`` x
+(history of ``history_days``).
 
 Resources are configuration
 ---------------------------
@@ -27,11 +29,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import pickle
 import shutil
-import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +42,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
+from ray_mgdspr.artifacts import atomic_dir
 from ray_mgdspr.config import DataConfig, FeatureConfig
 from ray_mgdspr.data.features import (
     EXPLODE_COLUMNS,
@@ -58,11 +59,11 @@ log = logging.getLogger(__name__)
 
 def training_dataset(world: str | Path, days: Iterable[int], vocab_path: str | Path, features: FeatureConfig,
                      data: DataConfig, history_days: Iterable[int] | None = None,
-                     context: ItemContext | None = None) -> ray.data.Dataset:
+                     context: ItemContext | None = None, share_dir: str | Path | None = None) -> ray.data.Dataset:
     """Stream (search event, positive item) training examples of ``days``, featurized, as a Ray Dataset.
 
     The day files are checked (present, needed columns with the schema's types, at least one event) before
-    anything runs; the dataset itself is lazy.
+    anything runs; the dataset itself is lazy (the shared featurizer, when asked for, is saved here first).
 
     Args:
         world: a world directory, or a URI pyarrow understands (``s3://...``) for the search events; the
@@ -74,6 +75,10 @@ def training_dataset(world: str | Path, days: Iterable[int], vocab_path: str | P
         history_days: days of behaviours and query history each actor loads (default: all days of the world).
         context: the items' price edges and popularity counts, computed once by the caller and handed to every
             actor (default: each actor computes the world's, a pass over the training days' search logs each).
+        share_dir: with ``data.share_history``, a directory every node reads (the run's, on a cluster): one task
+            builds the featurizer once and saves its arrays under ``share_dir/<key>`` (reused while the inputs are
+            the same), and every actor memory-maps them (:meth:`Featurizer.load`), so a node holds one copy of
+            the histories however many actors it runs. None: each actor builds its own.
 
     Returns:
         a dataset whose columns are the Featurizer's output keys (``query_chars``, ..., ``item_id``,
@@ -89,32 +94,52 @@ def training_dataset(world: str | Path, days: Iterable[int], vocab_path: str | P
     if data.repartition is not None:
         ds = ds.repartition(data.repartition)
     ds = ds.map_batches(explode_positives, batch_format="pyarrow", **cpus)
+    history_days = None if history_days is None else sorted(set(history_days))
     featurizer_args = {"world": str(world), "vocab_path": str(vocab_path), "features": features,
-                       "history_days": None if history_days is None else sorted(set(history_days)),
-                       "context": context}
+                       "history_days": history_days, "context": context}
+    if data.share_history and share_dir is not None:
+        key = _inputs_key(world, vocab_path, features, context, history_days=history_days)
+        saved = _once(Path(share_dir), key, lambda tmp: ray.get(_save_featurizer.options(**cpus).remote(
+            str(world), str(vocab_path), features, history_days, context, str(tmp))), "featurizer")
+        featurizer_args = {"vocab_path": str(vocab_path), "saved": str(saved)}
     return ds.map_batches(FeaturizeBatch, fn_constructor_kwargs=featurizer_args,
                           compute=ray.data.ActorPoolStrategy(size=data.featurize_actors),
                           num_cpus=data.featurize_cpus, batch_size=data.batch_rows, batch_format="pyarrow")
 
 
 class FeaturizeBatch:
-    """Ray Data callable class: one :class:`Featurizer` per actor (it holds the users' histories).
+    """Ray Data callable class: one :class:`Featurizer` per actor (it holds the users' histories), built here or
+    memory-mapped from a saved one (``saved``: the histories are then shared by the actors of a node).
 
     Args:
-        world: the world directory.
         vocab_path: the vocabulary JSON file.
-        features: lengths and windows of the features.
+        world: the world directory (not with ``saved``).
+        features: lengths and windows of the features (not with ``saved``).
         history_days: days of behaviours and query history to load (None: all days).
         context: the items' price edges and popularity counts (None: the world's, computed here).
+        saved: a directory :meth:`Featurizer.save` wrote (with the same vocabulary), mapped read-only.
     """
 
-    def __init__(self, world: str, vocab_path: str, features: FeatureConfig,
-                 history_days: list[int] | None, context: ItemContext | None = None) -> None:
-        self.featurizer = Featurizer(world, Vocabulary.load(vocab_path), features, history_days, context=context)
+    def __init__(self, vocab_path: str, world: str | None = None, features: FeatureConfig | None = None,
+                 history_days: list[int] | None = None, context: ItemContext | None = None,
+                 saved: str | None = None) -> None:
+        vocab = Vocabulary.load(vocab_path)
+        if saved is not None:
+            self.featurizer = Featurizer.load(saved, vocab)
+        elif world is None or features is None:
+            raise ValueError("FeaturizeBatch needs a world and features, or a saved featurizer")
+        else:
+            self.featurizer = Featurizer(world, vocab, features, history_days, context=context)
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
         """Features of a batch of :func:`explode_positives` rows (dict of int64 arrays)."""
         return self.featurizer(batch)
+
+
+@ray.remote(max_calls=1)  # the worker process exits afterwards: its peak (every history sorted) is not kept
+def _save_featurizer(world: str, vocab_path: str, features: FeatureConfig, history_days: list[int] | None,
+                     context: ItemContext | None, out: str) -> None:
+    Featurizer(world, Vocabulary.load(vocab_path), features, history_days, context=context).save(out)
 
 
 def examples_key(world: str | Path, days: Iterable[int], vocab_path: str | Path, features: FeatureConfig,
@@ -127,14 +152,37 @@ def examples_key(world: str | Path, days: Iterable[int], vocab_path: str | Path,
         world: a world directory or URI; days, vocab_path, features, context: as :func:`training_dataset`.
         rows: the dataset's row limit (``ds.limit``), or None.
     """
+    return _inputs_key(world, vocab_path, features, context, days=sorted(set(days)), rows=rows)
+
+
+def _inputs_key(world: str | Path, vocab_path: str | Path, features: FeatureConfig, context: ItemContext | None,
+                **more: object) -> str:
+    """16 hex digits of sha256 over the world's files (path, size, mtime), the vocabulary file's bytes, the
+    feature config, the item context and ``more``."""
     root = _Location.of(world)
     files = root.fs.get_file_info(pafs.FileSelector(root.path, recursive=True))
     stats = sorted((f.path, f.size, f.mtime_ns) for f in files if f.type == pafs.FileType.File)
     digest = hashlib.sha256()
-    for part in (stats, sorted(set(days)), Path(vocab_path).read_bytes(), features.model_dump_json(), rows):
+    for part in (stats, Path(vocab_path).read_bytes(), features.model_dump_json(), sorted(more.items())):
         digest.update(pickle.dumps(part))
     digest.update(pickle.dumps(context))  # dataclasses of numpy arrays: the same bytes for the same values
     return digest.hexdigest()[:16]
+
+
+def _once(directory: Path, key: str, write: Callable[[Path], None], what: str) -> Path:
+    """``directory/key``: reused when it exists, else filled by ``write(tmp)`` in a temporary directory that is
+    renamed into place (``atomic_dir``: complete or absent); then the other keys' directories (earlier inputs')
+    are removed, but not another writer's work in progress (a hidden ``.`` name)."""
+    final = directory / key
+    if final.is_dir():
+        log.info("reusing the %s in %s", what, final)
+        return final
+    with atomic_dir(final) as tmp:
+        write(tmp)
+    for old in directory.iterdir():
+        if old != final and old.is_dir() and not old.name.startswith("."):
+            shutil.rmtree(old, ignore_errors=True)
+    return final
 
 
 def materialize_in_storage(ds: ray.data.Dataset, directory: str | Path, key: str,
@@ -147,10 +195,10 @@ def materialize_in_storage(ds: ray.data.Dataset, directory: str | Path, key: str
     (ray-project/ray#31794, #53727): the next epoch fails with ``ReferenceCountingAssertionError``. Files on
     the run's shared storage survive the loss of any node, and reading them is a task Ray can retry.
 
-    The files are written to a temporary directory beside the final one and renamed into place, so the
-    directory is complete or absent: a run that fails while writing leaves nothing to reuse. A directory that
-    already holds ``key`` is reused (a resumed run does not featurize again). Other keys' directories under
-    ``directory`` are removed after a write (the examples of earlier inputs).
+    The files are written to a temporary directory beside the final one and renamed into place
+    (``artifacts.atomic_dir``), so the directory is complete or absent: a run that fails while writing leaves
+    nothing to reuse. A directory that already holds ``key`` is reused (a resumed run does not featurize again).
+    Other keys' directories under ``directory`` are removed after a write (the examples of earlier inputs).
 
     Args:
         ds: the dataset to run (e.g. :func:`training_dataset`).
@@ -161,25 +209,8 @@ def materialize_in_storage(ds: ray.data.Dataset, directory: str | Path, key: str
     Returns:
         a lazy dataset that reads ``directory/key``.
     """
-    directory = Path(directory)
-    final = directory / key
-    if final.is_dir():
-        log.info("reusing the featurized examples in %s", final)
-    else:
-        directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / f".{key}.{uuid.uuid4().hex[:8]}.tmp"
-        try:
-            ds.write_parquet(str(tmp), ray_remote_args={"num_cpus": cpus})
-            try:
-                os.rename(tmp, final)
-            except OSError:  # another run wrote the same examples first: keep theirs
-                if not final.is_dir():
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        for old in directory.iterdir():
-            if old != final and old.is_dir() and not old.name.startswith("."):
-                shutil.rmtree(old, ignore_errors=True)
+    final = _once(Path(directory), key, lambda tmp: ds.write_parquet(str(tmp), ray_remote_args={"num_cpus": cpus}),
+                  "featurized examples")
     return ray.data.read_parquet(str(final), num_cpus=cpus)
 
 

@@ -178,7 +178,8 @@ def _examples(cfg: ProjectConfig, world: str, days: list[int], vocab_path: Path,
               context: ItemContext) -> ray.data.Dataset:
     """The featurized training examples: streamed each epoch, or (``data.materialize``) featurized once here and
     kept in the object store or on the run's storage (``data.materialize_to``)."""
-    ds = training_dataset(world, days, vocab_path, cfg.features, cfg.data, context=context)
+    ds = training_dataset(world, days, vocab_path, cfg.features, cfg.data, context=context,
+                          share_dir=run_dir(cfg) / "featurizer")
     t, d = cfg.train, cfg.data
     rows = None
     if t.max_steps_per_epoch is not None:  # a capped epoch reads no more: featurize only those (not drained)

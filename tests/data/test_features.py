@@ -468,3 +468,37 @@ def test_pickles_for_ray_workers(feat_en: Featurizer, train_en: pa.Table) -> Non
     expected, got = feat_en(batch), again(batch)
     for key in expected:
         np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+
+
+def test_a_saved_featurizer_maps_back_equal_and_read_only(world_en: Path, vocab_en: Vocabulary, feat_en: Featurizer,
+                                                          train_en: pa.Table, tmp_path: Path) -> None:
+    """``save`` / ``load``: the features of examples, of serving requests (no item) and of a few users' rows
+    (``for_users``) equal the original's; the mapped arrays are read-only, so no batch can change them."""
+    saved = feat_en.save(tmp_path / "featurizer")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary directory left
+    for mmap in (True, False):
+        loaded = Featurizer.load(saved, vocab_en, mmap=mmap)
+        batch = train_en.slice(0, 300)
+        for want, got in ((feat_en(batch), loaded(batch)),
+                          (feat_en(batch.drop_columns(["item_id", "event_id"])),
+                           loaded(batch.drop_columns(["item_id", "event_id"])))):
+            assert want.keys() == got.keys()
+            for key in want:
+                np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    mapped = Featurizer.load(saved, vocab_en)
+    assert isinstance(mapped._actions["click"].keys, np.memmap) and not mapped._actions["click"].keys.flags.writeable
+    few = mapped.for_users(train_en["user_id"].to_numpy()[:20])
+    rows = train_en.slice(0, 20)
+    for key, want in feat_en(rows).items():
+        np.testing.assert_array_equal(few(rows)[key], want, err_msg=key)
+
+
+def test_loading_what_is_not_a_saved_featurizer_names_the_missing_file(vocab_en: Vocabulary, feat_en: Featurizer,
+                                                                       tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="not a saved featurizer") as e:
+        Featurizer.load(tmp_path, vocab_en)
+    assert "featurizer.json" in str(e.value)
+    saved = feat_en.save(tmp_path / "f")
+    (saved / "queries.keys.npy").unlink()
+    with pytest.raises(ValueError, match=r"queries\.keys\.npy"):
+        Featurizer.load(saved, vocab_en)

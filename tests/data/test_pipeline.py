@@ -126,6 +126,26 @@ def test_torch_batches_have_the_contract_shapes(ray_cluster: None, world_en: Pat
     assert reference["lt_item"].shape[1:] == (3, SMALL.long_len)
 
 
+def test_actors_share_one_saved_featurizer(ray_cluster: None, world_en: Path, vocab_path: Path,
+                                           train_days: list[int], reference: dict[str, np.ndarray],
+                                           tmp_path: Path) -> None:
+    """``data.share_history``: one task saves the featurizer under ``share_dir/<key>``, the actors map it; the
+    examples are the same, and a second dataset over the same inputs reuses the saved arrays."""
+    data = DataConfig(featurize_actors=2, featurize_cpus=0.5, batch_rows=97)
+    ds = training_dataset(world_en, train_days, vocab_path, SMALL, data, share_dir=tmp_path / "featurizer")
+    [saved] = (tmp_path / "featurizer").iterdir()
+    assert (saved / "featurizer.json").is_file() and len(list(saved.glob("*.npy"))) > 10
+    written = {p.name: p.stat().st_mtime_ns for p in saved.iterdir()}
+    assert_equal_examples(columns_of(list(ds.iter_batches(batch_size=None, batch_format="numpy"))), reference)
+    again = training_dataset(world_en, train_days, vocab_path, SMALL, data, share_dir=tmp_path / "featurizer")
+    assert [p.name for p in (tmp_path / "featurizer").iterdir()] == [saved.name]
+    assert {p.name: p.stat().st_mtime_ns for p in saved.iterdir()} == written
+    assert_equal_examples(columns_of(list(again.iter_batches(batch_size=None, batch_format="numpy"))), reference)
+    unshared = DataConfig(featurize_actors=2, featurize_cpus=0.5, batch_rows=97, share_history=False)
+    training_dataset(world_en, train_days, vocab_path, SMALL, unshared, share_dir=tmp_path / "other")
+    assert not (tmp_path / "other").exists()
+
+
 def failing_dataset() -> ray.data.Dataset:
     def boom(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         raise RuntimeError("this dataset ran")
@@ -272,7 +292,7 @@ def test_featurize_batch_loads_the_history_days_it_is_given(world_en: Path, voca
     vocab = Vocabulary.load(vocab_path)
     last_day = train_days[-1:]
     rows = Featurizer(world_en, vocab, SMALL).examples(last_day).slice(0, 300)
-    got = FeaturizeBatch(str(world_en), str(vocab_path), SMALL, last_day)(rows)
+    got = FeaturizeBatch(str(vocab_path), str(world_en), SMALL, last_day)(rows)
     want = Featurizer(world_en, vocab, SMALL, history_days=last_day)(rows)
     for key, expected in want.items():
         np.testing.assert_array_equal(got[key], expected, err_msg=key)
