@@ -42,6 +42,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
+from ray_mgdspr.arrays import keep_temporaries_on_the_heap
 from ray_mgdspr.artifacts import atomic_dir
 from ray_mgdspr.config import DataConfig, FeatureConfig
 from ray_mgdspr.data.features import (
@@ -123,6 +124,7 @@ class FeaturizeBatch:
     def __init__(self, vocab_path: str, world: str | None = None, features: FeatureConfig | None = None,
                  history_days: list[int] | None = None, context: ItemContext | None = None,
                  saved: str | None = None) -> None:
+        keep_temporaries_on_the_heap()  # a mapped featurizer ran at 0.55x a built one without it (arrays.py)
         vocab = Vocabulary.load(vocab_path)
         if saved is not None:
             self.featurizer = Featurizer.load(saved, vocab)

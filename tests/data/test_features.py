@@ -502,3 +502,10 @@ def test_loading_what_is_not_a_saved_featurizer_names_the_missing_file(vocab_en:
     (saved / "queries.keys.npy").unlink()
     with pytest.raises(ValueError, match=r"queries\.keys\.npy"):
         Featurizer.load(saved, vocab_en)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="glibc's mallopt: Linux")
+def test_featurizer_processes_keep_numpy_temporaries_on_the_heap() -> None:
+    from ray_mgdspr.arrays import keep_temporaries_on_the_heap
+
+    assert keep_temporaries_on_the_heap()  # mallopt accepted both settings
