@@ -13,8 +13,8 @@ the real :class:`~ray_mgdspr.data.pipeline.FeaturizeBatch` runs in ``n`` Ray act
 preset gives them), each featurizes the same examples (every training example of the last train day, so the
 histories of most users are read), and then each actor's memory is read from ``/proc``: peak RSS (``VmHWM``),
 RSS, USS (pages only it holds) and PSS (each shared page divided among its sharers: the PSS of the actors sums to
-what they cost the node together). An actor that only imports the same modules (``idle``) gives the floor of any
-Python process here; "history memory" is the sum of PSS above that floor. Also timed: the actor's start-up
+what they cost the node together), and the PSS of the mapped ``.npy`` files alone. An actor that only imports the
+same modules (``Idle``) gives the floor of any Python process here. Also timed: the actor's start-up
 (build or map) and its featurize rate.
 
     python benchmarks/bench_featurizer_memory.py                       # small preset, ~3 min on 2 cores
@@ -37,16 +37,24 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 
 
-def memory(pid: int) -> dict[str, float]:
-    """MiB: peak RSS, RSS, USS and PSS of a process (``/proc/<pid>/status`` and ``smaps_rollup``)."""
+def memory(pid: int, saved: Path) -> dict[str, float]:
+    """MiB: peak RSS, RSS, USS and PSS of a process (``/proc/<pid>/status`` and ``smaps_rollup``), and the PSS of
+    its mappings of the saved featurizer's files (``smaps``)."""
     fields = {}
     for name in ("status", "smaps_rollup"):
         for line in Path(f"/proc/{pid}/{name}").read_text().splitlines():
             key, _, value = line.partition(":")
             if value.strip().endswith("kB"):
                 fields[key] = int(value.split()[0]) / 1024
+    mapped, inside = 0.0, False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        head = line.split()
+        if head and "-" in head[0] and len(head) >= 5:  # a mapping's header line: range perms offset dev inode [path]
+            inside = len(head) >= 6 and head[5].startswith(str(saved))
+        elif inside and line.startswith("Pss:"):
+            mapped += int(line.split()[1]) / 1024
     return {"peak_rss": fields["VmHWM"], "rss": fields["VmRSS"], "pss": fields["Pss"],
-            "uss": fields["Private_Clean"] + fields["Private_Dirty"]}
+            "uss": fields["Private_Clean"] + fields["Private_Dirty"], "saved_pss": mapped}
 
 
 class Idle:
@@ -112,7 +120,7 @@ def main() -> None:
         connect_ray(cfg.ray)
         cpus = cfg.data.featurize_cpus
         idle = [ray.remote(num_cpus=cpus)(Idle).remote() for _ in range(2)]
-        floor = sum(memory(p)["pss"] for p in ray.get([a.pid.remote() for a in idle])) / len(idle)
+        floor = sum(memory(p, saved)["pss"] for p in ray.get([a.pid.remote() for a in idle])) / len(idle)
         for a in idle:
             ray.kill(a)
         kwargs = {"own": {"vocab_path": str(vocab_path), "world": str(world), "features": cfg.features},
@@ -121,7 +129,7 @@ def main() -> None:
             for mode in ("own", "shared"):
                 print(f"{n} actor(s), {mode} ...", flush=True)
                 actors = [ray.remote(num_cpus=cpus)(Probe).remote(**kwargs[mode]) for _ in range(n)]
-                per_actor = [{**r, **memory(r["pid"])} for r in ray.get([a.run.remote(rows) for a in actors])]
+                per_actor = [{**r, **memory(r["pid"], saved)} for r in ray.get([a.run.remote(rows) for a in actors])]
                 for a in actors:
                     ray.kill(a)
                 time.sleep(1)
@@ -129,6 +137,7 @@ def main() -> None:
                     "actors": n, "mode": mode, "per_actor": per_actor,
                     "sum_pss": sum(r["pss"] for r in per_actor), "sum_uss": sum(r["uss"] for r in per_actor),
                     "history_pss": sum(r["pss"] for r in per_actor) - n * floor,
+                    "saved_pss": sum(r["saved_pss"] for r in per_actor),
                     "max_peak_rss": max(r["peak_rss"] for r in per_actor),
                     "start_s": sum(r["start_s"] for r in per_actor) / n,
                     "rows_per_s": rows.num_rows * n / sum(r["featurize_s"] for r in per_actor)})
@@ -155,14 +164,17 @@ def report(r: dict) -> str:
         f"{r['load_avg'][1]:.1f}.", "",
         f"Each actor featurizes the {r['examples']:,} training examples of the last train day. The saved featurizer "
         f"is {r['saved_mib']:.0f} MiB of `.npy` files; building it in one process took {r['build_s']:.1f} s. An idle "
-        f"actor (the same imports, nothing held) has a PSS of {r['idle_actor_pss_mib']:.0f} MiB; history memory = "
-        "the actors' PSS summed, less that floor per actor. MiB throughout.", "",
-        "| actors | featurizer | history memory (sum PSS - floor) | sum PSS | sum USS | peak RSS (largest) | "
-        "start-up s per actor | examples/s per actor |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|",
+        f"actor (the same imports, nothing held) has a PSS of {r['idle_actor_pss_mib']:.0f} MiB; \"sum PSS - floor\" "
+        "is what the actors hold beyond that: the histories and catalogue, the vocabulary and each actor's batch "
+        "working set. \"Of which the saved arrays\": the PSS of the mapped `.npy` files, summed over the actors "
+        "(each shared page counted once in all). MiB throughout.", "",
+        "| actors | featurizer | sum PSS - floor | of which the saved arrays | sum PSS | sum USS | "
+        "peak RSS (largest) | start-up s per actor | examples/s per actor |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in r["runs"]:
-        lines.append(f"| {row['actors']} | {row['mode']} | {row['history_pss']:,.0f} | {row['sum_pss']:,.0f} | "
+        lines.append(f"| {row['actors']} | {row['mode']} | {row['history_pss']:,.0f} | {row['saved_pss']:,.0f} | "
+                     f"{row['sum_pss']:,.0f} | "
                      f"{row['sum_uss']:,.0f} | {row['max_peak_rss']:,.0f} | {row['start_s']:.2f} | "
                      f"{row['rows_per_s']:,.0f} |")
     lines += ["", "`own`: each actor builds its featurizer from the world (`data.share_history: false`); `shared`: "
