@@ -270,6 +270,14 @@ class OptimConfig(StrictModel):
         "cosine", description="learning rate over the run: cosine decay from lr to lr * final_lr_ratio by the "
         "last step, or constant (docs/model.md, \"Learning-rate schedule\")")
     final_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine only: the last step's lr as a share of lr")
+    lr_scaling: Literal["none", "sqrt", "linear"] = Field(
+        "none", description="scale lr with the global batch (batch_size x workers) against lr_reference_batch: "
+        "none; sqrt (lr x sqrt(batch / reference), the rule for Adam); linear (lr x batch / reference, the rule "
+        "for SGD, with warm-up). For a larger batch on a GPU at the rate tuned at the reference "
+        "(docs/training.md, \"Larger batches\")")
+    lr_reference_batch: int = Field(256, ge=1, description="the global batch optim.lr was tuned at (lr_scaling)")
+    warmup_steps: int = Field(0, ge=0, description="steps over which lr rises linearly to its (scaled) value "
+                              "before the schedule starts; 0: none")
 
     @model_validator(mode="before")
     @classmethod
@@ -282,6 +290,18 @@ class OptimConfig(StrictModel):
     def learning_rate(self) -> float:
         """``lr``, or the kind's default: 3e-3 for Adam (measured, docs/model.md), the paper's 0.1 for Adagrad."""
         return self.lr if self.lr is not None else {"adam": 3e-3, "adagrad": 0.1}[self.kind]
+
+    def scaled_learning_rate(self, global_batch: int | None) -> float:
+        """``learning_rate`` scaled to ``global_batch`` by ``lr_scaling`` (None: unscaled).
+
+        Example:
+            >>> OptimConfig(lr=1e-3, lr_scaling="sqrt").scaled_learning_rate(1024)
+            0.002
+        """
+        if global_batch is None or self.lr_scaling == "none":
+            return self.learning_rate
+        ratio = global_batch / self.lr_reference_batch
+        return self.learning_rate * (ratio ** 0.5 if self.lr_scaling == "sqrt" else ratio)
 
 
 # --------------------------------------------------------------------------------------------------

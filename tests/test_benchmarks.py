@@ -3,6 +3,7 @@ shard metadata once broke every index build of ``bench_index.py`` unnoticed)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -14,6 +15,7 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
+import bench_featurizer_memory  # noqa: E402
 import bench_index  # noqa: E402
 import proctree  # noqa: E402
 
@@ -57,3 +59,15 @@ def test_per_shard_build_and_search_run_at_a_tiny_size(tmp_path: Path, monkeypat
     searched = bench_index.child_search(data, 2_000, bench_index.FLAT, str(root), [{}], "", 5, 1)
     assert searched["settings"][0]["flat_vs_numpy_recall_20q"] == 1.0
     assert searched["settings"][0]["single_p99_ms"] > 0
+
+
+def test_featurizer_memory_counts_a_mapped_files_pages(tmp_path: Path) -> None:
+    """``bench_featurizer_memory.memory``: the PSS of this process's mappings of files under a directory (all
+    touched pages of a 16 MiB ``.npy`` mapped read-only), beside the process's own totals."""
+    np.save(tmp_path / "a.npy", np.ones(2 * 2**20, np.int64))
+    before = bench_featurizer_memory.memory(os.getpid(), tmp_path)
+    mapped = np.load(tmp_path / "a.npy", mmap_mode="r")
+    assert int(mapped.sum()) == 2 * 2**20  # every page touched
+    after = bench_featurizer_memory.memory(os.getpid(), tmp_path)
+    assert before["saved_pss"] == 0 and 15.5 <= after["saved_pss"] <= 16.5
+    assert after["rss"] >= after["pss"] >= after["uss"] > 0 and after["peak_rss"] >= after["rss"]

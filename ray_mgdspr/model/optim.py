@@ -93,8 +93,9 @@ def model_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
     return make_optimizer(model.parameters(), cfg, sparse)
 
 
-def learning_rate_at(cfg: OptimConfig, step: int, total: int) -> float:
-    """The learning rate of the 0-based ``step`` of a ``total``-step run under ``cfg.schedule``.
+def learning_rate_at(cfg: OptimConfig, step: int, total: int, global_batch: int | None = None) -> float:
+    """The learning rate of the 0-based ``step`` of a ``total``-step run: ``cfg.warmup_steps`` of linear warm-up
+    to the rate scaled to ``global_batch`` (``cfg.scaled_learning_rate``), then ``cfg.schedule`` over the rest.
 
     A function of the step alone, so a run resumed from a checkpoint continues the same curve.
 
@@ -102,8 +103,14 @@ def learning_rate_at(cfg: OptimConfig, step: int, total: int) -> float:
         >>> cfg = OptimConfig(lr=1.0, schedule="cosine", final_lr_ratio=0.1)
         >>> [round(learning_rate_at(cfg, s, 3), 3) for s in range(3)]
         [1.0, 0.55, 0.1]
+        >>> cfg = OptimConfig(lr=1.0, schedule="constant", warmup_steps=4, lr_scaling="linear")
+        >>> [learning_rate_at(cfg, s, 10, global_batch=512) for s in (0, 1, 3, 4, 9)]
+        [0.5, 1.0, 2.0, 2.0, 2.0]
     """
-    lr = cfg.learning_rate
+    lr = cfg.scaled_learning_rate(global_batch)
+    if step < cfg.warmup_steps:
+        return lr * (max(step, 0) + 1) / cfg.warmup_steps
+    step, total = step - cfg.warmup_steps, total - cfg.warmup_steps
     if cfg.schedule == "constant" or total <= 1:
         return lr
     progress = min(max(step, 0) / (total - 1), 1.0)

@@ -137,7 +137,7 @@ def fit_local(
         for start in range(0, len(order) - bs + 1, bs):
             batch = as_tensors(featurizer(examples.take(order[start : start + bs])))
             negatives = as_tensors(catalogue.sample(extra_negatives(loss_cfg, bs), rng))
-            set_learning_rate(optimizer, learning_rate_at(optim_cfg, step, steps))
+            set_learning_rate(optimizer, learning_rate_at(optim_cfg, step, steps, global_batch=bs))
             metrics = train_step(model, optimizer, batch, negatives, loss_cfg, optim_cfg.clip_norm, generator,
                                  catalogue)
             run.history.append(metrics)

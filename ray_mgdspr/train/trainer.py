@@ -152,17 +152,17 @@ def _vocab(cfg: ProjectConfig, world: str, run: Path) -> Path:
     return path
 
 
-@ray.remote
-def _catalogue_features(world: str, vocab_path: str, cfg: ProjectConfig, context: ItemContext) -> CatalogueFeatures:
+def catalogue_features(world: str, vocab_path: str, cfg: ProjectConfig,
+                       context: ItemContext | None = None) -> CatalogueFeatures:
     """Item-tower inputs of the whole catalogue (negatives are sampled from it; evaluation embeds it)."""
     featurizer = Featurizer(world, Vocabulary.load(vocab_path), cfg.features, history_days=[], context=context)
     return CatalogueFeatures.from_featurizer(featurizer, read_table(world, "items", columns=["item_id"])["item_id"])
 
 
-@ray.remote
-def _eval_features(world: str, vocab_path: str, cfg: ProjectConfig, days: list[int],
-                   context: ItemContext) -> dict[str, Any]:
-    """A seeded sample of held-out searches, featurized, with their targets (clicked ∪ bought). Only the sampled
+def eval_features(world: str, vocab_path: str, cfg: ProjectConfig, days: list[int],
+                  context: ItemContext | None = None) -> dict[str, Any]:
+    """A seeded sample of ``cfg.train.eval_events`` held-out searches of ``days``, featurized, with their targets
+    (clicked ∪ bought): ``{"features": ..., "targets": [...]}``, what :func:`evaluate` takes. Only the sampled
     users' histories are read (at the large preset a whole featurizer held 4.6 GB for 1,000 searches)."""
     featurizer = Featurizer(world, Vocabulary.load(vocab_path), cfg.features, history_days=[], context=context)
     events = featurizer.events(days)
@@ -172,6 +172,17 @@ def _eval_features(world: str, vocab_path: str, cfg: ProjectConfig, days: list[i
     targets = [np.asarray(t, np.int64) for t in events["target_item_ids"].to_pylist()]
     featurizer = featurizer.for_users(events["user_id"].to_numpy())
     return {"features": featurizer(events), "targets": targets}
+
+
+@ray.remote
+def _catalogue_features(world: str, vocab_path: str, cfg: ProjectConfig, context: ItemContext) -> CatalogueFeatures:
+    return catalogue_features(world, vocab_path, cfg, context)
+
+
+@ray.remote
+def _eval_features(world: str, vocab_path: str, cfg: ProjectConfig, days: list[int],
+                   context: ItemContext) -> dict[str, Any]:
+    return eval_features(world, vocab_path, cfg, days, context)
 
 
 def _examples(cfg: ProjectConfig, world: str, days: list[int], vocab_path: Path,
@@ -344,7 +355,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             start = time.perf_counter()
             negatives = {k: torch.as_tensor(v, device=device) for k, v in catalogue.sample(n_neg, rng).items()}
             set_learning_rate(optimizer, learning_rate_at(cfg.optim, progress["global_step"],
-                                                          t.epochs * steps_per_epoch))
+                                                          t.epochs * steps_per_epoch, global_batch=bs * world_size))
             with autocast:
                 m = train_step(ddp, optimizer, batch, negatives, cfg.loss, cfg.optim.clip_norm, generator,
                                catalogue)

@@ -30,6 +30,23 @@ def test_a_one_step_run_uses_lr() -> None:
     assert learning_rate_at(OptimConfig(lr=0.5, schedule="cosine"), 0, 1) == 0.5
 
 
+@pytest.mark.parametrize(("scaling", "want"), [("none", 0.003), ("sqrt", 0.006), ("linear", 0.012)])
+def test_lr_scales_with_the_global_batch(scaling: str, want: float) -> None:
+    cfg = OptimConfig(lr=0.003, schedule="constant", lr_scaling=scaling, lr_reference_batch=256)
+    assert learning_rate_at(cfg, 5, 100, global_batch=1024) == pytest.approx(want)
+    assert learning_rate_at(cfg, 5, 100, global_batch=256) == pytest.approx(0.003)  # the reference: unscaled
+    assert learning_rate_at(cfg, 5, 100) == pytest.approx(0.003)  # no batch given: unscaled
+
+
+def test_warmup_rises_to_the_scaled_lr_then_the_cosine_ends_at_the_floor() -> None:
+    cfg = OptimConfig(lr=0.001, schedule="cosine", final_lr_ratio=0.1, warmup_steps=10, lr_scaling="sqrt")
+    total, peak = 110, 0.001 * 4  # batch 4096 = 16 x 256: sqrt -> 4x
+    lrs = np.array([learning_rate_at(cfg, s, total, global_batch=4096) for s in range(total)])
+    assert np.all(np.diff(lrs[:10]) > 0) and lrs[0] == pytest.approx(peak / 10)
+    assert lrs[9] == pytest.approx(peak) and lrs[10] == pytest.approx(peak)  # warm-up ends where the cosine starts
+    assert np.all(np.diff(lrs[10:]) < 0) and lrs[-1] == pytest.approx(peak * 0.1)
+
+
 def test_final_lr_ratio_is_bounded() -> None:
     with pytest.raises(ValueError, match="final_lr_ratio"):
         OptimConfig(schedule="cosine", final_lr_ratio=1.5)
