@@ -594,7 +594,9 @@ class ItemPopularity:
         if not parts:
             return cls.empty()
         merged = pa.concat_tables(parts, promote_options="default")
-        total = merged.group_by("item_id").aggregate([(c, "sum") for c in cls.COLUMNS])
+        # one thread: Acero's multi-threaded group_by failed once with "ArrowIndexError: thread index 11 is out of
+        # range [0, 11)" in a long test process that had run Ray Data (pyarrow 26); the sums are small
+        total = merged.group_by("item_id", use_threads=False).aggregate([(c, "sum") for c in cls.COLUMNS])
         return cls(total["item_id"].to_numpy(),
                    *(total[f"{c}_sum"].fill_null(0).to_numpy().astype(np.int64) for c in cls.COLUMNS))
 
