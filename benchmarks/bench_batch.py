@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
 import tempfile
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+import record  # benchmarks/ is on sys.path when run as a script
+
 RUNS = ["256:none", "1024:none", "1024:sqrt", "4096:none", "4096:sqrt"]
 K = 50
 
@@ -103,18 +103,12 @@ def main() -> None:
         "eval_events": len(held_out["targets"]), "base_lr": cfg.optim.learning_rate,
         "reference_batch": cfg.optim.lr_reference_batch, "runs": rows,
     }
-    RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"batch-{args.preset}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    stem.with_suffix(".md").write_text(report(result))
-    print(report(result))
+    record.save(f"batch-{args.preset}", result, report(result))
 
 
 def report(r: dict) -> str:
     lines = [
-        f"# Larger batches at a fixed example budget ({r['date']}, {r['machine']})", "",
-        f"Data: **{r['data']}**. Command: `{r['command']}`; load average {r['load_avg'][0]:.1f} -> "
-        f"{r['load_avg'][1]:.1f}.", "",
+        *record.header("Larger batches at a fixed example budget", r),
         f"Every run trains a fresh model on {r['budget']:,} examples ({r['train_examples']:,} per pass) with "
         f"`fit_local`; Recall@{K} of {r['eval_events']:,} held-out test-day searches, exact search over the "
         f"catalogue. Base lr {r['base_lr']:g} at batch {r['reference_batch']} (Adam, cosine decay); `sqrt`: lr x "

@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
 import tempfile
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+import record  # benchmarks/ is on sys.path when run as a script
 
 
 def memory(pid: int, saved: Path) -> dict[str, float]:
@@ -150,18 +149,12 @@ def main() -> None:
         "load_avg": [load_start, os.getloadavg()[0]], "examples": rows.num_rows, "saved_mib": saved_mib,
         "build_s": build_s, "idle_actor_pss_mib": floor, "runs": rows_out,
     }
-    RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"featurizer-memory-{args.preset}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    stem.with_suffix(".md").write_text(report(result))
-    print(report(result))
+    record.save(f"featurizer-memory-{args.preset}", result, report(result))
 
 
 def report(r: dict) -> str:
     lines = [
-        f"# Featurizer actors' memory: own copies against one mapped copy ({r['date']}, {r['machine']})", "",
-        f"Data: **{r['data']}**. Command: `{r['command']}`; load average {r['load_avg'][0]:.1f} -> "
-        f"{r['load_avg'][1]:.1f}.", "",
+        *record.header("Featurizer actors' memory: own copies against one mapped copy", r),
         f"Each actor featurizes the {r['examples']:,} training examples of the last train day. The saved featurizer "
         f"is {r['saved_mib']:.0f} MiB of `.npy` files; building it in one process took {r['build_s']:.1f} s. An idle "
         f"actor (the same imports, nothing held) has a PSS of {r['idle_actor_pss_mib']:.0f} MiB; \"sum PSS - floor\" "
