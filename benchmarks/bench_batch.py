@@ -21,9 +21,7 @@ Results go to ``benchmarks/results/batch-<preset>.{json,md}``.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -92,17 +90,13 @@ def main() -> None:
                          "examples_per_s": batch / timed if len(marks) > 1 else None,
                          "final_loss": run.history[-1]["loss"], "seconds": run.seconds})
             print(f"  Recall@{K} {recall:.3f}, {rows[-1]['examples_per_s'] or 0:,.0f} examples/s", flush=True)
-    result = {
-        "data": f"SYNTHETIC (simulated {args.preset} world)", "date": dt.date.today().isoformat(),
-        "machine": f"{platform.machine()} {os.cpu_count()} cpu, python {platform.python_version()}, "
-                   f"torch {torch.__version__} ({torch.get_num_threads()} threads)",
-        "command": f"python benchmarks/bench_batch.py --preset {args.preset} --runs {' '.join(args.runs)} "
-                   f"--epochs {args.epochs:g} --warmup-frac {args.warmup_frac:g}"
-                   + (f" --threads {args.threads}" if args.threads else ""),
-        "load_avg": [load_start, os.getloadavg()[0]], "train_examples": n_examples, "budget": budget,
-        "eval_events": len(held_out["targets"]), "base_lr": cfg.optim.learning_rate,
-        "reference_batch": cfg.optim.lr_reference_batch, "runs": rows,
-    }
+    command = (f"python benchmarks/bench_batch.py --preset {args.preset} --runs {' '.join(args.runs)} "
+               f"--epochs {args.epochs:g} --warmup-frac {args.warmup_frac:g}"
+               + (f" --threads {args.threads}" if args.threads else ""))
+    result = {**record.meta(args.preset, command, load_start,
+                            f", torch {torch.__version__} ({torch.get_num_threads()} threads)"),
+              "train_examples": n_examples, "budget": budget, "eval_events": len(held_out["targets"]),
+              "base_lr": cfg.optim.learning_rate, "reference_batch": cfg.optim.lr_reference_batch, "runs": rows}
     record.save(f"batch-{args.preset}", result, report(result))
 
 

@@ -26,9 +26,7 @@ Results go to ``benchmarks/results/featurizer-memory-<preset>.{json,md}``.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -141,14 +139,10 @@ def main() -> None:
                     "start_s": sum(r["start_s"] for r in per_actor) / n,
                     "rows_per_s": rows.num_rows * n / sum(r["featurize_s"] for r in per_actor)})
     ray.shutdown()
-    result = {
-        "data": f"SYNTHETIC (simulated {args.preset} world)", "date": dt.date.today().isoformat(),
-        "machine": f"{platform.machine()} {os.cpu_count()} cpu, python {platform.python_version()}",
-        "command": f"python benchmarks/bench_featurizer_memory.py --preset {args.preset} --actors "
-                   + " ".join(map(str, args.actors)),
-        "load_avg": [load_start, os.getloadavg()[0]], "examples": rows.num_rows, "saved_mib": saved_mib,
-        "build_s": build_s, "idle_actor_pss_mib": floor, "runs": rows_out,
-    }
+    command = (f"python benchmarks/bench_featurizer_memory.py --preset {args.preset} --actors "
+               + " ".join(map(str, args.actors)))
+    result = {**record.meta(args.preset, command, load_start), "examples": rows.num_rows, "saved_mib": saved_mib,
+              "build_s": build_s, "idle_actor_pss_mib": floor, "runs": rows_out}
     record.save(f"featurizer-memory-{args.preset}", result, report(result))
 
 

@@ -3,10 +3,21 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import os
+import platform
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
+
+
+def meta(preset: str, command: str, load_start: float, machine: str = "") -> dict:
+    """The fields every result records: the data's label (a simulated ``preset`` world: SYNTHETIC), today's date,
+    the machine (plus ``machine``), the command and the load average at start and now."""
+    return {"data": f"SYNTHETIC (simulated {preset} world)", "date": dt.date.today().isoformat(),
+            "machine": f"{platform.machine()} {os.cpu_count()} cpu, python {platform.python_version()}{machine}",
+            "command": command, "load_avg": [load_start, os.getloadavg()[0]]}
 
 
 def header(title: str, r: dict) -> list[str]:
