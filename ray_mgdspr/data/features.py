@@ -239,8 +239,9 @@ class Featurizer:
         with atomic_dir(directory) as tmp:
             for name, array in arrays.items():
                 np.save(tmp / f"{name}.npy", np.ascontiguousarray(array), allow_pickle=False)
-            meta = {"world": str(self.world), "config": self.config.model_dump(mode="json"),
-                    "ts0": self._ts0, "span": self._span, "actions": list(self._actions), "sides": list(self._side)}
+            meta = {"world": str(self.world), "config": self.config.model_dump(mode="json"), "ts0": self._ts0,
+                    "span": self._span, "actions": list(self._actions), "sides": list(self._side),
+                    "arrays": list(arrays)}
             (tmp / "featurizer.json").write_text(json.dumps(meta, indent=1))
         return Path(directory)
 
@@ -265,7 +266,7 @@ class Featurizer:
         try:
             meta = json.loads((directory / "featurizer.json").read_text())
             arrays = {name: np.load(directory / f"{name}.npy", mmap_mode="r" if mmap else None, allow_pickle=False)
-                      for name in cls._saved_names(meta)}
+                      for name in meta["arrays"]}
         except FileNotFoundError as e:
             raise ValueError(f"{directory}: not a saved featurizer ({e.filename} is missing)") from None
         out = cls.__new__(cls)
@@ -281,12 +282,6 @@ class Featurizer:
         out._actions = {a: _Timeline(arrays[f"actions.{a}.keys"],
                                      {k: arrays[f"actions.{a}.{k}"] for k in ("item", "row")}) for a in meta["actions"]}
         return out
-
-    @staticmethod
-    def _saved_names(meta: dict[str, Any]) -> list[str]:
-        return ["items.ids", "items.titles", "users", *(f"items.{s}" for s in meta["sides"]), "popularity.item_ids",
-                *(f"popularity.{k}" for k in ItemPopularity.COLUMNS), "queries.keys", "queries.words",
-                *(f"actions.{a}.{k}" for a in meta["actions"] for k in ("keys", "item", "row"))]
 
     # ------------------------------------------------------------------------------------------ rows
 
