@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import socket
 import sys
 from collections.abc import Iterator
@@ -13,15 +14,44 @@ from typing import Any
 
 from ray_mgdspr.config import RayConfig
 
+UNASSIGNED_PORTS_FROM = 20000
+"""Lowest port ``free_ports`` picks from: above Ray's worker ports (10002-19999 by default)."""
+
+
+def unassigned_ports() -> range:
+    """Ports the kernel never hands out by itself: from ``UNASSIGNED_PORTS_FROM`` up to the start of its ephemeral
+    range (``net.ipv4.ip_local_port_range``, 32768 by default), which ``bind(port 0)`` and every outgoing
+    connection draw from. Empty where that range is unknown (no ``/proc``) or leaves fewer than 1,000 ports."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return range(0)
+    return range(UNASSIGNED_PORTS_FROM, low) if low - UNASSIGNED_PORTS_FROM >= 1000 else range(0)
+
 
 def free_ports(n: int = 1, host: str = "127.0.0.1") -> list[int]:
     """``n`` distinct TCP ports free on ``host`` now (held open together, so they differ): for the demo's endpoint,
-    the tests' servers and clusters, the benchmarks."""
+    HAProxy's stats and metrics listeners, the tests' servers and clusters, the benchmarks.
+
+    Drawn at random from ``unassigned_ports()``, outside the kernel's ephemeral range: a port found there by
+    ``bind(0)`` could be taken, before its listener binds it, by the ``bind(0)`` of a starting Ray process or the
+    local end of an outgoing connection (a clean-clone CI run once lost HAProxy's listener this way:
+    "Some protocols failed to start their listeners"). Falls back to ``bind(0)`` where no such range exists."""
+    pool = unassigned_ports()
     with ExitStack() as stack:
-        socks = [stack.enter_context(closing(socket.socket())) for _ in range(n)]
-        for s in socks:
-            s.bind((host, 0))
-        return [s.getsockname()[1] for s in socks]
+        ports: list[int] = []
+        for _ in range(n):
+            s = stack.enter_context(closing(socket.socket()))
+            for port in random.sample(pool, min(len(pool), 200)):
+                try:
+                    s.bind((host, port))
+                    break
+                except OSError:
+                    continue
+            else:
+                s.bind((host, 0))
+            ports.append(s.getsockname()[1])
+        return ports
 
 
 def free_port(host: str = "127.0.0.1") -> int:

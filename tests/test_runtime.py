@@ -1,4 +1,5 @@
-"""``runtime.terminal_only_for``: what a process prints goes to a log file, the project's consoles keep the terminal.
+"""``runtime.free_ports``: ports for listeners, outside the range the kernel hands out itself.
+``runtime.terminal_only_for``: what a process prints goes to a log file, the project's consoles keep the terminal.
 ``runtime.serve_environment``: the environment a local Ray starts Serve's HTTP front and modes from."""
 
 from __future__ import annotations
@@ -77,3 +78,25 @@ def test_serve_environment_sets_what_ray_reads_as_it_starts(monkeypatch: pytest.
     monkeypatch.setenv(runtime.HAPROXY_PORT_ENVS[0], "8404")
     runtime.serve_environment(RayConfig())
     assert runtime.os.environ[runtime.DRAIN_ENV] == "30" and runtime.os.environ[runtime.HAPROXY_PORT_ENVS[0]] == "8404"
+
+
+def test_free_ports_are_distinct_bindable_and_outside_the_kernels_ephemeral_range() -> None:
+    import socket
+
+    pool = runtime.unassigned_ports()
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    assert pool == range(runtime.UNASSIGNED_PORTS_FROM, low)  # this box's range starts at 32768
+    ports = runtime.free_ports(8)
+    assert len(set(ports)) == 8 and all(p in pool for p in ports)
+    with socket.socket() as s:  # free: a listener can bind it
+        s.bind(("127.0.0.1", ports[0]))
+        s.listen()
+        # a port in use is never handed out, however often we ask
+        assert all(ports[0] not in runtime.free_ports(4) for _ in range(50))
+
+
+def test_free_ports_fall_back_to_the_kernels_choice_without_an_unassigned_range(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runtime, "unassigned_ports", lambda: range(0))
+    ports = runtime.free_ports(3)
+    assert len(set(ports)) == 3 and all(p > 1024 for p in ports)
