@@ -475,6 +475,9 @@ def main() -> None:
     rows = {r["preset"]: r for r in previous["rows"] if previous.get("steps") == args.steps}
     try:
         for preset in presets:
+            if (args.index or args.serve_only) and preset not in rows:
+                ap.error(f"{path} has no row for preset {preset} run with --steps {args.steps}: pass the --steps "
+                         "of the run kept in --work")
             if args.index:
                 rows[preset] = serve_layout(rows[preset], root, args.index, args.shards, args.queries,
                                             args.start_timeout, args.placement, args.k, args.ray_front)

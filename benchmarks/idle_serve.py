@@ -1,6 +1,7 @@
 """What the endpoint burns with no requests: CPU of `mgdspr serve`'s whole process tree, per process, per setting.
 
-For each ``--loops`` value of ``ray.serve_control_loop_s`` (``RAY_SERVE_CONTROL_LOOP_INTERVAL_S``), in turn:
+For each ``--loops`` value of ``ray.serve_control_loop_s`` (``RAY_SERVE_CONTROL_LOOP_INTERVAL_S``) and each
+``--dashboard`` value of ``ray.dashboard`` (Ray's dashboard in the local Ray: ``on``, ``off``), in turn:
 start ``mgdspr serve -c CONFIG`` in a subprocess (a local Ray of its own, with the config's other ``ray:``
 settings: HAProxy, throughput mode), wait for ``/healthz``, let it settle ``--settle`` s, then read the CPU
 seconds of every process of its tree from ``/proc`` (psutil) at the start and end of a ``--window`` s window
@@ -12,6 +13,7 @@ Issue 16's goal: the idle Ray tree at most 0.05 cores.
 
     python benchmarks/idle_serve.py                         # ~3 min: loops 0.1 and 0.5, 1 round
     python benchmarks/idle_serve.py --loops 0.1,0.5,1 --rounds 2
+    python benchmarks/idle_serve.py --loops 0.5 --dashboard on,off --rounds 2
 
 Results: ``benchmarks/results/serve-idle.{md,json}``.
 """
@@ -40,14 +42,15 @@ ROOT = Path(__file__).resolve().parent.parent
 GOAL_CORES = 0.05
 
 
-def measure(config: Path, loop_s: float, settle: float, window: float, workdir: Path) -> dict:
-    """Start the endpoint with this control loop, measure its idle window, stop it."""
+def measure(config: Path, loop_s: float, dashboard: bool, settle: float, window: float, workdir: Path) -> dict:
+    """Start the endpoint with this control loop and dashboard setting, measure its idle window, stop it."""
     port = free_port()
     cfg = yaml.safe_load(config.read_text()) or {}
-    cfg.setdefault("ray", {})["serve_control_loop_s"] = loop_s
-    run_config = workdir / f"idle-{loop_s:g}.yaml"
+    cfg.setdefault("ray", {}).update(serve_control_loop_s=loop_s, dashboard=dashboard)
+    name = f"idle-{loop_s:g}-{'dash' if dashboard else 'nodash'}"
+    run_config = workdir / f"{name}.yaml"
     run_config.write_text(yaml.safe_dump(cfg))
-    log = (workdir / f"idle-{loop_s:g}.log").open("w")
+    log = (workdir / f"{name}.log").open("w")
     t0 = time.perf_counter()
     proc = subprocess.Popen([str(ROOT / ".venv/bin/mgdspr"), "serve", "-c", str(run_config), "--port", str(port)],
                             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
@@ -71,7 +74,7 @@ def measure(config: Path, loop_s: float, settle: float, window: float, workdir: 
         b = bench.cpu_snapshot(None)
         delta = bench.cpu_delta(a, b)
         wall = delta["wall_s"]
-        return {"control_loop_s": loop_s, "ready_s": round(ready_s, 1), "window_s": wall,
+        return {"control_loop_s": loop_s, "dashboard": dashboard, "ready_s": round(ready_s, 1), "window_s": wall,
                 "cores": delta["ray_cores"], "processes": len(b["procs"]),
                 "by_label": {k: round(v / wall, 4) for k, v in delta["ray_cpu_s_by_process"].items()},
                 "load": round(os.getloadavg()[0], 2)}
@@ -84,24 +87,35 @@ def measure(config: Path, loop_s: float, settle: float, window: float, workdir: 
         log.close()
 
 
+def setting(run: dict) -> tuple[float, bool]:
+    return run["control_loop_s"], run.get("dashboard", True)
+
+
+def setting_label(s: tuple[float, bool]) -> str:
+    return f"loop {s[0]:g} s, dashboard {'on' if s[1] else 'off'}"
+
+
 def render(result: dict) -> str:
     runs = result["runs"]
-    loops = sorted({r["control_loop_s"] for r in runs})
-    mean = {s: sum(r["cores"] for r in runs if r["control_loop_s"] == s) /
-            sum(1 for r in runs if r["control_loop_s"] == s) for s in loops}
+    settings = sorted({setting(r) for r in runs}, key=lambda s: (s[0], not s[1]))
+    mean = {s: sum(r["cores"] for r in runs if setting(r) == s) / sum(1 for r in runs if setting(r) == s)
+            for s in settings}
     labels = sorted({k for r in runs for k in r["by_label"]},
                     key=lambda k: -max(r["by_label"].get(k, 0) for r in runs))
     md = [f"# The idle endpoint ({result['date']}, {result['machine']})", "",
           f"Data: SYNTHETIC. Command: `{result['command']}`. Endpoint: `mgdspr serve -c {result['config']}` "
           f"(its own local Ray), no requests; CPU of its whole process tree from `/proc` over a {result['window']:g} s "
-          f"window after {result['settle']:g} s of settling, per `ray.serve_control_loop_s`. Load average (1 min) "
+          f"window after {result['settle']:g} s of settling, per `ray.serve_control_loop_s` and `ray.dashboard`. "
+          f"Load average (1 min) "
           f"{result['load_start']:.2f} at start, {result['load_end']:.2f} at end.", "",
-          "| control loop s | idle cores (mean) | rounds | goal (issue 16: <= 0.05) |", "|---:|---:|---:|---|"]
-    for s in loops:
-        n = sum(1 for r in runs if r["control_loop_s"] == s)
-        md.append(f"| {s:g} | {mean[s]:.3f} | {n} | {'met' if mean[s] <= GOAL_CORES else 'not met'} |")
+          "| control loop s | dashboard | idle cores (mean) | rounds | goal (issue 16: <= 0.05) |",
+          "|---:|---|---:|---:|---|"]
+    for s in settings:
+        n = sum(1 for r in runs if setting(r) == s)
+        md.append(f"| {s[0]:g} | {'on' if s[1] else 'off'} | {mean[s]:.3f} | {n} | "
+                  f"{'met' if mean[s] <= GOAL_CORES else 'not met'} |")
     md += ["", "Per process (cores, each run in order):", "",
-           "| process | " + " | ".join(f"loop {r['control_loop_s']:g} s" for r in runs) + " |",
+           "| process | " + " | ".join(setting_label(setting(r)) for r in runs) + " |",
            "|---|" + "---:|" * len(runs)]
     for k in labels:
         md.append(f"| {k} | " + " | ".join(f"{r['by_label'].get(k, 0):.4f}" for r in runs) + " |")
@@ -114,6 +128,7 @@ def main() -> None:
     ap.add_argument("--config", type=Path, default=Path("runs/demo/config.yaml"),
                     help="the endpoint's config (default: the demo's; run `make demo` first)")
     ap.add_argument("--loops", default="0.1,0.5", help="serve_control_loop_s values, comma-separated")
+    ap.add_argument("--dashboard", default="on", help="ray.dashboard values, comma-separated: on, off")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--settle", type=float, default=20.0)
     ap.add_argument("--window", type=float, default=30.0)
@@ -122,6 +137,8 @@ def main() -> None:
     if not config.is_file():
         sys.exit(f"{config}: no such config; run `make demo` first or pass --config")
     loops = [float(x) for x in args.loops.split(",")]
+    dashboards = [{"on": True, "off": False}[x.strip()] for x in args.dashboard.split(",")]
+    settings = [(s, d) for s in loops for d in dashboards]
     out = ROOT / "benchmarks/results"
     workdir = Path(tempfile.mkdtemp(prefix="idle-serve-"))  # each run's config and `mgdspr serve` log
     result = {"date": dt.date.today().isoformat(), "machine": f"{platform.machine()} {os.cpu_count()} cpu, "
@@ -130,9 +147,9 @@ def main() -> None:
               "config": str(args.config), "settle": args.settle, "window": args.window,
               "load_start": os.getloadavg()[0], "runs": []}
     for r in range(args.rounds):
-        for s in (loops if r % 2 == 0 else loops[::-1]):
-            run = measure(config, s, args.settle, args.window, workdir)
-            print(f"control loop {s:g} s: {run['cores']:.3f} cores idle ({run['processes']} processes, "
+        for s in (settings if r % 2 == 0 else settings[::-1]):
+            run = measure(config, *s, args.settle, args.window, workdir)
+            print(f"{setting_label(s)}: {run['cores']:.3f} cores idle ({run['processes']} processes, "
                   f"ready in {run['ready_s']:.0f} s, load {run['load']:.2f})", flush=True)
             result["runs"].append(run)
     result["load_end"] = os.getloadavg()[0]

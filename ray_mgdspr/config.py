@@ -354,6 +354,11 @@ class RayConfig(StrictModel):
         "(RAY_SERVE_CONTROL_LOOP_INTERVAL_S; Ray's default 0.1). It reconciles replicas, versions and autoscaling; "
         "0.5 s cut the idle endpoint's CPU from 0.147 to 0.104 cores on 2 cores (benchmarks/idle_serve.py), and a "
         "replica's start or stop is noticed up to 0.4 s later. A cluster's is set in its nodes' environment")
+    dashboard: bool = Field(
+        True, description="Ray's dashboard in a local Ray the command starts (ray.init include_dashboard): its web "
+        "UI and state API. It costs ~0.02 cores of an idle endpoint on 2 cores (benchmarks/idle_serve.py); "
+        "false drops it (`mgdspr serve status` and the endpoint's /metrics do not need it). A cluster's is "
+        "chosen by `ray start`")
 
 
 class TrainConfig(StrictModel):
@@ -537,6 +542,10 @@ class ServeConfig(StrictModel):
     faiss_threads: int = Field(1, ge=1, description="OpenMP threads per shard replica: on a busy machine one "
                                "thread per query batch beats many (measured 8-40x per query on 2 cores)")
     torch_threads: int = Field(1, ge=1, description="intra-op threads of the query encoder")
+    trace_query_tower: bool = Field(
+        True, description="run the query tower as a TorchScript graph (traced, frozen, optimised for inference "
+        "at load; checked against the module): a one-request batch of the large preset's tower in 2.7 ms "
+        "instead of 4.1 on 2 cores. false: the eager module (docs/serving.md, 'The query tower')")
     default_k: int = Field(50, ge=1)
     max_k: int = Field(1000, ge=1, description="largest k a request may ask for")
     filter_fetch: int = Field(20, ge=1, description="with the relevance filter on, the lexical channel (and the "

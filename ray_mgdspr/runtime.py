@@ -143,7 +143,8 @@ def connect_ray(cfg: RayConfig, address: str | None = None) -> None:
     else:
         # "local": always a new Ray of our own, never whichever `ray start` cluster happens to run here
         serve_environment(cfg)
-        ray.init(address="local", num_cpus=cfg.local_num_cpus, logging_level=logging.WARNING)
+        ray.init(address="local", num_cpus=cfg.local_num_cpus, include_dashboard=cfg.dashboard,
+                 logging_level=logging.WARNING)
 
 
 @contextmanager

@@ -100,3 +100,20 @@ def test_free_ports_fall_back_to_the_kernels_choice_without_an_unassigned_range(
     monkeypatch.setattr(runtime, "unassigned_ports", lambda: range(0))
     ports = runtime.free_ports(3)
     assert len(set(ports)) == 3 and all(p > 1024 for p in ports)
+
+
+@pytest.mark.slow
+def test_a_local_ray_without_the_dashboard_starts_none(tmp_path: Path) -> None:
+    """``ray.dashboard: false``: the local Ray `connect_ray` starts has no dashboard process (its idle cost)."""
+    script = textwrap.dedent("""
+        import psutil, ray
+        from ray_mgdspr.config import RayConfig
+        from ray_mgdspr.runtime import connect_ray
+        connect_ray(RayConfig(local_num_cpus=1, dashboard=False))
+        names = [" ".join(p.cmdline()) for p in psutil.Process().children(recursive=True)]
+        print("DASHBOARD", any("dashboard/dashboard.py" in n for n in names), ray.is_initialized())
+        ray.shutdown()
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180,
+                       env={**runtime.os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": ""})
+    assert "DASHBOARD False True" in r.stdout, r.stdout + r.stderr

@@ -100,18 +100,33 @@ class Bm25Index:
 
     def top_rows(self, words: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
         """One query's top k as rows of the index (the order of the titles it was built from) and their BM25
-        scores, best first (equal scores by item id): only the items that share a word with the query."""
+        scores, best first (equal scores by item id): only the items that share a word with the query.
+
+        The candidates are read from the query words' posting lists (bm25s' per-word columns), not found by
+        scanning every item's score: at 1M items the scan alone took 0.9 ms, and the whole call went from
+        2.2 to 1.5 ms per query (mean; ``docs/serving.md``, "The lexical channel")."""
         vocab = self._retriever.vocab_dict
         known = [w for w in _lowered([words])[0] if w in vocab]
         if not known:  # a query of unseen words only matches nothing
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
-        bm25 = self._retriever.get_scores(known)  # (n,): bm25s' Lucene BM25 of every item
-        rows = np.flatnonzero(bm25 > 0)  # a zero score shares no word with the query
+        tokens = np.asarray(self._retriever.get_tokens_ids(known))
+        bm25 = self._retriever.get_scores_from_ids(tokens)  # (n,): bm25s' Lucene BM25 of every item
+        columns = self._retriever.scores
+        indices, indptr = columns["indices"], columns["indptr"]
+        postings = [indices[indptr[t]:indptr[t + 1]] for t in tokens]  # the items of each query word
+        rows = postings[0] if len(postings) == 1 else np.concatenate(postings)
+        # an item is in at most len(postings) lists, so the k x len(postings) best entries hold the k best items
+        # and every tie of the k-th: keep those, then each item once
+        depth = k * len(postings)
+        if len(rows) > depth:
+            rows = rows[bm25[rows] >= np.partition(bm25[rows], len(rows) - depth)[len(rows) - depth]]
+        if len(postings) > 1:
+            rows = np.unique(rows)
+        rows = rows[bm25[rows] > 0].astype(np.int64)  # a zero score shares no word with the query
         if len(rows) > k:  # keep the k-th best score and every tie of it, ordered below
-            kth = np.partition(bm25[rows], len(rows) - k)[len(rows) - k]
-            rows = rows[bm25[rows] >= kth]
+            rows = rows[bm25[rows] >= np.partition(bm25[rows], len(rows) - k)[len(rows) - k]]
         # best first, ties by item id. Not bm25s' own top-k: np.argpartition over the mostly-zero scores of
-        # a large catalogue is pathological (160 ms per query at 1M items, against 2.2 ms for this)
+        # a large catalogue is pathological (160 ms per query at 1M items, against ~2 ms for this)
         rows = rows[np.lexsort((self.item_ids[rows], -bm25[rows]))[:k]]
         return rows, bm25[rows].astype(np.float32)
 

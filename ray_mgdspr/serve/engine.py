@@ -37,6 +37,7 @@ from ray_mgdspr.model.bundle import (
     read_bundle_manifest,
 )
 from ray_mgdspr.model.layers import as_tensors
+from ray_mgdspr.model.trace import trace_tower
 from ray_mgdspr.serve.canary import AS_SERVED, EXACT, CanaryHits, exact_params
 from ray_mgdspr.serve.relevance import ItemMatcher, KeyTerm, RelevanceFilter
 from ray_mgdspr.serve.schemas import BehavioursRequest, RetrieveRequest
@@ -155,9 +156,12 @@ class QueryEncoder:
         world: the world whose items table gives behaviours' side information and the key terms.
         store: the behaviour store.
         threads: torch intra-op threads.
+        trace: run the query tower as a TorchScript graph (``model/trace.py``; ``serve.trace_query_tower``).
+            A graph that cannot be made, or that disagrees with the module, is logged and the module runs.
     """
 
-    def __init__(self, bundle: str | Path, world: str | Path, store: Store, threads: int = 1) -> None:
+    def __init__(self, bundle: str | Path, world: str | Path, store: Store, threads: int = 1,
+                 trace: bool = False) -> None:
         torch.set_num_threads(threads)
         self.model, vocab, self.manifest = load_bundle(bundle, towers=("query",))
         self.featurizer = Featurizer(world, vocab, self.manifest.features, history_days=[],
@@ -165,14 +169,32 @@ class QueryEncoder:
         self.tokenizer = vocab.tokenizer()
         self.relevance = RelevanceFilter.from_world(world, load_items=False)
         self.store = store
+        self.tower: Callable[[dict[str, torch.Tensor]], torch.Tensor] = self.model.query_tower
+        if trace:
+            self.tower = self._traced()
+
+    def _features(self, queries: list[str], users: list[int], ts: list[int]) -> dict[str, torch.Tensor]:
+        behaviours, past = self.store.histories(users, ts)
+        return as_tensors(self.featurizer.with_history(behaviours, past)({"user_id": users, "ts": ts,
+                                                                          "query": queries}))
+
+    def _traced(self) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+        """The query tower as a TorchScript graph, traced on one request and checked on a batch of three
+        (an unknown user: empty histories; the unit tests check batches with histories); the module where
+        that fails."""
+        try:
+            example = self._features(["red dress"], [-1], [0])
+            check = self._features(["a", "blue running shoes for men", "dress"], [-1, -1, -1], [0, 0, 0])
+            return trace_tower(self.model.query_tower, example, [check])
+        except Exception:
+            log.warning("the query tower could not be traced; it runs as a module", exc_info=True)
+            return self.model.query_tower
 
     @torch.inference_mode()
     def encode(self, queries: list[str], user_ids: list[int | None], ts: list[int]) -> list[Encoded]:
         """Encode a batch; a missing or unknown user gets empty histories (zero attention, spec §2)."""
         users = [-1 if u is None else int(u) for u in user_ids]
-        behaviours, past = self.store.histories(users, ts)
-        features = self.featurizer.with_history(behaviours, past)({"user_id": users, "ts": ts, "query": queries})
-        h_qu = self.model.query_tower(as_tensors(features)).numpy()  # (B, d)
+        h_qu = self.tower(self._features(queries, users, ts)).numpy()  # (B, d)
         words = [self.tokenizer.words(q) for q in queries]
         return [Encoded(h_qu[i], words[i], self.relevance.key_terms(words[i])) for i in range(len(queries))]
 
@@ -652,7 +674,8 @@ class Retriever:
     def __init__(self, release: Release, cfg: ResolvedServeConfig, store: Store | None = None) -> None:
         self.release, self.cfg = release, cfg
         store = open_store(cfg.store, release.bundle.features) if store is None else store
-        self.encoder = QueryEncoder(release.bundle_path, cfg.world, store, threads=cfg.torch_threads)
+        self.encoder = QueryEncoder(release.bundle_path, cfg.world, store, threads=cfg.torch_threads,
+                                    trace=cfg.trace_query_tower)
         self.shards = [ShardSearcher(release.index_path, s, cfg.backend, nprobe=cfg.nprobe,
                                      ef_search=cfg.ef_search, faiss_threads=cfg.faiss_threads,
                                      verdict_cache_mb=cfg.verdict_cache_mb)

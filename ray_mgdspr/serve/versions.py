@@ -83,7 +83,7 @@ class QueryEncoderDeployment:
         cfg = ResolvedServeConfig.model_validate(settings)
         release = verify_release(cfg.index_root, version, check_files=False)  # load_bundle checks its files
         self.core = QueryEncoder(release.bundle_path, cfg.world, open_store(cfg.store, release.bundle.features),
-                                 threads=cfg.torch_threads)
+                                 threads=cfg.torch_threads, trace=cfg.trace_query_tower)
         self.batch_sizes = BatchSizes("encoder")
         _batched(self._encode, cfg)
 
