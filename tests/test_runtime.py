@@ -103,17 +103,23 @@ def test_free_ports_fall_back_to_the_kernels_choice_without_an_unassigned_range(
 
 
 @pytest.mark.slow
-def test_a_local_ray_without_the_dashboard_starts_none(tmp_path: Path) -> None:
-    """``ray.dashboard: false``: the local Ray `connect_ray` starts has no dashboard process (its idle cost)."""
-    script = textwrap.dedent("""
-        import psutil, ray
+@pytest.mark.parametrize("dashboard", [True, False])
+def test_a_local_ray_starts_the_dashboard_as_configured(dashboard: bool) -> None:
+    """``ray.dashboard``: with it, the local Ray `connect_ray` starts serves the web UI and runs the dashboard's
+    head modules; without it, neither (Ray keeps a minimal API process): what an idle endpoint saves."""
+    script = textwrap.dedent(f"""
+        import time, psutil, ray
         from ray_mgdspr.config import RayConfig
         from ray_mgdspr.runtime import connect_ray
-        connect_ray(RayConfig(local_num_cpus=1, dashboard=False))
-        names = [" ".join(p.cmdline()) for p in psutil.Process().children(recursive=True)]
-        print("DASHBOARD", any("dashboard/dashboard.py" in n for n in names), ray.is_initialized())
+        connect_ray(RayConfig(local_num_cpus=1, dashboard={dashboard}))
+        url = ray._private.worker.global_worker.node.address_info.get("webui_url")
+        time.sleep(2)
+        heads = [p.name() for p in psutil.Process().children(recursive=True) if "Head" in p.name()]
+        print("UI", bool(url), "HEADS", len(heads))
         ray.shutdown()
     """)
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180,
                        env={**runtime.os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": ""})
-    assert "DASHBOARD False True" in r.stdout, r.stdout + r.stderr
+    ui, heads = r.stdout.split("UI ")[-1].split(" HEADS ") if "UI " in r.stdout else ("?", "?")
+    assert ui == str(dashboard), r.stdout + r.stderr
+    assert (int(heads) > 0) == dashboard, r.stdout + r.stderr
