@@ -50,6 +50,19 @@ def test_bm25_top_k_is_bm25s_scores_best_first_ties_by_item_id(titles: list[list
     assert (found[0][len(want):] == -1).all() and np.isneginf(scores[0][len(want):]).all()
 
 
+@pytest.mark.parametrize("query", [["rare"], ["common"], ["rare", "w3"], ["common", "rare", "rare"], ["w1", "w2"]])
+def test_bm25_top_rows_reads_posting_lists_or_scans_with_the_same_answer(query: list[str]) -> None:
+    """``top_rows`` takes its candidates from the query words' posting lists when they are short (``rare``: a
+    tenth of the titles) and scans every score when they are long (``common``: all of them): the same top k."""
+    titles = [["common", *(["rare"] if i % 10 == 0 else []), f"w{i % 7}"] for i in range(200)]
+    index = Bm25Index.build(np.arange(200)[::-1] + 1000, titles)
+    bm25 = index._retriever.get_scores(query)
+    want = sorted((-float(s), int(i)) for s, i in zip(bm25, index.item_ids, strict=True) if s > 0)[:7]
+    rows, scores = index.top_rows(query, 7)
+    assert [int(i) for i in index.item_ids[rows]] == [i for _, i in want]
+    np.testing.assert_allclose(scores, [-s for s, _ in want], rtol=1e-6)
+
+
 def test_exact_topk_equals_brute_force() -> None:
     rng = np.random.default_rng(0)
     q, items = rng.normal(size=(7, 5)).astype(np.float32), rng.normal(size=(40, 5)).astype(np.float32)
