@@ -84,7 +84,7 @@ def report(result: dict[str, Any]) -> str:
              f"start, {result['load_end']:.2f} at end. Command: `{result['command']}`.", "",
              f"- configuration: `{result['config']}`; version {result['version']}: {result['items']:,} items in "
              f"{result['shards']} shards ({result['factory']}, nprobe {result['nprobe']}), model d {result['d']}; "
-             f"faiss / torch threads {result['threads']}",
+             f"faiss / torch threads {result['threads']}; query tower: {result.get('tower', 'module')}",
              f"- requests: {result['queries']} held-out test-day searches (after {result['warmup']} warm-up), "
              f"k {result['k']}, filter on, channels ['embedding'], one at a time in this process",
              f"- `Retriever.open`: {result['open_s']:.1f} s", "",
@@ -110,6 +110,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--k", type=int, default=50)
     ap.add_argument("--profile", action="store_true", help="also run the requests under cProfile")
+    ap.add_argument("--eager-tower", action="store_true", help="serve.trace_query_tower false: the query tower as "
+                    "a module (the default traces it: docs/serving.md, 'The query tower')")
     ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args()
 
@@ -119,6 +121,8 @@ def main() -> None:
 
     project = load_config(args.config)
     cfg = project.serve.resolved(project)
+    if args.eager_tower:
+        cfg = cfg.model_copy(update={"trace_query_tower": False})
     load_start = os.getloadavg()[0]
     t = time.perf_counter()
     retriever = Retriever.open(cfg)
@@ -134,7 +138,8 @@ def main() -> None:
         "config": str(args.config), "version": retriever.release.version,
         "items": sum(s.rows for s in retriever.shards),
         "shards": len(retriever.shards), "factory": retriever.release.index.factory, "nprobe": cfg.nprobe,
-        "d": retriever.release.bundle.model.d, "threads": f"{cfg.faiss_threads} / {cfg.torch_threads}",
+        "d": retriever.release.bundle.model.d, "tower": "module" if args.eager_tower else "TorchScript",
+        "threads": f"{cfg.faiss_threads} / {cfg.torch_threads}",
         "k": args.k, "queries": len(latencies), "warmup": args.warmup, "open_s": open_s,
         "stages": stage_table(latencies, stages),
         "profile": profile(retriever, requests[args.warmup:]) if args.profile else None,
