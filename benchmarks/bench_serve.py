@@ -319,10 +319,14 @@ def _default_batch_wait_ms() -> float:
     return ServeConfig().batch_wait_ms
 
 
+SERVE_EXTRA: dict[str, Any] = {}
+"""Settings both systems run with beyond the defaults (``--eager-tower``: ``trace_query_tower`` false)."""
+
+
 def serve_overrides(setup: Setup) -> dict[str, Any]:
     """The ``serve:`` section both systems run: the Serve app (``AppArgs``) and, resolved, the monolith."""
     return {"index_root": str(setup.index_root), "world": str(setup.world), "store": str(setup.store),
-            "version": VERSION, "token": TOKEN, "drain_s": 1.0, "watch_current_s": 0.0}
+            "version": VERSION, "token": TOKEN, "drain_s": 1.0, "watch_current_s": 0.0, **SERVE_EXTRA}
 
 
 def start_monolith(setup: Setup, port: int) -> subprocess.Popen:
@@ -860,7 +864,8 @@ def report(result: dict[str, Any], png: str) -> str:
            "defaults (0.25 CPU per replica; ingress, encoder and a colocated version autoscale 1-2 replicas at 4 "
            f"ongoing requests; max_ongoing_requests 64; `@serve.batch` size 32, wait "
            f"{result.get('batch_wait_ms', 2.0):g} ms), 1 faiss and 1 torch "
-           "thread per replica; each placement in `--placements` is started on the same Ray after the previous "
+           f"thread per replica, the query tower {result.get('query_tower', 'as a module')} (both systems); "
+           "each placement in `--placements` is started on the same Ray after the previous "
            "one is shut down, and measured against the monolith in its own ABBA rounds.",
            "- Monolith (baseline): FastAPI around `ray_mgdspr.serve.engine.Retriever` (the same QueryEncoder, "
            "ShardSearchers, merge, filter), uvicorn, 1 worker, 1 process; each request runs in a thread "
@@ -1015,6 +1020,8 @@ def main() -> None:
                     "the last); default: %(default)s")
     ap.add_argument("--batch-wait-ms", type=float, default=None,
                     help="serve.batch_wait_ms of the Serve app (default: the shipped default)")
+    ap.add_argument("--eager-tower", action="store_true", help="both systems with serve.trace_query_tower false "
+                    "(the query tower as a module; default: a TorchScript graph)")
     ap.add_argument("--name", help="results go to results/NAME.{md,json,png} (default serve, or serve-quick)")
     ap.add_argument("--monolith", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -1027,6 +1034,8 @@ def main() -> None:
         ap.error(f"--placements: each of {', '.join(PLACEMENTS)}, optionally with {' and '.join(MODES)} "
                  f"(got {args.placements!r})")
     name = args.name or ("serve-quick" if args.quick else "serve")
+    if args.eager_tower:
+        SERVE_EXTRA["trace_query_tower"] = False
     batch_wait = {} if args.batch_wait_ms is None else {"batch_wait_ms": args.batch_wait_ms}
     png = f"{name}-p99.png"
     if args.rerender:
@@ -1124,6 +1133,7 @@ def main() -> None:
                   "d": setup.d, "items": setup.items, "shards": setup.shards, "requests": len(setup.requests)},
         "placements": by_placement, "scaling_placement": placements[-1], "scaling": scale,
         "batch_wait_ms": args.batch_wait_ms if args.batch_wait_ms is not None else _default_batch_wait_ms(),
+        "query_tower": "as a module" if args.eager_tower else "as a TorchScript graph",
         "size_for_shards": size_for_shards,
         "gpu_reference": gpu_reference(),
         "load_start": load_start, "load_end": load_end, "others_start": others_start,
