@@ -23,21 +23,18 @@ import logging
 import os
 import re
 import shutil
-import socket
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ray_mgdspr.artifacts import temp_prefix, write_text_atomic
+from ray_mgdspr.artifacts import remove_stale, temp_prefix, write_text_atomic
 from ray_mgdspr.index.manifest import MANIFEST, IndexManifest, write_manifest
 
 log = logging.getLogger(__name__)
 
 CURRENT = "CURRENT"
 _VERSION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-# artifacts.temp_prefix + a random suffix: host and pid say whose work it is (see remove_stale_staging)
-_STAGING_NAME = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<host>.+)\.(?P<pid>\d+)\.[a-z0-9_]+$")
 
 
 @dataclass(frozen=True)
@@ -120,34 +117,7 @@ def list_versions(root: str | Path) -> list[str]:
 
 
 def remove_stale_staging(root: str | Path) -> list[str]:
-    """Remove staging directories and CURRENT temp files left by killed builds on this host.
-
-    Only leftovers whose process (host, pid in the name) is gone are removed: a build running beside
-    this one keeps its staging directory, and another host's leftovers are left to that host.
-
-    Returns:
-        The names removed.
-    """
-    root = Path(root)
-    host, removed = socket.gethostname(), []
-    for path in root.iterdir():
-        m = _STAGING_NAME.match(path.name)
-        if m is None or m["host"] != host or _pid_alive(int(m["pid"])):
-            continue
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-        log.warning("removed %s, left by a killed build (pid %s)", path, m["pid"])
-        removed.append(path.name)
-    return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: existence check only
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by another user
-        return True
+    """Remove staging directories and CURRENT temp files left by killed builds on this host
+    (``artifacts.remove_stale`` over the whole root); returns the names removed."""
+    return remove_stale(root)
     return True
