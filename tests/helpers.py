@@ -96,13 +96,15 @@ class Load:
         return [r for rs in self.results for r in rs]
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str, explain: Callable[[], object] = lambda: "",
+             interval: float = 0.2) -> None:
+    """Return once ``predicate()`` holds; fail after ``timeout`` s naming ``what`` (and ``explain()``: the state
+    seen last)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what} {explain()}".rstrip())
+        time.sleep(interval)
 
 
 @contextmanager

@@ -21,14 +21,14 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pytest
 import ray
-from helpers import RAY_TEST_ENV, free_port, wait_for_state_api
+from helpers import RAY_TEST_ENV, free_port, wait_for, wait_for_state_api
 from ray import serve
 from ray.cluster_utils import Cluster
 from ray.util.state import list_actors, list_tasks
@@ -294,14 +294,6 @@ class Load:
 
     def after(self, t: float) -> list[tuple[float, int | None, float]]:
         return [a for a in self.answers if a[0] >= t]
-
-
-def wait_for(check: Callable[[], bool], timeout_s: float, what: str,
-             explain: Callable[[], object] = lambda: "") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, f"{what}: not within {timeout_s} s {explain()}"
-        time.sleep(0.5)
 
 
 def test_serve_recovers_from_a_lost_node_under_load(cluster: Cluster, endpoint: Endpoint) -> None:
