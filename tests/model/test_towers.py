@@ -5,40 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tiny_towers import FEATURES, ITEMS, VOCAB, B, D, batch, model_of, without_history
 
-from ray_mgdspr.config import FeatureConfig, ModelConfig
 from ray_mgdspr.model.batch import item_shapes, query_shapes, random_batch
 from ray_mgdspr.model.item_tower import item_inputs
-from ray_mgdspr.model.layers import HashedEmbedding, as_tensors, masked_mean, zero_attention
-from ray_mgdspr.model.mgdspr import TwoTower, build_model
+from ray_mgdspr.model.layers import HashedEmbedding, masked_mean, zero_attention
 from ray_mgdspr.model.query_tower import LONG_ATTRIBUTES, PRICE, SIDE_INFO, history_attention
-
-D, B, VOCAB, ITEMS = 16, 5, 40, 60
-SIZES = {"words": VOCAB, "chars": VOCAB, "bigrams": VOCAB}
-FEATURES = FeatureConfig(realtime_len=7, short_len=9, long_len=6, his_queries=4, query_words_kept=5)
-
-
-def cfg(**kw: object) -> ModelConfig:
-    base = dict(d=D, heads=4, item_buckets=ITEMS + 1, shop_buckets=ITEMS, brand_buckets=ITEMS, category_buckets=ITEMS)
-    return ModelConfig(**{**base, **kw})
-
-
-def model_of(**kw: object) -> TwoTower:
-    torch.manual_seed(0)
-    return build_model(cfg(**kw), SIZES).eval()
-
-
-def batch(seed: int = 0, fill: float = 0.7, n: int = B) -> dict[str, torch.Tensor]:
-    return as_tensors(random_batch(n, FEATURES, vocab_size=VOCAB, n_items=ITEMS, fill=fill, seed=seed))
-
-
-def without_history(b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    b = dict(b)
-    for k in b:
-        if k.startswith(("rt_", "st_", "lt_")):
-            b[k] = torch.full_like(b[k], -1)
-    b["his_query_words"] = torch.zeros_like(b["his_query_words"])
-    return b
 
 
 def test_random_batch_has_the_featurizer_contract() -> None:

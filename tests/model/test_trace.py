@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_towers import batch, model_of, without_history
+from tiny_towers import batch, model_of, without_history
 
 from ray_mgdspr.model.trace import TraceMismatch, trace_tower
 
