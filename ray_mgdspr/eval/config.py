@@ -75,7 +75,7 @@ class EvalConfig(StrictModel):
         return self
 
 
-QUICK = {"seeds": 2, "steps": 60, "curve_every": 30, "ks": [10, 50, 100], "focus_k": 10, "max_events": 150,
+QUICK = {"seeds": 2, "steps": 20, "curve_every": 10, "ks": [10, 50, 100], "focus_k": 10, "max_events": 150,
          "tau_sweep": [1.0, 2.0, 4.0], "alpha_sweep": [(0.2, 0.4), (0.4, 0.6), (0.8, 1.0)],
          "ann_factories": ["IVF16,Flat"], "noise_levels": [1.0, 300.0]}
 """``--quick``: every code path at toy scale (tests, smoke runs); the numbers mean nothing."""
