@@ -18,6 +18,12 @@ through-HTTP figures.
     python benchmarks/profile_core.py --config /tmp/scale/work/large/config-IVF1024_Flat-s4-colocated-latency.yaml \
         --name large-ivf-s4 --profile
     python benchmarks/profile_core.py --config ... --k 1000 --name large-ivf-s4-k1000
+    python benchmarks/profile_core.py --config ... --name large-ivf-s4-early --ab early_fallback=0
+
+With ``--ab FIELD=VALUE ...`` it is an A/B of serve settings in this one process instead: each request is answered
+by the configuration as loaded (A) and with those fields changed (B), in ABBA order, the lexical channel's kept
+BM25 results dropped before each answer (so neither side reuses the other's); per side the latency, the stages,
+the process CPU per request (every thread's, the early-fallback thread's included) and whether the pages match.
 
 Results: ``benchmarks/results/core-<name>.{md,json}``.
 """
@@ -48,8 +54,8 @@ TOP = 25
 def stage_table(latencies: list[float], stages: dict[str, list[float]]) -> dict[str, dict[str, float]]:
     """p50 / p99 / mean ms of the whole request (``client``: measured around the call) and of each stage."""
     rows = {"client": latencies, **stages}
-    return {name: {"runs": len(v), "p50": float(np.percentile(v, 50)), "p99": float(np.percentile(v, 99)),
-                   "mean": float(np.mean(v))} for name, v in rows.items() if v}
+    return {name: {"runs": len(v), "p50": float(np.percentile(v, 50)), "p90": float(np.percentile(v, 90)),
+                   "p99": float(np.percentile(v, 99)), "mean": float(np.mean(v))} for name, v in rows.items() if v}
 
 
 def measure(retriever: Any, requests: list[Any]) -> tuple[list[float], dict[str, list[float]]]:
@@ -62,6 +68,46 @@ def measure(retriever: Any, requests: list[Any]) -> tuple[list[float], dict[str,
         for stage, ms in body["latency_ms"].items():
             stages.setdefault(stage, []).append(ms)
     return latencies, stages
+
+
+def parse_settings(pairs: list[str]) -> dict[str, Any]:
+    """``FIELD=VALUE`` pairs (values as YAML: 0, 4.0, false, lexical) as serve settings."""
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        field, sep, value = pair.partition("=")
+        if not sep or not field:
+            raise SystemExit(f"--ab takes FIELD=VALUE pairs, got {pair!r}")
+        out[field] = yaml.safe_load(value)
+    return out
+
+
+def measure_ab(retriever: Any, requests: list[Any], b_cfg: Any) -> dict[str, Any]:
+    """A (the loaded configuration) against B (``b_cfg``), request by request in ABBA order: latency, stages,
+    process CPU per request and identical pages."""
+    sides = {"A": retriever.cfg, "B": b_cfg}
+    latencies: dict[str, list[float]] = {"A": [], "B": []}
+    stages: dict[str, dict[str, list[float]]] = {"A": {}, "B": {}}
+    cpu: dict[str, list[float]] = {"A": [], "B": []}
+    same = 0
+    for i, req in enumerate(requests):
+        pages = {}
+        for side in ("A", "B") if i % 2 == 0 else ("B", "A"):
+            retriever.cfg = sides[side]
+            retriever.lexical._top.cache_clear()
+            c, t = time.process_time(), time.perf_counter()
+            body = retriever.request(req)
+            latencies[side].append((time.perf_counter() - t) * 1000)
+            retriever.stages.idle()  # the early fallback's thread done: its CPU is this request's
+            cpu[side].append((time.process_time() - c) * 1000)
+            for stage, ms in body["latency_ms"].items():
+                stages[side].setdefault(stage, []).append(ms)
+            pages[side] = [(d["item_id"], d["channels"]) for d in body["data"]]
+        same += pages["A"] == pages["B"]
+    retriever.cfg = sides["A"]
+    return {side: {"stages": stage_table(latencies[side], stages[side]), "cpu_ms": float(np.mean(cpu[side]))}
+            for side in ("A", "B")} | {"same_pages": same}
 
 
 def profile(retriever: Any, requests: list[Any]) -> list[dict[str, Any]]:
@@ -94,6 +140,21 @@ def report(result: dict[str, Any]) -> str:
                      f"{s['mean']:.2f} |")
     lines += ["", "`client` is measured around `Retriever.request`; the other rows are the response's `latency_ms` "
               "(`total` from the request's start to its answer)."]
+    if result.get("ab"):
+        ab = result["ab"]
+        lines += ["", f"## A/B: B is the same configuration with {result['ab_settings']}", "",
+                  f"Each request answered by both, in ABBA order, in this process; the same pages for "
+                  f"{ab['same_pages']} of {result['queries']} requests. Process CPU per request (all threads): "
+                  f"A {ab['A']['cpu_ms']:.2f} ms, B {ab['B']['cpu_ms']:.2f} ms.", "",
+                  "| stage | A ran in | A p50 | A p90 | A p99 | A mean | B ran in | B p50 | B p90 | B p99 | B mean |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for name in ab["A"]["stages"]:
+            a, b = ab["A"]["stages"][name], ab["B"]["stages"].get(name)
+            cells = [f"{a['runs'] / result['queries']:.0%}", *(f"{a[q]:.2f}" for q in ("p50", "p90", "p99", "mean"))]
+            cells += ([f"{b['runs'] / result['queries']:.0%}", *(f"{b[q]:.2f}" for q in ("p50", "p90", "p99",
+                                                                                          "mean"))]
+                      if b else ["-"] * 5)
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if result.get("profile"):
         lines += ["", f"## cProfile, top {TOP} by cumulative time (ms per request, under the profiler)", "",
                   "| function | calls | cumulative | self |", "|---|---:|---:|---:|"]
@@ -112,6 +173,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="also run the requests under cProfile")
     ap.add_argument("--eager-tower", action="store_true", help="serve.trace_query_tower false: the query tower as "
                     "a module (the default traces it: docs/serving.md, 'The query tower')")
+    ap.add_argument("--ab", nargs="+", metavar="FIELD=VALUE", help="A/B in this process: the configuration "
+                    "against the same with these serve fields changed (e.g. early_fallback=0)")
     ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args()
 
@@ -130,6 +193,8 @@ def main() -> None:
     bodies = held_out_requests(Path(cfg.world), args.k, args.warmup + args.queries)
     requests = [RetrieveRequest(**b) for b in bodies]
     measure(retriever, requests[:args.warmup])
+    b_settings = parse_settings(args.ab) if args.ab else {}
+    ab = measure_ab(retriever, requests[args.warmup:], cfg.model_copy(update=b_settings)) if args.ab else None
     latencies, stages = measure(retriever, requests[args.warmup:])
     result = {
         "name": args.name, "date": dt.date.today().isoformat(), "data": "SYNTHETIC",
@@ -143,6 +208,7 @@ def main() -> None:
         "k": args.k, "queries": len(latencies), "warmup": args.warmup, "open_s": open_s,
         "stages": stage_table(latencies, stages),
         "profile": profile(retriever, requests[args.warmup:]) if args.profile else None,
+        "ab": ab, "ab_settings": b_settings or None,
         "load_start": load_start, "load_end": os.getloadavg()[0],
     }
     args.results.mkdir(parents=True, exist_ok=True)

@@ -562,6 +562,11 @@ class ServeConfig(StrictModel):
     fallback: Literal["lexical", "none"] = Field(
         "lexical", description="when fewer than k embedding hits pass the filter, fill the page with the lexical "
         "(BM25) channel's passing hits (runs only then); none: leave the page short")
+    early_fallback: float = Field(
+        4.0, ge=0, description="start the lexical fallback beside the embedding search, instead of after it, when "
+        "at most k x this many of the version's items can pass the query's key terms (counted from the filter's "
+        "postings, off the request's path): such a page is nearly always short. Colocated placement and the "
+        "Ray-free core; 0: never (docs/serving.md, 'The lexical channel')")
     max_query_chars: int = Field(256, ge=1, description="longer queries are refused with 422")
     max_body_bytes: int = Field(16_384, ge=256, description="larger bodies of POST /v1/retrieve and "
                                 "/v1/admin/promote are refused with 413")

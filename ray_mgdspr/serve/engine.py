@@ -13,6 +13,7 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -335,6 +336,14 @@ class LexicalChannel:
         rows, served = self._rows(np.asarray(item_ids, np.int64))
         return [self._titles[r] if ok else None for r, ok in zip(rows, served, strict=True)]
 
+    def early_fallback(self, words: list[str], k: int, terms: tuple[KeyTerm, ...], limit: int) -> Hits | None:
+        """The lexical fallback's hits of one query (``search``), started before anyone knows the page is short:
+        None, without a BM25 search, when more than ``limit`` of the version's items can pass ``terms``
+        (``ItemMatcher.passing_bound``), as the embedding channel then nearly always fills the page."""
+        if self._matches.passing_bound(terms) > limit:
+            return None
+        return self.search([words], k, [terms])[0]
+
     def search(self, words: list[list[str]], k: int, terms: list[tuple[KeyTerm, ...]]) -> list[Hits]:
         out = []
         for query_words, query_terms in zip(words, terms, strict=True):
@@ -385,6 +394,17 @@ def needs_fallback(result: Assembled, found: dict[str, Hits], k: int, apply_filt
     catalogue (then every item that passes is on the page, and BM25 could only repeat some of them)."""
     return (fallback == "lexical" and apply_filter and "embedding" in channels and "lexical" not in channels
             and len(result.items) < k and not found["embedding"].exhausted)
+
+
+def early_fallback_limit(k: int, apply_filter: bool, channels: tuple[str, ...] | list[str], fallback: str,
+                         terms: tuple[KeyTerm, ...], early_fallback: float) -> int | None:
+    """When the lexical fallback may start beside the embedding search (``serve.early_fallback``): the most items
+    of the version that may pass the query's key terms for it to start (``LexicalChannel.early_fallback``); None
+    when it may not start early (it could never run: ``needs_fallback``; or no key terms, or the knob is 0)."""
+    if not (early_fallback > 0 and terms and fallback == "lexical" and apply_filter and "embedding" in channels
+            and "lexical" not in channels):
+        return None
+    return int(k * early_fallback)
 
 
 def relaxed_terms(terms: tuple[KeyTerm, ...]) -> tuple[KeyTerm, ...] | None:
@@ -547,6 +567,12 @@ class Stages(Protocol):
     async def lexical(self, words: list[str], k: int, terms: tuple[KeyTerm, ...]) -> Hits:
         """The lexical channel's top k of one query, with verdicts against ``terms``."""
 
+    def early_fallback(self, words: list[str], k: int, terms: tuple[KeyTerm, ...], limit: int
+                       ) -> Callable[[], Awaitable[Hits | None]] | None:
+        """Start ``LexicalChannel.early_fallback`` now, to run beside the embedding search: a function that
+        awaits its hits (None: more than ``limit`` items may pass), called only if the page turns out short;
+        None where these stages cannot start work ahead (the per-stage graph: it would cost a hop per request)."""
+
     async def together(self, *calls: Awaitable[Any]) -> list[Any]:
         """The results of ``calls``, run concurrently where the stages can (the shard fan-out beside BM25)."""
 
@@ -581,6 +607,8 @@ async def answer(enc: Encoded, k: int, apply_filter: bool, channels: tuple[str, 
         latency[stage] = time.perf_counter() - t
         return result
 
+    limit = early_fallback_limit(k, apply_filter, channels, cfg.fallback, enc.terms, cfg.early_fallback)
+    early = None if limit is None else stages.early_fallback(enc.words, fetch, enc.terms, limit)
     calls: dict[str, Awaitable[Any]] = {}
     if "embedding" in channels:
         calls["embedding"] = timed("search", stages.shards(enc.embedding, depth, enc.terms,
@@ -596,8 +624,13 @@ async def answer(enc: Encoded, k: int, apply_filter: bool, channels: tuple[str, 
     result = assemble(found, k, apply_filter)
     latency["filter"] = time.perf_counter() - t
     if needs_fallback(result, found, k, apply_filter, channels, cfg.fallback):
-        # the filter left the page short: BM25's passing hits fill it (only then: one more call)
-        fill_page(result, await timed("fallback", stages.lexical(enc.words, fetch, enc.terms)), k)
+        # the filter left the page short: BM25's passing hits fill it (only then: one more call, unless it started
+        # beside the search; ``fallback`` is then the time the request waited for it)
+        async def fallback_hits() -> Hits:
+            hits = None if early is None else await early()
+            return await stages.lexical(enc.words, fetch, enc.terms) if hits is None else hits
+
+        fill_page(result, await timed("fallback", fallback_hits()), k)
     if needs_relaxing(result, k, apply_filter, channels, cfg.fallback, enc.terms):
         # still short: too few items have every key term; fill with the query's product type (BM25-ranked)
         relaxed = relaxed_terms(enc.terms)
@@ -622,6 +655,8 @@ class LocalStages:
 
     def __init__(self, encoder: QueryEncoder, shards: list[ShardSearcher], lexical: LexicalChannel) -> None:
         self.encoder, self.searchers, self.lexical_channel = encoder, shards, lexical
+        # one thread for early fallbacks (``early_fallback``): BM25 and Faiss release the GIL for their loops
+        self._ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="early-fallback")
 
     async def encode(self, query: str, user_id: int | None, ts: int) -> Encoded:
         return self.encoder.encode([query], [user_id], [ts])[0]
@@ -634,15 +669,34 @@ class LocalStages:
     async def lexical(self, words: list[str], k: int, terms: tuple[KeyTerm, ...]) -> Hits:
         return self.lexical_channel.search([words], k, [terms])[0]
 
+    def early_fallback(self, words: list[str], k: int, terms: tuple[KeyTerm, ...], limit: int
+                       ) -> Callable[[], Awaitable[Hits | None]]:
+        future = self.start_early_fallback(words, k, terms, limit)
+        return lambda: _waited(future)
+
+    def start_early_fallback(self, words: list[str], k: int, terms: tuple[KeyTerm, ...], limit: int
+                             ) -> Future[Hits | None]:
+        """``LexicalChannel.early_fallback`` on this stage's thread, started now."""
+        return self._ahead.submit(self.lexical_channel.early_fallback, words, k, terms, limit)
+
+    def idle(self) -> None:
+        """Return once every early fallback started so far has ended (one not needed runs on after its request)."""
+        self._ahead.submit(lambda: None).result()
+
     async def together(self, *calls: Awaitable[Any]) -> list[Any]:
         return [await call for call in calls]
+
+
+async def _waited(future: Future[T]) -> T:
+    """A thread's result as an awaitable that blocks instead of suspending (``run_now`` runs it)."""
+    return future.result()
 
 
 class _Searched:
     """``LocalStages`` with one request's shard hits already searched (``Retriever.answer_batch``)."""
 
-    def __init__(self, local: LocalStages, hits: list[Hits] | None) -> None:
-        self.local, self.hits = local, hits
+    def __init__(self, local: LocalStages, hits: list[Hits] | None, early: Future[Hits | None] | None) -> None:
+        self.local, self.hits, self.early = local, hits, early
 
     async def encode(self, query: str, user_id: int | None, ts: int) -> Encoded:
         raise RuntimeError("a batched answer is encoded before its stages run")
@@ -654,6 +708,12 @@ class _Searched:
 
     async def lexical(self, words: list[str], k: int, terms: tuple[KeyTerm, ...]) -> Hits:
         return await self.local.lexical(words, k, terms)
+
+    def early_fallback(self, words: list[str], k: int, terms: tuple[KeyTerm, ...], limit: int
+                       ) -> Callable[[], Awaitable[Hits | None]] | None:
+        """The request's early fallback, started before the batch's shard search (``Retriever.answer_batch``)."""
+        early = self.early
+        return None if early is None else lambda: _waited(early)
 
     async def together(self, *calls: Awaitable[Any]) -> list[Any]:
         return await self.local.together(*calls)
@@ -722,6 +782,13 @@ class Retriever:
         encoded = self.encoder.encode([r.query for r, _ in requests], [r.user_id for r, _ in requests],
                                       [request_ts(r.ts) for r, _ in requests])
         encode_s = time.perf_counter() - t0
+        early: dict[int, Future[Hits | None]] = {}  # requests whose fallback starts beside the batch's search
+        for i, ((req, k), enc) in enumerate(zip(requests, encoded, strict=True)):
+            limit = early_fallback_limit(k, req.filter, req.channels, self.cfg.fallback, enc.terms,
+                                         self.cfg.early_fallback)
+            if limit is not None:
+                fetch = fetch_size(k, req.filter, self.cfg.filter_fetch, self.cfg.max_fetch)
+                early[i] = self.stages.start_early_fallback(enc.words, fetch, enc.terms, limit)
         searched = [i for i, (r, _) in enumerate(requests) if "embedding" in r.channels]
         hits: dict[int, list[Hits]] = {}
         search_s = 0.0
@@ -738,7 +805,7 @@ class Retriever:
         out = []
         for i, ((req, k), enc) in enumerate(zip(requests, encoded, strict=True)):
             body = run_now(answer(enc, k, req.filter, tuple(req.channels), self.cfg, self.release.version,
-                                  _Searched(self.stages, hits.get(i)), {"encode": encode_s}, t0))
+                                  _Searched(self.stages, hits.get(i), early.get(i)), {"encode": encode_s}, t0))
             if i in hits:
                 body["latency_ms"]["search"] = round(search_s * 1000, 3)
             out.append((body, enc.embedding))

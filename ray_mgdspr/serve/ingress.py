@@ -181,6 +181,9 @@ class _HandleStages:
         return await self.ingress._read("lexical", lambda: self.serving.head.search.remote(words, k, terms),
                                         self.deadline)
 
+    def early_fallback(self, words: list[str], k: int, terms: tuple[KeyTerm, ...], limit: int) -> None:
+        return None  # a BM25 call beside every key-term request's search would cost a hop each: after, as needed
+
     async def together(self, *calls: Awaitable[Any]) -> list[Any]:
         return list(await asyncio.gather(*calls))
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import re
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from ray_mgdspr.arrays import sorted_lookup
 from ray_mgdspr.data.world import read_table
 
 _CJK = re.compile(r"[\u3400-\u9fff]")
+BOUNDS_KEPT = 4096  # ItemMatcher.passing_bound: sets of key terms whose bound is kept (a few bytes each)
 
 
 @dataclass(frozen=True)
@@ -233,6 +235,14 @@ class _Verdicts:
     cjk: bool = False  # search the joined title (a substring) instead of the spaced one (whole words)
 
 
+def _by_field(terms: tuple[KeyTerm, ...]) -> list[list[KeyTerm]]:
+    """Key terms grouped by field: an item passes when, in every group, it matches one of the terms."""
+    by_field: dict[str, list[KeyTerm]] = defaultdict(list)
+    for t in terms:
+        by_field[t.field].append(t)
+    return list(by_field.values())
+
+
 class ItemMatcher:
     """The relevance verdicts (``matches``) over one fixed item table (a shard's or the catalogue's metadata).
     Serving checks hundreds to thousands of candidates per request against each key term, and key terms repeat
@@ -278,6 +288,12 @@ class ItemMatcher:
         dtype = np.int32 if n < 2**31 else np.int64  # postings: row numbers, one per (character, item)
         self.chars = {c: np.asarray(r, dtype) for c, r in chars.items()}
         self.verdicts = functools.lru_cache(maxsize=max(16, cache_bytes // max(1, n)))(self._verdicts)
+        self.passing_bound: Callable[[tuple[KeyTerm, ...]], int] = functools.lru_cache(maxsize=BOUNDS_KEPT)(
+            self._passing_bound)
+        """``passing_bound(terms)``: at most how many items of the table pass ``terms``: those that pass as far as
+        postings tell, counting an item whose title is still to be checked for a phrase as passing (no title is
+        read). Exact for terms of categories, brands, attribute values and single words. O(rows) per term the
+        first time, from the kept verdicts; then kept (``BOUNDS_KEPT`` sets of terms)."""
 
     def __call__(self, terms: tuple[KeyTerm, ...], rows: np.ndarray) -> np.ndarray:
         """(n,) bool: whether each item at ``rows`` (row numbers of the metadata) passes ``terms``."""
@@ -285,15 +301,27 @@ class ItemMatcher:
         keep = np.ones(len(rows), bool)
         if not terms or not len(rows):
             return keep
-        by_field: dict[str, list[KeyTerm]] = defaultdict(list)
-        for t in terms:
-            by_field[t.field].append(t)
-        for group in by_field.values():
+        for group in _by_field(terms):
             hit = self._passes(group[0], rows)
             for t in group[1:]:
                 hit |= self._passes(t, rows)
             keep &= hit
         return keep
+
+    def _passing_bound(self, terms: tuple[KeyTerm, ...]) -> int:
+        """``passing_bound`` (kept per key terms: an upper bound stays one as titles are checked)."""
+        if not terms:
+            return self.n
+        keep: np.ndarray | None = None
+        for group in _by_field(terms):
+            hit = np.zeros(self.n, bool)
+            for t in group:
+                v = self.verdicts(t)
+                hit |= v.passes
+                if v.unchecked is not None:
+                    hit |= v.unchecked
+            keep = hit if keep is None else keep & hit
+        return int(np.count_nonzero(keep))
 
     def _passes(self, term: KeyTerm, rows: np.ndarray) -> np.ndarray:
         """Whether each item at ``rows`` matches ``term``, checking titles where the verdict is not yet known."""

@@ -3,6 +3,7 @@ short of the exactly relevant items the catalogue has (synthetic world_en; Ray-f
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import numpy as np
@@ -47,6 +48,32 @@ def test_item_matcher_equals_the_reference_verdicts(deployment: Any, queries: li
         np.testing.assert_array_equal(matcher(terms, rows), want, err_msg=str(words))
         checked += bool(terms) and 0 < want.sum() < len(rows)
     assert checked > 20  # queries whose terms keep some items and not others
+
+
+def test_passing_bound_counts_the_items_that_can_pass(deployment: Any, queries: list[list[str]]) -> None:
+    """``passing_bound``: never below the items that pass (what starting the fallback early relies on); exactly
+    their number when no phrase is left to check in the titles; and no title is read for it."""
+    relevance = RelevanceFilter.from_world(deployment.world)
+    every = np.arange(relevance.items.num_rows)
+    exact = looser = 0
+    for words in queries:
+        terms = relevance.key_terms(words)
+        matcher = ItemMatcher(relevance.items)  # fresh: no verdict completed by an earlier query
+        unread = [None if v.unchecked is None else int(v.unchecked.sum()) for v in map(matcher.verdicts, terms)]
+        bound = matcher.passing_bound(terms)
+        # no title was read for it: every phrase's unchecked items are still unchecked
+        assert [None if v.unchecked is None else int(v.unchecked.sum()) for v in map(matcher.verdicts, terms)] \
+            == unread
+        passing = int(reference_matches(terms, relevance.items).sum())
+        assert bound >= passing, words
+        if all(matcher.verdicts(t).unchecked is None for t in terms):
+            assert bound == passing, words
+            exact += 1
+        else:
+            looser += bound > passing
+            assert int(matcher(terms, every).sum()) == passing <= matcher.passing_bound(terms)  # kept: still a bound
+    assert exact > 100 and ItemMatcher(relevance.items).passing_bound(()) == relevance.items.num_rows
+    print(f"{exact} queries with an exact bound, {looser} with a looser one before titles are read (SYNTHETIC)")
 
 
 def test_shard_prefixes_give_the_full_depth_answer(retriever: Retriever, queries: list[list[str]]) -> None:
@@ -131,6 +158,51 @@ def test_lexical_fallback_fills_a_page_no_embedding_hit_passes(retriever: Retrie
     finally:
         retriever.cfg = saved
     assert found >= 3
+
+
+def test_an_early_fallback_gives_the_pages_of_a_late_one(retriever: Retriever, deployment: Any) -> None:
+    """``serve.early_fallback``: the lexical fallback started beside the embedding search (on its own thread,
+    before anyone knows the page is short) fills exactly the pages the fallback run after the search fills, alone
+    and in a batch; and with a limit no query's key terms meet, it never starts early."""
+    searches = held_out_searches(deployment.world, 300)
+    requests = [RetrieveRequest(query=q, user_id=u, ts=t, k=5) for q, u, t in
+                zip(searches["query"].to_pylist(), searches["user_id"].to_pylist(), searches["ts"].to_pylist(),
+                    strict=True)]
+    lexical, searched = retriever.lexical, []
+    plain_search = lexical.search
+
+    def recorded(words: list[list[str]], k: int, terms: list[tuple]) -> list[Hits]:
+        searched.append((threading.current_thread().name.startswith("early-fallback"), tuple(words[0]), terms[0]))
+        return plain_search(words, k, terms)
+
+    def pages(early: float) -> list[tuple]:
+        # a shallow embedding search: many pages short, so the fallback runs
+        retriever.cfg = saved.model_copy(update={"filter_depth": 5, "early_fallback": early})
+        fields = ("data", "count", "filtered", "fallback", "fallback_added", "relaxed_to")
+        alone = [retriever.request(r) for r in requests]
+        batch = [body for body, _ in retriever.answer_batch([(r, 5) for r in requests])]
+        # (a batch's embedding scores may differ from a lone request's in the last bits: its own pages are compared)
+        return [tuple(str(a[f]) for f in fields) for a in alone + batch]
+
+    saved = retriever.cfg
+    lexical.search = recorded
+    try:
+        late = pages(0)
+        assert not any(early for early, *_ in searched)
+        searched.clear()
+        assert pages(1e9) == late  # every query with key terms starts its fallback early
+        strict = {(w, t) for early, w, t in searched if early}
+        main = [(w, t) for early, w, t in searched if not early]
+        short = sum(p[3] == "lexical" for p in late[:len(requests)])
+        assert short >= 10 and len(strict) >= 10
+        assert not set(main) & strict  # a page the early fallback served never searched BM25 again
+        searched.clear()
+        assert pages(1e-9) == late  # a limit below one item: only terms nothing can pass start early
+        assert all(retriever.lexical._matches.passing_bound(t) == 0 for early, _, t in searched if early)
+    finally:
+        retriever.cfg = saved
+        lexical.search = plain_search
+    print(f"{short} of {len(requests)} pages filled by the fallback, early and late alike (SYNTHETIC)")
 
 
 def test_relaxed_fill_keeps_the_product_type_when_too_few_items_have_every_key_term(retriever: Retriever,
