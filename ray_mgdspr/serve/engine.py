@@ -215,6 +215,10 @@ class ShardSearcher:
         """Items in this shard."""
         return self.shard.rows
 
+    def passing_bound(self, terms: tuple[KeyTerm, ...]) -> int:
+        """At most how many of this shard's items pass ``terms`` (``ItemMatcher.passing_bound``)."""
+        return self._matches.passing_bound(terms)
+
     def search(self, queries: np.ndarray, k: int | list[int], terms: list[tuple[KeyTerm, ...]],
                need: list[int | None] | None = None) -> list[Hits]:
         """Top-k of this shard for each query row of ``queries`` (q, d), each hit with its filter verdict.
@@ -336,14 +340,6 @@ class LexicalChannel:
         rows, served = self._rows(np.asarray(item_ids, np.int64))
         return [self._titles[r] if ok else None for r, ok in zip(rows, served, strict=True)]
 
-    def early_fallback(self, words: list[str], k: int, terms: tuple[KeyTerm, ...], limit: int) -> Hits | None:
-        """The lexical fallback's hits of one query (``search``), started before anyone knows the page is short:
-        None, without a BM25 search, when more than ``limit`` of the version's items can pass ``terms``
-        (``ItemMatcher.passing_bound``), as the embedding channel then nearly always fills the page."""
-        if self._matches.passing_bound(terms) > limit:
-            return None
-        return self.search([words], k, [terms])[0]
-
     def search(self, words: list[list[str]], k: int, terms: list[tuple[KeyTerm, ...]]) -> list[Hits]:
         out = []
         for query_words, query_terms in zip(words, terms, strict=True):
@@ -399,7 +395,7 @@ def needs_fallback(result: Assembled, found: dict[str, Hits], k: int, apply_filt
 def early_fallback_limit(k: int, apply_filter: bool, channels: tuple[str, ...] | list[str], fallback: str,
                          terms: tuple[KeyTerm, ...], early_fallback: float) -> int | None:
     """When the lexical fallback may start beside the embedding search (``serve.early_fallback``): the most items
-    of the version that may pass the query's key terms for it to start (``LexicalChannel.early_fallback``); None
+    of the version that may pass the query's key terms for it to start (``LocalStages.early_fallback_hits``); None
     when it may not start early (it could never run: ``needs_fallback``; or no key terms, or the knob is 0)."""
     if not (early_fallback > 0 and terms and fallback == "lexical" and apply_filter and "embedding" in channels
             and "lexical" not in channels):
@@ -569,7 +565,7 @@ class Stages(Protocol):
 
     def early_fallback(self, words: list[str], k: int, terms: tuple[KeyTerm, ...], limit: int
                        ) -> Callable[[], Awaitable[Hits | None]] | None:
-        """Start ``LexicalChannel.early_fallback`` now, to run beside the embedding search: a function that
+        """Start ``LocalStages.early_fallback_hits`` now, to run beside the embedding search: a function that
         awaits its hits (None: more than ``limit`` items may pass), called only if the page turns out short;
         None where these stages cannot start work ahead (the per-stage graph: it would cost a hop per request)."""
 
@@ -676,8 +672,20 @@ class LocalStages:
 
     def start_early_fallback(self, words: list[str], k: int, terms: tuple[KeyTerm, ...], limit: int
                              ) -> Future[Hits | None]:
-        """``LexicalChannel.early_fallback`` on this stage's thread, started now."""
-        return self._ahead.submit(self.lexical_channel.early_fallback, words, k, terms, limit)
+        """``early_fallback_hits`` on this stage's thread, started now."""
+        return self._ahead.submit(self.early_fallback_hits, words, k, terms, limit)
+
+    def early_fallback_hits(self, words: list[str], k: int, terms: tuple[KeyTerm, ...], limit: int) -> Hits | None:
+        """The lexical fallback's hits of one query, before anyone knows its page is short: None, without a BM25
+        search, when more than ``limit`` of the version's items can pass ``terms`` (the shards' ``passing_bound``,
+        from the verdicts their search of the same terms keeps), as the embedding channel then nearly always fills
+        the page."""
+        bound = 0
+        for shard in self.searchers:
+            bound += shard.passing_bound(terms)
+            if bound > limit:
+                return None
+        return self.lexical_channel.search([words], k, [terms])[0]
 
     def idle(self) -> None:
         """Return once every early fallback started so far has ended (one not needed runs on after its request)."""
