@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 import proctree  # benchmarks/ is on sys.path when run as a script
 import psutil
+import record
 from bench_serve import held_out_requests  # the same held-out search bodies bench_serve sends
 
 RESULTS = Path(__file__).parent / "results"
@@ -223,13 +224,13 @@ Serve's throughput-optimised mode); ``ray``: Ray's own defaults, as the cluster 
 
 
 def serve_layout(row: dict[str, Any], root: Path, factory: str, shards: int, queries: int,
-                 start_timeout: float, placement: str = "colocated", k: int = 50, front: str = "local"
-                 ) -> dict[str, Any]:
+                 start_timeout: float, placement: str = "colocated", k: int = 50, front: str = "local",
+                 settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """``row`` with a serving measurement of another index layout of the same embeddings (``--index``): the kept
     run's embedding set built again as ``factory`` x ``shards`` (`mgdspr index build`), served twice from the same
     store: once for latency (canary off; requests of depth ``k``), once with every request sampled by the recall
     canary (its recall@50 against the exhaustive search of the same index: exact for IVF-Flat), whose latency is
-    not kept."""
+    not kept. ``settings``: serve fields changed for both (``--serve-set``), kept as a row of their own."""
     from ray_mgdspr.config import config_to_yaml, load_config
 
     work = root / row["preset"]
@@ -252,16 +253,18 @@ def serve_layout(row: dict[str, Any], root: Path, factory: str, shards: int, que
     for name, share in (("latency", 0.0), ("canary", 1.0)):
         serve_cfg = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={
             "index_root": str(index_root), "canary_share": share, "canary_k": 50, "canary_window": 100_000,
-            "placement": placement}), "ray": cfg.ray.model_copy(update=FRONTS[front])})
+            "placement": placement, **(settings or {})}), "ray": cfg.ray.model_copy(update=FRONTS[front])})
         path = work / f"config-{slug}-{name}.yaml"
         path.write_text(config_to_yaml(serve_cfg))
         runs[name] = run_serve(work, queries, start_timeout, config=path, k=k if name == "latency" else 50)
     latency, canary = runs["latency"], runs["canary"]
     layout = {"factory": factory, "shards": shards, "placement": placement, "k": k, "front": front,
+              "settings": settings or {},
               "nprobe": cfg.serve.nprobe or cfg.index.nprobe,
               "build_s": round(build_s, 1), "load": os.getloadavg()[0], "canary": canary["canary"],
               "memory": latency.pop("memory")} | {k: v for k, v in latency.items() if k != "canary"}
-    key = slug + ("" if k == 50 else f"-k{k}") + ("" if front == "local" else f"-{front}-front")
+    key = slug + ("" if k == 50 else f"-k{k}") + ("" if front == "local" else f"-{front}-front") + "".join(
+        f"-{field}={value}" for field, value in (settings or {}).items())
     return row | {"layouts": {**row.get("layouts", {}), key: layout}}
 
 
@@ -433,6 +436,7 @@ def report(result: dict[str, Any]) -> str:
             c = v.get("canary") or {}
             recall = f"{c['recall']:.3f} ({c.get('samples')})" if c.get("recall") is not None else "-"
             front = " (Ray's Python proxy)" if v.get("front") == "ray" else ""
+            front += f" ({record.settings_label(v['settings'])})" if v.get("settings") else ""
             lines.append(f"| {r['preset']} | {v['factory']} | {v['shards']} | {v.get('placement', 'per_stage')}{front} "
                          f"| {v['nprobe']} | {v.get('k', 50)} | {v['build_s']} "
                          f"| {v['start_s']} | {v['p50_ms']} | {v['p99_ms']} | {v['search_p50_ms']} / "
@@ -463,9 +467,13 @@ def main() -> None:
     ap.add_argument("--ray-front", choices=tuple(FRONTS), default="local", help="with --index: Serve's HTTP front "
                     "and mode: local (HAProxy, throughput-optimised: a local Ray's defaults) or ray (Ray's Python "
                     "proxy, as the cluster specs run it)")
+    ap.add_argument("--serve-set", nargs="+", metavar="FIELD=VALUE", help="with --index: serve settings of "
+                    "this measurement (e.g. early_fallback=0), a row of its own beside the defaults' row")
     ap.add_argument("--serve-only", action="store_true", help="measure serving again on the runs kept in --work "
                     "(their pipeline rows are kept)")
     args = ap.parse_args()
+    if args.serve_set and not args.index:
+        ap.error("--serve-set needs --index (a layout to serve with those settings)")
     if (args.serve_only or args.index) and not args.work:
         ap.error("--serve-only and --index need --work, the directory of an earlier run")
     presets = args.preset or PRESETS
@@ -480,7 +488,8 @@ def main() -> None:
                          "of the run kept in --work")
             if args.index:
                 rows[preset] = serve_layout(rows[preset], root, args.index, args.shards, args.queries,
-                                            args.start_timeout, args.placement, args.k, args.ray_front)
+                                            args.start_timeout, args.placement, args.k, args.ray_front,
+                                            record.serve_settings(args.serve_set))
             elif args.serve_only:
                 rows[preset] = serve_again(rows[preset], root, args.queries, args.start_timeout)
             else:

@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
+import record
 from bench_serve import held_out_requests  # the same held-out search bodies the endpoint benchmarks send
 
 RESULTS = Path(__file__).parent / "results"
@@ -68,19 +69,6 @@ def measure(retriever: Any, requests: list[Any]) -> tuple[list[float], dict[str,
         for stage, ms in body["latency_ms"].items():
             stages.setdefault(stage, []).append(ms)
     return latencies, stages
-
-
-def parse_settings(pairs: list[str]) -> dict[str, Any]:
-    """``FIELD=VALUE`` pairs (values as YAML: 0, 4.0, false, lexical) as serve settings."""
-    import yaml
-
-    out = {}
-    for pair in pairs:
-        field, sep, value = pair.partition("=")
-        if not sep or not field:
-            raise SystemExit(f"--ab takes FIELD=VALUE pairs, got {pair!r}")
-        out[field] = yaml.safe_load(value)
-    return out
 
 
 def measure_ab(retriever: Any, requests: list[Any], b_cfg: Any) -> dict[str, Any]:
@@ -193,7 +181,7 @@ def main() -> None:
     bodies = held_out_requests(Path(cfg.world), args.k, args.warmup + args.queries)
     requests = [RetrieveRequest(**b) for b in bodies]
     measure(retriever, requests[:args.warmup])
-    b_settings = parse_settings(args.ab) if args.ab else {}
+    b_settings = record.serve_settings(args.ab)
     ab = measure_ab(retriever, requests[args.warmup:], cfg.model_copy(update=b_settings)) if args.ab else None
     latencies, stages = measure(retriever, requests[args.warmup:])
     result = {

@@ -33,3 +33,29 @@ def save(name: str, result: dict, markdown: str) -> None:
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     (RESULTS / f"{name}.md").write_text(markdown)
     print(markdown)
+
+
+def serve_settings(pairs: list[str] | None) -> dict:
+    """``FIELD=VALUE`` pairs of the command line (values as YAML: 0, 4.0, false, lexical) as ``serve:`` settings,
+    checked against ``ServeConfig`` (an unknown field or a bad value exits with pydantic's message)."""
+    import pydantic
+    import yaml
+
+    from ray_mgdspr.config import ServeConfig
+
+    out = {}
+    for pair in pairs or []:
+        field, sep, value = pair.partition("=")
+        if not sep or not field:
+            raise SystemExit(f"serve settings are FIELD=VALUE pairs, got {pair!r}")
+        out[field] = yaml.safe_load(value)
+    try:
+        ServeConfig.model_validate(out)
+    except pydantic.ValidationError as e:
+        raise SystemExit(f"serve settings {out}: {e}") from None
+    return out
+
+
+def settings_label(settings: dict) -> str:
+    """``serve_settings`` as a short label: ``early_fallback=0, batch_wait_ms=2`` (empty when none)."""
+    return ", ".join(f"{k}={v}" for k, v in settings.items())

@@ -18,6 +18,7 @@ sys.path.insert(0, str(BENCHMARKS))
 import bench_featurizer_memory  # noqa: E402
 import bench_index  # noqa: E402
 import proctree  # noqa: E402
+import record  # noqa: E402
 
 
 def test_peak_memory_sees_a_childs_allocation_under_its_phase() -> None:
@@ -71,3 +72,15 @@ def test_featurizer_memory_counts_a_mapped_files_pages(tmp_path: Path) -> None:
     after = bench_featurizer_memory.memory(os.getpid(), tmp_path)
     assert before["saved_pss"] == 0 and 15.5 <= after["saved_pss"] <= 16.5
     assert after["rss"] >= after["pss"] >= after["uss"] > 0 and after["peak_rss"] >= after["rss"]
+
+
+def test_serve_settings_of_the_command_line_are_checked_against_the_serve_section() -> None:
+    """``--ab`` (profile_core) and ``--serve-set`` (bench_scale): FIELD=VALUE pairs, values as YAML, refused with
+    the field named when the serve section has no such field or the value does not fit it."""
+    assert record.serve_settings(["early_fallback=0", "fallback=none", "trace_query_tower=false"]) == \
+        {"early_fallback": 0, "fallback": "none", "trace_query_tower": False}
+    assert record.serve_settings(None) == {} and record.settings_label({"early_fallback": 0}) == "early_fallback=0"
+    for bad, named in (("early_falback=0", "early_falback"), ("early_fallback=-1", "early_fallback"),
+                       ("early_fallback", "FIELD=VALUE")):
+        with pytest.raises(SystemExit, match=named):
+            record.serve_settings([bad])
