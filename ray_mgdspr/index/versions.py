@@ -120,4 +120,3 @@ def remove_stale_staging(root: str | Path) -> list[str]:
     """Remove staging directories and CURRENT temp files left by killed builds on this host
     (``artifacts.remove_stale`` over the whole root); returns the names removed."""
     return remove_stale(root)
-    return True
