@@ -173,3 +173,23 @@ def store_build(
         raise fail(str(e)) from None
     console.print(f"behaviour store {where}: {counts['behaviours']:,} behaviours, {counts['queries']:,} past "
                   f"queries from {world}")
+
+
+@store_app.command("upgrade")
+def store_upgrade(
+    path: Annotated[Path, typer.Argument(help="SQLite store file")] = Path("runs/store/behaviours.sqlite"),
+) -> None:
+    """Bring a SQLite store built by an earlier release to this format in place (covering indexes), while it
+    is served: readers go on, an append waits for it."""
+    import sqlite3
+
+    from ray_mgdspr.serve.store import FORMAT, upgrade_sqlite_store
+
+    try:
+        changed = upgrade_sqlite_store(path)
+    except FileNotFoundError as e:
+        raise fail(str(e)) from None
+    except sqlite3.DatabaseError as e:
+        raise fail(f"{path}: not a SQLite behaviour store ({e})") from None
+    console.print(f"behaviour store {path}: " + (f"upgraded to format {FORMAT}" if changed
+                                                    else f"already format {FORMAT}, nothing to do"))

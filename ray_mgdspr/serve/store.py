@@ -105,14 +105,32 @@ def _tables(behaviours: list[tuple[int, int, int, str, int]], queries: list[tupl
 
 # --------------------------------------------------------------------------------------------- SQLite
 
-_DDL = """
+_TABLES = """
 CREATE TABLE IF NOT EXISTS behaviours (user_id INTEGER NOT NULL, ts INTEGER NOT NULL, action TEXT NOT NULL,
                                        item_id INTEGER NOT NULL);
-CREATE INDEX IF NOT EXISTS behaviours_by_user ON behaviours (user_id, action, ts);
 CREATE TABLE IF NOT EXISTS queries (user_id INTEGER NOT NULL, ts INTEGER NOT NULL, words TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS queries_by_user ON queries (user_id, ts);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+# The indexes cover every column a lookup reads (an index entry also holds the rowid, the arrival order), so a
+# user's rows come from one run of index pages and never from the tables' pages, where rows lie in arrival order,
+# scattered over the file. On the large preset's 1.1 GB store, a lookup read out of the OS page cache took p50
+# 3.4 ms with format 1's indexes (not covering) and 1.3 ms with these; cached, 0.6 ms either way.
+FORMAT = "2"
+_INDEXES = """
+CREATE INDEX IF NOT EXISTS behaviours_covering ON behaviours (user_id, action, ts, item_id);
+CREATE INDEX IF NOT EXISTS queries_covering ON queries (user_id, ts, words);
+"""
+_FORMAT_1_INDEXES = ("behaviours_by_user", "queries_by_user")
+# a user's latest rows of one action / of past queries in a window: (user, action, before, from, limit) and
+# (user, before, limit)
+BEHAVIOURS_SQL = ("SELECT rowid, user_id, item_id, action, ts FROM behaviours WHERE user_id = ? AND action = ? "
+                  "AND ts < ? AND ts >= ? ORDER BY ts DESC, rowid DESC LIMIT ?")
+QUERIES_SQL = "SELECT rowid, user_id, ts, words FROM queries WHERE user_id = ? AND ts < ? ORDER BY ts DESC, " \
+              "rowid DESC LIMIT ?"
+
+
+def _index_names(db: sqlite3.Connection) -> set[str]:
+    return {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
 
 
 class SqliteStore:
@@ -136,7 +154,13 @@ class SqliteStore:
         # loss; WAL's default NORMAL would survive only the former)
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA busy_timeout=10000")
-        self._db.executescript(_DDL)
+        self._db.executescript(_TABLES)
+        if not _index_names(self._db) & set(_FORMAT_1_INDEXES):
+            self._db.executescript(_INDEXES)  # a new store (or already this format: nothing to do)
+        else:
+            log.warning("%s: a behaviour store of format 1, whose indexes do not cover the lookups (about 3x "
+                        "slower when the file is not in the OS page cache); `mgdspr store upgrade %s` adds the "
+                        "covering ones in place, while it is served", self.path, self.path)
 
     def histories(self, user_ids: Sequence[int], ts: Sequence[int]) -> tuple[pa.Table, pa.Table]:
         """Every row the feature windows of each (user_ids[i], ts[i]) can use.
@@ -146,18 +170,14 @@ class SqliteStore:
             query_words), in arrival order, for ``Featurizer.with_history``.
         """
         w = self.windows
-        b_sql = ("SELECT rowid, user_id, item_id, action, ts FROM behaviours WHERE user_id = ? AND action = ? "
-                 "AND ts < ? AND ts >= ? ORDER BY ts DESC, rowid DESC LIMIT ?")
-        q_sql = "SELECT rowid, user_id, ts, words FROM queries WHERE user_id = ? AND ts < ? ORDER BY ts DESC, " \
-                "rowid DESC LIMIT ?"
         behaviours, queries = [], []
         with self._lock:
             for user, t in sorted(set(zip(map(int, user_ids), map(int, ts), strict=True))):
-                behaviours += self._db.execute(b_sql, (user, "click", t, -(2**62), w.recent)).fetchall()
+                behaviours += self._db.execute(BEHAVIOURS_SQL, (user, "click", t, -(2**62), w.recent)).fetchall()
                 for action in LONG_ACTIONS:
-                    behaviours += self._db.execute(b_sql, (user, action, t - w.short_ms, t - w.long_ms,
-                                                           w.long_len)).fetchall()
-                queries += self._db.execute(q_sql, (user, t, w.his_queries)).fetchall()
+                    behaviours += self._db.execute(BEHAVIOURS_SQL, (user, action, t - w.short_ms, t - w.long_ms,
+                                                                    w.long_len)).fetchall()
+                queries += self._db.execute(QUERIES_SQL, (user, t, w.his_queries)).fetchall()
         return _tables(behaviours, queries)
 
     def append(self, behaviours: Iterable[Behaviour] = (), queries: Iterable[PastQuery] = ()) -> None:
@@ -210,7 +230,7 @@ def build_sqlite_store(world: str | Path, out: str | Path, overwrite: bool = Fal
     counts = {"behaviours": 0, "queries": 0}
     with atomic_file(out) as tmp:
         db = sqlite3.connect(tmp, isolation_level=None)
-        db.executescript(_DDL.replace("CREATE INDEX", "-- CREATE INDEX"))  # indexes after the bulk load
+        db.executescript(_TABLES)  # indexes after the bulk load
         db.execute("BEGIN")
         for day in chosen:
             b = read_table(world, "behaviours", days=[day], columns=["user_id", "ts", "action", "item_id"])
@@ -226,14 +246,50 @@ def build_sqlite_store(world: str | Path, out: str | Path, overwrite: bool = Fal
                                [json.dumps(w or []) for w in q["query_words"].to_pylist()], strict=True))
             counts["behaviours"] += b.num_rows
             counts["queries"] += q.num_rows
-        db.executemany("INSERT INTO meta VALUES (?, ?)", [("world", str(world.resolve())), ("format", "1"),
+        db.executemany("INSERT INTO meta VALUES (?, ?)", [("world", str(world.resolve())), ("format", FORMAT),
                                                          ("days", json.dumps(chosen)),
                                                          *((f"rows_{k}", str(v)) for k, v in counts.items())])
         db.execute("COMMIT")
-        db.executescript(_DDL)
+        db.executescript(_INDEXES)
         db.close()
     log.info("behaviour store %s: %s from %s", out, counts, world)
     return counts
+
+
+def upgrade_sqlite_store(path: str | Path) -> bool:
+    """Bring a SQLite store of format 1 to this format in place: add the covering indexes, drop the old ones.
+
+    One write transaction: replicas reading the store (WAL) go on answering while it runs, then use the new
+    indexes; an append waits for it (``busy_timeout``). The old indexes' pages stay in the file, free for new
+    rows (``VACUUM`` it, not served, to shrink it). Returns False when the store was already this format.
+
+    Raises:
+        FileNotFoundError: no store at ``path``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no behaviour store")
+    db = sqlite3.connect(path, timeout=10.0, isolation_level=None)
+    try:
+        db.execute("PRAGMA busy_timeout=10000")
+        old = _index_names(db) & set(_FORMAT_1_INDEXES)
+        if not old:
+            return False
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in filter(str.strip, _INDEXES.split(";")):
+                db.execute(statement)
+            for name in sorted(old):
+                db.execute(f"DROP INDEX {name}")
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('format', ?)", (FORMAT,))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+    finally:
+        db.close()
+    log.info("behaviour store %s: upgraded to format %s (covering indexes)", path, FORMAT)
+    return True
 
 
 # ---------------------------------------------------------------------------------------------- Redis

