@@ -24,7 +24,7 @@ What it measures (data: SYNTHETIC, a simulated world; part 3's catalogues are sy
    run's processes, and every response's version is counted.
    ``--placements`` (default both) measures each ``serve.placement`` this way, one after another on the same
    Ray (``per_stage``: encoder, shard and BM25 deployments; ``colocated``: one deployment holding the whole
-   version), and records the batch sizes ``@serve.batch`` formed per cell (Ray's export of
+   version), and records the batch sizes the replicas formed per cell (Ray's export of
    ``mgdspr_batch_size``). Goals (issue 16; reported, not asserted): ``GOALS``.
 2. ``stages``: encode, search (the shard fan-out), merge, filter and total from the responses'
    ``latency_ms``, mean and p99, for Serve (and the monolith, for reference) at 1 and 16 clients.
@@ -495,8 +495,9 @@ def measure(base: str, requests: list[dict[str, Any]], clients: int, warmup: flo
     }
 
 
-def batch_counts(metrics_port: int | None) -> dict[str, dict[str, float]]:
-    """Ray's export of ``mgdspr_batch_size`` summed over replicas: stage -> {count, sum, le=<bound>: cumulative}."""
+def _scrape(metrics_port: int | None, prefix: str, label: str) -> dict[str, dict[str, float]]:
+    """The series of a histogram ``prefix`` in Ray's metrics export, summed over replicas by ``label``:
+    label value -> {count, sum, le=<bound>: cumulative}."""
     import httpx
 
     if metrics_port is None:
@@ -507,17 +508,38 @@ def batch_counts(metrics_port: int | None) -> dict[str, dict[str, float]]:
         return {}
     out: dict[str, dict[str, float]] = {}
     for line in text.splitlines():
-        if not line.startswith("ray_mgdspr_batch_size_") or "{" not in line:
+        if not line.startswith(f"{prefix}_") or "{" not in line:
             continue
         name, rest = line.split("{", 1)
         labels = dict(kv.split("=", 1) for kv in rest.rsplit("}", 1)[0].replace('"', "").split(",") if "=" in kv)
         value = float(line.rsplit(" ", 1)[1])
-        key = {"ray_mgdspr_batch_size_count": "count", "ray_mgdspr_batch_size_sum": "sum"}.get(name)
-        if key is None and name == "ray_mgdspr_batch_size_bucket":
+        key = {f"{prefix}_count": "count", f"{prefix}_sum": "sum"}.get(name)
+        if key is None and name == f"{prefix}_bucket":
             key = f"le={labels.get('le')}"
         if key is not None:
-            stage = out.setdefault(labels.get("stage", "?"), {})
-            stage[key] = stage.get(key, 0.0) + value
+            series = out.setdefault(labels.get(label, "?"), {})
+            series[key] = series.get(key, 0.0) + value
+    return out
+
+
+def batch_counts(metrics_port: int | None) -> dict[str, dict[str, float]]:
+    """Ray's export of ``mgdspr_batch_size`` summed over replicas: stage -> {count, sum, le=<bound>: cumulative}."""
+    return _scrape(metrics_port, "ray_mgdspr_batch_size", "stage")
+
+
+def processing_times(metrics_port: int | None) -> dict[str, dict[str, float]]:
+    """Ray Serve's own ``serve_deployment_processing_latency_ms`` (the time each replica spent in its user code per
+    request) summed over replicas and applications: deployment -> {count, sum, ...}."""
+    return _scrape(metrics_port, "ray_serve_deployment_processing_latency_ms", "deployment")
+
+
+def processing_delta(a: dict[str, dict[str, float]], b: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Calls and summed processing ms per deployment between two scrapes."""
+    out = {}
+    for dep, after in b.items():
+        n = after.get("count", 0) - a.get(dep, {}).get("count", 0)
+        if n > 0:
+            out[dep] = {"calls": n, "sum_ms": after.get("sum", 0) - a.get(dep, {}).get("sum", 0)}
     return out
 
 
@@ -565,6 +587,7 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
                        "replicas": r.get("replicas")} for r in runs],
         "error_examples": sorted({e for r in runs for e in r["error_examples"]})[:5],
         "batches": _pooled_batches([r.get("batches", {}) for r in runs]),
+        "processing": _pooled_processing([r.get("processing", {}) for r in runs]),
         "answered_by": dict(sum((Counter(r["versions"]) for r in runs), Counter())),
         "qps_per_server_core": 1000 / max(1e-9, 1000 * sum(r["cpu"]["server_cpu_s"] for r in runs) / max(1, ok)),
     }
@@ -580,6 +603,12 @@ def _pooled_batches(per_run: list[dict[str, dict[str, float]]]) -> dict[str, dic
             o["ones"] += x["batches"] * x["share_of_1"]
     return {stage: {"batches": o["batches"], "mean_size": o["requests"] / o["batches"],
                     "share_of_1": o["ones"] / o["batches"]} for stage, o in out.items() if o["batches"]}
+
+
+def _pooled_processing(per_run: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    calls: Counter[str] = sum((Counter({d: x["calls"] for d, x in run.items()}) for run in per_run), Counter())
+    spent: Counter[str] = sum((Counter({d: x["sum_ms"] for d, x in run.items()}) for run in per_run), Counter())
+    return {d: {"calls": n, "mean_ms": spent[d] / n} for d, n in sorted(calls.items()) if n}
 
 
 def replicas(app_name: str) -> dict[str, int]:
@@ -655,6 +684,7 @@ def serve_vs_monolith(serve_base: str, mono_base: str, mono_pid: int, setup: Set
         for system, clients in (cells if r % 2 == 0 else cells[::-1]):
             base = serve_base if system == "serve" else mono_base
             before = batch_counts(metrics_port) if system == "serve" else {}
+            spent = processing_times(metrics_port) if system == "serve" else {}
             m = measure(base, setup.requests, clients, warmup, duration, offset, mono_pid)
             offset += 104_729
             if system == "serve":
@@ -662,6 +692,7 @@ def serve_vs_monolith(serve_base: str, mono_base: str, mono_pid: int, setup: Set
                 if metrics_port is not None:
                     time.sleep(BATCH_EXPORT_WAIT_S)  # the last batches reach Ray's export
                     m["batches"] = batch_delta(before, batch_counts(metrics_port))
+                    m["processing"] = processing_delta(spent, processing_times(metrics_port))
             runs[f"{system}-{clients}"].append(m)
             print(f"  round {r + 1} {system:>8} x{clients:<2}: {m['qps']:6.1f} QPS, p50 "
                   f"{pct(m['latencies_ms'], 50):6.1f} ms, p99 {pct(m['latencies_ms'], 99):6.1f} ms, errors "
@@ -761,8 +792,8 @@ PLACEMENT_TEXT = {
     "per_stage": "one deployment for the encoder, one per shard, one for BM25 (the ingress calls the encoder, then "
                  "every shard concurrently)",
     "colocated": "one deployment per version, each replica the whole version (`engine.Retriever`, "
-                 "`@serve.batch` over whole requests: one query-tower forward and one Faiss search per shard for "
-                 "the batch); the ingress makes one call per request",
+                 "batches of whole requests (`serve/batching.py`): one query-tower forward and one Faiss search "
+                 "per shard for the batch); the ingress makes one call per request",
 }
 
 
@@ -827,13 +858,14 @@ def _part1(result: dict[str, Any], placement: str, x: dict[str, Any]) -> list[st
                        for c in (1, 16)) + "."]
     batches = {c: s[f"serve-{c}"].get("batches") or {} for c in (1, 16)}
     if any(batches.values()):
-        md += ["", "Batches formed by `@serve.batch` (Ray's export of `mgdspr_batch_size`, summed over replicas, "
+        md += ["", "Batches formed (Ray's export of `mgdspr_batch_size`, summed over replicas, "
                    "windows and warm-ups of the cells):", "",
                "| stage | clients | batches | mean requests per batch | share of batches of 1 |",
                "|---|---:|---:|---:|---:|"]
         for c in (1, 16):
             for stage, y in sorted(batches[c].items()):
                 md.append(f"| {stage} | {c} | {y['batches']:,.0f} | {y['mean_size']:.2f} | {y['share_of_1']:.0%} |")
+    md += _latency_by_deployment(s)
     s1, s16 = s["serve-1"]["ray_cpu_ms_per_request_by_process"], s["serve-16"]["ray_cpu_ms_per_request_by_process"]
     labels = sorted(set(s1) | set(s16), key=lambda k: -(s16.get(k, 0) + s1.get(k, 0)))
     md += ["", f"Where Serve's CPU goes: CPU ms per answered request by Ray process (pooled over rounds), and "
@@ -851,6 +883,40 @@ def _part1(result: dict[str, Any], placement: str, x: dict[str, Any]) -> list[st
     return [*md, ""]
 
 
+def _latency_by_deployment(s: dict[str, Any]) -> list[str]:
+    """Where a Serve request's time goes: each deployment's own time (Ray Serve's processing latency), against the
+    client's latency and the server's stages; with one ingress and one replica per request on its path (the
+    colocated placement) the differences are the HTTP front, the ingress with its hop, and the replica's time
+    outside the stages."""
+    times = {c: s[f"serve-{c}"].get("processing") or {} for c in (1, 16)}
+    if not any(times.values()):
+        return []
+    # the deployments on a request's path (not the version manager's long polls)
+    shown = [d for d in sorted(times[1]) if times[1][d]["calls"] >= 0.5 * times[1].get("Ingress", {}).get("calls", 0)]
+    md = ["", "Where a Serve request's time goes: each deployment's own time per call (Ray Serve's "
+              "`serve_deployment_processing_latency_ms`, summed over replicas, windows and warm-ups of the cells), "
+              "against the client's mean latency and the server's own `total` (the stages):", "",
+          "| clients | client mean ms | " + " | ".join(f"{d} ms (calls per ingress call)" for d in shown)
+          + " | server `total` ms |", "|---:|---:|" + "---:|" * len(shown) + "---:|"]
+    for c in (1, 16):
+        y = s[f"serve-{c}"]
+        calls = max(1.0, times[c].get("Ingress", {}).get("calls", 1.0))
+        md.append(f"| {c} | {y['mean_ms']:.2f} | " + " | ".join(
+            f"{times[c][d]['mean_ms']:.2f} ({times[c][d]['calls'] / calls:.2f})" if d in times[c] else "-"
+            for d in shown) + f" | {y['stages']['total']['mean_ms']:.2f} |")
+    one, y = times[1], s["serve-1"]
+    if "Ingress" in one and "version" in one:
+        front = y["mean_ms"] - one["Ingress"]["mean_ms"]
+        hop = one["Ingress"]["mean_ms"] - one["version"]["mean_ms"]
+        outside = one["version"]["mean_ms"] - y["stages"]["total"]["mean_ms"]
+        md += ["", f"At 1 client the {y['outside_mean_ms']:.1f} ms of overhead are: {front:.1f} ms before and after "
+                   f"the ingress's code (client, HAProxy or Ray's proxy, the replica's HTTP server), {hop:.1f} ms in "
+                   f"the ingress and its call to the version (FastAPI, parsing, metrics, the gRPC or Ray hop both "
+                   f"ways), {outside:.1f} ms in the version's replica outside the stages (its batching, the "
+                   "hand-off to the batch's thread)."]
+    return md
+
+
 def report(result: dict[str, Any], png: str) -> str:
     placements = result["placements"]
     setup = result["setup"]
@@ -862,7 +928,7 @@ def report(result: dict[str, Any], png: str) -> str:
     md += [f"- {k}: {v}" for k, v in setup["describe"].items()]
     md += ["- Serve: `ray_mgdspr.serve.app.start` on `ray.init(address=\"local\", num_cpus=8)`, shipped deployment "
            "defaults (0.25 CPU per replica; ingress, encoder and a colocated version autoscale 1-2 replicas at 4 "
-           f"ongoing requests; max_ongoing_requests 64; `@serve.batch` size 32, wait "
+           f"ongoing requests; max_ongoing_requests 64; batch size 32, wait "
            f"{result.get('batch_wait_ms', 2.0):g} ms), 1 faiss and 1 torch "
            f"thread per replica, the query tower {result.get('query_tower', 'as a module')} (both systems); "
            "each placement in `--placements` is started on the same Ray after the previous "
@@ -904,7 +970,7 @@ def report(result: dict[str, Any], png: str) -> str:
         md.append(f"| {label} | {c} | " + " | ".join(
             f"{y['stages'][st]['mean_ms']:.2f} / {y['stages'][st]['p99_ms']:.2f}" for st in STAGES)
             + f" | {y['outside_mean_ms']:.2f} |")
-    md += ["", "- Serve per_stage: encode = ingress -> encoder call (RPC, `@serve.batch` wait, store lookup, query "
+    md += ["", "- Serve per_stage: encode = ingress -> encoder call (RPC, batch wait, store lookup, query "
            "tower); search = the concurrent fan-out to every shard deployment (RPC + batched Faiss + filter "
            "verdicts); merge and filter run in the ingress. Serve colocated: every stage runs in the version's "
            "replica (encode and search are the batch's); \"outside\" then also holds the ingress -> replica hop "

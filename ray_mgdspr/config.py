@@ -585,11 +585,12 @@ class ServeConfig(StrictModel):
         "1 + shards; for a version that fits one replica's memory); per_stage, one deployment for the encoder, one "
         "per shard and one for BM25, each scaling and placed on its own (a cluster whose shards need their own "
         "nodes or GPUs); docs/serving.md, Placement")
-    batch_size: int = Field(32, ge=1, description="@serve.batch size of the encoder and the shards (colocated: "
-                            "of the version's replicas)")
-    batch_wait_ms: float = Field(0.0, ge=0, description="how long a `@serve.batch` batch waits to fill after its "
-                                 "first request (0: it takes the requests already queued; Ray Serve waits the whole "
-                                 "time unless the batch fills, so each request of a quiet endpoint pays it)")
+    batch_size: int = Field(32, ge=1, description="the most requests in one batch of the encoder and the shards "
+                            "(colocated: of the version's replicas); a batch forms when the replica is free to run "
+                            "it, from the requests that queued meanwhile (serve/batching.py)")
+    batch_wait_ms: float = Field(0.0, ge=0, description="how long a batch waits for more after its first request "
+                                 "unless it fills (0: it takes the requests that queued while the batch before it "
+                                 "ran; a wait makes each request of a quiet endpoint pay it)")
     request_timeout_s: float = Field(10.0, gt=0, description="a request's budget across all stages")
     version_refresh_s: float = Field(0.25, gt=0, description="the ingress hears of a switch at once (a long poll "
                                      "of the version manager); when that poll fails (the manager restarting), it "

@@ -18,9 +18,11 @@ The index side of a version (staging, commit, ``CURRENT``) is ``index/`` 's.
 
 import asyncio
 import contextlib
+import functools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import numpy as np
@@ -30,6 +32,7 @@ from ray.serve.handle import DeploymentHandle
 from ray_mgdspr.config import ResolvedServeConfig
 from ray_mgdspr.index.versions import current_version, set_current
 from ray_mgdspr.model.bundle import bundle_summary
+from ray_mgdspr.serve.batching import Batcher
 from ray_mgdspr.serve.canary import CanaryHits, RecallWindow
 from ray_mgdspr.serve.engine import (
     Encoded,
@@ -59,10 +62,10 @@ def version_app_name(app_name: str, version: str) -> str:
     return f"{app_name}-{version}"
 
 
-def _batched(fn: Any, cfg: ResolvedServeConfig) -> None:
-    """Apply the configured batch size and wait to a ``@serve.batch`` method."""
-    fn.set_max_batch_size(cfg.batch_size)
-    fn.set_batch_wait_timeout_s(cfg.batch_wait_ms / 1000)
+def _batched(fn: Callable[[list[Any]], list[Any]], cfg: ResolvedServeConfig, sizes: BatchSizes) -> Batcher:
+    """``fn`` over batches of concurrent requests (``serve/batching.py``), each request failing alone
+    (``engine.each_alone``), with the configured batch size and wait, each batch's size into ``sizes``."""
+    return Batcher(functools.partial(each_alone, fn), cfg.batch_size, cfg.batch_wait_ms / 1000, sizes.observe)
 
 
 def _own(result: R | Exception) -> R:
@@ -77,24 +80,18 @@ def _own(result: R | Exception) -> R:
 
 @serve.deployment
 class QueryEncoderDeployment:
-    """H_qu of batched requests (``@serve.batch``), with histories from the behaviour store."""
+    """H_qu of batched requests (``serve/batching.py``), with histories from the behaviour store."""
 
     def __init__(self, settings: dict, version: str) -> None:
         cfg = ResolvedServeConfig.model_validate(settings)
         release = verify_release(cfg.index_root, version, check_files=False)  # load_bundle checks its files
         self.core = QueryEncoder(release.bundle_path, cfg.world, open_store(cfg.store, release.bundle.features),
                                  threads=cfg.torch_threads, trace=cfg.trace_query_tower)
-        self.batch_sizes = BatchSizes("encoder")
-        _batched(self._encode, cfg)
+        self._encode = _batched(self._encode_now, cfg, BatchSizes("encoder"))
 
     async def encode(self, request: tuple[str, int | None, int]) -> Encoded:
         """H_qu of one (query, user id, ts), computed in a batch with concurrent requests."""
         return _own(await self._encode(request))
-
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
-    async def _encode(self, requests: list[tuple[str, int | None, int]]) -> list[Encoded | Exception]:
-        self.batch_sizes.observe(len(requests))
-        return await asyncio.to_thread(each_alone, self._encode_now, requests)
 
     def _encode_now(self, requests: list[tuple[str, int | None, int]]) -> list[Encoded]:
         queries, users, ts = (list(x) for x in zip(*requests, strict=True))
@@ -111,9 +108,8 @@ class IndexShard:
         self.core = ShardSearcher(release.index_path, shard_no, cfg.backend, nprobe=cfg.nprobe,
                                   ef_search=cfg.ef_search, faiss_threads=cfg.faiss_threads,
                                   verdict_cache_mb=cfg.verdict_cache_mb)
-        self.batch_sizes = BatchSizes("shard")
         self.canary_ef_search = cfg.canary_ef_search
-        _batched(self._search, cfg)
+        self._search = _batched(self._search_now, cfg, BatchSizes("shard"))
 
     async def search(self, request: tuple[np.ndarray, int, tuple[KeyTerm, ...], int | None]) -> Hits:
         """One request: (H_qu, depth, key terms, k when the filter is on else None; see ``ShardSearcher.search``),
@@ -125,12 +121,6 @@ class IndexShard:
         (``ShardSearcher.canary``), in a thread beside the batched live searches, never in their batches."""
         embedding, k = request
         return await asyncio.to_thread(self.core.canary, embedding[None, :], k, self.canary_ef_search)
-
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
-    async def _search(self, requests: list[tuple[np.ndarray, int, tuple[KeyTerm, ...], int | None]]
-                      ) -> list[Hits | Exception]:
-        self.batch_sizes.observe(len(requests))
-        return await asyncio.to_thread(each_alone, self._search_now, requests)
 
     def _search_now(self, requests: list[tuple[np.ndarray, int, tuple[KeyTerm, ...], int | None]]) -> list[Hits]:
         return self.core.search(np.stack([r[0] for r in requests]), [r[1] for r in requests],
@@ -177,7 +167,7 @@ class VersionHead:
 @serve.deployment
 class VersionReplica:
     """The whole version in each replica (``serve.placement: colocated``): ``engine.Retriever``, answering batches
-    of requests (``@serve.batch``) with one forward pass and one search per shard (``Retriever.answer_batch``);
+    of requests (``serve/batching.py``) with one forward pass and one search per shard (``Retriever.answer_batch``);
     the recall canary's searches and users' behaviours too. One hop from the ingress per request."""
 
     def __init__(self, settings: dict, version: str) -> None:
@@ -185,18 +175,12 @@ class VersionReplica:
         release = verify_release(cfg.index_root, version, check_files=False)  # the loaders check their files
         self.core = Retriever(release, cfg)
         self.canary_ef_search = cfg.canary_ef_search
-        self.batch_sizes = BatchSizes("version")
-        _batched(self._answer, cfg)
+        self._answer = _batched(self.core.answer_batch, cfg, BatchSizes("version"))
 
     async def answer(self, request: tuple[RetrieveRequest, int]) -> tuple[dict, np.ndarray]:
         """One request (its k from ``engine.request_k``): its response and its H_qu, answered in a batch with
         concurrent requests."""
         return _own(await self._answer(request))
-
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
-    async def _answer(self, requests: list[tuple[RetrieveRequest, int]]) -> list[tuple[dict, np.ndarray] | Exception]:
-        self.batch_sizes.observe(len(requests))
-        return await asyncio.to_thread(each_alone, self.core.answer_batch, requests)
 
     async def canary(self, request: tuple[np.ndarray, int]) -> list[CanaryHits]:
         """A recall canary sample of one query (H_qu, k) on every shard, in a thread beside the live batches."""
