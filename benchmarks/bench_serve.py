@@ -68,6 +68,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,7 +115,7 @@ def system_modes(system: str) -> tuple[str, list[str]]:
     """``colocated+tp+ha`` -> (``colocated``, [``+tp``, ``+ha``])."""
     placement, *modes = system.split("+")
     return placement, [f"+{m}" for m in modes]
-BATCH_EXPORT_WAIT_S = 2.5  # > Ray's metrics report interval, set to 1 s in this run's ray.init
+EXPORT_WAIT_S = 2.5  # > Ray's metrics report interval, set to 1 s in this run's ray.init
 SYNTHETIC_ID_BASE = 1_000_000_000  # synthetic items get ids far from the simulated catalogue's
 GPU_RESULTS = "gpu-check-h200"
 
@@ -427,8 +428,10 @@ def idle_cpu(monolith_pid: int | None, seconds: float) -> dict[str, float]:
 
 
 def measure(base: str, requests: list[dict[str, Any]], clients: int, warmup: float, duration: float,
-            offset: int, monolith_pid: int | None) -> dict[str, Any]:
-    """``clients`` threads post requests back to back for ``warmup`` + ``duration`` s; the window is kept."""
+            offset: int, monolith_pid: int | None, at_window: Callable[[], Any] | None = None) -> dict[str, Any]:
+    """``clients`` threads post requests back to back for ``warmup`` + ``duration`` s; the window is kept.
+    ``at_window()`` (a metrics scrape) is called as the window starts and again as it ends, after the clients
+    stopped: its two values are returned as ``window_marks``."""
     import httpx
 
     records: list[list[tuple[float, float, int, dict[str, float] | None]]] = [[] for _ in range(clients)]
@@ -471,10 +474,14 @@ def measure(base: str, requests: list[dict[str, Any]], clients: int, warmup: flo
     barrier.wait()
     time.sleep(max(0.0, times["warm"] - time.perf_counter()))
     cpu0 = cpu_snapshot(monolith_pid)
+    mark0 = at_window() if at_window else None
     time.sleep(max(0.0, times["end"] - time.perf_counter()))
     cpu1 = cpu_snapshot(monolith_pid)
     for th in threads:
         th.join(60)
+    if at_window:
+        time.sleep(EXPORT_WAIT_S)  # what the last requests recorded reaches Ray's export
+    marks = (mark0, at_window()) if at_window else None
     window = [r for rs in records for r in rs if times["warm"] <= r[1] <= times["end"]]
     warm_errors = sum(1 for rs in records for r in rs if r[1] < times["warm"] and r[2] != 200)
     ok = [r for r in window if r[2] == 200]
@@ -491,7 +498,7 @@ def measure(base: str, requests: list[dict[str, Any]], clients: int, warmup: flo
         "stages_ms": {s: np.round(v, 3).tolist() for s, v in stage.items()},
         "outside_ms": np.round(outside, 3).tolist(), "cpu": cpu,
         "server_cpu_ms_per_request": round(1000 * cpu["server_cpu_s"] / max(1, len(ok)), 2),
-        "versions": dict(sum(versions, Counter())),
+        "versions": dict(sum(versions, Counter())), "window_marks": marks,
     }
 
 
@@ -684,15 +691,14 @@ def serve_vs_monolith(serve_base: str, mono_base: str, mono_pid: int, setup: Set
         for system, clients in (cells if r % 2 == 0 else cells[::-1]):
             base = serve_base if system == "serve" else mono_base
             before = batch_counts(metrics_port) if system == "serve" else {}
-            spent = processing_times(metrics_port) if system == "serve" else {}
-            m = measure(base, setup.requests, clients, warmup, duration, offset, mono_pid)
+            scrape = (lambda: processing_times(metrics_port)) if system == "serve" and metrics_port else None
+            m = measure(base, setup.requests, clients, warmup, duration, offset, mono_pid, scrape)
             offset += 104_729
             if system == "serve":
                 m["replicas"] = replicas(app_name)
-                if metrics_port is not None:
-                    time.sleep(BATCH_EXPORT_WAIT_S)  # the last batches reach Ray's export
+                if metrics_port is not None:  # measure() waited for the last batches to reach Ray's export
                     m["batches"] = batch_delta(before, batch_counts(metrics_port))
-                    m["processing"] = processing_delta(spent, processing_times(metrics_port))
+                    m["processing"] = processing_delta(*m.pop("window_marks"))
             runs[f"{system}-{clients}"].append(m)
             print(f"  round {r + 1} {system:>8} x{clients:<2}: {m['qps']:6.1f} QPS, p50 "
                   f"{pct(m['latencies_ms'], 50):6.1f} ms, p99 {pct(m['latencies_ms'], 99):6.1f} ms, errors "
@@ -894,8 +900,9 @@ def _latency_by_deployment(s: dict[str, Any]) -> list[str]:
     # the deployments on a request's path (not the version manager's long polls)
     shown = [d for d in sorted(times[1]) if times[1][d]["calls"] >= 0.5 * times[1].get("Ingress", {}).get("calls", 0)]
     md = ["", "Where a Serve request's time goes: each deployment's own time per call (Ray Serve's "
-              "`serve_deployment_processing_latency_ms`, summed over replicas, windows and warm-ups of the cells), "
-              "against the client's mean latency and the server's own `total` (the stages):", "",
+              "`serve_deployment_processing_latency_ms`, summed over replicas and the measured windows, scraped as "
+              "each window starts and after it ends: within Ray's 1 s export interval), against the client's mean "
+              "latency and the server's own `total` (the stages):", "",
           "| clients | client mean ms | " + " | ".join(f"{d} ms (calls per ingress call)" for d in shown)
           + " | server `total` ms |", "|---:|---:|" + "---:|" * len(shown) + "---:|"]
     for c in (1, 16):
@@ -913,7 +920,9 @@ def _latency_by_deployment(s: dict[str, Any]) -> list[str]:
                    f"the ingress's code (client, HAProxy or Ray's proxy, the replica's HTTP server), {hop:.1f} ms in "
                    f"the ingress and its call to the version (FastAPI, parsing, metrics, the gRPC or Ray hop both "
                    f"ways), {outside:.1f} ms in the version's replica outside the stages (its batching, the "
-                   "hand-off to the batch's thread)."]
+                   "hand-off to the batch's thread). These are differences of means taken by different timers over "
+                   "windows that differ by up to Ray's 1 s export interval: read them to about a millisecond (a "
+                   "negative one means the ingress's timer also covers part of sending the response)."]
     return md
 
 
