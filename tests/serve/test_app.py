@@ -272,7 +272,7 @@ def test_bad_input_is_a_clear_4xx(client: httpx.Client, body: bytes, status: int
 
 def test_out_of_range_values_fail_only_their_own_request(server: tuple[str, ServeConfig],
                                                          client: httpx.Client) -> None:
-    """The values that used to overflow the store inside a @serve.batch are refused alone; concurrent valid
+    """The values that used to overflow the store inside a batch are refused alone; concurrent valid
     requests (batched with them before) are all answered."""
     bad = [{"query": "red dress", "user_id": 2**63}, {"query": "red dress", "ts": 10**30},
            {"query": "red dress", "user_id": 2**64, "ts": 2**70}]

@@ -100,7 +100,7 @@ def test_exported_request_totals_add_up_across_two_ingress_replicas(server: tupl
     replicas = {r for r, v in after.items() if v > by_replica.get(r, 0.0)}
     assert len(replicas) == 2, (by_replica, after)  # both ingress replicas answered some and both are exported
     assert _exported("ray_mgdspr_stage_seconds_count", stage="total")[0] >= n
-    # the encoder's and shards' @serve.batch sizes: every request was in one batch of each, so the exported sum of
+    # the encoder's and shards' batch sizes: every request was in one batch of each, so the exported sum of
     # sizes grows by n per stage (exactly: sizes sit at bucket midpoints, see serve/metrics.py BATCH_BUCKETS)
     wait_for(lambda: min(_exported("ray_mgdspr_batch_size_sum", stage=s)[0] for s in ("encoder", "shard")) >= n,
              90, "the batch sizes of the encoder and the shards")
