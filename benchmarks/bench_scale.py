@@ -250,11 +250,13 @@ def serve_layout(row: dict[str, Any], root: Path, factory: str, shards: int, que
                    check=True, env=ENV, stdout=subprocess.DEVNULL)
     build_s = time.perf_counter() - t
     runs = {}
+    # a run with --serve-set writes configs of its own: the plain ones (which profile_core.py reads) keep the defaults
+    suffix = "".join(f"-{field}={value}" for field, value in (settings or {}).items())
     for name, share in (("latency", 0.0), ("canary", 1.0)):
         serve_cfg = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={
             "index_root": str(index_root), "canary_share": share, "canary_k": 50, "canary_window": 100_000,
             "placement": placement, **(settings or {})}), "ray": cfg.ray.model_copy(update=FRONTS[front])})
-        path = work / f"config-{slug}-{name}.yaml"
+        path = work / f"config-{slug}{suffix}-{name}.yaml"
         path.write_text(config_to_yaml(serve_cfg))
         runs[name] = run_serve(work, queries, start_timeout, config=path, k=k if name == "latency" else 50)
     latency, canary = runs["latency"], runs["canary"]
@@ -263,8 +265,7 @@ def serve_layout(row: dict[str, Any], root: Path, factory: str, shards: int, que
               "nprobe": cfg.serve.nprobe or cfg.index.nprobe,
               "build_s": round(build_s, 1), "load": os.getloadavg()[0], "canary": canary["canary"],
               "memory": latency.pop("memory")} | {k: v for k, v in latency.items() if k != "canary"}
-    key = slug + ("" if k == 50 else f"-k{k}") + ("" if front == "local" else f"-{front}-front") + "".join(
-        f"-{field}={value}" for field, value in (settings or {}).items())
+    key = slug + ("" if k == 50 else f"-k{k}") + ("" if front == "local" else f"-{front}-front") + suffix
     return row | {"layouts": {**row.get("layouts", {}), key: layout}}
 
 
