@@ -3,10 +3,10 @@ and it starts as soon as the batch before it ends (continuous batching, as Trito
 
 Ray Serve's ``@serve.batch`` (2.60) forms the next batch while the one before it still runs, then queues it for
 its turn (``max_concurrent_batches``). With a wait of 0 ms that next batch is the one request that came first, so
-under load its batches held 1.01-1.07 requests while each request waited ~100 ms inside the replica for batches of
-one to run ahead of it (``benchmarks/results/serve.md``, 16 clients). Here a batch is formed only when the replica
-is free to run it, so whatever queued meanwhile (up to ``max_size``) runs as one query-tower forward pass and one
-Faiss search per shard.
+under load its batches held 1.01 requests while each request waited ~140 ms inside the replica for batches of one
+to run ahead of it (16 clients, ``benchmarks/results/serve-batching-before.md``). Here a batch is formed only
+when the replica is free to run it, so whatever queued meanwhile (up to ``max_size``) runs as one query-tower
+forward pass and one Faiss search per shard.
 
 Ray-free (asyncio only): each replica holds one ``Batcher`` per batched method and awaits it on its event loop.
 """
@@ -67,7 +67,6 @@ class Batcher(Generic[T, R]):
             raise
 
     async def _batches(self) -> None:
-        batch: list[tuple[T, asyncio.Future]] = []
         while self._queue:
             if self.wait_s > 0 and len(self._queue) < self.max_size:
                 left = self._queue[0][2] + self.wait_s - time.monotonic()
@@ -75,7 +74,7 @@ class Batcher(Generic[T, R]):
                     self._full.clear()
                     with contextlib.suppress(TimeoutError):  # the wait ended: the batch goes as it is
                         await asyncio.wait_for(self._full.wait(), left)
-            batch = []
+            batch: list[tuple[T, asyncio.Future]] = []
             while self._queue and len(batch) < self.max_size:
                 item, future, _ = self._queue.popleft()
                 if not future.done():  # its caller gave up (a timeout, a disconnect): not computed

@@ -113,8 +113,9 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 # The indexes cover every column a lookup reads (an index entry also holds the rowid, the arrival order), so a
 # user's rows come from one run of index pages and never from the tables' pages, where rows lie in arrival order,
-# scattered over the file. On the large preset's 1.1 GB store, a lookup read out of the OS page cache took p50
-# 3.4 ms with format 1's indexes (not covering) and 1.3 ms with these; cached, 0.6 ms either way.
+# scattered over the file. On the large preset's 1.2 GB store, a request's lookups out of the OS page cache took
+# p50 3.5 ms with format 1's indexes (not covering) and 1.3 ms with these; cached, 0.8 and 0.7 ms
+# (benchmarks/results/store-large.md).
 FORMAT = "2"
 _INDEXES = """
 CREATE INDEX IF NOT EXISTS behaviours_covering ON behaviours (user_id, action, ts, item_id);
