@@ -34,11 +34,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 import record
 from bench_serve import held_out_requests
 
-FORMAT_1 = ("DROP INDEX IF EXISTS behaviours_covering; DROP INDEX IF EXISTS queries_covering; "
-            "CREATE INDEX IF NOT EXISTS behaviours_by_user ON behaviours (user_id, action, ts); "
-            "CREATE INDEX IF NOT EXISTS queries_by_user ON queries (user_id, ts); "
-            "INSERT OR REPLACE INTO meta VALUES ('format', '1'); VACUUM;")
-
 
 def drop_from_page_cache(path: Path) -> None:
     for f in (path, path.with_name(path.name + "-wal")):
@@ -76,7 +71,7 @@ def main() -> None:
     from ray_mgdspr.config import load_config
     from ray_mgdspr.index.versions import current_version
     from ray_mgdspr.serve.engine import verify_release
-    from ray_mgdspr.serve.store import SqliteStore, upgrade_sqlite_store
+    from ray_mgdspr.serve.store import FORMAT_1_INDEXES, INDEXES, SqliteStore, create_indexes, upgrade_sqlite_store
 
     project = load_config(args.config)
     cfg = project.serve.resolved(project)
@@ -89,9 +84,14 @@ def main() -> None:
     for path in paths.values():
         shutil.copy(source, path)
     upgrade_sqlite_store(paths["format 2"])
-    for k, script in (("format 2", "VACUUM;"), ("format 1", FORMAT_1)):  # both as compact as a fresh build
-        with closing(sqlite3.connect(paths[k], isolation_level=None)) as db:
-            db.executescript(script)
+    with closing(sqlite3.connect(paths["format 1"], isolation_level=None)) as db:
+        for name in INDEXES:
+            db.execute(f"DROP INDEX IF EXISTS {name}")
+        create_indexes(db, FORMAT_1_INDEXES)
+        db.execute("INSERT OR REPLACE INTO meta VALUES ('format', '1')")
+    for path in paths.values():  # both as compact as a fresh build
+        with closing(sqlite3.connect(path, isolation_level=None)) as db:
+            db.execute("VACUUM")
     stores = {k: SqliteStore(p, features) for k, p in paths.items()}
     times = {k: {"cold": [], "warm": []} for k in paths}
     same = 0

@@ -117,11 +117,12 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 # p50 3.5 ms with format 1's indexes (not covering) and 1.3 ms with these; cached, 0.8 and 0.7 ms
 # (benchmarks/results/store-large.md).
 FORMAT = "2"
-_INDEXES = """
-CREATE INDEX IF NOT EXISTS behaviours_covering ON behaviours (user_id, action, ts, item_id);
-CREATE INDEX IF NOT EXISTS queries_covering ON queries (user_id, ts, words);
-"""
-_FORMAT_1_INDEXES = ("behaviours_by_user", "queries_by_user")
+INDEXES = {"behaviours_covering": "behaviours (user_id, action, ts, item_id)",
+           "queries_covering": "queries (user_id, ts, words)"}
+FORMAT_1_INDEXES = {"behaviours_by_user": "behaviours (user_id, action, ts)",
+                    "queries_by_user": "queries (user_id, ts)"}
+"""Format 1's indexes (not covering): what a store of an earlier release has (tests and ``bench_store.py`` make
+one from a store of this format)."""
 # a user's latest rows of one action / of past queries in a window: (user, action, before, from, limit) and
 # (user, before, limit)
 BEHAVIOURS_SQL = ("SELECT rowid, user_id, item_id, action, ts FROM behaviours WHERE user_id = ? AND action = ? "
@@ -132,6 +133,12 @@ QUERIES_SQL = "SELECT rowid, user_id, ts, words FROM queries WHERE user_id = ? A
 
 def _index_names(db: sqlite3.Connection) -> set[str]:
     return {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+
+
+def create_indexes(db: sqlite3.Connection, indexes: dict[str, str]) -> None:
+    """``indexes`` (name -> ``table (columns)``), each unless it exists, in the connection's transaction if any."""
+    for name, on in indexes.items():
+        db.execute(f"CREATE INDEX IF NOT EXISTS {name} ON {on}")
 
 
 class SqliteStore:
@@ -156,8 +163,8 @@ class SqliteStore:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA busy_timeout=10000")
         self._db.executescript(_TABLES)
-        if not _index_names(self._db) & set(_FORMAT_1_INDEXES):
-            self._db.executescript(_INDEXES)  # a new store (or already this format: nothing to do)
+        if not _index_names(self._db) & set(FORMAT_1_INDEXES):
+            create_indexes(self._db, INDEXES)  # a new store (or already this format: nothing to do)
         else:
             log.warning("%s: a behaviour store of format 1, whose indexes do not cover the lookups (about 3x "
                         "slower when the file is not in the OS page cache); `mgdspr store upgrade %s` adds the "
@@ -251,7 +258,7 @@ def build_sqlite_store(world: str | Path, out: str | Path, overwrite: bool = Fal
                                                          ("days", json.dumps(chosen)),
                                                          *((f"rows_{k}", str(v)) for k, v in counts.items())])
         db.execute("COMMIT")
-        db.executescript(_INDEXES)
+        create_indexes(db, INDEXES)
         db.close()
     log.info("behaviour store %s: %s from %s", out, counts, world)
     return counts
@@ -273,13 +280,12 @@ def upgrade_sqlite_store(path: str | Path) -> bool:
     db = sqlite3.connect(path, timeout=10.0, isolation_level=None)
     try:
         db.execute("PRAGMA busy_timeout=10000")
-        old = _index_names(db) & set(_FORMAT_1_INDEXES)
+        old = _index_names(db) & set(FORMAT_1_INDEXES)
         if not old:
             return False
         db.execute("BEGIN IMMEDIATE")
         try:
-            for statement in filter(str.strip, _INDEXES.split(";")):
-                db.execute(statement)
+            create_indexes(db, INDEXES)
             for name in sorted(old):
                 db.execute(f"DROP INDEX {name}")
             db.execute("INSERT OR REPLACE INTO meta VALUES ('format', ?)", (FORMAT,))

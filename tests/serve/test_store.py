@@ -24,6 +24,8 @@ from ray_mgdspr.data.vocab import Vocabulary
 from ray_mgdspr.data.world import read_manifest
 from ray_mgdspr.serve.store import (
     BEHAVIOURS_SQL,
+    FORMAT_1_INDEXES,
+    INDEXES,
     QUERIES_SQL,
     Behaviour,
     PastQuery,
@@ -31,6 +33,7 @@ from ray_mgdspr.serve.store import (
     SqliteStore,
     Store,
     build_sqlite_store,
+    create_indexes,
     upgrade_sqlite_store,
 )
 
@@ -232,11 +235,11 @@ def test_lookups_read_only_covering_indexes_and_a_format_1_store_upgrades_in_pla
     assert all("USING COVERING INDEX" in plan for plan in _lookup_plans(sqlite_path)), _lookup_plans(sqlite_path)
     old = tmp_path / "old.sqlite"
     shutil.copy(sqlite_path, old)
-    with closing(sqlite3.connect(old)) as db:  # what the releases before format 2 built
-        db.executescript("DROP INDEX behaviours_covering; DROP INDEX queries_covering; "
-                         "CREATE INDEX behaviours_by_user ON behaviours (user_id, action, ts); "
-                         "CREATE INDEX queries_by_user ON queries (user_id, ts); "
-                         "UPDATE meta SET value = '1' WHERE key = 'format';")
+    with closing(sqlite3.connect(old, isolation_level=None)) as db:  # what the releases before format 2 built
+        for name in INDEXES:
+            db.execute(f"DROP INDEX {name}")
+        create_indexes(db, FORMAT_1_INDEXES)
+        db.execute("UPDATE meta SET value = '1' WHERE key = 'format'")
     assert not any("COVERING" in plan for plan in _lookup_plans(old))
     users, ts = requests["user_id"].to_pylist(), offline(requests)["ts"].tolist()
     want = SqliteStore(sqlite_path, CFG).histories(users, ts)
