@@ -21,7 +21,6 @@ from typing import Literal
 import faiss
 import numpy as np
 import pyarrow as pa
-import torch
 
 from ray_mgdspr.arrays import sorted_lookup
 from ray_mgdspr.config import IndexConfig
@@ -48,6 +47,8 @@ def resolve_backend(name: str = "auto") -> Backend:
         ValueError: an unknown name, or faiss-gpu on a machine where faiss sees no GPU.
     """
     if name == "auto":
+        import torch  # here, not at the top: a process that only routes requests never loads torch (serve/)
+
         if faiss.get_num_gpus() > 0:
             chosen, why = "faiss-gpu", f"faiss sees {faiss.get_num_gpus()} GPU(s)"
         elif torch.cuda.is_available():
@@ -155,6 +156,8 @@ class _FaissSearcher:
 
 class _TorchSearcher:
     def __init__(self, vectors: np.ndarray, item_ids: np.ndarray, device: str) -> None:
+        import torch
+
         self.vectors = torch.from_numpy(vectors).to(device)  # (n, d)
         self.item_ids = torch.from_numpy(item_ids).to(device)  # (n,)
 
@@ -166,6 +169,8 @@ class _TorchSearcher:
         if kept == 0:
             return scores, ids
         step = max(1, _TORCH_SCORE_FLOATS // n)  # bounds the (queries, n) score matrix
+        import torch
+
         with torch.inference_mode():
             for lo in range(0, len(queries), step):
                 q = torch.from_numpy(queries[lo:lo + step]).to(self.vectors.device)
@@ -227,6 +232,8 @@ def _torch_searcher(index: faiss.IndexIDMap2, shard_no: int, factory: str) -> _T
         inner.make_direct_map()  # reconstruct needs the position of each vector in its inverted list
     # IDMap2 numbers the inner index's vectors 0..n-1 in add order, the order of id_map
     vectors = inner.reconstruct_n(0, inner.ntotal) if inner.ntotal else np.zeros((0, inner.d), np.float32)
+    import torch
+
     # CUDA matmul stays float32 unless someone set torch.backends.cuda.matmul.allow_tf32 (rankings would drift)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return _TorchSearcher(vectors, faiss.vector_to_array(index.id_map), device)

@@ -21,16 +21,19 @@ import datetime as dt
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from pydantic import BaseModel, Field
 
 from ray_mgdspr.artifacts import atomic_dir, sha256_file
 from ray_mgdspr.config import FeatureConfig, LossConfig, ModelConfig
 from ray_mgdspr.data.features import ItemContext, ItemPopularity, PriceLevels
 from ray_mgdspr.data.vocab import KINDS, Vocabulary
-from ray_mgdspr.model.mgdspr import TwoTower, build_model
+
+if TYPE_CHECKING:  # torch only where weights are saved or loaded: reading a manifest does not load it
+    import torch
+
+    from ray_mgdspr.model.mgdspr import TwoTower
 
 FORMAT_VERSION = 3
 """2: the item tower may read side information (``model.item_side_info``, ``model.price_level``); 3: and the
@@ -85,6 +88,8 @@ def save_bundle(
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+    import torch
+
     with atomic_dir(out) as tmp:
         for tower, name in TOWER_FILES.items():
             torch.save(_towers(model)[tower].state_dict(), tmp / name)
@@ -144,6 +149,10 @@ def load_bundle(
 
     A tower not in ``towers`` keeps its fresh initialisation: load only what a stage uses.
     """
+    import torch
+
+    from ray_mgdspr.model.mgdspr import build_model
+
     path = Path(path)
     manifest = read_bundle_manifest(path)
     vocab = Vocabulary.load(path / VOCAB_FILE)
