@@ -1,12 +1,15 @@
-"""What the endpoint burns with no requests: CPU of `mgdspr serve`'s whole process tree, per process, per setting.
+"""What the endpoint costs with no requests: CPU and memory of `mgdspr serve`'s whole process tree, per process,
+per setting.
 
 For each ``--loops`` value of ``ray.serve_control_loop_s`` (``RAY_SERVE_CONTROL_LOOP_INTERVAL_S``) and each
 ``--dashboard`` value of ``ray.dashboard`` (Ray's dashboard in the local Ray: ``on``, ``off``), in turn:
 start ``mgdspr serve -c CONFIG`` in a subprocess (a local Ray of its own, with the config's other ``ray:``
 settings: HAProxy, throughput mode), wait for ``/healthz``, let it settle ``--settle`` s, then read the CPU
 seconds of every process of its tree from ``/proc`` (psutil) at the start and end of a ``--window`` s window
-with no requests, and stop it with SIGINT (Ctrl-C). Processes are labelled by what they run
-(``bench_serve.cpu_snapshot``, ``proctree.label``). The settings are measured in ABBA order when ``--rounds`` > 1.
+with no requests, and the memory each process holds at the window's end: resident (RSS, shared libraries
+counted in every process that maps them) and unique (USS, what stopping that process alone would free). Then stop
+it with SIGINT (Ctrl-C). Processes are labelled by what they run (``bench_serve.cpu_snapshot``,
+``proctree.label``). The settings are measured in ABBA order when ``--rounds`` > 1.
 
 The endpoint serves CONFIG's index (by default the demo's: run ``make demo`` first). Data: SYNTHETIC.
 Issue 16's goal: the idle Ray tree at most 0.05 cores.
@@ -14,8 +17,9 @@ Issue 16's goal: the idle Ray tree at most 0.05 cores.
     python benchmarks/idle_serve.py                         # ~3 min: loops 0.1 and 0.5, 1 round
     python benchmarks/idle_serve.py --loops 0.1,0.5,1 --rounds 2
     python benchmarks/idle_serve.py --loops 0.5 --dashboard on,off --rounds 2
+    python benchmarks/idle_serve.py --loops 0.5 --name serve-memory   # the shipped settings, results of their own
 
-Results: ``benchmarks/results/serve-idle.{md,json}``.
+Results: ``benchmarks/results/serve-idle.{md,json}`` (or ``--name``).
 """
 
 from __future__ import annotations
@@ -34,12 +38,31 @@ from pathlib import Path
 
 import bench_serve as bench  # its CPU snapshots of this process's descendants, labelled by proctree
 import httpx
+import proctree
+import psutil
 import yaml
 
 from ray_mgdspr.runtime import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 GOAL_CORES = 0.05
+
+
+def memory_by_label() -> dict[str, dict[str, float]]:
+    """MiB resident (``rss``) and unique (``uss``) per process label, summed over this process's descendants of
+    that label (``n``: how many)."""
+    out: dict[str, dict[str, float]] = {}
+    for p in psutil.Process().children(recursive=True):
+        try:
+            label, mem = proctree.label(p), p.memory_full_info()
+        except psutil.Error:
+            continue
+        row = out.setdefault(label, {"n": 0, "rss": 0.0, "uss": 0.0})
+        row["n"] += 1
+        row["rss"] += mem.rss / 2**20
+        row["uss"] += mem.uss / 2**20
+    return {k: {"n": v["n"], "rss": round(v["rss"], 1), "uss": round(v["uss"], 1)}
+            for k, v in sorted(out.items(), key=lambda kv: -kv[1]["rss"])}
 
 
 def measure(config: Path, loop_s: float, dashboard: bool, settle: float, window: float, workdir: Path) -> dict:
@@ -72,12 +95,13 @@ def measure(config: Path, loop_s: float, dashboard: bool, settle: float, window:
         a = bench.cpu_snapshot(None)  # this process's descendants: `mgdspr serve` and its Ray
         time.sleep(window)
         b = bench.cpu_snapshot(None)
+        memory = memory_by_label()
         delta = bench.cpu_delta(a, b)
         wall = delta["wall_s"]
         return {"control_loop_s": loop_s, "dashboard": dashboard, "ready_s": round(ready_s, 1), "window_s": wall,
                 "cores": delta["ray_cores"], "processes": len(b["procs"]),
                 "by_label": {k: round(v / wall, 4) for k, v in delta["ray_cpu_s_by_process"].items()},
-                "load": round(os.getloadavg()[0], 2)}
+                "memory_mib": memory, "load": round(os.getloadavg()[0], 2)}
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -120,6 +144,24 @@ def render(result: dict) -> str:
     for k in labels:
         md.append(f"| {k} | " + " | ".join(f"{r['by_label'].get(k, 0):.4f}" for r in runs) + " |")
     md.append("| **all** | " + " | ".join(f"**{r['cores']:.3f}**" for r in runs) + " |")
+    if all("memory_mib" in r for r in runs):  # runs before 2026-12-07 did not record it
+        mem_labels = sorted({k for r in runs for k in r["memory_mib"]},
+                            key=lambda k: -max(r["memory_mib"].get(k, {}).get("rss", 0) for r in runs))
+        md += ["", "Memory at the window's end, MiB resident (RSS) / unique (USS) per process label (summed over "
+               "its processes; RSS counts shared libraries in every process that maps them, USS is what stopping "
+               "that process alone would free):", "",
+               "| process | " + " | ".join(setting_label(setting(r)) for r in runs) + " |",
+               "|---|" + "---:|" * len(runs)]
+        for k in mem_labels:
+            cells = []
+            for r in runs:
+                m = r["memory_mib"].get(k)
+                cells.append("" if m is None else f"{m['rss']:,.0f} / {m['uss']:,.0f}"
+                             + (f" ({m['n']} processes)" if m["n"] > 1 else ""))
+            md.append(f"| {k} | " + " | ".join(cells) + " |")
+        md.append("| **all** | " + " | ".join(
+            f"**{sum(m['rss'] for m in r['memory_mib'].values()):,.0f} / "
+            f"{sum(m['uss'] for m in r['memory_mib'].values()):,.0f}**" for r in runs) + " |")
     return "\n".join(md) + "\n"
 
 
@@ -132,6 +174,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--settle", type=float, default=20.0)
     ap.add_argument("--window", type=float, default=30.0)
+    ap.add_argument("--name", default="serve-idle", help="results go to results/NAME.{md,json} (default %(default)s)")
     args = ap.parse_args()
     config = (ROOT / args.config) if not args.config.is_absolute() else args.config
     if not config.is_file():
@@ -153,8 +196,8 @@ def main() -> None:
                   f"ready in {run['ready_s']:.0f} s, load {run['load']:.2f})", flush=True)
             result["runs"].append(run)
     result["load_end"] = os.getloadavg()[0]
-    (out / "serve-idle.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "serve-idle.md").write_text(render(result))
+    (out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{args.name}.md").write_text(render(result))
     print(render(result))
 
 
