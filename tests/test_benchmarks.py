@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -17,6 +18,7 @@ sys.path.insert(0, str(BENCHMARKS))
 
 import bench_featurizer_memory  # noqa: E402
 import bench_index  # noqa: E402
+import idle_serve  # noqa: E402
 import proctree  # noqa: E402
 import record  # noqa: E402
 
@@ -46,6 +48,31 @@ def test_peak_memory_sees_a_childs_allocation_under_its_phase() -> None:
     assert peaks["holding"]["processes"]["child"] == 1
     assert peaks.get("after", {}).get("largest_mib", {}).get("child", 0) < 200
 
+
+
+def test_idle_memory_counts_each_childs_own_pages_by_label() -> None:
+    """``idle_serve.memory_by_label``: two children of one label that each hold 100 MiB of their own are summed
+    under it, resident and unique."""
+    code = textwrap.dedent("""
+        import sys
+        block = bytearray(100 * 2**20)  # zero-filled: every page touched, and this process's own
+        print("held", flush=True)
+        sys.stdin.readline()
+    """)
+    script = Path(__file__).parent / "holder.py"  # a name only: proctree labels a Python process by its script
+    children = [subprocess.Popen([sys.executable, "-c", code, str(script)], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        for child in children:
+            assert child.stdout.readline().strip() == "held"
+        labels = {proctree.label(psutil.Process(c.pid)) for c in children}
+        assert len(labels) == 1
+        memory = idle_serve.memory_by_label()[labels.pop()]
+    finally:
+        for child in children:
+            child.communicate("\n", timeout=30)
+    assert memory["n"] == 2
+    assert memory["uss"] >= 200 and memory["rss"] >= memory["uss"]
 
 def test_per_shard_build_and_search_run_at_a_tiny_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``bench_index``'s children build a version the way the project does and search it; recall of Flat is 1."""
