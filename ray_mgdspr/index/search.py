@@ -14,6 +14,7 @@ score -inf, and ``merge_topk`` sorts the pads last.
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 from pathlib import Path
 from typing import Literal
@@ -37,6 +38,20 @@ _TORCH_SCORE_FLOATS = 1 << 26  # scores per torch matmul (query rows x shard row
 DENSE_IDS = 16  # Shard.lookup_rows gathers from an id -> row table when the id range is at most this x the rows
 
 
+def torch_sees_cuda() -> bool:
+    """Whether torch sees a GPU. Torch is imported only to ask (it is not at the top of this module: a process
+    that only routes requests, or a shard replica on faiss, never loads it: ~1.3 s and ~180 MiB), and not at all
+    when the installed torch is a CPU-only build (its version's local part is ``+cpu``), which never sees one."""
+    try:
+        if importlib.metadata.version("torch").endswith("+cpu"):
+            return False
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def resolve_backend(name: str = "auto") -> Backend:
     """The backend ``name`` stands for on this machine; ``auto`` logs why it chose what it chose.
 
@@ -47,11 +62,9 @@ def resolve_backend(name: str = "auto") -> Backend:
         ValueError: an unknown name, or faiss-gpu on a machine where faiss sees no GPU.
     """
     if name == "auto":
-        import torch  # here, not at the top: a process that only routes requests never loads torch (serve/)
-
         if faiss.get_num_gpus() > 0:
             chosen, why = "faiss-gpu", f"faiss sees {faiss.get_num_gpus()} GPU(s)"
-        elif torch.cuda.is_available():
+        elif torch_sees_cuda():
             chosen, why = "torch", "a GPU is visible but this faiss has no GPU support"
         else:
             chosen, why = "faiss-cpu", "no GPU is visible"
