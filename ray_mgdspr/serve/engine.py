@@ -158,7 +158,7 @@ class QueryEncoder:
     def __init__(self, bundle: str | Path, world: str | Path, store: Store, threads: int = 1,
                  trace: bool = False) -> None:
         # torch is imported by the encoder, not by this module: the processes that import engine only to route
-        # requests (the ingress, the version manager) then never load it (1.3 s and ~190 MiB each)
+        # requests (the ingress, the version manager) then never load it (~1.3 s and ~180 MiB each)
         import torch
 
         from ray_mgdspr.model.bundle import load_bundle
