@@ -125,8 +125,8 @@ def warm(url: str, seconds: float) -> None:
 def summary(windows: list[dict[str, Any]]) -> dict[str, float]:
     lat = np.concatenate([w["latency_ms"] for w in windows])
     n = sum(w["requests"] for w in windows)
-    return {"requests": int(n), "p50_ms": round(float(np.percentile(lat, 50)), 2),
-            "mean_ms": round(float(lat.mean()), 2), "p99_ms": round(float(np.percentile(lat, 99)), 2),
+    return {"requests": int(n), "p50_ms": round(bench.pct(lat, 50), 2),
+            "mean_ms": round(float(lat.mean()), 2), "p99_ms": round(bench.pct(lat, 99), 2),
             "cpu_ms_per_request": round(1000 * sum(w["server_cpu_s"] for w in windows) / n, 2),
             "others_cores": round(max(w["others_cores"] for w in windows), 2)}
 
