@@ -565,8 +565,8 @@ class ServeConfig(StrictModel):
     early_fallback: float = Field(
         4.0, ge=0, description="start the lexical fallback beside the embedding search, instead of after it, when "
         "at most k x this many of the version's items can pass the query's key terms (counted from the filter's "
-        "postings, off the request's path): such a page is nearly always short. Colocated placement and the "
-        "Ray-free core; 0: never (docs/serving.md, 'The lexical channel')")
+        "postings, off the request's path): such a page is nearly always short. Colocated and inline placement "
+        "and the Ray-free core; 0: never (docs/serving.md, 'The lexical channel')")
     max_query_chars: int = Field(256, ge=1, description="longer queries are refused with 422")
     max_body_bytes: int = Field(16_384, ge=256, description="larger bodies of POST /v1/retrieve and "
                                 "/v1/admin/promote are refused with 413")
@@ -579,15 +579,17 @@ class ServeConfig(StrictModel):
                                     "after this wait, doubling per attempt, within serve.request_timeout_s")
     token: str | None = Field(None, description="bearer token of the write paths (events, promotion); the "
                               "MGDSPR_SERVE_TOKEN environment variable overrides; none set: writes are refused")
-    placement: Literal["per_stage", "colocated"] = Field(
+    placement: Literal["per_stage", "colocated", "inline"] = Field(
         "colocated", description="how a served version is deployed: colocated, one deployment whose every replica "
         "holds the whole version and answers a batch of requests in one call (one hop per request instead of "
-        "1 + shards; for a version that fits one replica's memory); per_stage, one deployment for the encoder, one "
-        "per shard and one for BM25, each scaling and placed on its own (a cluster whose shards need their own "
-        "nodes or GPUs); docs/serving.md, Placement")
+        "1 + shards; for a version that fits one replica's memory); inline, every ingress replica holds the "
+        "whole version itself (no hop: Serve's ~3 ms and ~4 CPU ms per hop saved; a new version is loaded in "
+        "every ingress replica before the switch; serve.ingress sizes those replicas); per_stage, one deployment "
+        "for the encoder, one per shard and one for BM25, each scaling and placed on its own (a cluster whose "
+        "shards need their own nodes or GPUs); docs/serving.md, Placement")
     batch_size: int = Field(32, ge=1, description="the most requests in one batch of the encoder and the shards "
-                            "(colocated: of the version's replicas); a batch forms when the replica is free to run "
-                            "it, from the requests that queued meanwhile (serve/batching.py)")
+                            "(colocated, inline: of the whole version's); a batch forms when the replica is free to "
+                            "run it, from the requests that queued meanwhile (serve/batching.py)")
     batch_wait_ms: float = Field(0.0, ge=0, description="how long a batch waits for more after its first request "
                                  "unless it fills (0: it takes the requests that queued while the batch before it "
                                  "ran; a wait makes each request of a quiet endpoint pay it)")

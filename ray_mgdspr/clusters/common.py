@@ -104,7 +104,8 @@ def _requests(cfg: ProjectConfig, stages: tuple[str, ...]) -> Iterator[tuple[str
         yield "index.build_cpus", {"CPU": cfg.index.build_cpus, **cfg.index.build_resources}, 1
     if "serve" in stages:
         s = cfg.serve
-        per_version = ("retriever",) if s.placement == "colocated" else ("encoder", "shard", "head")
+        per_version = {"colocated": ("retriever",), "inline": (),  # inline: the ingress replicas hold the version
+                       "per_stage": ("encoder", "shard", "head")}[s.placement]
         for name in ("ingress", *per_version):
             d = getattr(s, name)
             count = d.min_replicas * (cfg.index.shards if name == "shard" else 1)

@@ -52,13 +52,15 @@ from ray_mgdspr.serve.schemas import (
     VersionInfo,
 )
 from ray_mgdspr.serve.store import open_store
-from ray_mgdspr.serve.versions import PromotionRefused, version_app_name
+from ray_mgdspr.serve.versions import PromotionRefused, WholeVersion, version_app_name
 
 log = logging.getLogger("ray.serve")
 
 TOKEN_ENV = "MGDSPR_SERVE_TOKEN"
 LONG_POLL_S = 2.0
 """The longest the ingress's long poll of the version manager waits before it is renewed."""
+LOAD_RETRY_S = 10.0
+"""Placement inline: after a failed load of the serving version, a request loads it again after this long."""
 R = TypeVar("R")
 
 
@@ -87,16 +89,26 @@ async def _bug(request: Request, e: Exception) -> JSONResponse:
                          "request_id": rid}, status_code=500)
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Serving:
-    """One version's handles, read once per request: per stage (``encoder``, ``shards``, ``head``), or the one
-    deployment of the whole version (``whole``, ``serve.placement: colocated``)."""
+    """One version, read once per request: its handles per stage (``encoder``, ``shards``, ``head``), or the one
+    deployment of the whole version (``whole``, ``serve.placement: colocated``), or the whole version in this
+    replica (``loader``, which awaits its loading: ``serve.placement: inline``)."""
 
     version: str
     encoder: DeploymentHandle | None = None
     shards: tuple[DeploymentHandle, ...] = ()
     head: DeploymentHandle | None = None
     whole: DeploymentHandle | None = None
+    loader: Callable[[str], Awaitable[WholeVersion]] | None = None
+    _local: WholeVersion | None = None
+
+    async def local(self) -> WholeVersion:
+        """Placement inline: this replica's copy of the version, once loaded (kept here: a request that started
+        on it, or its canary sample, never loads it again after a switch)."""
+        if self._local is None:
+            self._local = await self.loader(self.version)
+        return self._local
 
     @classmethod
     def of(cls, app_name: str, version: str, placement: str, shards: int) -> "_Serving":
@@ -107,13 +119,16 @@ class _Serving:
                    tuple(serve.get_deployment_handle(f"shard-{s}", name) for s in range(shards)),
                    serve.get_deployment_handle("head", name))
 
-    @property
-    def behaviour_reader(self) -> DeploymentHandle:
-        """The deployment that reads users' behaviours with this version's titles."""
-        return self.whole or self.head
+    async def behaviours(self, user_id: int, ts: int, limit: int) -> list[dict]:
+        """A user's behaviours with this version's titles (``VersionHead.behaviours``)."""
+        if self.loader is not None:
+            return await (await self.local()).behaviours(user_id, ts, limit)
+        return await (self.whole or self.head).behaviours.remote(user_id, ts, limit)
 
     async def canary(self, embedding: np.ndarray, k: int) -> list[CanaryHits]:
         """Every shard's canary sample of one query (its top k as served and exact), in shard order."""
+        if self.loader is not None:
+            return await (await self.local()).canary((embedding, k))
         if self.whole is not None:
             return await self.whole.canary.remote((embedding, k))
         return list(await asyncio.gather(*(s.canary.remote((embedding, k)) for s in self.shards)))
@@ -197,16 +212,24 @@ class Ingress:
     a stage is unavailable, 500 for a bug. Reads are idempotent: one that fails because its replica died is
     retried on another replica within the request's deadline (``_read``)."""
 
-    def __init__(self, settings: dict, manager: DeploymentHandle) -> None:
+    async def __init__(self, settings: dict, manager: DeploymentHandle) -> None:
         self.cfg = ResolvedServeConfig.model_validate(settings)
         self.manager = manager
         self.serving: _Serving | None = None
         self._refresher: asyncio.Task | None = None
+        self._loads: dict[str, asyncio.Task[WholeVersion]] = {}  # placement inline: version -> its loading here
+        self._failed_at: dict[str, float] = {}  # placement inline: version -> when its loading here failed
+        self._loading: str | None = None  # placement inline: the version being staged (VersionInfo.loading)
         self._store = None
         self._token = os.environ.get(TOKEN_ENV) or self.cfg.token
         self.metrics = ServingMetrics()  # exported through Ray (all replicas) and GET /metrics (this one)
         self._canary_tasks: set[asyncio.Task] = set()  # recall canary samples in flight (held: tasks are weak)
         self._canary: dict[str, RecallWindow] = {}  # version -> this replica's last serve.canary_window samples
+        if self.cfg.placement == "inline":  # Serve routes requests here once this returns: the version is loaded
+            try:
+                await self._loaded((await self._current(time.monotonic() + self.cfg.load_timeout_s)).version)
+            except Exception as e:  # the manager restarting, a version that fails here: the first request retries
+                log.error("this ingress replica starts without its version loaded: %s", e)
 
     # ------------------------------------------------------------------ version
 
@@ -221,15 +244,71 @@ class Ingress:
 
     async def _refresh(self, deadline: float | None = None) -> None:
         deadline = deadline or time.monotonic() + self.cfg.request_timeout_s
-        self._follow(VersionInfo.model_validate(await self._read("manager", lambda: self.manager.active.remote(),
-                                                                 deadline)))
+        known = self.serving.version if self.serving else None
+        self._follow(VersionInfo.model_validate(await self._read(
+            "manager", lambda: self.manager.active.remote(known), deadline)))
 
     def _follow(self, info: VersionInfo) -> None:
-        """Serve ``info.version`` from now on (new requests; those in flight finish on theirs)."""
+        """Serve ``info.version`` from now on (new requests; those in flight finish on theirs). Placement inline:
+        load it and the version being staged (``info.loading``) here, drop any other."""
+        self._loading = info.loading  # the long poll waits while it is unchanged
+        if self.cfg.placement == "inline":
+            wanted = {v for v in (info.version, info.loading) if v}
+            for version in set(self._loads) - wanted:  # requests in flight on it keep their copy
+                del self._loads[version]
+            for version in wanted:
+                self._start_load(version)
         if info.version is None or (self.serving and self.serving.version == info.version):
             return
-        self.serving = _Serving.of(self.cfg.app_name, info.version, self.cfg.placement, info.shards or 0)
+        if self.cfg.placement == "inline":
+            self.serving = _Serving(info.version, loader=self._loaded)
+        else:
+            self.serving = _Serving.of(self.cfg.app_name, info.version, self.cfg.placement, info.shards or 0)
         self.metrics.serving(info.version)
+
+    # ------------------------------------------------------------------ placement inline: versions held here
+
+    def _start_load(self, version: str) -> asyncio.Task[WholeVersion]:
+        """The loading of ``version`` in this replica (``versions.WholeVersion``, in a thread): the one under way
+        or done, or a new one (also after a failure more than ``LOAD_RETRY_S`` ago)."""
+        task = self._loads.get(version)
+        failed = self._failed_at.get(version)
+        if task is None or (failed is not None and time.monotonic() - failed > LOAD_RETRY_S):
+            self._failed_at.pop(version, None)
+            task = self._loads[version] = asyncio.get_running_loop().create_task(self._load(version))
+        return task
+
+    async def _load(self, version: str) -> WholeVersion:
+        started = time.monotonic()
+        try:
+            whole = await asyncio.to_thread(WholeVersion, self.cfg, version)
+        except Exception:
+            self._failed_at[version] = time.monotonic()
+            log.exception("loading version %s in this ingress replica failed", version)
+            raise
+        log.info("version %s loaded in this ingress replica in %.1f s", version, time.monotonic() - started)
+        return whole
+
+    async def _loaded(self, version: str) -> WholeVersion:
+        """This replica's copy of ``version``, once loaded; 503 when it fails to load (the error named) or is no
+        longer served here. Cancelling the caller (its deadline) leaves the loading running for the others."""
+        if version not in self._loads and version not in (self._loading, self.serving and self.serving.version):
+            raise unavailable(f"version {version} is no longer served by this replica; retry")
+        task = self._start_load(version)
+        try:
+            return await asyncio.shield(task)
+        except Exception as e:
+            raise unavailable(f"version {version} could not be loaded: {public_message(str(e))}") from None
+
+    async def stage(self, version: str) -> None:
+        """Load ``version`` here beside the one that serves: the version manager calls this on every ingress
+        replica at once before it switches (``VersionManager._switch_inline``); raises when it cannot be loaded."""
+        if self.cfg.placement != "inline":
+            raise RuntimeError(f"stage() is for serve.placement inline, not {self.cfg.placement}")
+        self._loading = version
+        task = self._start_load(version)
+        await self._loaded(version)
+        self._loads.setdefault(version, task)  # a poll answered before the staging began may have dropped it
 
     async def _refresh_forever(self) -> None:
         """Follow the version manager's switches: a long poll (``VersionManager.watch``) that answers at once when
@@ -239,7 +318,8 @@ class Ingress:
         while True:
             known = self.serving.version if self.serving else None
             try:
-                self._follow(VersionInfo.model_validate(await self.manager.watch.remote(known, LONG_POLL_S)))
+                self._follow(VersionInfo.model_validate(await self.manager.watch.remote(known, LONG_POLL_S,
+                                                                                        self._loading)))
             except Exception:
                 log.exception("asking the version manager failed; keeping %s", known)
                 await asyncio.sleep(self.cfg.version_refresh_s)
@@ -361,7 +441,9 @@ class Ingress:
             except RequestRefused as e:
                 raise HttpError(422, f"retrieve: {e}", problems=[{"field": e.field, "problem": e.problem}]) from None
             v = await self._current(deadline)
-            if v.whole is not None:  # the whole version in one replica: one call
+            if v.loader is not None:  # the whole version in this replica: no hop
+                body, embedding = await (await v.local()).answer((req, k))
+            elif v.whole is not None:  # the whole version in one replica: one call
                 body, embedding = await self._read("version", lambda: v.whole.answer.remote((req, k)), deadline)
             else:
                 stages = _HandleStages(self, v, deadline)
@@ -451,9 +533,7 @@ class Ingress:
             req: BehavioursRequest = self._parse(BehavioursRequest, self._query(request, "behaviours"), "behaviours")
             v = await self._current(deadline)
             ts = request_ts(req.ts)
-            reader = v.behaviour_reader
-            data = await self._read("behaviours", lambda: reader.behaviours.remote(req.user_id, ts, req.limit),
-                                    deadline)
+            data = await self._read("behaviours", lambda: v.behaviours(req.user_id, ts, req.limit), deadline)
             return behaviours_body(req.user_id, v.version, ts, data)
 
         return await self._respond("behaviours", request, handle)
@@ -488,6 +568,11 @@ class Ingress:
             raise
         except Exception as e:  # the version manager could not load the first version: not ready, not a bug
             raise unavailable(f"no version is loaded: {public_message(str(cause(e)))}") from None
+        if v.loader is not None and v._local is None:  # placement inline: loaded here?
+            task = self._start_load(v.version)
+            if not task.done():
+                raise unavailable(f"version {v.version} is still loading in this replica")
+            await v.local()  # a 503 naming why it failed
         return JSONResponse({"status": "ok", "version": v.version})
 
     @app.get("/ui")

@@ -39,6 +39,7 @@ from ray_mgdspr.serve.engine import (
     Hits,
     LexicalChannel,
     QueryEncoder,
+    Release,
     ReleaseError,
     Retriever,
     ShardSearcher,
@@ -46,7 +47,7 @@ from ray_mgdspr.serve.engine import (
     recent_behaviours,
     verify_release,
 )
-from ray_mgdspr.serve.errors import public_message
+from ray_mgdspr.serve.errors import RETRYABLE, cause, public_message
 from ray_mgdspr.serve.metrics import BatchSizes
 from ray_mgdspr.serve.relevance import KeyTerm
 from ray_mgdspr.serve.schemas import CanaryRecall, RetrieveRequest, VersionInfo
@@ -54,6 +55,8 @@ from ray_mgdspr.serve.store import Store, open_store
 
 log = logging.getLogger("ray.serve")
 R = TypeVar("R")
+INGRESS = "Ingress"
+"""The front application's HTTP deployment (``serve/ingress.py``)."""
 CANARY_VERSIONS = 8
 """The version manager keeps the recall canary of this many versions (the most recently sampled first seen)."""
 
@@ -164,15 +167,15 @@ class VersionHead:
         return recent_behaviours(self._store, self.lexical.titles, user_id, ts, limit)
 
 
-@serve.deployment
-class VersionReplica:
-    """The whole version in each replica (``serve.placement: colocated``): ``engine.Retriever``, answering batches
-    of requests (``serve/batching.py``) with one forward pass and one search per shard (``Retriever.answer_batch``);
-    the recall canary's searches and users' behaviours too. One hop from the ingress per request."""
+class WholeVersion:
+    """The whole version in this process: ``engine.Retriever``, answering batches of concurrent requests
+    (``serve/batching.py``) with one forward pass and one search per shard (``Retriever.answer_batch``); the recall
+    canary's searches and users' behaviours too. A replica of ``VersionReplica`` holds one (``serve.placement:
+    colocated``: one hop from the ingress per request); so does each ingress replica (``inline``: no hop)."""
 
-    def __init__(self, settings: dict, version: str) -> None:
-        cfg = ResolvedServeConfig.model_validate(settings)
+    def __init__(self, cfg: ResolvedServeConfig, version: str) -> None:
         release = verify_release(cfg.index_root, version, check_files=False)  # the loaders check their files
+        self.version = version
         self.core = Retriever(release, cfg)
         self.canary_ef_search = cfg.canary_ef_search
         self._answer = _batched(self.core.answer_batch, cfg, BatchSizes("version"))
@@ -191,6 +194,14 @@ class VersionReplica:
         """As ``VersionHead.behaviours``."""
         return await asyncio.to_thread(recent_behaviours, self.core.encoder.store, self.core.lexical.titles,
                                        user_id, ts, limit)
+
+
+@serve.deployment
+class VersionReplica(WholeVersion):
+    """The whole version in each replica (``serve.placement: colocated``; ``WholeVersion``)."""
+
+    def __init__(self, settings: dict, version: str) -> None:
+        super().__init__(ResolvedServeConfig.model_validate(settings), version)
 
 
 def version_app(cfg: ResolvedServeConfig, version: str, shards: int) -> serve.Application:
@@ -230,23 +241,46 @@ class VersionManager:
             raise RuntimeError(f"nothing to serve: {self.cfg.index_root} has no CURRENT version and serve.version "
                                "is not set; build an index (`mgdspr index build`) or name a version")
 
-    async def active(self) -> dict:
-        """The serving version (``VersionInfo`` fields); loads the first one on the first call."""
+    async def active(self, known: str | None = None) -> dict:
+        """The serving version (``VersionInfo`` fields); loads the first one on the first call.
+
+        ``known``: the version the caller (an ingress replica) serves. With ``serve.placement: inline`` the
+        versions live in the ingress replicas, so a restarted manager adopts the version they serve when
+        ``CURRENT`` names it (every switch moves ``CURRENT``)."""
         if self._loop is None:
             self._loop = asyncio.get_running_loop().create_task(self._housekeeping())
         if self.info.version is None:
             async with self._lock:
                 if self.info.version is None:
-                    await self._switch_to(self._first, initial=True)
+                    serving = await self._inline_serving(known) if self.cfg.placement == "inline" else None
+                    if serving is not None:
+                        await self._adopt(serving, "the ingress replicas")
+                    else:
+                        await self._switch_to(self._first, initial=True)
         return self.info.model_dump()
 
-    async def watch(self, known: str | None, timeout_s: float) -> dict:
-        """A long poll of the serving version: ``active()`` as soon as it is not ``known``, else when it switches,
-        else after ``timeout_s``. The ingress replicas hold one each, so a switch reaches them at once and an idle
-        endpoint asks nothing in between (a poll every 0.25 s cost the ingress and this replica ~0.02 cores
-        each, idle)."""
-        info = await self.active()
-        if info["version"] != known:
+    async def _inline_serving(self, known: str | None) -> str | None:
+        """Placement inline, this manager just started: the version the ingress replicas already serve (this is a
+        restart), else None (the endpoint is starting: its replicas wait for the first version). That is
+        ``CURRENT`` when the caller serves it, or when the caller is not a replica that serves (the manager's own
+        health check, a replica being added) while some ingress replica runs: they start only once loaded."""
+        current = await asyncio.to_thread(current_version, self.cfg.index_root)
+        if current is None or known not in (current, None):
+            return None
+        if known is None:
+            status = (await asyncio.to_thread(serve.status)).applications.get(self.cfg.app_name)
+            ingress = status.deployments.get(INGRESS) if status is not None else None
+            if ingress is None or not ingress.replica_states.get("RUNNING"):
+                return None
+        return current
+
+    async def watch(self, known: str | None, timeout_s: float, loading: str | None = None) -> dict:
+        """A long poll of the serving version: ``active()`` as soon as it is not ``known`` (or the version being
+        loaded is not ``loading``), else when either changes, else after ``timeout_s``. The ingress replicas hold
+        one each, so a switch reaches them at once and an idle endpoint asks nothing in between (a poll every
+        0.25 s cost the ingress and this replica ~0.02 cores each, idle)."""
+        info = await self.active(known)
+        if info["version"] != known or info["loading"] != loading:
             return info
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._switched.wait(), timeout_s)
@@ -273,6 +307,9 @@ class VersionManager:
         return self.info.model_dump()
 
     async def _switch_to(self, version: str, initial: bool) -> None:
+        if self.cfg.placement == "inline":
+            await self._switch_inline(version, initial)
+            return
         if initial:
             # a restarted manager adopts the version that serves: the one CURRENT names (every switch moves it)
             # when its application runs, before ``version`` (serve.version: what the endpoint started with, maybe
@@ -312,6 +349,11 @@ class VersionManager:
         old = self.info.version
         if old is not None:
             self._draining[old] = time.time() + self.cfg.drain_s + 4 * self.cfg.version_refresh_s
+        self._switched_to(version, release, old)
+
+    def _switched_to(self, version: str, release: Release, old: str | None) -> None:
+        """New requests go to ``version`` (a verified ``engine.Release``) from now on: the ingress replicas hear
+        of it at once (``watch``), and ``CURRENT`` names it, so that a restart serves it."""
         self.info = self.info.model_copy(update={
             "version": version, "shards": release.shards, "dim": release.index.dim,
             "model": bundle_summary(release.bundle), "previous": old, "switched_at": time.time(),
@@ -321,10 +363,47 @@ class VersionManager:
         self._announce()
         log.info("serving version %s (was %s)", version, old)
 
+    async def _switch_inline(self, version: str, initial: bool) -> None:
+        """``serve.placement: inline``: every ingress replica loads ``version`` beside the one it serves
+        (``Ingress.stage``, called on each replica at once: ``DeploymentHandle.broadcast``), and only when all of
+        them have it does the switch happen, so that no replica answers with a version that it must first load.
+        A replica that fails to load it refuses the promotion; the replicas drop what they loaded when they
+        hear that (``watch``). The first version is not staged: each ingress replica loads it before it takes
+        requests (``Ingress.__init__``). Replicas started during staging load both (``VersionInfo.loading``)."""
+        self.info.loading = version
+        self._announce()  # replicas started meanwhile load it too, off their long poll
+        try:
+            release = await asyncio.to_thread(verify_release, self.cfg.index_root, version)
+            if not initial:
+                ingress = serve.get_deployment_handle(INGRESS, self.cfg.app_name)
+                try:  # every running replica's answer, or its failure
+                    staged = await ingress.broadcast("stage", version).results_async(
+                        timeout_s=self.cfg.load_timeout_s, return_exceptions=True)
+                except TimeoutError:
+                    raise PromotionRefused(f"not loaded in every ingress replica within load_timeout_s="
+                                           f"{self.cfg.load_timeout_s}") from None
+                except RETRYABLE as e:  # no ingress replica runs (all restarting)
+                    raise PromotionRefused(f"no ingress replica could load it ({type(cause(e)).__name__})") from None
+                failed = [r for r in staged if isinstance(r, BaseException)]
+                if failed:
+                    raise PromotionRefused(f"{len(failed)} of {len(staged)} ingress replicas could not load it: "
+                                           f"{cause(failed[0])}")
+        except (ReleaseError, PromotionRefused) as e:
+            self.info.last_error = public_message(f"{version}: {e}")  # GET /v1/version shows it: no paths
+            self._refused.add(version)
+            log.error("version %s refused, %s keeps serving: %s", version, self.info.version, e)  # in full
+            if initial:
+                raise
+            raise PromotionRefused(self.info.last_error) from None
+        finally:
+            self.info.loading = None
+            self._announce()  # on a refusal: the replicas drop what they loaded
+        self._switched_to(version, release, self.info.version)
+
     async def _adopt(self, version: str, name: str) -> None:
-        """This manager restarted (its node was lost, say) while ``version``'s application kept serving: take it
-        over as it is. It was verified when it was promoted; it is not redeployed, and never deleted here, even
-        while some of its replicas are being replaced."""
+        """This manager restarted (its node was lost, say) while ``version``'s application (or, placement inline,
+        the ingress replicas) kept serving: take it over as it is. It was verified when it was promoted; it is not
+        redeployed, and never deleted here, even while some of its replicas are being replaced."""
         release = await asyncio.to_thread(verify_release, self.cfg.index_root, version, False)
         self.info = self.info.model_copy(update={
             "version": version, "shards": release.shards, "dim": release.index.dim,
