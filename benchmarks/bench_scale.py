@@ -462,7 +462,7 @@ def main() -> None:
                     "built as this index.factory in --shards shards instead (e.g. IVF4096,Flat), and read the "
                     "recall canary")
     ap.add_argument("--shards", type=int, default=4, help="with --index: index.shards")
-    ap.add_argument("--placement", choices=("colocated", "per_stage"), default="colocated",
+    ap.add_argument("--placement", choices=("colocated", "per_stage", "inline"), default="colocated",
                     help="with --index: serve.placement")
     ap.add_argument("--k", type=int, default=50, help="with --index: the k of the latency run's requests")
     ap.add_argument("--ray-front", choices=tuple(FRONTS), default="local", help="with --index: Serve's HTTP front "

@@ -22,10 +22,11 @@ What it measures (data: SYNTHETIC, a simulated world; part 3's catalogues are sy
    and QPS per server core (robust to how much of the shared machine each system got), and an idle window
    shows what Serve burns with no traffic. The monolith's and Serve's ``/healthz`` are checked to be this
    run's processes, and every response's version is counted.
-   ``--placements`` (default both) measures each ``serve.placement`` this way, one after another on the same
-   Ray (``per_stage``: encoder, shard and BM25 deployments; ``colocated``: one deployment holding the whole
-   version), and records the batch sizes the replicas formed per cell (Ray's export of
-   ``mgdspr_batch_size``). Goals (issue 16; reported, not asserted): ``GOALS``.
+   ``--placements`` measures each ``serve.placement`` this way, one after another, each on a fresh Ray
+   (``per_stage``: encoder, shard and BM25 deployments; ``colocated``: one deployment holding the whole
+   version; ``inline``: the ingress replicas hold the whole version), and records the batch sizes the
+   replicas formed per cell (Ray's export of ``mgdspr_batch_size``). Goals (issue 16; reported, not
+   asserted): ``GOALS``.
 2. ``stages``: encode, search (the shard fan-out), merge, filter and total from the responses'
    ``latency_ms``, mean and p99, for Serve (and the monolith, for reference) at 1 and 16 clients.
 3. ``p99 vs catalogue size and shard count``: 1 client through the Serve app, after switching versions
@@ -94,7 +95,7 @@ GOALS = {"qps_16": 1.0, "p99_16": 1.5, "p50_1": 1.5, "cpu_per_request": 1.5, "ov
 """Issue 16's goals, Serve against the monolith in one run: QPS at 16 clients >= 1.0x, p99 at 16 clients <= 1.5x,
 p50 at 1 client <= 1.5x, server CPU per request <= 1.5x (at 1 and 16 clients), framework overhead at 1 client
 (client latency minus the server's own ``total``) <= 5 ms."""
-PLACEMENTS = ("per_stage", "colocated")
+PLACEMENTS = ("per_stage", "colocated", "inline")
 FAST = "+tp"
 HAPROXY = "+ha"
 MODES = {
@@ -800,6 +801,8 @@ PLACEMENT_TEXT = {
     "colocated": "one deployment per version, each replica the whole version (`engine.Retriever`, "
                  "batches of whole requests (`serve/batching.py`): one query-tower forward and one Faiss search "
                  "per shard for the batch); the ingress makes one call per request",
+    "inline": "every ingress replica holds the whole version (`engine.Retriever`, batched as colocated): no call "
+              "from the ingress to another deployment",
 }
 
 
@@ -1088,7 +1091,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=None, help="ABBA rounds of part 1 (default 3; quick 1)")
     ap.add_argument("--rerender", action="store_true", help="rewrite the .md and .png from the .json of an earlier "
                     "run (no measurement)")
-    ap.add_argument("--placements", default=f"colocated,colocated{HAPROXY},colocated{FAST}{HAPROXY}",
+    ap.add_argument("--placements", default=f"colocated{FAST}{HAPROXY},inline{FAST}{HAPROXY}",
                     help=f"serve.placement values to measure against the monolith, one after another, each on a fresh "
                     f"local Ray; '<placement>{FAST}' runs it with RAY_SERVE_THROUGHPUT_OPTIMIZED=1, "
                     f"'<placement>{HAPROXY}' with RAY_SERVE_ENABLE_HA_PROXY=1 (both may be given; part 3 runs on "

@@ -580,13 +580,13 @@ class ServeConfig(StrictModel):
     token: str | None = Field(None, description="bearer token of the write paths (events, promotion); the "
                               "MGDSPR_SERVE_TOKEN environment variable overrides; none set: writes are refused")
     placement: Literal["per_stage", "colocated", "inline"] = Field(
-        "colocated", description="how a served version is deployed: colocated, one deployment whose every replica "
-        "holds the whole version and answers a batch of requests in one call (one hop per request instead of "
-        "1 + shards; for a version that fits one replica's memory); inline, every ingress replica holds the "
-        "whole version itself (no hop: Serve's ~3 ms and ~4 CPU ms per hop saved; a new version is loaded in "
-        "every ingress replica before the switch; serve.ingress sizes those replicas); per_stage, one deployment "
-        "for the encoder, one per shard and one for BM25, each scaling and placed on its own (a cluster whose "
-        "shards need their own nodes or GPUs); docs/serving.md, Placement")
+        "inline", description="how a served version is deployed: inline, every ingress replica holds the whole "
+        "version and answers a batch of requests itself (no hop: Serve's ~3 ms and ~4 CPU ms per hop saved; a new "
+        "version is loaded in every ingress replica before the switch; serve.ingress sizes those replicas; for a "
+        "version that fits one replica's memory); colocated, one deployment whose every replica holds the whole "
+        "version, one hop from the ingress (the HTTP front and the versions scale apart); per_stage, one "
+        "deployment for the encoder, one per shard and one for BM25, each scaling and placed on its own (a "
+        "cluster whose shards need their own nodes or GPUs); docs/serving.md, Placement")
     batch_size: int = Field(32, ge=1, description="the most requests in one batch of the encoder and the shards "
                             "(colocated, inline: of the whole version's); a batch forms when the replica is free to "
                             "run it, from the requests that queued meanwhile (serve/batching.py)")

@@ -786,7 +786,7 @@ class Retriever:
         ``request``'s: the batch's queries go through the query tower in one forward pass and each shard is
         searched once for all of them (at each request's own depth and passing prefix), then every request is
         answered on its own (merge, filter, fallbacks). What a replica of the whole version runs
-        (``serve.placement: colocated``, ``serve/versions.py``).
+        (``serve.placement: inline`` and ``colocated``, ``serve/versions.py``).
 
         Returns:
             per request, its response and its H_qu (d,) (the recall canary samples it). Stage times: ``encode``

@@ -1,9 +1,10 @@
 """The HTTP front of the retrieval endpoint: ``Ingress`` (FastAPI on Serve: validation, auth, metrics, and the
-stages of ``engine.answer`` called over the serving version's deployment handles, with retries).
+serving version: held in the replica itself with ``serve.placement: inline``, else called over its deployment
+handles, with retries).
 
 The front application (``serve.app_name``, route ``/``) is ``Ingress`` and ``VersionManager``
-(``serve/versions.py``). A request reads the serving version once and calls only that version's application, so
-it is answered by one version end to end.
+(``serve/versions.py``). A request reads the serving version once and uses only that version, so it is answered
+by one version end to end.
 """
 
 import asyncio

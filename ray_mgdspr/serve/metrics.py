@@ -46,7 +46,8 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "mgdspr_canary_samples": ("counter", "recall canary samples by version and outcome: ok (recorded), failed "
                               "(an error, logged), skipped (too many in flight)", ("version", "outcome")),
     "mgdspr_batch_size": ("histogram", "requests per batch of the encoder, the shards or the "
-                          "colocated version (Ray's export only)", ("stage",)),
+                          "whole version (stage version: placement inline or colocated; Ray's export only)",
+                          ("stage",)),
 }
 """Every metric the endpoint records: name -> (type, help, labels). Ray exports each as ``ray_<name>`` (counters
 ``ray_<name>_total``, histograms ``_bucket``/``_sum``/``_count``) with ``application``, ``deployment`` and
@@ -156,8 +157,8 @@ class ServingMetrics:
 
 
 class BatchSizes:
-    """``mgdspr_batch_size{stage}``: the size of each batch (``serve/batching.py``) of an encoder, shard or version
-    replica, into Ray's export only (those replicas serve no ``/metrics``)."""
+    """``mgdspr_batch_size{stage}``: the size of each batch (``serve/batching.py``) of an encoder, a shard or a whole
+    version (an ingress replica's with placement inline), into Ray's export only."""
 
     def __init__(self, stage: str) -> None:
         _, doc, labels = METRICS["mgdspr_batch_size"]

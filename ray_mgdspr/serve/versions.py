@@ -8,6 +8,9 @@ A version application (``<app_name>-<version>``, no route) is deployed as ``serv
   of ``serve/engine.py``.
 - ``colocated``: ``version`` (``VersionReplica``), each replica the whole version (``engine.Retriever``).
 
+With ``inline`` there is no version application: every ingress replica holds the whole version
+(``WholeVersion``), and a promotion loads the new one in each of them (``Ingress.stage``) before the switch.
+
 ``VersionManager`` (one replica, in the front application beside ``serve/ingress.py``'s ``Ingress``) says which
 version serves. Promotion deploys the new version's application beside the old, waits until every replica has
 loaded and verified it, flips the manager's choice (ingress replicas hear of it at once: ``watch``), and
