@@ -257,7 +257,8 @@ class Ingress:
             wanted = {v for v in (info.version, info.loading) if v}
             for version in set(self._loads) - wanted:  # requests in flight on it keep their copy
                 del self._loads[version]
-            for version in wanted:
+                self._failed_at.pop(version, None)
+            for version in wanted - set(self._loads):  # one that failed is retried by requests (LOAD_RETRY_S)
                 self._start_load(version)
         if info.version is None or (self.serving and self.serving.version == info.version):
             return
@@ -277,6 +278,7 @@ class Ingress:
         if task is None or (failed is not None and time.monotonic() - failed > LOAD_RETRY_S):
             self._failed_at.pop(version, None)
             task = self._loads[version] = asyncio.get_running_loop().create_task(self._load(version))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # logged in _load; none unretrieved
         return task
 
     async def _load(self, version: str) -> WholeVersion:

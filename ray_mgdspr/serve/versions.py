@@ -264,18 +264,12 @@ class VersionManager:
 
     async def _inline_serving(self, known: str | None) -> str | None:
         """Placement inline, this manager just started: the version the ingress replicas already serve (this is a
-        restart), else None (the endpoint is starting: its replicas wait for the first version). That is
-        ``CURRENT`` when the caller serves it, or when the caller is not a replica that serves (the manager's own
-        health check, a replica being added) while some ingress replica runs: they start only once loaded."""
-        current = await asyncio.to_thread(current_version, self.cfg.index_root)
-        if current is None or known not in (current, None):
-            return None
+        restart: their long polls ask again within ``serve.version_refresh_s`` and say what they serve), else
+        None (the endpoint is starting: its replicas ask from their constructors, serving nothing yet). That is
+        ``known`` when ``CURRENT`` names it (every switch moves ``CURRENT``)."""
         if known is None:
-            status = (await asyncio.to_thread(serve.status)).applications.get(self.cfg.app_name)
-            ingress = status.deployments.get(INGRESS) if status is not None else None
-            if ingress is None or not ingress.replica_states.get("RUNNING"):
-                return None
-        return current
+            return None
+        return known if known == await asyncio.to_thread(current_version, self.cfg.index_root) else None
 
     async def watch(self, known: str | None, timeout_s: float, loading: str | None = None) -> dict:
         """A long poll of the serving version: ``active()`` as soon as it is not ``known`` (or the version being
@@ -291,7 +285,11 @@ class VersionManager:
 
     async def check_health(self) -> None:
         """Serve's periodic health check, the first right after the replica starts: begin loading the first
-        version in the background, so an app started by `serve deploy` serves without waiting for a request."""
+        version in the background, so an app started by `serve deploy` serves without waiting for a request.
+        Placement inline: the ingress replicas ask for it from their constructors, and a restarted manager must
+        hear from them what they serve before it chooses (``_inline_serving``)."""
+        if self.cfg.placement == "inline":
+            return
         if self.info.version is None and not self._lock.locked() and self._first not in self._refused:
             asyncio.get_running_loop().create_task(self._load_first())
 
