@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -63,6 +64,11 @@ def retrieve(client: httpx.Client, **body: object) -> dict:
     return r.json()
 
 
+def page(body: dict) -> list[tuple[int, list[str]]]:
+    """A /v1/retrieve response's page: (item id, channels) per hit, in order."""
+    return [(i["item_id"], i["channels"]) for i in body["data"]]
+
+
 class Load:
     """Clients posting /v1/retrieve in a loop until stopped; records (status, version, error, time answered)."""
 
@@ -94,6 +100,37 @@ class Load:
     @property
     def all(self) -> list[tuple[int, str | None, str, float]]:
         return [r for rs in self.results for r in rs]
+
+
+def promote_under_load(client: httpx.Client, version: str, token: str, clients: int = 4) -> tuple[dict, Load]:
+    """``POST /v1/admin/promote`` of ``version`` while ``clients`` clients post /v1/retrieve to the same endpoint;
+    asserts that it answered 200, that no request failed and that none mixed versions (each client saw the old
+    version, then only ``version``: v1 ... v1 v2 ... v2, never back). Returns the promotion's response and the
+    load."""
+    with Load(str(client.base_url), clients=clients) as load:
+        time.sleep(1.0)
+        r = client.post("/v1/admin/promote", json={"version": version},
+                        headers={"authorization": f"Bearer {token}"}, timeout=300)
+        assert r.status_code == 200, r.text
+        time.sleep(2.0)
+    assert load.all and all(status == 200 for status, *_ in load.all), Counter(r[:3] for r in load.all)
+    for per_client in load.results:
+        versions = [r[1] for r in per_client]
+        assert versions == sorted(versions) and versions[-1] == version
+    return r.json(), load
+
+
+def canary_recall(client: httpx.Client, version: str, queries: list[tuple[str, int | None]], ts: int) -> float:
+    """Retrieve each (query, user id) at ``ts``; once the version manager counts that many more recall canary samples
+    of ``version`` (``GET /v1/version``), their running recall."""
+    def sampled() -> dict:
+        return client.get("/v1/version").json()["canary"].get(version) or {"samples": 0}
+
+    before = sampled()["samples"]
+    for q, u in queries:
+        retrieve(client, query=q, user_id=u, k=10, ts=ts)
+    wait_for(lambda: sampled()["samples"] >= before + len(queries), 30, f"canary samples of {version}")
+    return sampled()["recall"]
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str, explain: Callable[[], object] = lambda: "",

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # before anything imports ray (see shared/notes/RAY.md)
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 import torch
 
@@ -34,6 +38,13 @@ class Deployment:
     store: Path
     versions: list[str]
     features: FeatureConfig = field(default_factory=lambda: FEATURES)
+
+    def private_copy(self, tmp: Path) -> dict[str, str]:
+        """The ``serve:`` overrides of an endpoint on a copy of the index root and the store in ``tmp``, so that
+        its promotions move ``CURRENT`` of that copy only (the world is shared: nothing writes it)."""
+        shutil.copy(self.store, tmp / "behaviours.sqlite")
+        shutil.copytree(self.index_root, tmp / "index")
+        return {"index_root": str(tmp / "index"), "world": str(self.world), "store": str(tmp / "behaviours.sqlite")}
 
 
 def release(world: Path, index_root: Path, bundles: Path, version: str, steps: int, seed: int,
@@ -66,3 +77,10 @@ def deployment(world_en: Path, tmp_path_factory: pytest.TempPathFactory) -> Depl
     store = root / "behaviours.sqlite"
     build_sqlite_store(world_en, store)
     return Deployment(world_en, index_root, store, versions)
+
+
+@pytest.fixture(scope="module")
+def client(server: tuple[str, Any]) -> Iterator[httpx.Client]:
+    """An HTTP client of the module's endpoint (its ``server`` fixture: URL and resolved serve config)."""
+    with httpx.Client(base_url=server[0], timeout=60) as c:
+        yield c

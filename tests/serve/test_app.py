@@ -23,7 +23,7 @@ import httpx
 import numpy as np
 import pytest
 import ray
-from helpers import Load, free_port, listener, retrieve, running_endpoint, wait_for
+from helpers import Load, free_port, listener, promote_under_load, retrieve, running_endpoint, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from ray import serve
@@ -64,12 +64,6 @@ def server(deployment: Any, store_copy: Path) -> Iterator[tuple[str, ServeConfig
     }
     with running_endpoint(overrides) as endpoint:
         yield endpoint
-
-
-@pytest.fixture(scope="module")
-def client(server: tuple[str, ServeConfig]) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server[0], timeout=30) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")
@@ -474,21 +468,10 @@ def test_metrics(client: httpx.Client) -> None:
 
 def test_version_swap_under_load_has_no_failures_and_no_mixing(server: tuple[str, ServeConfig], client: httpx.Client,
                                                                deployment: Any) -> None:
-    base, _ = server
     serve_version(client, "v1")
-    with Load(base, clients=4) as load:
-        time.sleep(1.0)
-        r = client.post("/v1/admin/promote", json={"version": "v2"}, headers={"authorization": f"Bearer {TOKEN}"},
-                        timeout=300)
-        assert r.status_code == 200, r.text
-        assert r.json()["version"] == "v2" and r.json()["previous"] == "v1"
-        time.sleep(2.0)
-    results = load.all
-    assert results and all(status == 200 for status, *_ in results), Counter(r[0] for r in results)
-    for per_client in load.results:
-        versions = [r[1] for r in per_client]
-        assert versions == sorted(versions) and versions[-1] == "v2"  # v1 ... v1 v2 ... v2: never back
-    assert {r[1] for r in results} == {"v1", "v2"}
+    info, load = promote_under_load(client, "v2", TOKEN)
+    assert info["version"] == "v2" and info["previous"] == "v1"
+    assert {r[1] for r in load.all} == {"v1", "v2"}
     assert current_version(deployment.index_root) == "v2"  # a restart serves what serves now
     wait_for(lambda: "mgdspr-v1" not in serve.status().applications, 30, "v1's application to be deleted")
     assert retrieve(client, query="dress", k=5)["version"] == "v2"

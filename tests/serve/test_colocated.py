@@ -4,7 +4,6 @@ load without failures or mixing, to a version with another shard count; the reca
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -16,7 +15,17 @@ import httpx
 import numpy as np
 import pyarrow as pa
 import pytest
-from helpers import Load, free_port, listener, retrieve, running_endpoint, wait_for
+from helpers import (
+    Load,
+    canary_recall,
+    free_port,
+    listener,
+    page,
+    promote_under_load,
+    retrieve,
+    running_endpoint,
+    wait_for,
+)
 from ray import serve
 
 from ray_mgdspr.config import ServeConfig
@@ -32,11 +41,8 @@ QUERIES = [("red dress", 3), ("running shoes", None), ("portable car cover", 17)
 
 @pytest.fixture(scope="module")
 def server(deployment: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, ServeConfig]]:
-    tmp = tmp_path_factory.mktemp("colocated")
-    shutil.copy(deployment.store, tmp / "behaviours.sqlite")
-    shutil.copytree(deployment.index_root, tmp / "index")  # promotions here move CURRENT of this copy only
-    overrides = {"port": free_port(), "index_root": str(tmp / "index"), "world": str(deployment.world),
-                 "store": str(tmp / "behaviours.sqlite"), "version": "v1", "token": TOKEN, "drain_s": 1.0,
+    overrides = {"port": free_port(), **deployment.private_copy(tmp_path_factory.mktemp("colocated")),
+                 "version": "v1", "token": TOKEN, "drain_s": 1.0,
                  "watch_current_s": 0, "placement": "colocated", "filter_depth": 200, "canary_share": 1.0,
                  "batch_wait_ms": 20.0,  # concurrent requests of the tests below share batches
                  "retriever": {"min_replicas": 1, "max_replicas": 1}}
@@ -44,16 +50,6 @@ def server(deployment: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     # run the defaults of a local Ray (HAProxy, throughput-optimised)
     with running_endpoint(overrides, ray_cfg={"http_proxy": "ray", "serve_throughput_optimized": False}) as endpoint:
         yield endpoint
-
-
-@pytest.fixture(scope="module")
-def client(server: tuple[str, ServeConfig]) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server[0], timeout=60) as c:
-        yield c
-
-
-def page(body: dict) -> list[tuple[int, list[str]]]:
-    return [(i["item_id"], i["channels"]) for i in body["data"]]
 
 
 CHANNEL_MIX = ((20, False, ["embedding"]), (5, True, ["embedding"]), (50, True, ["embedding"]),
@@ -100,16 +96,7 @@ def test_one_deployment_per_version_and_the_answers_of_the_ray_free_core(server:
 def test_promotion_under_load_has_no_failures_and_no_mixing(server: tuple[str, ServeConfig],
                                                            client: httpx.Client) -> None:
     promote(client, "v1")
-    with Load(server[0], clients=4) as load:
-        time.sleep(1.0)
-        r = client.post("/v1/admin/promote", json={"version": "v2"}, headers=AUTH, timeout=300)
-        assert r.status_code == 200, r.text
-        time.sleep(2.0)
-    results = load.all
-    assert results and all(status == 200 for status, *_ in results), Counter(r[:3] for r in results)
-    for per_client in load.results:
-        versions = [r[1] for r in per_client]
-        assert versions == sorted(versions) and versions[-1] == "v2"
+    promote_under_load(client, "v2", TOKEN)
     core = Retriever.open(server[1], "v2")  # 3 shards
     for b in BODIES[:8]:
         assert page(retrieve(client, **b)) == page(core.retrieve(b["query"], b["user_id"], b["k"], b["filter"],
@@ -118,15 +105,7 @@ def test_promotion_under_load_has_no_failures_and_no_mixing(server: tuple[str, S
 
 def test_the_recall_canary_samples_the_colocated_version(client: httpx.Client) -> None:
     promote(client, "v1")
-
-    def sampled() -> dict:
-        return client.get("/v1/version").json()["canary"].get("v1") or {"samples": 0}
-
-    before = sampled()["samples"]
-    for q, u in QUERIES:
-        retrieve(client, query=q, user_id=u, k=10, ts=TS)
-    wait_for(lambda: sampled()["samples"] >= before + len(QUERIES), 30, "canary samples of v1")
-    assert sampled()["recall"] == pytest.approx(1.0)  # Flat shards: the ANN is exact
+    assert canary_recall(client, "v1", QUERIES, TS) == pytest.approx(1.0)  # Flat shards: the ANN is exact
 
 
 def test_user_behaviours_come_from_the_colocated_version(server: tuple[str, ServeConfig],

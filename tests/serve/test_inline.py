@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 import ray
-from helpers import Load, free_port, retrieve, running_endpoint, wait_for
+from helpers import Load, canary_recall, free_port, page, promote_under_load, retrieve, running_endpoint, wait_for
 from ray import serve
 
 from ray_mgdspr.config import ServeConfig
@@ -38,25 +38,12 @@ BODIES = [{"query": q, "user_id": u, "k": k, "filter": f, "ts": TS, "channels": 
 
 @pytest.fixture(scope="module")
 def server(deployment: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, ServeConfig]]:
-    tmp = tmp_path_factory.mktemp("inline")
-    shutil.copy(deployment.store, tmp / "behaviours.sqlite")
-    shutil.copytree(deployment.index_root, tmp / "index")  # promotions here move CURRENT of this copy only
-    overrides = {"port": free_port(), "index_root": str(tmp / "index"), "world": str(deployment.world),
-                 "store": str(tmp / "behaviours.sqlite"), "version": "v1", "token": TOKEN, "watch_current_s": 0,
+    overrides = {"port": free_port(), **deployment.private_copy(tmp_path_factory.mktemp("inline")),
+                 "version": "v1", "token": TOKEN, "watch_current_s": 0,
                  "placement": "inline", "filter_depth": 200, "canary_share": 1.0, "batch_wait_ms": 20.0,
                  "ingress": {"min_replicas": 2, "max_replicas": 2, "num_cpus": 0.5}}
     with running_endpoint(overrides) as endpoint:
         yield endpoint
-
-
-@pytest.fixture(scope="module")
-def client(server: tuple[str, ServeConfig]) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server[0], timeout=60) as c:
-        yield c
-
-
-def page(body: dict) -> list[tuple[int, list[str]]]:
-    return [(i["item_id"], i["channels"]) for i in body["data"]]
 
 
 def promote(client: httpx.Client, version: str) -> None:
@@ -93,18 +80,9 @@ def test_no_version_application_and_the_answers_of_the_ray_free_core(server: tup
 def test_promotion_loads_the_version_in_every_ingress_replica_then_switches_under_load(
         server: tuple[str, ServeConfig], client: httpx.Client) -> None:
     promote(client, "v1")
-    with Load(server[0], clients=4) as load:
-        time.sleep(1.0)
-        r = client.post("/v1/admin/promote", json={"version": "v2"}, headers=AUTH, timeout=300)
-        assert r.status_code == 200, r.text
-        assert r.json()["version"] == "v2" and r.json()["previous"] == "v1" and r.json()["draining"] == []
-        time.sleep(2.0)
-    results = load.all
-    assert results and all(status == 200 for status, *_ in results), Counter(r[:3] for r in results)
-    for per_client in load.results:
-        versions = [r[1] for r in per_client]
-        assert versions == sorted(versions) and versions[-1] == "v2"  # v1 ... v1 v2 ... v2: never back
-    assert {r[1] for r in results} == {"v1", "v2"}
+    info, load = promote_under_load(client, "v2", TOKEN)
+    assert info["version"] == "v2" and info["previous"] == "v1" and info["draining"] == []
+    assert {r[1] for r in load.all} == {"v1", "v2"}
     assert current_version(server[1].index_root) == "v2"  # a restart serves what serves now
     same_as_core(client, server[1], "v2", BODIES[:6])  # 3 shards
 
@@ -146,15 +124,7 @@ def test_a_version_an_ingress_replica_cannot_load_is_refused_and_the_old_keeps_s
 def test_the_recall_canary_and_user_behaviours_come_from_the_version_in_the_replica(
         server: tuple[str, ServeConfig], client: httpx.Client) -> None:
     promote(client, "v2")
-
-    def sampled() -> dict:
-        return client.get("/v1/version").json()["canary"].get("v2") or {"samples": 0}
-
-    before = sampled()["samples"]
-    for q, u in QUERIES:
-        retrieve(client, query=q, user_id=u, k=10, ts=TS)
-    wait_for(lambda: sampled()["samples"] >= before + len(QUERIES), 30, "canary samples of v2")
-    assert sampled()["recall"] == pytest.approx(1.0)  # Flat shards: the ANN is exact
+    assert canary_recall(client, "v2", QUERIES, TS) == pytest.approx(1.0)  # Flat shards: the ANN is exact
     r = client.get("/v1/users/3/behaviours", params={"ts": TS, "limit": 5}, headers=AUTH)
     assert r.status_code == 200, r.text
     assert r.json() == Retriever.open(server[1], "v2").behaviours(3, limit=5, ts=TS)
