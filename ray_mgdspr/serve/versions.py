@@ -178,7 +178,6 @@ class WholeVersion:
 
     def __init__(self, cfg: ResolvedServeConfig, version: str) -> None:
         release = verify_release(cfg.index_root, version, check_files=False)  # the loaders check their files
-        self.version = version
         self.core = Retriever(release, cfg)
         self.canary_ef_search = cfg.canary_ef_search
         self._answer = _batched(self.core.answer_batch, cfg, BatchSizes("version"))
@@ -334,9 +333,7 @@ class VersionManager:
                                     logging_config={"enable_access_log": False})
             await self._wait_running(name, deadline)
         except (ReleaseError, PromotionRefused, RuntimeError, ValueError) as e:
-            self.info.last_error = public_message(f"{version}: {e}")  # GET /v1/version shows it: no paths
-            self._refused.add(version)
-            log.error("version %s refused, %s keeps serving: %s", version, self.info.version, e)  # in full
+            refusal = self._refusal(version, e)
             if not isinstance(e, ReleaseError):
                 await asyncio.to_thread(serve.delete, name, _blocking=False)
             elif drain_at is not None:  # refused before deploying: its draining application is deleted as planned
@@ -344,7 +341,7 @@ class VersionManager:
                 self.info.draining = sorted(self._draining)
             if initial:
                 raise
-            raise PromotionRefused(self.info.last_error) from None
+            raise refusal from None
         finally:
             self.info.loading = None
         old = self.info.version
@@ -390,16 +387,22 @@ class VersionManager:
                     raise PromotionRefused(f"{len(failed)} of {len(staged)} ingress replicas could not load it: "
                                            f"{cause(failed[0])}")
         except (ReleaseError, PromotionRefused) as e:
-            self.info.last_error = public_message(f"{version}: {e}")  # GET /v1/version shows it: no paths
-            self._refused.add(version)
-            log.error("version %s refused, %s keeps serving: %s", version, self.info.version, e)  # in full
+            refusal = self._refusal(version, e)
             if initial:
                 raise
-            raise PromotionRefused(self.info.last_error) from None
+            raise refusal from None
         finally:
             self.info.loading = None
             self._announce()  # on a refusal: the replicas drop what they loaded
         self._switched_to(version, release, self.info.version)
+
+    def _refusal(self, version: str, e: Exception) -> PromotionRefused:
+        """Record that ``version`` was refused: ``GET /v1/version``'s ``last_error`` (no paths), the log (in full),
+        no automatic promotion of it again; returns the error for the promoter (the serving version unchanged)."""
+        self.info.last_error = public_message(f"{version}: {e}")
+        self._refused.add(version)
+        log.error("version %s refused, %s keeps serving: %s", version, self.info.version, e)
+        return PromotionRefused(self.info.last_error)
 
     async def _adopt(self, version: str, name: str) -> None:
         """This manager restarted (its node was lost, say) while ``version``'s application (or, placement inline,
