@@ -492,6 +492,9 @@ class DeploymentConfig(StrictModel):
                                       "default of 5 collapses under 16 clients (RAY.md)")
     upscale_delay_s: float = Field(2.0, ge=0)
     downscale_delay_s: float = Field(30.0, ge=0)
+    look_back_period_s: float = Field(30.0, gt=0, description="autoscaling decides on the mean of in-flight "
+                                      "requests over this window (Serve's default 30 s): shorter follows the load "
+                                      "sooner, both up and down")
     resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per replica "
                                         "(pins the deployment to node types that offer them)")
     max_replicas_per_node: int | None = Field(None, ge=1, description="at most this many replicas of the "
@@ -512,7 +515,8 @@ class DeploymentConfig(StrictModel):
             scaling = {"autoscaling_config": {
                 "min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
                 "target_ongoing_requests": self.target_ongoing_requests,
-                "upscale_delay_s": self.upscale_delay_s, "downscale_delay_s": self.downscale_delay_s}}
+                "upscale_delay_s": self.upscale_delay_s, "downscale_delay_s": self.downscale_delay_s,
+                "look_back_period_s": self.look_back_period_s}}
         if self.max_replicas_per_node is not None:
             scaling["max_replicas_per_node"] = self.max_replicas_per_node
         return {"ray_actor_options": actor, "max_ongoing_requests": self.max_ongoing_requests, **scaling}
@@ -542,6 +546,10 @@ class ServeConfig(StrictModel):
     faiss_threads: int = Field(1, ge=1, description="OpenMP threads per shard replica: on a busy machine one "
                                "thread per query batch beats many (measured 8-40x per query on 2 cores)")
     torch_threads: int = Field(1, ge=1, description="intra-op threads of the query encoder")
+    search_threads: int = Field(1, ge=1, description="threads that search the shards of one batch at once in a "
+                                "replica that holds the whole version (inline, colocated, the Ray-free core); 1: "
+                                "one shard after another. No gain measured on 2 cores, where a request's other "
+                                "work already holds the second core (docs/serving.md, 'Searching the shards at once')")
     trace_query_tower: bool = Field(
         True, description="run the query tower as a TorchScript graph (traced, frozen, optimised for inference "
         "at load; checked against the module): a one-request batch of the large preset's tower in 2.7 ms "

@@ -241,10 +241,19 @@ class ShardSearcher:
                 above the global n-th passing one lies inside these prefixes, so merging them gives exactly
                 what merging the full top k would.
         """
+        depths = [k] * len(terms) if isinstance(k, int) else list(k)
+        return self.hits(*self.ann(queries, max(depths)), depths, terms, need)
+
+    def ann(self, queries: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
+        """The index's top ``depth`` of each query row (capped at the shard's size): scores and item ids (q, depth'),
+        as ``Shard.search`` pads them. Faiss runs it without Python's GIL."""
         # OpenMP's thread count belongs to the calling thread, and searches run in worker threads
         faiss.omp_set_num_threads(self.faiss_threads)
-        depths = [k] * len(terms) if isinstance(k, int) else list(k)
-        scores, ids = self.shard.search(queries, max(1, min(max(depths), self.shard.rows)))
+        return self.shard.search(queries, max(1, min(depth, self.shard.rows)))
+
+    def hits(self, scores: np.ndarray, ids: np.ndarray, depths: list[int], terms: list[tuple[KeyTerm, ...]],
+             need: list[int | None] | None = None) -> list[Hits]:
+        """``search``'s hits from ``ann``'s top lists (each row cut to its own depth), with verdicts and titles."""
         out = []
         for row, query_terms in enumerate(terms):
             keep = ids[row] >= 0
@@ -653,20 +662,44 @@ def run_now(call: Coroutine[Any, Any, T]) -> T:
 
 
 class LocalStages:
-    """The stages of one version in this process, one after another (``Retriever``)."""
+    """The stages of one version in this process (``Retriever``): one after another, except the shards, searched
+    on ``search_threads`` threads, and the early fallback, on a thread of its own.
 
-    def __init__(self, encoder: QueryEncoder, shards: list[ShardSearcher], lexical: LexicalChannel) -> None:
+    Args:
+        search_threads: threads that search the shards of one batch (``serve.search_threads``); 1: one shard
+            after another in the calling thread.
+    """
+
+    def __init__(self, encoder: QueryEncoder, shards: list[ShardSearcher], lexical: LexicalChannel,
+                 search_threads: int = 1) -> None:
         self.encoder, self.searchers, self.lexical_channel = encoder, shards, lexical
+        self.search_threads = search_threads
         # one thread for early fallbacks (``early_fallback``): BM25 and Faiss release the GIL for their loops
         self._ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="early-fallback")
+        self._pools: dict[int, ThreadPoolExecutor] = {}  # the shard search's threads, by their number
 
     async def encode(self, query: str, user_id: int | None, ts: int) -> Encoded:
         return self.encoder.encode([query], [user_id], [ts])[0]
 
     async def shards(self, embedding: np.ndarray, depth: int, terms: tuple[KeyTerm, ...], need: int | None
                      ) -> list[Hits]:
-        need_rows = None if need is None else [need]
-        return [s.search(embedding[None, :], depth, [terms], need=need_rows)[0] for s in self.searchers]
+        per_shard = self.search(embedding[None, :], [depth], [terms], None if need is None else [need])
+        return [hits[0] for hits in per_shard]
+
+    def search(self, queries: np.ndarray, depths: list[int], terms: list[tuple[KeyTerm, ...]],
+               need: list[int | None] | None) -> list[list[Hits]]:
+        """Every shard's ``ShardSearcher.search`` of a batch (queries (q, d)), in shard order. With
+        ``search_threads`` > 1 the shards' index searches (``ShardSearcher.ann``, which Faiss runs without the GIL)
+        run on that many threads at once, then this thread reads each shard's verdicts (Python: on threads they
+        would only wait for each other's GIL)."""
+        threads = min(self.search_threads, len(self.searchers))
+        if threads <= 1:
+            return [s.search(queries, depths, terms, need=need) for s in self.searchers]
+        pool = self._pools.get(threads)
+        if pool is None:
+            pool = self._pools[threads] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="shard-search")
+        tops = list(pool.map(lambda s: s.ann(queries, max(depths)), self.searchers))
+        return [s.hits(*top, depths, terms, need) for s, top in zip(self.searchers, tops, strict=True)]
 
     async def lexical(self, words: list[str], k: int, terms: tuple[KeyTerm, ...]) -> Hits:
         return self.lexical_channel.search([words], k, [terms])[0]
@@ -746,7 +779,7 @@ class Retriever:
     """
 
     def __init__(self, release: Release, cfg: ResolvedServeConfig, store: Store | None = None) -> None:
-        self.release, self.cfg = release, cfg
+        self.release, self._cfg = release, cfg
         store = open_store(cfg.store, release.bundle.features) if store is None else store
         self.encoder = QueryEncoder(release.bundle_path, cfg.world, store, threads=cfg.torch_threads,
                                     trace=cfg.trace_query_tower)
@@ -755,7 +788,18 @@ class Retriever:
                                      verdict_cache_mb=cfg.verdict_cache_mb)
                        for s in range(release.shards)]
         self.lexical = LexicalChannel(release.index_path, cfg.verdict_cache_mb)
-        self.stages = LocalStages(self.encoder, self.shards, self.lexical)
+        self.stages = LocalStages(self.encoder, self.shards, self.lexical, cfg.search_threads)
+
+    @property
+    def cfg(self) -> ResolvedServeConfig:
+        """The serve section this version answers with. Settable between requests (an A/B of serve settings in one
+        process, ``benchmarks/profile_core.py``); what the shards and the encoder loaded with stays as opened."""
+        return self._cfg
+
+    @cfg.setter
+    def cfg(self, cfg: ResolvedServeConfig) -> None:
+        self._cfg = cfg
+        self.stages.search_threads = cfg.search_threads
 
     @classmethod
     def open(cls, cfg: ResolvedServeConfig, version: str | None = None, store: Store | None = None) -> Retriever:
@@ -813,7 +857,7 @@ class Retriever:
                       for i in searched]
             terms = [encoded[i].terms for i in searched]
             need = [requests[i][1] if requests[i][0].filter else None for i in searched]
-            per_shard = [s.search(queries, depths, terms, need=need) for s in self.shards]
+            per_shard = self.stages.search(queries, depths, terms, need)
             hits = {i: [shard[row] for shard in per_shard] for row, i in enumerate(searched)}
             search_s = time.perf_counter() - t
         out = []

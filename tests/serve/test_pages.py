@@ -115,6 +115,39 @@ def test_a_batch_of_requests_gets_each_request_s_own_answer(retriever: Retriever
     assert fallbacks > 0  # some pages of the batch took the lexical fallback
 
 
+def test_shards_searched_on_threads_give_the_same_pages(retriever: Retriever, queries: list[list[str]],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``serve.search_threads``: each shard of a batch (and of a single request) is searched on a thread of the
+    pool, and the pages equal those of one shard after another, in shard order."""
+    requests = [RetrieveRequest(query=" ".join(words) or "dress", user_id=[None, 3][n % 2], k=[5, 50][n % 2],
+                                ts=4_000_000_000_000) for n, words in enumerate(queries[:24])]
+
+    def pages(threads: int) -> tuple[list[Any], set[str]]:
+        ran_on: set[str] = set()
+        ann = type(retriever.shards[0]).ann
+
+        def recorded(shard: Any, *args: Any, **kwargs: Any) -> Any:
+            ran_on.add(threading.current_thread().name)
+            return ann(shard, *args, **kwargs)
+
+        retriever.cfg = retriever.cfg.model_copy(update={"search_threads": threads})
+        with monkeypatch.context() as m:
+            m.setattr(type(retriever.shards[0]), "ann", recorded)
+            bodies = [body for body, _ in retriever.answer_batch([(r, r.k) for r in requests])]
+            bodies += [retriever.request(r) for r in requests[:6]]
+        return [(b["data"], b["filtered"], b["fallback"]) for b in bodies], ran_on
+
+    assert len(retriever.shards) >= 2
+    one, one_ran_on = pages(1)
+    try:
+        many, many_ran_on = pages(len(retriever.shards))
+    finally:
+        retriever.cfg = retriever.cfg.model_copy(update={"search_threads": 1})
+    assert many == one
+    assert one_ran_on == {threading.current_thread().name}
+    assert len(many_ran_on) >= 2 and all(name.startswith("shard-search") for name in many_ran_on)
+
+
 def test_short_pages_at_most_one_percent_with_the_fallback(retriever: Retriever, deployment: Any) -> None:
     stats = {(s.k, s.mode): s for s in page_report(retriever, deployment.world, ks=(5, 10, 50), max_searches=300)}
     for k in (5, 10, 50):
