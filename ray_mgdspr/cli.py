@@ -129,7 +129,7 @@ def validate(world: Annotated[Path, typer.Argument(help="world directory")]) -> 
 
     report = validate_world(world)
     for p in report.problems:
-        err.print(f"[red]✗[/] {escape(str(p))}", highlight=False)
+        err.print(f"[red]✗[/] {escape(str(p))}", highlight=False, soft_wrap=True)
     if not report.ok:
         raise fail(f"{world}: {len(report.problems)} problem(s) found; nothing was modified", code=1)
     label = report.manifest.label if report.manifest else ""
@@ -187,7 +187,7 @@ def demo(
         raise fail(str(e), code=1) from None
     except Exception:
         if not verbose:
-            err.print(f"[bold red]the demo failed[/]; Ray's output is in {log_path}")
+            err.print(f"[bold red]the demo failed[/]; Ray's output is in {log_path}", soft_wrap=True)
         raise
     m = result.manifest
     console.print(escape(f"demo world {result.world} [{m.label}]: " + ", ".join(f"{name} {rows:,}"
@@ -369,7 +369,7 @@ def index_verify(
         path = root / version
     problems = verify_index(path)
     for p in problems:
-        err.print(f"[red]✗[/] {escape(p)}", highlight=False)
+        err.print(f"[red]✗[/] {escape(p)}", highlight=False, soft_wrap=True)
     if problems:
         raise fail(f"{path}: {len(problems)} problem(s)", code=1)
     console.print(f"{path}: ok")
@@ -450,7 +450,7 @@ def config_check(files: Annotated[list[Path], typer.Argument(help="YAML config f
             load_config(f)
             console.print(f"{f}: ok")
         except ConfigError as e:
-            err.print(str(e), highlight=False)
+            err.print(str(e), highlight=False, soft_wrap=True)
             failed += 1
     if failed:
         raise typer.Exit(1)

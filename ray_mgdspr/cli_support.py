@@ -25,8 +25,9 @@ AddressOpt = Annotated[str | None, typer.Option(help="Ray cluster address (defau
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
-    """Print ``error: message`` on stderr and return the exit to raise (2: bad input, 1: a stage failed)."""
-    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+    """Print ``error: message`` on stderr and return the exit to raise (2: bad input, 1: a stage failed). The message
+    is never wrapped (a wrapped path could not be copied, nor the message found with grep in a job's log)."""
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
