@@ -59,8 +59,9 @@ def server(deployment: Any, store_copy: Path) -> Iterator[tuple[str, ServeConfig
         "filter_depth": FILTER_DEPTH,
         "placement": "per_stage",  # the per-stage graph; tests/serve/test_colocated.py: the other
         "encoder": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 0.5,
-                    "downscale_delay_s": 3},
-        "ingress": {"downscale_delay_s": 3},  # back to 1 replica soon after a test's load (test_metrics)
+                    "downscale_delay_s": 3, "look_back_period_s": 3},
+        # back to 1 replica soon after a test's load (test_metrics)
+        "ingress": {"downscale_delay_s": 3, "look_back_period_s": 3},
     }
     with running_endpoint(overrides) as endpoint:
         yield endpoint
