@@ -69,6 +69,21 @@ def page(body: dict) -> list[tuple[int, list[str]]]:
     return [(i["item_id"], i["channels"]) for i in body["data"]]
 
 
+def same_as_core(client: httpx.Client, cfg: Any, version: str, bodies: list[dict]) -> None:
+    """Each /v1/retrieve body answered by the endpoint as the Ray-free core (``Retriever``) of ``version`` with the
+    endpoint's resolved serve section ``cfg`` answers it: served by ``version``, the same page and counts."""
+    from ray_mgdspr.serve.engine import Retriever
+
+    core = Retriever.open(cfg, version)
+    for b in bodies:
+        got = retrieve(client, **b)
+        want = core.retrieve(b["query"], b.get("user_id"), b["k"], b["filter"], tuple(b["channels"]), b["ts"])
+        assert got["version"] == version
+        assert page(got) == page(want), b
+        assert {f: got[f] for f in ("count", "filtered", "fallback", "fallback_added")} == \
+            {f: want[f] for f in ("count", "filtered", "fallback", "fallback_added")}, b
+
+
 class Load:
     """Clients posting /v1/retrieve in a loop until stopped; records (status, version, error, time answered)."""
 

@@ -24,6 +24,7 @@ from helpers import (
     promote_under_load,
     retrieve,
     running_endpoint,
+    same_as_core,
     wait_for,
 )
 from ray import serve
@@ -97,10 +98,7 @@ def test_promotion_under_load_has_no_failures_and_no_mixing(server: tuple[str, S
                                                            client: httpx.Client) -> None:
     promote(client, "v1")
     promote_under_load(client, "v2", TOKEN)
-    core = Retriever.open(server[1], "v2")  # 3 shards
-    for b in BODIES[:8]:
-        assert page(retrieve(client, **b)) == page(core.retrieve(b["query"], b["user_id"], b["k"], b["filter"],
-                                                                 tuple(b["channels"]), b["ts"]))
+    same_as_core(client, server[1], "v2", BODIES[:8])  # 3 shards
 
 
 def test_the_recall_canary_samples_the_colocated_version(client: httpx.Client) -> None:
@@ -154,7 +152,4 @@ def test_a_delta_version_with_segments_serves_the_changed_catalogue(server: tupl
         time.sleep(1.0)
     assert load.all and all(status == 200 for status, *_ in load.all), Counter(r[:3] for r in load.all)
     assert not found("v1.d1") & set(gone.tolist())
-    core = Retriever.open(cfg, "v1.d1")
-    for b in [*bodies[:3], *BODIES[:6]]:
-        want = core.retrieve(b["query"], b.get("user_id"), b["k"], b["filter"], tuple(b["channels"]), b["ts"])
-        assert page(retrieve(client, **b)) == page(want), b
+    same_as_core(client, cfg, "v1.d1", [*bodies[:3], *BODIES[:6]])

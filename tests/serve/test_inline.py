@@ -19,7 +19,17 @@ from typing import Any
 import httpx
 import pytest
 import ray
-from helpers import Load, canary_recall, free_port, page, promote_under_load, retrieve, running_endpoint, wait_for
+from helpers import (
+    Load,
+    canary_recall,
+    free_port,
+    page,
+    promote_under_load,
+    retrieve,
+    running_endpoint,
+    same_as_core,
+    wait_for,
+)
 from ray import serve
 
 from ray_mgdspr.config import ServeConfig
@@ -50,17 +60,6 @@ def promote(client: httpx.Client, version: str) -> None:
     if client.get("/v1/version").json()["version"] != version:
         r = client.post("/v1/admin/promote", json={"version": version}, headers=AUTH, timeout=300)
         assert r.status_code == 200, r.text
-
-
-def same_as_core(client: httpx.Client, cfg: ServeConfig, version: str, bodies: list[dict]) -> None:
-    core = Retriever.open(cfg, version)
-    for b in bodies:
-        got = retrieve(client, **b)
-        want = core.retrieve(b["query"], b["user_id"], b["k"], b["filter"], tuple(b["channels"]), b["ts"])
-        assert got["version"] == version
-        assert page(got) == page(want), b
-        assert {f: got[f] for f in ("count", "filtered", "fallback", "fallback_added")} == \
-            {f: want[f] for f in ("count", "filtered", "fallback", "fallback_added")}, b
 
 
 def test_no_version_application_and_the_answers_of_the_ray_free_core(server: tuple[str, ServeConfig],
