@@ -303,6 +303,11 @@ class Ingress:
         except Exception as e:
             raise unavailable(f"version {version} could not be loaded: {public_message(str(e))}") from None
 
+    async def serving_version(self) -> str | None:
+        """The version this replica serves (None before its first is known): a restarted version manager asks every
+        running replica (``VersionManager._ask_ingress``) before it chooses what serves."""
+        return self.serving.version if self.serving else None
+
     async def stage(self, version: str) -> None:
         """Load ``version`` here beside the one that serves: the version manager calls this on every ingress
         replica at once before it switches (``VersionManager._switch_inline``); raises when it cannot be loaded."""
@@ -543,11 +548,11 @@ class Ingress:
 
     @app.post("/v1/admin/promote", openapi_extra=_body(PromoteRequest))
     async def promote(self, request: Request) -> JSONResponse:
-        async def handle(_: float) -> dict:
+        async def handle(deadline: float) -> dict:
             self._authorize(request, "POST /v1/admin/promote")
             req: PromoteRequest = self._parse(PromoteRequest, await self._json(request, "promote"), "promote")
-            try:
-                info = await self.manager.promote.remote(req.version)
+            try:  # retried on the manager's replacement when it restarts (promoting again is a no-op)
+                info = await self._read("manager", lambda: self.manager.promote.remote(req.version), deadline)
             except PromotionRefused as e:  # Ray's wrapper of it carries the manager's traceback: not for clients
                 raise HttpError(409, f"version {req.version} refused; the serving version is unchanged: "
                                      f"{public_message(str(cause(e)))}") from None

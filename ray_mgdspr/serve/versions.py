@@ -62,6 +62,9 @@ INGRESS = "Ingress"
 """The front application's HTTP deployment (``serve/ingress.py``)."""
 CANARY_VERSIONS = 8
 """The version manager keeps the recall canary of this many versions (the most recently sampled first seen)."""
+ASK_INGRESS_S = 10.0
+"""How long a restarted version manager (placement inline) waits for the running ingress replicas to say what they
+serve."""
 
 
 def version_app_name(app_name: str, version: str) -> str:
@@ -263,12 +266,36 @@ class VersionManager:
 
     async def _inline_serving(self, known: str | None) -> str | None:
         """Placement inline, this manager just started: the version the ingress replicas already serve (this is a
-        restart: their long polls ask again within ``serve.version_refresh_s`` and say what they serve), else
-        None (the endpoint is starting: its replicas ask from their constructors, serving nothing yet). That is
-        ``known`` when ``CURRENT`` names it (every switch moves ``CURRENT``)."""
-        if known is None:
+        restart), else None (the endpoint is starting: its replicas ask from their constructors, serving nothing
+        yet). A caller that serves a version says so (``known``: a replica's long poll); one that serves nothing
+        (a promotion, a replica just started by autoscaling) cannot, so the running replicas are asked
+        (``_ask_ingress``): choosing ``serve.version`` then would switch every replica back to it, a rollback.
+        Of several versions reported (a restart in the middle of a switch), the one ``CURRENT`` names (every switch
+        moves it); a version the replicas serve that ``CURRENT`` does not name (an operator moved it while the
+        manager was down) is adopted all the same: the housekeeping then promotes what ``CURRENT`` names."""
+        reported = {known} if known is not None else await self._ask_ingress()
+        if not reported:
             return None
-        return known if known == await asyncio.to_thread(current_version, self.cfg.index_root) else None
+        named = await asyncio.to_thread(current_version, self.cfg.index_root)
+        if named in reported:
+            return named
+        return reported.pop() if len(reported) == 1 else None
+
+    async def _ask_ingress(self) -> set[str]:
+        """The versions the running ingress replicas serve (``Ingress.serving_version``; none while the endpoint
+        starts, its replicas still in their constructors), asked within ``ASK_INGRESS_S``; an empty set when
+        none runs or none answers in time."""
+        try:
+            app = (await asyncio.to_thread(serve.status)).applications.get(self.cfg.app_name)
+            ingress = app.deployments.get(INGRESS) if app is not None else None
+            if ingress is None or not ingress.replica_states.get("RUNNING", 0):
+                return set()
+            answers = await serve.get_deployment_handle(INGRESS, self.cfg.app_name).broadcast(
+                "serving_version").results_async(timeout_s=ASK_INGRESS_S, return_exceptions=True)
+        except Exception as e:  # no answer: decide as at a start (serve.version, else CURRENT)
+            log.warning("could not ask the ingress replicas which version they serve: %s", e)
+            return set()
+        return {a for a in answers if isinstance(a, str)}
 
     async def watch(self, known: str | None, timeout_s: float, loading: str | None = None) -> dict:
         """A long poll of the serving version: ``active()`` as soon as it is not ``known`` (or the version being

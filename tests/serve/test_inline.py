@@ -50,6 +50,7 @@ BODIES = [{"query": q, "user_id": u, "k": k, "filter": f, "ts": TS, "channels": 
 def server(deployment: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, ServeConfig]]:
     overrides = {"port": free_port(), **deployment.private_copy(tmp_path_factory.mktemp("inline")),
                  "version": "v1", "token": TOKEN, "watch_current_s": 0,
+                 "version_refresh_s": 12.0,  # after a failed poll: a restarted manager hears from the replicas late
                  "placement": "inline", "filter_depth": 200, "canary_share": 1.0, "batch_wait_ms": 20.0,
                  "ingress": {"min_replicas": 2, "max_replicas": 2, "num_cpus": 0.5}}
     with running_endpoint(overrides) as endpoint:
@@ -130,21 +131,34 @@ def test_the_recall_canary_and_user_behaviours_come_from_the_version_in_the_repl
     assert r.json()["count"] > 0 and r.json()["version"] == "v2"
 
 
+@pytest.mark.parametrize("first_call", ["long poll", "promotion"])
 def test_a_restarted_version_manager_adopts_the_version_the_ingress_replicas_serve(
-        server: tuple[str, ServeConfig], client: httpx.Client) -> None:
-    """v2, not serve.version (v1): the new manager takes over what the replicas serve, without a switch."""
+        server: tuple[str, ServeConfig], client: httpx.Client, first_call: str) -> None:
+    """v2, not serve.version (v1): the new manager takes over what the replicas serve, without a switch, whether
+    its first call is a replica's long poll (which says what that replica serves) or a promotion (which does not:
+    the manager asks the replicas). The replicas' polls fail with the old manager and ask again only after
+    ``version_refresh_s`` (12 s here), so the promotion, sent as soon as the new manager's actor exists, reaches it
+    first. The promoted version does not exist: refused, and v2 keeps serving (choosing v1 first would have rolled
+    every replica back to it)."""
     promote(client, "v2")
     (manager,) = [a for a in ray.util.list_named_actors(all_namespaces=True) if "VersionManager" in a["name"]]
     with Load(server[0], clients=2) as load:
         time.sleep(1.0)
+        killed = time.monotonic()
         ray.kill(ray.get_actor(manager["name"], namespace=manager["namespace"]), no_restart=True)
         wait_for(lambda: any("VersionManager" in a["name"] and a["name"] != manager["name"]
                              for a in ray.util.list_named_actors(all_namespaces=True)), 120,
                  "a new version manager replica")
+        if first_call == "promotion":
+            r = client.post("/v1/admin/promote", json={"version": "v9"}, headers=AUTH, timeout=300)
+            assert r.status_code == 409 and "serving version is unchanged" in r.json()["error"], r.text
         wait_for(lambda: client.get("/v1/version").json()["version"] == "v2", 60,
                  "the new manager to report the serving version")
-        time.sleep(1.0)
+        # the replicas' long polls run again before the next test promotes (else a switch reaches them late)
+        time.sleep(max(1.0, killed + server[1].version_refresh_s + 1.0 - time.monotonic()))
     assert load.all and all(r[0] == 200 and r[1] == "v2" for r in load.all), \
         [r for r in load.all if r[0] != 200 or r[1] != "v2"][:3]
     info = client.get("/v1/version").json()
-    assert info["last_error"] is None and info["loading"] is None and info["switched_at"] is None  # adopted
+    assert info["loading"] is None and info["switched_at"] is None  # adopted
+    assert info["last_error"] is None if first_call == "long poll" else "v9" in info["last_error"]
+    assert current_version(Path(server[1].index_root)) == "v2"
