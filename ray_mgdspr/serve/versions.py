@@ -67,6 +67,15 @@ ASK_INGRESS_S = 10.0
 serve."""
 
 
+def adopted_version(reported: set[str], current: str | None) -> str | None:
+    """What a restarted version manager (placement inline) adopts of the versions the ingress replicas say they
+    serve: the one ``CURRENT`` names (every switch moves it; several are reported during a switch), else the only
+    one reported, else None (the manager then starts as at a start)."""
+    if current in reported:
+        return current
+    return next(iter(reported)) if len(reported) == 1 else None
+
+
 def version_app_name(app_name: str, version: str) -> str:
     return f"{app_name}-{version}"
 
@@ -276,17 +285,15 @@ class VersionManager:
         reported = {known} if known is not None else await self._ask_ingress()
         if not reported:
             return None
-        named = await asyncio.to_thread(current_version, self.cfg.index_root)
-        if named in reported:
-            return named
-        return reported.pop() if len(reported) == 1 else None
+        return adopted_version(reported, await asyncio.to_thread(current_version, self.cfg.index_root))
 
     async def _ask_ingress(self) -> set[str]:
         """The versions the running ingress replicas serve (``Ingress.serving_version``; none while the endpoint
         starts, its replicas still in their constructors), asked within ``ASK_INGRESS_S``; an empty set when
         none runs or none answers in time."""
         try:
-            app = (await asyncio.to_thread(serve.status)).applications.get(self.cfg.app_name)
+            status = await asyncio.wait_for(asyncio.to_thread(serve.status), ASK_INGRESS_S)
+            app = status.applications.get(self.cfg.app_name)
             ingress = app.deployments.get(INGRESS) if app is not None else None
             if ingress is None or not ingress.replica_states.get("RUNNING", 0):
                 return set()

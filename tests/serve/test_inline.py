@@ -35,6 +35,7 @@ from ray import serve
 from ray_mgdspr.config import ServeConfig
 from ray_mgdspr.index.versions import current_version
 from ray_mgdspr.serve.engine import Retriever
+from ray_mgdspr.serve.versions import adopted_version
 
 pytestmark = pytest.mark.slow
 TOKEN = "inline-token-3"
@@ -162,3 +163,12 @@ def test_a_restarted_version_manager_adopts_the_version_the_ingress_replicas_ser
     assert info["loading"] is None and info["switched_at"] is None  # adopted
     assert info["last_error"] is None if first_call == "long poll" else "v9" in info["last_error"]
     assert current_version(Path(server[1].index_root)) == "v2"
+
+
+def test_a_restarted_manager_adopts_what_current_names_of_the_versions_reported() -> None:
+    """Ray-free: the choice among the versions the ingress replicas report (a restart during a switch reports two)."""
+    assert adopted_version({"v1", "v2"}, "v2") == "v2"
+    assert adopted_version({"v2"}, "v3") == "v2"  # CURRENT moved by hand while the manager was down: what serves
+    assert adopted_version({"v2"}, None) == "v2"
+    assert adopted_version({"v1", "v2"}, "v3") is None  # no way to tell: as at a start
+    assert adopted_version(set(), "v2") is None
