@@ -161,12 +161,14 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str, explain: 
 
 @contextmanager
 def running_endpoint(overrides: dict[str, Any], metrics_export_port: int | None = None,
-                     ray_cfg: dict[str, Any] | None = None) -> Iterator[tuple[str, Any]]:
+                     ray_cfg: dict[str, Any] | None = None,
+                     before_ready: Callable[[str], None] | None = None) -> Iterator[tuple[str, Any]]:
     """The retrieval endpoint with these ``serve:`` overrides on a local Ray (started here unless one runs, with
     8 logical CPUs: two versions side by side during a swap hold ~3.5 CPUs of fractional replicas, and Ray's
     Prometheus export on ``metrics_export_port`` when given; Serve's HTTP front and modes from ``ray_cfg``, a
     ``RayConfig``'s fields, its defaults otherwise); yields its URL and resolved ``ServeConfig``, then shuts Serve
-    (and the Ray it started) down."""
+    (and the Ray it started) down. ``before_ready(url)``: called once the app is deployed, before the first version
+    has loaded (the endpoint's first requests)."""
     import logging
 
     import ray
@@ -174,7 +176,7 @@ def running_endpoint(overrides: dict[str, Any], metrics_export_port: int | None 
 
     from ray_mgdspr.config import RayConfig
     from ray_mgdspr.runtime import serve_environment
-    from ray_mgdspr.serve.app import AppArgs, start
+    from ray_mgdspr.serve.app import AppArgs, start, wait_ready
 
     started = not ray.is_initialized()
     if started:
@@ -183,7 +185,10 @@ def running_endpoint(overrides: dict[str, Any], metrics_export_port: int | None 
                  log_to_driver=False,
                  **({"_metrics_export_port": metrics_export_port} if metrics_export_port else {}))
     try:
-        cfg = start(AppArgs(serve=overrides))
+        cfg = start(AppArgs(serve=overrides), wait=before_ready is None)
+        if before_ready is not None:
+            before_ready(f"http://127.0.0.1:{cfg.port}")
+            wait_ready(cfg)
         yield f"http://127.0.0.1:{cfg.port}", cfg
     finally:
         serve.shutdown()

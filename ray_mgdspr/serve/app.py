@@ -126,11 +126,11 @@ def wait_ready(cfg: ResolvedServeConfig) -> None:
             time.sleep(0.2)
 
 
-def start(args: AppArgs) -> ResolvedServeConfig:
+def start(args: AppArgs, wait: bool = True) -> ResolvedServeConfig:
     """Start Serve's HTTP proxy on the configured address and deploy the app; returns the resolved config.
 
-    Needs a connected Ray (``runtime.connect_ray``). Returns once the front application runs and the
-    first version answers ``/healthz``.
+    Needs a connected Ray (``runtime.connect_ray``). Returns once the front application runs and (``wait``) the
+    first version answers ``/healthz`` (``wait_ready``).
     """
     cfg = resolve(args)
     if cfg.version is None and current_version(cfg.index_root) is None:
@@ -140,5 +140,6 @@ def start(args: AppArgs) -> ResolvedServeConfig:
     serve.start(proxy_location=cfg.proxy_location, http_options={"host": cfg.host, "port": cfg.port},
                 logging_config=LOGGING)
     serve.run(build_app(args), name=cfg.app_name, route_prefix="/", logging_config=LOGGING)
-    wait_ready(cfg)  # the manager loads the first version on its first call: now, not on a user's request
+    if wait:
+        wait_ready(cfg)  # the manager loads the first version on its first call: now, not on a user's request
     return cfg

@@ -8,6 +8,7 @@ by one version end to end.
 """
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -17,7 +18,9 @@ import random
 import sqlite3
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -53,6 +56,7 @@ from ray_mgdspr.serve.schemas import (
     VersionInfo,
 )
 from ray_mgdspr.serve.store import open_store
+from ray_mgdspr.serve.tasks import replica_task
 from ray_mgdspr.serve.versions import PromotionRefused, WholeVersion, version_app_name
 
 log = logging.getLogger("ray.serve")
@@ -63,6 +67,8 @@ LONG_POLL_S = 2.0
 LOAD_RETRY_S = 10.0
 """Placement inline: after a failed load of the serving version, a request loads it again after this long."""
 R = TypeVar("R")
+_WAITING: ContextVar[Counter[str] | None] = ContextVar("waiting_on", default=None)
+"""The calls one request awaits now, by stage (``waiting_on``): what a request that ran out of time names."""
 
 
 app = FastAPI(title="ray-mgdspr retrieval", version="1", docs_url="/docs", redoc_url=None)
@@ -73,6 +79,42 @@ UI_PAGE = (Path(__file__).parent / "ui.html").read_text(encoding="utf-8")
 def request_id(request: Request) -> str:
     """Serve's id of this request (its proxy sets ``x-request-id``, echoing a client's own), else a new one."""
     return request.headers.get("x-request-id") or uuid.uuid4().hex
+
+
+@contextlib.contextmanager
+def awaited_stages() -> Iterator[Counter[str]]:
+    """The stages this request awaits (``_WAITING``), counted by the ``waiting_on`` blocks run inside."""
+    waiting: Counter[str] = Counter()
+    reset = _WAITING.set(waiting)
+    try:
+        yield waiting
+    finally:
+        _WAITING.reset(reset)
+
+
+@contextlib.contextmanager
+def waiting_on(stage: str) -> Iterator[None]:
+    """Count ``stage`` as awaited by this request (``_WAITING``) while the block runs, and after, when the block
+    was cancelled (the request's deadline): then it is what the request still waited on."""
+    waiting = _WAITING.get()
+    if waiting is None:
+        yield
+        return
+    waiting[stage] += 1
+    try:
+        yield
+    except asyncio.CancelledError:
+        raise
+    except BaseException:
+        waiting[stage] -= 1
+        raise
+    waiting[stage] -= 1
+
+
+def waited_for(waiting: Counter[str]) -> str:
+    """The stages a request still awaited, for its 503 and the log: ``"encode"``, ``"search x2"``, ``"nothing"``
+    (its time went on its own work: the event loop or the CPU were busy)."""
+    return ", ".join(s if n == 1 else f"{s} x{n}" for s, n in sorted(waiting.items()) if n > 0) or "nothing"
 
 
 @app.exception_handler(HttpError)
@@ -235,8 +277,11 @@ class Ingress:
     # ------------------------------------------------------------------ version
 
     async def _current(self, deadline: float | None = None) -> _Serving:
-        if self._refresher is None:
-            self._refresher = asyncio.get_running_loop().create_task(self._refresh_forever())
+        if self._refresher is None or self._refresher.done():
+            if self._refresher is not None:  # a bug, or cancelled: logged, and the replica follows the manager again
+                log.error("the long poll of the version manager had ended (%s); restarting it",
+                          "cancelled" if self._refresher.cancelled() else repr(self._refresher.exception()))
+            self._refresher = replica_task(self._refresh_forever(), "follow the version manager")
         if self.serving is None:
             await self._refresh(deadline)
         if self.serving is None:
@@ -343,7 +388,8 @@ class Ingress:
         wait = self.cfg.retry_backoff_ms / 1000
         while True:
             try:
-                return await call()
+                with waiting_on(stage):
+                    return await call()
             except RETRYABLE as e:
                 if time.monotonic() + wait >= deadline:
                     raise unavailable(f"the {stage} stage is unavailable (a replica is restarting or overloaded); "
@@ -414,14 +460,19 @@ class Ingress:
         timeout_s = timeout_s or self.cfg.request_timeout_s
         deadline = time.monotonic() + timeout_s
         try:
-            body = await asyncio.wait_for(handle(deadline), timeout_s)
+            with awaited_stages() as waiting:  # copied into handle's task: its stage calls count themselves there
+                body = await asyncio.wait_for(handle(deadline), timeout_s)
         except HttpError as e:
             self.metrics.requests.labels(endpoint, str(e.status)).inc()
             raise
         except TimeoutError:  # a stage overloaded, or every replica of one restarting: retryable
             self.metrics.requests.labels(endpoint, "503").inc()
-            raise unavailable(f"{endpoint}: no answer within {timeout_s} s (a stage is overloaded or "
-                              "restarting); retry") from None
+            stages = waited_for(waiting)
+            log.warning("request %s to %s: no answer within %s s, still waiting on %s (serving %s)",
+                        request_id(request), endpoint, timeout_s, stages,
+                        self.serving.version if self.serving else None)
+            raise unavailable(f"{endpoint}: no answer within {timeout_s} s (still waiting on {stages}: a stage is "
+                              "overloaded or restarting); retry") from None
         except RETRYABLE as e:
             self.metrics.requests.labels(endpoint, "503").inc()
             raise unavailable(f"{endpoint}: a stage is unavailable ({type(cause(e)).__name__}); retry") from None
@@ -450,7 +501,10 @@ class Ingress:
                 raise HttpError(422, f"retrieve: {e}", problems=[{"field": e.field, "problem": e.problem}]) from None
             v = await self._current(deadline)
             if v.loader is not None:  # the whole version in this replica: no hop
-                body, embedding = await (await v.local()).answer((req, k))
+                with waiting_on("load"):
+                    whole = await v.local()
+                with waiting_on("version"):
+                    body, embedding = await whole.answer((req, k))
             elif v.whole is not None:  # the whole version in one replica: one call
                 body, embedding = await self._read("version", lambda: v.whole.answer.remote((req, k)), deadline)
             else:
@@ -484,7 +538,7 @@ class Ingress:
         if len(self._canary_tasks) >= MAX_IN_FLIGHT:
             self.metrics.canary_samples.labels(serving.version, "skipped").inc()
             return
-        task = asyncio.get_running_loop().create_task(self._canary_sample(serving, embedding))
+        task = replica_task(self._canary_sample(serving, embedding), "recall canary sample")
         self._canary_tasks.add(task)
         task.add_done_callback(self._canary_tasks.discard)
 

@@ -55,6 +55,7 @@ from ray_mgdspr.serve.metrics import BatchSizes
 from ray_mgdspr.serve.relevance import KeyTerm
 from ray_mgdspr.serve.schemas import CanaryRecall, RetrieveRequest, VersionInfo
 from ray_mgdspr.serve.store import Store, open_store
+from ray_mgdspr.serve.tasks import replica_task, to_the_end
 
 log = logging.getLogger("ray.serve")
 R = TypeVar("R")
@@ -248,7 +249,8 @@ class VersionManager:
         self._lock = asyncio.Lock()
         self._draining: dict[str, float] = {}  # version -> when its application is deleted
         self._refused: set[str] = set()
-        self._loop: asyncio.Task | None = None
+        self._loop: asyncio.Task | None = None  # the housekeeping
+        self._first_load: asyncio.Task | None = None  # placement per_stage / colocated: from the first health check
         self._canary: dict[str, RecallWindow] = {}  # version -> the recall canary's samples from every ingress
         self._first = self.cfg.version or current_version(self.cfg.index_root)
         if self._first is None:
@@ -261,17 +263,20 @@ class VersionManager:
         ``known``: the version the caller (an ingress replica) serves. With ``serve.placement: inline`` the
         versions live in the ingress replicas, so a restarted manager adopts the version they serve when
         ``CURRENT`` names it (every switch moves ``CURRENT``)."""
-        if self._loop is None:
-            self._loop = asyncio.get_running_loop().create_task(self._housekeeping())
+        if self._loop is None or self._loop.done():
+            self._loop = replica_task(self._housekeeping(), "version housekeeping")
         if self.info.version is None:
-            async with self._lock:
-                if self.info.version is None:
-                    serving = await self._inline_serving(known) if self.cfg.placement == "inline" else None
-                    if serving is not None:
-                        await self._adopt(serving, "the ingress replicas")
-                    else:
-                        await self._switch_to(self._first, initial=True)
+            await to_the_end(self._first_version(known), "load the first version")
         return self.info.model_dump()
+
+    async def _first_version(self, known: str | None) -> None:
+        async with self._lock:
+            if self.info.version is None:
+                serving = await self._inline_serving(known) if self.cfg.placement == "inline" else None
+                if serving is not None:
+                    await self._adopt(serving, "the ingress replicas")
+                else:
+                    await self._switch_to(self._first, initial=True)
 
     async def _inline_serving(self, known: str | None) -> str | None:
         """Placement inline, this manager just started: the version the ingress replicas already serve (this is a
@@ -324,7 +329,7 @@ class VersionManager:
         if self.cfg.placement == "inline":
             return
         if self.info.version is None and not self._lock.locked() and self._first not in self._refused:
-            asyncio.get_running_loop().create_task(self._load_first())
+            self._first_load = replica_task(self._load_first(), "load the first version")
 
     async def _load_first(self) -> None:
         try:
@@ -333,12 +338,16 @@ class VersionManager:
             log.error("loading the first version %s failed: %s", self._first, e)
 
     async def promote(self, version: str) -> dict:
-        """Load ``version`` beside the serving one, then switch; raises ``PromotionRefused`` (old one serves)."""
+        """Load ``version`` beside the serving one, then switch; raises ``PromotionRefused`` (old one serves). A
+        caller that is cancelled meanwhile (its client disconnected) leaves the promotion running to its end."""
         await self.active()
+        await to_the_end(self._promote(version), f"promote {version}")
+        return self.info.model_dump()
+
+    async def _promote(self, version: str) -> None:
         async with self._lock:
             if version != self.info.version:
                 await self._switch_to(version, initial=False)
-        return self.info.model_dump()
 
     async def _switch_to(self, version: str, initial: bool) -> None:
         if self.cfg.placement == "inline":

@@ -40,6 +40,8 @@ from ray_mgdspr.serve.store import MAX_ID, MAX_TS_MS
 pytestmark = pytest.mark.slow
 TOKEN = "test-token-123"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
+GIVE_UP_S = 0.5
+"""How long the impatient clients here wait: far less than loading a version (starting its replicas) takes."""
 FILTER_DEPTH = 200  # below world_en's 1,500 items, so that the lexical fallback can run
 
 
@@ -48,6 +50,15 @@ def store_copy(deployment: Any, tmp_path_factory: pytest.TempPathFactory) -> Pat
     out = tmp_path_factory.mktemp("store") / "behaviours.sqlite"
     shutil.copy(deployment.store, out)
     return out
+
+
+def probe_that_gives_up(url: str) -> None:
+    """The endpoint's first request: a readiness probe (a load balancer's) that gives up while the first version
+    loads. Serve cancels a cancelled request's handle calls, and the ingress replica starts following the version
+    manager on this request: that long poll must outlive it (``serve/tasks.py``). Before, it did not, and the
+    replica never heard of a switch again (``test_moving_current_rolls_back`` timed out once v2 was deleted)."""
+    with pytest.raises(httpx.TimeoutException):
+        httpx.get(f"{url}/healthz", timeout=GIVE_UP_S)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +74,7 @@ def server(deployment: Any, store_copy: Path) -> Iterator[tuple[str, ServeConfig
         # back to 1 replica soon after a test's load (test_metrics)
         "ingress": {"downscale_delay_s": 3, "look_back_period_s": 3},
     }
-    with running_endpoint(overrides) as endpoint:
+    with running_endpoint(overrides, before_ready=probe_that_gives_up) as endpoint:
         yield endpoint
 
 
@@ -509,6 +520,18 @@ def test_moving_current_rolls_back(client: httpx.Client, deployment: Any) -> Non
     wait_for(lambda: retrieve(client, query="dress", k=5)["version"] == "v1", 5, "requests to be answered by v1")
 
 
+def test_a_promotion_whose_client_gave_up_still_switches(client: httpx.Client, deployment: Any) -> None:
+    """The promotion runs to its end in the version manager (deploy, switch, ``CURRENT``) whatever its client does,
+    and the ingress follows it (its long poll: the promotion's own request was cancelled)."""
+    serve_version(client, "v1")
+    with pytest.raises(httpx.TimeoutException):
+        client.post("/v1/admin/promote", json={"version": "v2"}, headers=AUTH, timeout=GIVE_UP_S)
+    wait_for(lambda: client.get("/v1/version").json()["version"] == "v2", 120, "the promotion of v2 to end",
+             lambda: client.get("/v1/version").json())
+    wait_for(lambda: retrieve(client, query="dress", k=5)["version"] == "v2", 5, "requests to be answered by v2")
+    assert current_version(deployment.index_root) == "v2"
+
+
 def test_a_draining_version_promoted_back_is_kept(server: tuple[str, ServeConfig], client: httpx.Client,
                                                  deployment: Any) -> None:
     """Roll back from v2, then promote v2 again while its application still drains: the promotion takes it back
@@ -591,3 +614,4 @@ def test_encoder_scales_down_when_idle_and_up_under_load(server: tuple[str, Serv
     wait_for(lambda: encoder_replicas() == 1, 120, "the encoder to scale down to 1 replica when idle")
     with Load(server[0], clients=8, query="red dress", k=50, channels=["embedding", "lexical"]):
         wait_for(lambda: encoder_replicas() == 2, 120, "a second encoder replica under load")
+

@@ -3,7 +3,9 @@ error messages that carry no internals."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections import Counter
 
 import pytest
 from pydantic import ValidationError
@@ -118,3 +120,33 @@ def test_a_bug_is_a_500_with_the_request_id_and_no_traceback(caplog: pytest.LogC
     r = asyncio.run(_http_error(Request(scope), unavailable("the encoder stage is unavailable; retry")))
     assert r.status_code == 503 and r.headers["retry-after"] == "1"
     assert json.loads(r.body)["request_id"] == "rid-7"
+
+
+def test_a_request_out_of_time_names_the_stages_it_still_waited_on() -> None:
+    """What a 503 for a request past its deadline names (``Ingress._respond``): the stage calls still awaited when
+    it was cancelled, with the concurrent ones counted; those that ended (answered or failed) are not named."""
+    import asyncio
+
+    from ray_mgdspr.serve.ingress import awaited_stages, waited_for, waiting_on
+
+    async def stage(name: str, seconds: float, fails: bool = False) -> None:
+        with waiting_on(name):
+            await asyncio.sleep(seconds)
+            if fails:
+                raise ConnectionError(name)
+
+    async def request() -> None:
+        await stage("encode", 0)
+        with contextlib.suppress(ConnectionError):
+            await stage("lexical", 0, fails=True)
+        await asyncio.gather(stage("search", 10), stage("search", 10), stage("search", 0))
+
+    async def run() -> str:
+        with awaited_stages() as waiting, pytest.raises(TimeoutError):
+            await asyncio.wait_for(request(), 0.2)
+        return waited_for(waiting)
+
+    assert asyncio.run(run()) == "search x2"
+    with waiting_on("encode"):  # outside a request: counted nowhere, no error
+        pass
+    assert waited_for(Counter()) == "nothing"

@@ -1,0 +1,39 @@
+"""Background tasks of a Serve replica: the ingress's long poll of the version manager, its recall canary
+samples, the version manager's housekeeping.
+
+A task inherits the context variables of the code that creates it, and Serve's request context is one of them.
+When a request is cancelled (its client disconnected: a readiness probe that gave up while the first version
+loaded, say), Serve cancels every deployment-handle call made under that request's context, as its child
+requests (``ray.serve._private.replica``, ``_on_request_cancelled``). A task started by a request therefore dies
+with it whenever one of its own handle calls is in flight: an ingress replica whose first request was cancelled
+lost its long poll and never heard of a version switch again (found on a loaded machine, where the first version
+loaded for longer than ``wait_ready``'s probe waited; ``tests/serve/test_app.py``, ``probe_that_gives_up``).
+A task started here runs in a fresh context: it belongs to the replica.
+
+Ray-free (asyncio only).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def replica_task(coro: Coroutine[Any, Any, T], name: str) -> asyncio.Task[T]:
+    """``coro`` as a task of this replica on the running loop, in a fresh context: no request that happens to
+    start it can cancel it (see the module docstring). Hold a reference to it: the loop holds tasks weakly."""
+    return asyncio.get_running_loop().create_task(coro, name=name, context=contextvars.Context())
+
+
+async def to_the_end(coro: Coroutine[Any, Any, T], name: str) -> T:
+    """``await coro``, run as a ``replica_task`` that a cancelled caller leaves running to its end: a promotion
+    whose client disconnected still switches, or is refused, in full (never half-deployed). Its error, when no
+    caller is left to take it, is logged by the caller's code where it records it (the version manager's
+    ``last_error``)."""
+    task = replica_task(coro, name)
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())  # taken: no "never retrieved" warning
+    return await asyncio.shield(task)

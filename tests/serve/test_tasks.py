@@ -1,0 +1,53 @@
+"""The Ray-free core of a replica's background tasks (``serve/tasks.py``): a task a request starts does not
+share that request's context, and work run ``to_the_end`` outlives a cancelled caller."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+
+import pytest
+
+from ray_mgdspr.serve.tasks import replica_task, to_the_end
+
+REQUEST: contextvars.ContextVar[str | None] = contextvars.ContextVar("request", default=None)
+
+
+def test_a_replica_task_does_not_see_the_context_of_the_request_that_started_it() -> None:
+    async def seen() -> str | None:
+        return REQUEST.get()
+
+    async def request() -> tuple[str | None, str | None]:
+        REQUEST.set("request-1")  # what Serve's request context is to a handle call made in it
+        plain = asyncio.get_running_loop().create_task(seen())
+        return await plain, await replica_task(seen(), "seen")
+
+    assert asyncio.run(request()) == ("request-1", None)
+
+
+def test_work_run_to_the_end_outlives_its_cancelled_caller() -> None:
+    done: list[str] = []
+
+    async def promotion() -> str:
+        await asyncio.sleep(0.2)
+        done.append("switched")
+        return "v2"
+
+    async def failing() -> None:
+        await asyncio.sleep(0)
+        raise ValueError("refused")
+
+    async def main() -> None:
+        caller = asyncio.get_running_loop().create_task(to_the_end(promotion(), "promote v2"))
+        await asyncio.sleep(0.05)
+        caller.cancel()  # its client disconnected
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        assert done == []
+        await asyncio.sleep(0.3)
+        assert done == ["switched"]
+        assert await to_the_end(promotion(), "again") == "v2"
+        with pytest.raises(ValueError, match="refused"):
+            await to_the_end(failing(), "refused")
+
+    asyncio.run(main())
