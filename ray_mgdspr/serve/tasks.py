@@ -31,9 +31,8 @@ def replica_task(coro: Coroutine[Any, Any, T], name: str) -> asyncio.Task[T]:
 
 async def to_the_end(coro: Coroutine[Any, Any, T], name: str) -> T:
     """``await coro``, run as a ``replica_task`` that a cancelled caller leaves running to its end: a promotion
-    whose client disconnected still switches, or is refused, in full (never half-deployed). Its error, when no
-    caller is left to take it, is logged by the caller's code where it records it (the version manager's
-    ``last_error``)."""
+    whose client disconnected still switches, or is refused, in full (never half-deployed). ``coro`` records its
+    own failures (the version manager's ``last_error`` and log): with no caller left, nobody else sees them."""
     task = replica_task(coro, name)
     task.add_done_callback(lambda t: t.cancelled() or t.exception())  # taken: no "never retrieved" warning
     return await asyncio.shield(task)

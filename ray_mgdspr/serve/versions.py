@@ -250,7 +250,7 @@ class VersionManager:
         self._draining: dict[str, float] = {}  # version -> when its application is deleted
         self._refused: set[str] = set()
         self._loop: asyncio.Task | None = None  # the housekeeping
-        self._first_load: asyncio.Task | None = None  # placement per_stage / colocated: from the first health check
+        self._first_load: asyncio.Task | None = None  # from a health check (held: tasks are weak)
         self._canary: dict[str, RecallWindow] = {}  # version -> the recall canary's samples from every ingress
         self._first = self.cfg.version or current_version(self.cfg.index_root)
         if self._first is None:
