@@ -261,8 +261,8 @@ class VersionManager:
         """The serving version (``VersionInfo`` fields); loads the first one on the first call.
 
         ``known``: the version the caller (an ingress replica) serves. With ``serve.placement: inline`` the
-        versions live in the ingress replicas, so a restarted manager adopts the version they serve when
-        ``CURRENT`` names it (every switch moves ``CURRENT``)."""
+        versions live in the ingress replicas, so a restarted manager adopts the version they serve
+        (``_inline_serving``). The first version is chosen and loaded to its end even if the caller is cancelled."""
         if self._loop is None or self._loop.done():
             self._loop = replica_task(self._housekeeping(), "version housekeeping")
         if self.info.version is None:
