@@ -322,8 +322,8 @@ class Ingress:
         failed = self._failed_at.get(version)
         if task is None or (failed is not None and time.monotonic() - failed > LOAD_RETRY_S):
             self._failed_at.pop(version, None)
-            task = self._loads[version] = asyncio.get_running_loop().create_task(self._load(version))
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # logged in _load; none unretrieved
+            task = self._loads[version] = replica_task(self._load(version), f"load version {version}",
+                                                       logs_its_errors=True)  # _load logs; requests await it
         return task
 
     async def _load(self, version: str) -> WholeVersion:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import gc
 
 import pytest
 
@@ -51,3 +52,22 @@ def test_work_run_to_the_end_outlives_its_cancelled_caller() -> None:
             await to_the_end(failing(), "refused")
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("logs_its_errors", [True, False])
+def test_an_error_the_task_logs_itself_is_not_reported_again_as_never_retrieved(logs_its_errors: bool) -> None:
+    reported: list[str] = []
+
+    async def load() -> None:
+        raise OSError("the version's files are gone")  # what the task itself logs (Ingress._load)
+
+    async def main() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda _, ctx: reported.append(ctx["message"]))
+        task = replica_task(load(), "load v2", logs_its_errors=logs_its_errors)
+        await asyncio.sleep(0.01)  # it fails; nobody awaits it (no request came for that version)
+        assert task.done()
+        del task
+        gc.collect()  # asyncio reports an unretrieved exception when the task is collected
+
+    asyncio.run(main())
+    assert reported == ([] if logs_its_errors else ["Task exception was never retrieved"])
