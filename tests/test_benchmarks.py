@@ -3,6 +3,7 @@ shard metadata once broke every index build of ``bench_index.py`` unnoticed)."""
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
@@ -19,6 +20,7 @@ sys.path.insert(0, str(BENCHMARKS))
 import bench_featurizer_memory  # noqa: E402
 import bench_index  # noqa: E402
 import idle_serve  # noqa: E402
+import load_gc  # noqa: E402
 import proctree  # noqa: E402
 import record  # noqa: E402
 
@@ -113,3 +115,19 @@ def test_serve_settings_of_the_command_line_are_checked_against_the_serve_sectio
                        ("early_fallback", "FIELD=VALUE")):
         with pytest.raises(SystemExit, match=named):
             record.serve_settings([bad])
+
+
+def test_load_gc_records_the_collections_while_on_by_generation() -> None:
+    pauses = load_gc.Pauses()
+    try:
+        gc.collect()
+        pauses.on = True
+        gc.collect(1)
+        gc.collect(2)
+        pauses.on = False
+        gc.collect()
+    finally:
+        pauses.close()
+    summary = pauses.summary()
+    assert [summary[g]["count"] for g in ("gen0", "gen1", "gen2")] == [0, 1, 1]
+    assert summary["gen2"]["max_ms"] > 0 and summary["gen2"]["total_s"] * 1000 >= summary["gen2"]["max_ms"]

@@ -31,6 +31,7 @@ from ray_mgdspr.index.shards import IndexCorruptError, verify_index, version_ite
 from ray_mgdspr.index.versions import current_version
 from ray_mgdspr.model.bundle import BundleManifest, item_context, parse_bundle_manifest, read_bundle_manifest
 from ray_mgdspr.serve.canary import AS_SERVED, EXACT, CanaryHits, exact_params
+from ray_mgdspr.serve.collector import collector_paused
 from ray_mgdspr.serve.relevance import ItemMatcher, KeyTerm, RelevanceFilter
 from ray_mgdspr.serve.schemas import BehavioursRequest, RetrieveRequest
 from ray_mgdspr.serve.store import Store, open_store
@@ -155,6 +156,7 @@ class QueryEncoder:
             A graph that cannot be made, or that disagrees with the module, is logged and the module runs.
     """
 
+    @collector_paused()  # loading: no full collections over a growing heap (serve/collector.py)
     def __init__(self, bundle: str | Path, world: str | Path, store: Store, threads: int = 1,
                  trace: bool = False) -> None:
         # torch is imported by the encoder, not by this module: the processes that import engine only to route
@@ -209,6 +211,7 @@ class QueryEncoder:
 class ShardSearcher:
     """One index shard, searched a batch at a time, each hit marked with the relevance filter's verdict."""
 
+    @collector_paused()
     def __init__(self, index_path: str | Path, shard_no: int, backend: str = "auto", *, nprobe: int = 16,
                  ef_search: int = 128, faiss_threads: int = 1, verdict_cache_mb: int = 64) -> None:
         self.faiss_threads = faiss_threads
@@ -330,6 +333,7 @@ class LexicalChannel:
     removed is gone from this channel too), its hits marked with the relevance filter's verdict. Also the version's
     titles by item id (``titles``)."""
 
+    @collector_paused()
     def __init__(self, index_path: str | Path, verdict_cache_mb: int = 64) -> None:
         items = version_items(index_path)  # sorted by item id
         self._ids, self._titles = items["item_id"].to_numpy(), items["title"].to_pylist()
@@ -778,6 +782,7 @@ class Retriever:
         store: the behaviour store (default: ``open_store(cfg.store)``).
     """
 
+    @collector_paused()
     def __init__(self, release: Release, cfg: ResolvedServeConfig, store: Store | None = None) -> None:
         self.release, self._cfg = release, cfg
         store = open_store(cfg.store, release.bundle.features) if store is None else store

@@ -3,6 +3,7 @@ short of the exactly relevant items the catalogue has (synthetic world_en; Ray-f
 
 from __future__ import annotations
 
+import gc
 import threading
 from typing import Any
 
@@ -303,3 +304,24 @@ def test_assemble_equals_the_plain_loop(embedding: list | None, lexical: list | 
                 for name, hits in (("embedding", embedding), ("lexical", lexical)) if hits is not None}
     got = assemble(channels, k, apply_filter)
     assert (got.items, got.filtered) == plain_assemble(channels, k, apply_filter)
+
+
+def test_no_automatic_collection_runs_while_a_version_loads(deployment: Any) -> None:
+    """Loading runs without the collector (``serve/collector.py``): at most the one young collection that follows,
+    where CPython without the pause ran hundreds, and full ones over the whole growing heap."""
+    cfg = ServeConfig(index_root=str(deployment.index_root), world=str(deployment.world),
+                      store=str(deployment.store)).resolved(ProjectConfig())
+    collections: list[int] = []
+
+    def seen(phase: str, info: dict) -> None:
+        if phase == "start":
+            collections.append(info["generation"])
+
+    assert gc.isenabled()
+    gc.callbacks.append(seen)
+    try:
+        Retriever.open(cfg, "v2", SqliteStore(deployment.store, deployment.features))  # 3 shards
+    finally:
+        gc.callbacks.remove(seen)
+    assert collections in ([], [0]), collections
+    assert gc.isenabled()
