@@ -1,9 +1,11 @@
 """Lexical retrieval: BM25 over item titles (the paper's lexical channel, and the BM25 baseline).
 
-Backed by bm25s (sparse-matrix BM25, Lucene scoring, k1 1.5, b 0.75). Titles and queries are word lists as
-the rest of the project segments them (``title_words``, ``query_words``), lower-cased here, so zh and en work
-alike. Only items that share at least one word with the query are returned: a zero BM25 score is no match,
-and those slots are padded with id -1 and score -inf, as the embedding search pads.
+Backed by bm25s (sparse-matrix BM25, Lucene scoring, k1 1.5, b 0.75): its score matrix is built here with numpy
+(``_bm25``: the same scores as bm25s' own ``index``, 7x faster at 1M titles), then queried, saved and loaded by
+bm25s. Titles and queries are word lists as the rest of the project segments them (``title_words``,
+``query_words``), lower-cased here, so zh and en work alike. Only items that share at least one word with the
+query are returned: a zero BM25 score is no match, and those slots are padded with id -1 and score -inf, as the
+embedding search pads.
 
 On disk (``Bm25Index.save``): bm25s' own files plus ``item_ids.npy`` (row -> item id).
 """
@@ -11,6 +13,7 @@ On disk (``Bm25Index.save``): bm25s' own files plus ``item_ids.npy`` (row -> ite
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import bm25s
 import numpy as np
@@ -28,21 +31,56 @@ def _lowered(words: list[list[str]] | pa.Array | pa.ChunkedArray) -> list[list[s
 _NOT_SPACE = "[^ \t\n\r\x0b\x0c\x1c-\x1f]"  # a character str.strip() keeps, in ASCII
 
 
-def _token_ids(words: pa.Array | pa.ChunkedArray) -> tuple[list[list[int]], dict[str, int]] | None:
-    """``_lowered(words)`` as bm25s' token ids per row and their vocabulary, computed with Arrow: the Python loop
-    over every word took 12 s of a 1M-item lexical channel's load. Only for ASCII titles, where Arrow's lower case
-    and whitespace are Python's; None otherwise (the caller lowers in Python)."""
-    words = words.combine_chunks() if isinstance(words, pa.ChunkedArray) else words
-    flat = pc.list_flatten(words)
-    if not pc.all(pc.string_is_ascii(flat)).as_py() and len(flat):
-        return None
-    keep = pc.match_substring_regex(flat, _NOT_SPACE)
-    encoded = pc.dictionary_encode(pc.ascii_lower(pc.filter(flat, keep)))
-    ids = encoded.indices.to_numpy().tolist()
-    counts = np.bincount(pc.filter(pc.list_parent_indices(words), keep).to_numpy(), minlength=len(words))
-    ends = np.cumsum(counts).tolist()
-    rows = [ids[start:end] for start, end in zip([0, *ends[:-1]], ends, strict=True)]
-    return rows, {token: i for i, token in enumerate(encoded.dictionary.to_pylist())}
+class _Tokens(NamedTuple):
+    """A catalogue's titles as token ids: ``ids`` (T,) every title's tokens one after another, ``lengths`` (n,)
+    tokens per title, ``vocab`` token -> id."""
+
+    ids: np.ndarray
+    lengths: np.ndarray
+    vocab: dict[str, int]
+
+
+def _tokens(words: list[list[str]] | pa.Array | pa.ChunkedArray) -> _Tokens:
+    """``_lowered(words)`` as token ids. ASCII titles in Arrow with Arrow's compute (its lower case and whitespace
+    are Python's there): the Python loop over every word took 12 s of a 1M-item lexical channel's load. Other
+    titles (zh, or word lists) in Python."""
+    if isinstance(words, pa.Array | pa.ChunkedArray):
+        words = words.combine_chunks() if isinstance(words, pa.ChunkedArray) else words
+        flat = pc.list_flatten(words)
+        if pc.all(pc.string_is_ascii(flat)).as_py() or not len(flat):
+            keep = pc.match_substring_regex(flat, _NOT_SPACE)
+            encoded = pc.dictionary_encode(pc.ascii_lower(pc.filter(flat, keep)))
+            lengths = np.bincount(pc.filter(pc.list_parent_indices(words), keep).to_numpy(), minlength=len(words))
+            return _Tokens(encoded.indices.to_numpy().astype(np.int64), lengths,
+                           {token: i for i, token in enumerate(encoded.dictionary.to_pylist())})
+    rows = _lowered(words)
+    vocab: dict[str, int] = {}
+    ids = [vocab.setdefault(w, len(vocab)) for row in rows for w in row]
+    return _Tokens(np.asarray(ids, np.int64), np.asarray([len(r) for r in rows], np.int64), vocab)
+
+
+def _bm25(tokens: _Tokens, k1: float, b: float) -> dict[str, Any]:
+    """bm25s' score matrix (``BM25.scores``: CSC, one column per token, a row per title) of Lucene BM25, computed
+    with numpy over all titles at once. bm25s' ``index`` computes the same scores (``tests/index/test_lexical.py``
+    checks they are equal) in a Python loop over the titles: 27.6 s against 4.0 at 1M titles, during which an
+    ingress replica that stages the version beside the one it serves (placement inline) made its requests wait
+    for the GIL, up to 21 s (``docs/serving.md``, "Loading a version without stalling the one served beside it").
+
+    As bm25s: idf = log(1 + (N - df + 0.5) / (df + 0.5)) in float32; tf / (k1 (1 - b + b |d| / avg|d|) + tf) in
+    float64; their product stored in float32."""
+    n, n_vocab = len(tokens.lengths), len(tokens.vocab)
+    doc = np.repeat(np.arange(n, dtype=np.int64), tokens.lengths)
+    # each (token, title) pair once, with its count, in the matrix's order: by token, then by title
+    pairs, tf = np.unique(tokens.ids * n + doc, return_counts=True)
+    column, row = np.divmod(pairs, n)
+    df = np.bincount(column, minlength=n_vocab)
+    idf = np.log(1 + (n - df + 0.5) / (df + 0.5)).astype(np.float32)
+    length = tokens.lengths[row]
+    tfc = tf / (k1 * ((1 - b) + b * length / tokens.lengths.mean()) + tf)
+    indptr = np.concatenate([[0], np.cumsum(df)])
+    index_dtype = np.int32 if len(pairs) < np.iinfo(np.int32).max else np.int64  # as scipy chooses
+    return {"data": (idf[column] * tfc).astype(np.float32), "indices": row.astype(np.int32),
+            "indptr": indptr.astype(index_dtype), "num_docs": n}
 
 
 class Bm25Index:
@@ -62,16 +100,21 @@ class Bm25Index:
     @classmethod
     def build(cls, item_ids: np.ndarray, title_words: list[list[str]] | pa.Array | pa.ChunkedArray) -> Bm25Index:
         """Index the titles ``title_words`` (one word list per item) of ``item_ids`` (n,)."""
-        ids = _token_ids(title_words) if isinstance(title_words, pa.Array | pa.ChunkedArray) else None
-        titles = ids[0] if ids is not None else _lowered(title_words)
-        if len(titles) != len(item_ids):
-            raise ValueError(f"{len(item_ids)} item ids but {len(titles)} titles")
-        if not titles:
+        tokens = _tokens(title_words)
+        if len(tokens.lengths) != len(item_ids):
+            raise ValueError(f"{len(item_ids)} item ids but {len(tokens.lengths)} titles")
+        if not len(tokens.lengths):
             raise ValueError("cannot build a BM25 index over an empty catalogue")
-        if not any(titles):
-            raise ValueError(f"cannot build a BM25 index: none of the {len(titles)} items has a title word")
-        retriever = bm25s.BM25()
-        retriever.index(titles if ids is None else ids, show_progress=False)
+        if not len(tokens.ids):
+            raise ValueError(f"cannot build a BM25 index: none of the {len(tokens.lengths)} items has a title word")
+        retriever = bm25s.BM25()  # Lucene BM25, k1 1.5, b 0.75
+        if (retriever.method, retriever.idf_method) != ("lucene", "lucene"):  # what _bm25 computes
+            raise RuntimeError(f"bm25s {bm25s.__version__} defaults to {retriever.method} BM25; pin bm25s")
+        # what bm25s' index() sets, with the scores from _bm25 (tests/index/test_lexical.py: the same)
+        retriever.scores = _bm25(tokens, retriever.k1, retriever.b)
+        retriever.vocab_dict = tokens.vocab | {"": len(tokens.vocab)}  # index() adds the empty token likewise
+        retriever.unique_token_ids_set = set(retriever.vocab_dict.values())
+        retriever.nonoccurrence_array = None  # Lucene BM25 has none
         return cls(retriever, item_ids)
 
     def __len__(self) -> int:
