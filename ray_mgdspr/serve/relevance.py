@@ -184,6 +184,18 @@ def matches(terms: tuple[KeyTerm, ...], metadata: pa.Table) -> np.ndarray:
     return ItemMatcher(metadata)(terms, np.arange(metadata.num_rows))
 
 
+def _spaced(title_words: pa.Array | pa.ChunkedArray) -> pa.LargeStringArray:
+    """Each title as its words joined by one space, lower-cased (``" ".join(words).lower()``; no words: ""). With
+    Arrow for ASCII titles, where its lower case is Python's (a Python loop over 1M titles took ~1 s of each
+    table's load); in Python otherwise."""
+    words = title_words.combine_chunks() if isinstance(title_words, pa.ChunkedArray) else title_words
+    joined = pc.binary_join(pc.cast(words, pa.large_list(pa.large_string())), pa.scalar(" ", pa.large_string()))
+    joined = joined.fill_null("")
+    if pc.all(pc.string_is_ascii(joined)).as_py() is not False:
+        return pc.ascii_lower(joined)
+    return pa.array([" ".join(t or []).lower() for t in words.to_pylist()], pa.large_string())
+
+
 class _Postings:
     """Rows by value of one integer column (or of a list column's values): an inverted index in CSR form."""
 
@@ -272,19 +284,22 @@ class ItemMatcher:
         lengths = pc.list_value_length(attrs).fill_null(0).to_numpy()
         self.attrs = _Postings(pc.list_flatten(attrs).to_numpy(zero_copy_only=False).astype(np.int64),
                                np.repeat(every, lengths))
-        titles = [t or [] for t in metadata["title_words"].to_pylist()]
-        self.spaced = [" ".join(t).lower() for t in titles]  # whole words: " word " in f" {title} "
+        title_words = metadata["title_words"]
+        self.spaced = _spaced(title_words)  # whole words: " word " in f" {title} "
         # the title words' postings with Arrow: the split is str.split(" ") (a double space gives an empty word);
         # a Python loop over every word cost ~7 us per item (14 of the ~50 s a 1M-item replica took to load)
-        self.words = _Tokens(pc.split_pattern(pa.array(self.spaced, pa.large_string()), " "), n)
+        self.words = _Tokens(pc.split_pattern(self.spaced, " "), n)
         self.joined: dict[int, str] = {}  # the words joined, of the Chinese titles (the only ones a Chinese term is in)
         chars: dict[str, list[int]] = defaultdict(list)
-        for row, spaced in enumerate(self.spaced):
-            if _CJK.search(spaced):
-                self.joined[row] = joined = "".join(titles[row]).lower()
-                for c in set(joined):
-                    if _CJK.match(c):
-                        chars[c].append(row)
+        other = np.flatnonzero(~pc.string_is_ascii(self.spaced).to_numpy(zero_copy_only=False))  # may hold CJK
+        for row, spaced, words in zip(other.tolist(), self.spaced.take(other).to_pylist(),
+                                      title_words.take(other).to_pylist(), strict=True):
+            if not _CJK.search(spaced):
+                continue
+            self.joined[row] = joined = "".join(words or []).lower()
+            for c in set(joined):
+                if _CJK.match(c):
+                    chars[c].append(row)
         dtype = np.int32 if n < 2**31 else np.int64  # postings: row numbers, one per (character, item)
         self.chars = {c: np.asarray(r, dtype) for c, r in chars.items()}
         self.verdicts = functools.lru_cache(maxsize=max(16, cache_bytes // max(1, n)))(self._verdicts)
@@ -329,8 +344,9 @@ class ItemMatcher:
         if v.unchecked is not None:
             check = np.unique(rows[v.unchecked[rows]])
             if len(check):
-                ok = np.fromiter((v.needle in self.joined[r] if v.cjk else v.needle in f" {self.spaced[r]} "
-                                  for r in check.tolist()), bool, len(check))
+                titles = (self.joined[r] for r in check.tolist()) if v.cjk else (
+                    f" {t} " for t in self.spaced.take(check).to_pylist())
+                ok = np.fromiter((v.needle in t for t in titles), bool, len(check))
                 v.passes[check[ok]] = True  # before unchecked is cleared: a concurrent reader never misses one
                 v.unchecked[check] = False
         return v.passes[rows]

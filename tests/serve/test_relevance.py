@@ -100,7 +100,7 @@ def test_bm25_ranks_title_matches_pads_and_round_trips(tmp_path: Path) -> None:
 # ItemMatcher (the vectorised verdicts behind matches) against the plain per-item reference, on tables and
 # terms drawn to hit the edge cases: Latin words and phrases, empty words and double spaces, Chinese substrings
 # across title words, mixed-script terms, missing brands, titles and attribute lists.
-_WORDS = ["red", "dress", "cotton", "", "a", "red dress", "红", "色", "连衣裙", "红色", "iphone手机", "手机"]
+_WORDS = ["red", "Red", "dress", "cotton", "", "a", "red dress", "红", "色", "连衣裙", "红色", "iphone手机", "手机"]
 _TEXTS = [*_WORDS, "red  dress", " red", "色连", "d"]
 _ITEM = st.fixed_dictionaries({
     "leaf_id": st.integers(0, 3), "cate1_id": st.integers(0, 2), "brand_id": st.none() | st.integers(1, 3),
