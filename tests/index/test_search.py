@@ -135,6 +135,40 @@ def test_nprobe_is_applied(tmp_path: Path, structured: tuple) -> None:
     assert recall[1] < 0.95 and recall[64] > 0.999  # 1 list: about 0.9 here; all 64: exhaustive
 
 
+@pytest.mark.parametrize("nprobe", [1, 3, 8])
+def test_a_deep_ivf_search_returns_every_probed_vector_by_score_then_id(tmp_path: Path, nprobe: int) -> None:
+    """From k = what the probed lists hold on average, the shard ranks all they hold (``range_search``) instead of
+    Faiss's k-heap: the same hits as the heap search asked for all of them, ties by item id, pads last."""
+    vectors = integer_vectors(600, 8, seed=0) // 40  # small integers: many exact ties
+    vectors[300:] = vectors[:300]  # and duplicated items
+    shard = load_shard(build(tmp_path, vectors, 1, "IVF8,Flat"), 0, "faiss-cpu", nprobe=nprobe)
+    searcher = shard._searcher
+    assert searcher.deep_from == nprobe * 600 / 8
+    queries = integer_vectors(12, 8, seed=1) // 40
+    every_s, every_i = shard.faiss_index.search(queries, 600)  # the heap search, asked for every vector
+    for k in (int(searcher.deep_from) + 1, 2 * int(searcher.deep_from), 605):
+        scores, ids = shard.search(queries, k)
+        assert scores.shape == ids.shape == (12, k)
+        for row in range(12):
+            probed = every_i[row] >= 0
+            order = top_order(every_s[row][probed][None], every_i[row][probed][None], k)[0]
+            n = len(order)
+            assert ids[row, :n].tolist() == every_i[row][probed][order].tolist()
+            np.testing.assert_array_equal(scores[row, :n], every_s[row][probed][order])
+            assert (ids[row, n:] == -1).all() and np.isneginf(scores[row, n:]).all()
+        if nprobe == 8:  # every list probed: the exhaustive top k
+            assert (ids[:, :min(k, 600)] >= 0).all()
+
+
+def test_a_shallow_ivf_search_is_faiss_own(tmp_path: Path) -> None:
+    vectors = integer_vectors(600, 8, seed=0)
+    shard = load_shard(build(tmp_path, vectors, 1, "IVF8,Flat"), 0, "faiss-cpu", nprobe=2)
+    queries = integer_vectors(5, 8, seed=1)
+    scores, ids = shard.search(queries, 20)
+    ref_scores, ref_ids = shard.faiss_index.search(queries, 20)
+    assert ids.tolist() == ref_ids.tolist() and scores.tolist() == ref_scores.tolist()
+
+
 # --------------------------------------------------------------------------------------------------
 # backends
 
