@@ -10,6 +10,7 @@ it was built from (recorded in the index manifest). ``verify_release`` checks bo
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -120,6 +121,13 @@ def verify_release(index_root: str | Path, version: str, check_files: bool = Tru
     return Release(version, path, bundle_path, index, bundle)
 
 
+# ShardSearcher's passing prefix is checked in chunks: the first of PREFIX_FIRST x need hits, each next one
+# PREFIX_GROWTH x larger. Each chunk costs a fixed ~0.1 ms of Python, and the verdicts over a few thousand hits
+# about as much: x8 (at most 3 chunks to a depth of 9,600 for need 50) took a 1M-item version's 4 shards p99 6.4
+# against 13.2 ms for x2 (``docs/serving.md``, "Deep searches").
+PREFIX_FIRST, PREFIX_GROWTH = 2, 8
+
+
 @dataclass
 class Hits:
     """One query's candidates from one source, best first (pads removed)."""
@@ -216,7 +224,9 @@ class ShardSearcher:
                  ef_search: int = 128, faiss_threads: int = 1, verdict_cache_mb: int = 64) -> None:
         self.faiss_threads = faiss_threads
         self.shard: Shard = load_shard(index_path, shard_no, backend, nprobe=nprobe, ef_search=ef_search)
-        self._titles = self.shard.metadata["title"].to_pylist()
+        # the titles as an object array: a hit list's titles are one numpy gather, not a Python loop over the
+        # thousands of hits a filtered search's prefix can hold
+        self._titles: np.ndarray = self.shard.metadata["title"].to_numpy()
         self._matches = ItemMatcher(self.shard.metadata, verdict_cache_mb << 20)
 
     @property
@@ -265,14 +275,14 @@ class ShardSearcher:
             wanted = None if need is None else need[row]
             if wanted is None:
                 rows = self.shard.lookup_rows(hit_ids)
-                out.append(Hits(hit_ids, hit_scores, self._matches(query_terms, rows),
-                                [self._titles[r] for r in rows], exhausted))
+                out.append(Hits(hit_ids, hit_scores, self._matches(query_terms, rows), self._titles[rows].tolist(),
+                                exhausted))
                 continue
             rows, passes = self._passing_prefix(hit_ids, query_terms, wanted)
             n = len(passes)
-            out.append(Hits(hit_ids[:n], hit_scores[:n], passes,
-                            [self._titles[r] if ok else "" for r, ok in zip(rows, passes, strict=True)],
-                            exhausted))
+            titles = np.full(n, "", object)  # only the passing hits' titles: a gather over thousands of scattered
+            titles[passes] = self._titles[rows[passes]]  # string objects cost ~60 ns each (cache misses)
+            out.append(Hits(hit_ids[:n], hit_scores[:n], passes, titles.tolist(), exhausted))
         return out
 
     def search_exact(self, queries: np.ndarray, k: int, ef_search: int = 4096) -> tuple[np.ndarray, np.ndarray, str]:
@@ -316,13 +326,13 @@ class ShardSearcher:
         thousands of ids, and looking each up cost more than the search: ``serve-profile.md``)."""
         n = len(item_ids)
         rows, passes = np.zeros(n, np.int64), np.zeros(n, bool)
-        done, found, chunk = 0, 0, max(2 * need, 64)
+        done, found, chunk = 0, 0, max(PREFIX_FIRST * need, 64)
         while done < n and found < need:
             hi = min(n, done + chunk)
             rows[done:hi] = self.shard.lookup_rows(item_ids[done:hi])
             passes[done:hi] = self._matches(terms, rows[done:hi])
             found += int(passes[done:hi].sum())
-            done, chunk = hi, chunk * 2
+            done, chunk = hi, chunk * PREFIX_GROWTH
         if found >= need:
             done = int(np.flatnonzero(passes)[need - 1]) + 1
         return rows[:done], passes[:done]
@@ -336,7 +346,7 @@ class LexicalChannel:
     @collector_paused()
     def __init__(self, index_path: str | Path, verdict_cache_mb: int = 64) -> None:
         items = version_items(index_path)  # sorted by item id
-        self._ids, self._titles = items["item_id"].to_numpy(), items["title"].to_pylist()
+        self._ids, self._titles = items["item_id"].to_numpy(), items["title"].to_numpy()  # titles: object array
         self.index = Bm25Index.build(self._ids, items["title_words"])
         self._matches = ItemMatcher(items, verdict_cache_mb << 20)
         # a query's BM25 top k, kept: the lexical fallback and the relaxed fill of one request rank the same words
@@ -357,14 +367,14 @@ class LexicalChannel:
     def titles(self, item_ids: np.ndarray) -> list[str | None]:
         """The title of each item in this version; None for an item the version does not serve."""
         rows, served = self._rows(np.asarray(item_ids, np.int64))
-        return [self._titles[r] if ok else None for r, ok in zip(rows, served, strict=True)]
+        return np.where(served, self._titles[rows], None).tolist() if len(rows) else []
 
     def search(self, words: list[list[str]], k: int, terms: list[tuple[KeyTerm, ...]]) -> list[Hits]:
         out = []
         for query_words, query_terms in zip(words, terms, strict=True):
             rows, scores = self._top(tuple(query_words), k)
             out.append(Hits(self._ids[rows], scores, self._matches(query_terms, rows),
-                            [self._titles[r] for r in rows.tolist()]))
+                            self._titles[rows].tolist()))
         return out
 
 
@@ -374,8 +384,9 @@ def merge_hits(parts: list[Hits], k: int) -> Hits:
     scores = np.concatenate([p.scores for p in parts]).astype(np.float32)
     order = top_order(scores[None, :], ids[None, :], k)[0]
     passes = np.concatenate([p.passes for p in parts])
-    titles = [t for p in parts for t in p.titles]
-    return Hits(ids[order], scores[order], passes[order], [titles[i] for i in order.tolist()],
+    titles = np.empty(len(ids), object)  # one numpy gather: a filtered search merges thousands of hits
+    titles[:] = list(itertools.chain.from_iterable(p.titles for p in parts))
+    return Hits(ids[order], scores[order], passes[order], titles[order].tolist(),
                 bool(parts) and all(p.exhausted for p in parts) and len(order) == len(ids))
 
 
