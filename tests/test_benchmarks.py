@@ -19,6 +19,7 @@ sys.path.insert(0, str(BENCHMARKS))
 
 import bench_featurizer_memory  # noqa: E402
 import bench_index  # noqa: E402
+import deep_search  # noqa: E402
 import idle_serve  # noqa: E402
 import load_gc  # noqa: E402
 import proctree  # noqa: E402
@@ -131,3 +132,12 @@ def test_load_gc_records_the_collections_while_on_by_generation() -> None:
     summary = pauses.summary()
     assert [summary[g]["count"] for g in ("gen0", "gen1", "gen2")] == [0, 1, 1]
     assert summary["gen2"]["max_ms"] > 0 and summary["gen2"]["total_s"] * 1000 >= summary["gen2"]["max_ms"]
+
+
+def test_deep_search_compares_hits_with_ties_in_id_order() -> None:
+    """The heap's hits are put in score-then-id order before comparing; a different hit or score is a difference."""
+    heap = (np.array([[0.9, 0.5, 0.5, -np.inf]], np.float32), np.array([[7, 9, 3, -1]]))
+    shipped = (np.array([[0.9, 0.5, 0.5, -np.inf]], np.float32), np.array([[7, 3, 9, -1]]))
+    assert deep_search.same_hits(heap, shipped)
+    assert not deep_search.same_hits(heap, (shipped[0], np.array([[7, 3, 8, -1]])))
+    assert not deep_search.same_hits(heap, (np.array([[0.9, 0.5, 0.4, -np.inf]], np.float32), shipped[1]))

@@ -2,7 +2,8 @@
 
 Backends, each behind ``Shard.search(queries, k) -> (scores, item_ids)``:
 
-- ``faiss-cpu``: the shard's Faiss index as built (IVF ``nprobe`` and HNSW ``efSearch`` set at load).
+- ``faiss-cpu``: the shard's Faiss index as built (IVF ``nprobe`` and HNSW ``efSearch`` set at load); an IVF
+  search at least as deep as its probed lists hold ranks all they hold, score then item id (``_FaissSearcher``).
 - ``faiss-gpu``: the same index copied to GPU 0; needs a faiss build with GPU support.
 - ``torch``: exact inner-product search, matmul + top-k, on CUDA when a GPU is visible (else CPU).
   It reads the shard's float vectors back from Faiss, so it takes shards that store them uncompressed
@@ -164,7 +165,8 @@ class _FaissSearcher:
     (as ``top_order`` ranks), from one ``range_search``: Faiss's ``search`` keeps a heap of k entries per query and
     pushes every scanned vector into it, which is what a filtered request's depth costs. On the ``large`` preset's
     shards (250k items, ``IVF1024,Flat``, nprobe 16, ~3,900 vectors probed) the 4 shards' search at depth 9,600 took
-    p50 3.9 against 6.2 ms; the hits are the same, ties in id order (``docs/serving.md``, "Deep searches")."""
+    p50 3.8 against 5.6 ms; the hits are the same, ties in id order (``benchmarks/deep_search.py``;
+    ``docs/serving.md``, "Deep searches")."""
 
     def __init__(self, index: faiss.Index, resources: object = None) -> None:
         self.index = index
