@@ -271,13 +271,17 @@ def test_lookup_rows_finds_every_id_and_refuses_others_either_way(tmp_path: Path
 
 
 @settings(max_examples=300, deadline=None)
-@given(data=st.data(), rows=st.integers(1, 4), cols=st.integers(1, 40), k=st.integers(1, 50))
-def test_top_order_is_score_then_id_with_pads_last(data: st.DataObject, rows: int, cols: int, k: int) -> None:
-    """Against the plain lexsort of both keys, on scores with many ties, -inf and pads."""
-    scores = np.array(data.draw(st.lists(st.sampled_from([0.5, 0.25, -1.0, 3.0, -np.inf]),
+@given(data=st.data(), rows=st.integers(1, 4), cols=st.integers(1, 40), k=st.integers(1, 50), big=st.booleans())
+def test_top_order_is_score_then_id_with_pads_last(data: st.DataObject, rows: int, cols: int, k: int,
+                                                   big: bool) -> None:
+    """Against the plain lexsort of both keys, on scores with many ties, -0.0, -inf and pads; ids below 2^32 (one
+    key per hit) and above (runs of ties sorted)."""
+    scores = np.array(data.draw(st.lists(st.sampled_from([0.5, 0.25, -1.0, 3.0, 0.0, -0.0, -1e-30, -np.inf]),
                                          min_size=rows * cols, max_size=rows * cols)), np.float32).reshape(rows, cols)
     ids = np.array(data.draw(st.lists(st.integers(-1, 30), min_size=rows * cols, max_size=rows * cols)),
                    np.int64).reshape(rows, cols)
+    if big:
+        ids = np.where(ids < 0, ids, ids + 2**32 - 20)  # some ids below 2^32 - 1, some above
     want = np.lexsort((np.where(ids < 0, np.iinfo(np.int64).max, ids), -scores), axis=1)[:, :k]
     got = top_order(scores, ids, k)
     np.testing.assert_array_equal(np.take_along_axis(scores, got, 1), np.take_along_axis(scores, want, 1))
