@@ -166,7 +166,7 @@ class _FaissSearcher:
     (as ``top_order`` ranks), from one ``range_search``: Faiss's ``search`` keeps a heap of k entries per query and
     pushes every scanned vector into it, which is what a filtered request's depth costs. On the ``large`` preset's
     shards (250k items, ``IVF1024,Flat``, nprobe 16, ~3,900 vectors probed) the 4 shards' search at depth 9,600 took
-    p50 3.8 against 5.6 ms; the hits are the same, ties in id order (``benchmarks/deep_search.py``;
+    p50 3.6 against 6.7 ms; the hits are the same, ties in id order (``benchmarks/deep_search.py``;
     ``docs/serving.md``, "Deep searches")."""
 
     def __init__(self, index: faiss.Index, resources: object = None) -> None:

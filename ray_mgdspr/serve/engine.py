@@ -123,8 +123,8 @@ def verify_release(index_root: str | Path, version: str, check_files: bool = Tru
 
 # ShardSearcher's passing prefix is checked in chunks: the first of PREFIX_FIRST x need hits, each next one
 # PREFIX_GROWTH x larger. Each chunk costs a fixed ~0.1 ms of Python, and the verdicts over a few thousand hits
-# about as much: x8 (at most 3 chunks to a depth of 9,600 for need 50) took a 1M-item version's 4 shards p50 2.8 /
-# p99 8.2 ms against 3.4 / 12.7 for x2 (``benchmarks/deep_search.py``; ``docs/serving.md``, "Deep searches").
+# about as much: x8 (at most 3 chunks to a depth of 9,600 for need 50) took a 1M-item version's 4 shards p50 2.6 /
+# p99 7.5 ms against 3.5 / 15.0 for x2 (``benchmarks/deep_search.py``; ``docs/serving.md``, "Deep searches").
 PREFIX_FIRST, PREFIX_GROWTH = 2, 8
 
 
