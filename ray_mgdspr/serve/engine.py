@@ -206,26 +206,15 @@ class QueryEncoder:
             log.warning("the query tower could not be traced; it runs as a module", exc_info=True)
             return self.model.query_tower
 
-    def terms(self, queries: list[str]) -> list[tuple[list[str], tuple[KeyTerm, ...]]]:
-        """Each query's words and key terms: what the relevance filter and the lexical channel need, known before
-        the query tower runs (``Retriever.answer_batch`` starts the early fallback with them)."""
-        words = [self.tokenizer.words(q) for q in queries]
-        return [(w, self.relevance.key_terms(w)) for w in words]
-
-    def encode(self, queries: list[str], user_ids: list[int | None], ts: list[int],
-               terms: list[tuple[list[str], tuple[KeyTerm, ...]]] | None = None) -> list[Encoded]:
-        """Encode a batch; a missing or unknown user gets empty histories (zero attention, spec §2).
-
-        Args:
-            terms: ``terms(queries)``, when the caller has it already.
-        """
+    def encode(self, queries: list[str], user_ids: list[int | None], ts: list[int]) -> list[Encoded]:
+        """Encode a batch; a missing or unknown user gets empty histories (zero attention, spec §2)."""
         import torch
 
         users = [-1 if u is None else int(u) for u in user_ids]
         with torch.inference_mode():
             h_qu = self.tower(self._features(queries, users, ts)).numpy()  # (B, d)
-        terms = self.terms(queries) if terms is None else terms
-        return [Encoded(h_qu[i], *terms[i]) for i in range(len(queries))]
+        words = [self.tokenizer.words(q) for q in queries]
+        return [Encoded(h_qu[i], words[i], self.relevance.key_terms(words[i])) for i in range(len(queries))]
 
 
 class ShardSearcher:
@@ -864,18 +853,16 @@ class Retriever:
             and ``search`` are the batch's; ``total`` runs from the batch's start to the request's answer.
         """
         t0 = time.perf_counter()
-        queries = [r.query for r, _ in requests]
-        terms = self.encoder.terms(queries)
-        early: dict[int, Future[Hits | None]] = {}  # requests whose fallback starts beside the query tower
-        for i, ((req, k), (words, key_terms)) in enumerate(zip(requests, terms, strict=True)):
-            limit = early_fallback_limit(k, req.filter, req.channels, self.cfg.fallback, key_terms,
+        encoded = self.encoder.encode([r.query for r, _ in requests], [r.user_id for r, _ in requests],
+                                      [request_ts(r.ts) for r, _ in requests])
+        encode_s = time.perf_counter() - t0
+        early: dict[int, Future[Hits | None]] = {}  # requests whose fallback starts beside the batch's search
+        for i, ((req, k), enc) in enumerate(zip(requests, encoded, strict=True)):
+            limit = early_fallback_limit(k, req.filter, req.channels, self.cfg.fallback, enc.terms,
                                          self.cfg.early_fallback)
             if limit is not None:
                 fetch = fetch_size(k, req.filter, self.cfg.filter_fetch, self.cfg.max_fetch)
-                early[i] = self.stages.start_early_fallback(words, fetch, key_terms, limit)
-        encoded = self.encoder.encode(queries, [r.user_id for r, _ in requests],
-                                      [request_ts(r.ts) for r, _ in requests], terms)
-        encode_s = time.perf_counter() - t0
+                early[i] = self.stages.start_early_fallback(enc.words, fetch, enc.terms, limit)
         searched = [i for i, (r, _) in enumerate(requests) if "embedding" in r.channels]
         hits: dict[int, list[Hits]] = {}
         search_s = 0.0
