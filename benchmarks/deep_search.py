@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
 import sys
@@ -33,6 +32,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
+import record
 from bench_serve import held_out_requests  # the same held-out search bodies the endpoint benchmarks send
 
 RESULTS = Path(__file__).parent / "results"
@@ -128,11 +128,7 @@ def main() -> None:
         "verdict_ms": {str(g): summary(v) for g, v in verdict_ms.items()}, "same_pages": same_pages,
         "load_start": load_start, "load_end": os.getloadavg()[0],
     }
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / f"{args.name}.json").write_text(json.dumps(result, indent=2))
-    text = report(result)
-    (args.results / f"{args.name}.md").write_text(text)
-    print(text)
+    record.save(args.name, result, report(result), args.results)
 
 
 def report(r: dict[str, Any]) -> str:

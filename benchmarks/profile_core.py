@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import datetime as dt
-import json
 import os
 import platform
 import pstats
@@ -199,11 +198,7 @@ def main() -> None:
         "ab": ab, "ab_settings": b_settings or None,
         "load_start": load_start, "load_end": os.getloadavg()[0],
     }
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / f"core-{args.name}.json").write_text(json.dumps(result, indent=2))
-    text = report(result)
-    (args.results / f"core-{args.name}.md").write_text(text)
-    print(text)
+    record.save(f"core-{args.name}", result, report(result), args.results)
 
 
 if __name__ == "__main__":

@@ -27,11 +27,12 @@ def header(title: str, r: dict) -> list[str]:
             f"{r['load_avg'][1]:.1f}.", ""]
 
 
-def save(name: str, result: dict, markdown: str) -> None:
-    """``result`` as ``<name>.json`` and ``markdown`` as ``<name>.md`` under ``benchmarks/results/``; prints it."""
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / f"{name}.md").write_text(markdown)
+def save(name: str, result: dict, markdown: str, results: Path = RESULTS) -> None:
+    """``result`` as ``<name>.json`` and ``markdown`` as ``<name>.md`` under ``results`` (default
+    ``benchmarks/results/``); prints it."""
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (results / f"{name}.md").write_text(markdown)
     print(markdown)
 
 
