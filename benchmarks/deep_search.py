@@ -35,8 +35,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 import record
 from bench_serve import held_out_requests  # the same held-out search bodies the endpoint benchmarks send
 
-RESULTS = Path(__file__).parent / "results"
-
 
 def summary(ms: list[float]) -> dict[str, float]:
     return {"p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)), "mean": float(np.mean(ms))}
@@ -65,7 +63,7 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=400)
     ap.add_argument("--k", type=int, default=50)
     ap.add_argument("--name", default="deep-search")
-    ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--results", type=Path, default=record.RESULTS)
     args = ap.parse_args()
 
     from ray_mgdspr.config import load_config
