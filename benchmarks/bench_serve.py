@@ -82,7 +82,7 @@ import psutil
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from ray_mgdspr.config import RayConfig
+from ray_mgdspr.config import RayConfig, ServeConfig
 from ray_mgdspr.runtime import free_port, serve_environment
 
 RESULTS = Path(__file__).parent / "results"
@@ -316,13 +316,11 @@ def monolith_main(spec: dict[str, Any]) -> None:
 
 
 def _default_batch_wait_ms() -> float:
-    from ray_mgdspr.config import ServeConfig
-
     return ServeConfig().batch_wait_ms
 
 
 SERVE_EXTRA: dict[str, Any] = {}
-"""Settings both systems run with beyond the defaults (``--eager-tower``: ``trace_query_tower`` false)."""
+"""Settings both systems run with beyond the defaults (``--tower``: ``serve.query_tower``)."""
 
 
 def serve_overrides(setup: Setup) -> dict[str, Any]:
@@ -942,7 +940,7 @@ def report(result: dict[str, Any], png: str) -> str:
            "defaults (0.25 CPU per replica; ingress, encoder and a colocated version autoscale 1-2 replicas at 4 "
            f"ongoing requests; max_ongoing_requests 64; batch size 32, wait "
            f"{result.get('batch_wait_ms', 2.0):g} ms), 1 faiss and 1 torch "
-           f"thread per replica, the query tower {result.get('query_tower', 'as a module')} (both systems); "
+           f"thread per replica, serve.query_tower {result.get('query_tower', 'module')} (both systems); "
            "each placement in `--placements` is started on the same Ray after the previous "
            "one is shut down, and measured against the monolith in its own ABBA rounds.",
            "- Monolith (baseline): FastAPI around `ray_mgdspr.serve.engine.Retriever` (the same QueryEncoder, "
@@ -1098,8 +1096,8 @@ def main() -> None:
                     "the last); default: %(default)s")
     ap.add_argument("--batch-wait-ms", type=float, default=None,
                     help="serve.batch_wait_ms of the Serve app (default: the shipped default)")
-    ap.add_argument("--eager-tower", action="store_true", help="both systems with serve.trace_query_tower false "
-                    "(the query tower as a module; default: a TorchScript graph)")
+    ap.add_argument("--tower", choices=["onnx", "torchscript", "module"], default=None,
+                    help="serve.query_tower of both systems (default: the shipped default, onnx)")
     ap.add_argument("--name", help="results go to results/NAME.{md,json,png} (default serve, or serve-quick)")
     ap.add_argument("--monolith", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -1112,8 +1110,8 @@ def main() -> None:
         ap.error(f"--placements: each of {', '.join(PLACEMENTS)}, optionally with {' and '.join(MODES)} "
                  f"(got {args.placements!r})")
     name = args.name or ("serve-quick" if args.quick else "serve")
-    if args.eager_tower:
-        SERVE_EXTRA["trace_query_tower"] = False
+    if args.tower:
+        SERVE_EXTRA["query_tower"] = args.tower
     batch_wait = {} if args.batch_wait_ms is None else {"batch_wait_ms": args.batch_wait_ms}
     png = f"{name}-p99.png"
     if args.rerender:
@@ -1211,7 +1209,7 @@ def main() -> None:
                   "d": setup.d, "items": setup.items, "shards": setup.shards, "requests": len(setup.requests)},
         "placements": by_placement, "scaling_placement": placements[-1], "scaling": scale,
         "batch_wait_ms": args.batch_wait_ms if args.batch_wait_ms is not None else _default_batch_wait_ms(),
-        "query_tower": "as a module" if args.eager_tower else "as a TorchScript graph",
+        "query_tower": args.tower or ServeConfig().query_tower,
         "size_for_shards": size_for_shards,
         "gpu_reference": gpu_reference(),
         "load_start": load_start, "load_end": load_end, "others_start": others_start,

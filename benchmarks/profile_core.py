@@ -158,8 +158,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--k", type=int, default=50)
     ap.add_argument("--profile", action="store_true", help="also run the requests under cProfile")
-    ap.add_argument("--eager-tower", action="store_true", help="serve.trace_query_tower false: the query tower as "
-                    "a module (the default traces it: docs/serving.md, 'The query tower')")
+    ap.add_argument("--tower", choices=["onnx", "torchscript", "module"], default=None,
+                    help="serve.query_tower (default: the configuration's; docs/serving.md, 'The query tower')")
     ap.add_argument("--ab", nargs="+", metavar="FIELD=VALUE", help="A/B in this process: the configuration "
                     "against the same with these serve fields changed (e.g. early_fallback=0)")
     ap.add_argument("--results", type=Path, default=RESULTS)
@@ -171,8 +171,8 @@ def main() -> None:
 
     project = load_config(args.config)
     cfg = project.serve.resolved(project)
-    if args.eager_tower:
-        cfg = cfg.model_copy(update={"trace_query_tower": False})
+    if args.tower:
+        cfg = cfg.model_copy(update={"query_tower": args.tower})
     load_start = os.getloadavg()[0]
     t = time.perf_counter()
     retriever = Retriever.open(cfg)
@@ -190,7 +190,7 @@ def main() -> None:
         "config": str(args.config), "version": retriever.release.version,
         "items": sum(s.rows for s in retriever.shards),
         "shards": len(retriever.shards), "factory": retriever.release.index.factory, "nprobe": cfg.nprobe,
-        "d": retriever.release.bundle.model.d, "tower": "module" if args.eager_tower else "TorchScript",
+        "d": retriever.release.bundle.model.d, "tower": retriever.encoder.tower_kind,
         "threads": f"{cfg.faiss_threads} / {cfg.torch_threads}",
         "k": args.k, "queries": len(latencies), "warmup": args.warmup, "open_s": open_s,
         "stages": stage_table(latencies, stages),

@@ -109,8 +109,8 @@ def test_featurizer_memory_counts_a_mapped_files_pages(tmp_path: Path) -> None:
 def test_serve_settings_of_the_command_line_are_checked_against_the_serve_section() -> None:
     """``--ab`` (profile_core) and ``--serve-set`` (bench_scale): FIELD=VALUE pairs, values as YAML, refused with
     the field named when the serve section has no such field or the value does not fit it."""
-    assert record.serve_settings(["early_fallback=0", "fallback=none", "trace_query_tower=false"]) == \
-        {"early_fallback": 0, "fallback": "none", "trace_query_tower": False}
+    assert record.serve_settings(["early_fallback=0", "fallback=none", "query_tower=module"]) == \
+        {"early_fallback": 0, "fallback": "none", "query_tower": "module"}
     assert record.serve_settings(None) == {} and record.settings_label({"early_fallback": 0}) == "early_fallback=0"
     for bad, named in (("early_falback=0", "early_falback"), ("early_fallback=-1", "early_fallback"),
                        ("early_fallback", "FIELD=VALUE")):

@@ -66,9 +66,9 @@ def safe_padding_mask(mask: torch.Tensor) -> torch.Tensor:
     A row with no valid position would give NaN; its first position is unmasked instead. Callers mask
     such rows' outputs downstream (they are padding), so the value there does not matter.
     """
-    pad = ~mask
-    pad[:, 0] &= mask.any(-1)
-    return pad
+    pad = ~mask  # (B, T)
+    # out of place (no `pad[:, 0] &= ...`): the ONNX exporter has no form for in-place logical ops
+    return torch.cat([pad[:, :1] & mask.any(-1, keepdim=True), pad[:, 1:]], dim=1)
 
 
 def transformer_layer(d: int, heads: int, dropout: float) -> nn.TransformerEncoderLayer:

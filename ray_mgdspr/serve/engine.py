@@ -161,13 +161,14 @@ class QueryEncoder:
         world: the world whose items table gives behaviours' side information and the key terms.
         store: the behaviour store.
         threads: torch intra-op threads.
-        trace: run the query tower as a TorchScript graph (``model/trace.py``; ``serve.trace_query_tower``).
-            A graph that cannot be made, or that disagrees with the module, is logged and the module runs.
+        tower: how the query tower runs (``serve.query_tower``, ``model/trace.py``): ``onnx`` (ONNX Runtime),
+            ``torchscript`` or ``module``. A graph that cannot be made, or that disagrees with the module, is
+            logged and the next of those runs.
     """
 
     @collector_paused()  # loading: no full collections over a growing heap (serve/collector.py)
     def __init__(self, bundle: str | Path, world: str | Path, store: Store, threads: int = 1,
-                 trace: bool = False) -> None:
+                 tower: str = "module") -> None:
         # torch is imported by the encoder, not by this module: the processes that import engine only to route
         # requests (the ingress, the version manager) then never load it (~1.3 s and ~180 MiB each)
         import torch
@@ -181,9 +182,7 @@ class QueryEncoder:
         self.tokenizer = vocab.tokenizer()
         self.relevance = RelevanceFilter.from_world(world, load_items=False)
         self.store = store
-        self.tower: Callable[[dict[str, torch.Tensor]], torch.Tensor] = self.model.query_tower
-        if trace:
-            self.tower = self._traced()
+        self.tower_kind, self.tower = self._compiled(tower, threads)
 
     def _features(self, queries: list[str], users: list[int], ts: list[int]) -> dict[str, torch.Tensor]:
         from ray_mgdspr.model.layers import as_tensors
@@ -192,19 +191,26 @@ class QueryEncoder:
         return as_tensors(self.featurizer.with_history(behaviours, past)({"user_id": users, "ts": ts,
                                                                           "query": queries}))
 
-    def _traced(self) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
-        """The query tower as a TorchScript graph, traced on one request and checked on a batch of three
-        (an unknown user: empty histories; the unit tests check batches with histories); the module where
-        that fails."""
-        from ray_mgdspr.model.trace import trace_tower
+    def _compiled(self, kind: str, threads: int) -> tuple[str, Callable[[dict[str, torch.Tensor]], torch.Tensor]]:
+        """The query tower as ``kind`` asks (``onnx``, ``torchscript``, ``module``) and what it is: made on one
+        request and checked on a batch of three (an unknown user: empty histories; the unit tests check batches
+        with histories). A graph that cannot be made or disagrees is logged and the next kind is made."""
+        from ray_mgdspr.model.trace import onnx_tower, trace_tower
 
-        try:
-            example = self._features(["red dress"], [-1], [0])
-            check = self._features(["a", "blue running shoes for men", "dress"], [-1, -1, -1], [0, 0, 0])
-            return trace_tower(self.model.query_tower, example, [check])
-        except Exception:
-            log.warning("the query tower could not be traced; it runs as a module", exc_info=True)
-            return self.model.query_tower
+        kinds = ("onnx", "torchscript", "module")
+        if kind not in kinds:
+            raise ValueError(f"serve.query_tower {kind!r}: one of {', '.join(kinds)}")
+        makers = {"onnx": lambda ex, ch: onnx_tower(self.model.query_tower, ex, ch, threads=threads),
+                  "torchscript": lambda ex, ch: trace_tower(self.model.query_tower, ex, ch)}
+        for this in kinds[kinds.index(kind):-1]:
+            try:
+                example = self._features(["red dress"], [-1], [0])
+                check = self._features(["a", "blue running shoes for men", "dress"], [-1, -1, -1], [0, 0, 0])
+                return this, makers[this](example, [check])
+            except Exception:
+                log.warning("the query tower could not be made a graph of kind %s; trying the next of %s", this, kinds,
+                            exc_info=True)
+        return "module", self.model.query_tower
 
     def encode(self, queries: list[str], user_ids: list[int | None], ts: list[int]) -> list[Encoded]:
         """Encode a batch; a missing or unknown user gets empty histories (zero attention, spec §2)."""
@@ -799,7 +805,7 @@ class Retriever:
         self.release, self._cfg = release, cfg
         store = open_store(cfg.store, release.bundle.features) if store is None else store
         self.encoder = QueryEncoder(release.bundle_path, cfg.world, store, threads=cfg.torch_threads,
-                                    trace=cfg.trace_query_tower)
+                                    tower=cfg.query_tower)
         self.shards = [ShardSearcher(release.index_path, s, cfg.backend, nprobe=cfg.nprobe,
                                      ef_search=cfg.ef_search, faiss_threads=cfg.faiss_threads,
                                      verdict_cache_mb=cfg.verdict_cache_mb)

@@ -105,7 +105,7 @@ class QueryEncoderDeployment:
         cfg = ResolvedServeConfig.model_validate(settings)
         release = verify_release(cfg.index_root, version, check_files=False)  # load_bundle checks its files
         self.core = QueryEncoder(release.bundle_path, cfg.world, open_store(cfg.store, release.bundle.features),
-                                 threads=cfg.torch_threads, trace=cfg.trace_query_tower)
+                                 threads=cfg.torch_threads, tower=cfg.query_tower)
         self._encode = _batched(self._encode_now, cfg, BatchSizes("encoder"))
 
     async def encode(self, request: tuple[str, int | None, int]) -> Encoded:

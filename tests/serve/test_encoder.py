@@ -1,0 +1,64 @@
+"""``engine.QueryEncoder``: the query tower runs as ``serve.query_tower`` asks (ONNX Runtime by default), gives the
+module's H_qu on real requests with histories, and falls back to the next kind when a graph cannot be made
+(synthetic world_en; Ray-free)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import pytest
+
+import ray_mgdspr.model.trace as trace
+from ray_mgdspr.config import ProjectConfig, ServeConfig
+from ray_mgdspr.data.world import read_table
+from ray_mgdspr.serve.engine import QueryEncoder, verify_release
+from ray_mgdspr.serve.store import SqliteStore
+
+
+def encoder(deployment: Any, tower: str) -> QueryEncoder:
+    release = verify_release(deployment.index_root, "v1")
+    return QueryEncoder(release.bundle_path, deployment.world, SqliteStore(deployment.store, deployment.features),
+                        tower=tower)
+
+
+def test_every_kind_of_tower_encodes_the_module_s_h_qu(deployment: Any) -> None:
+    searches = read_table(deployment.world, "search_events", days=[1], columns=["user_id", "ts", "query_words"])
+    n = 40
+    queries = [" ".join(w) or "dress" for w in searches["query_words"].to_pylist()[:n]]
+    users, ts = searches["user_id"].to_pylist()[:n], searches["ts"].to_numpy()[:n].astype("int64").tolist()
+    users[::7] = [None] * len(users[::7])  # some anonymous requests: empty histories
+    encoders = {kind: encoder(deployment, kind) for kind in ("onnx", "torchscript", "module")}
+    assert {kind: e.tower_kind for kind, e in encoders.items()} == \
+        {"onnx": "onnx", "torchscript": "torchscript", "module": "module"}
+    module = encoders["module"]
+    behaviours, _ = module.store.histories(*zip(*[(u, t) for u, t in zip(users, ts, strict=True) if u is not None],
+                                                strict=True))
+    assert behaviours.num_rows > 0  # the requests have histories for the tower to read
+    want = np.stack([e.embedding for e in module.encode(queries, users, ts)])
+    for kind in ("onnx", "torchscript"):
+        batch = np.stack([e.embedding for e in encoders[kind].encode(queries, users, ts)])
+        one_by_one = np.stack([encoders[kind].encode([q], [u], [t])[0].embedding
+                               for q, u, t in zip(queries, users, ts, strict=True)])
+        np.testing.assert_allclose(batch, want, atol=1e-5, err_msg=kind)
+        np.testing.assert_allclose(one_by_one, want, atol=1e-5, err_msg=kind)
+
+
+def test_a_tower_that_cannot_be_exported_runs_as_the_next_kind(deployment: Any, monkeypatch: pytest.MonkeyPatch,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("no ONNX form for this op")
+
+    monkeypatch.setattr(trace, "onnx_tower", broken)
+    with caplog.at_level(logging.WARNING, logger="ray_mgdspr.serve.engine"):
+        assert encoder(deployment, "onnx").tower_kind == "torchscript"
+    assert "could not be made a graph of kind onnx" in caplog.text and "no ONNX form for this op" in caplog.text
+    monkeypatch.setattr(trace, "trace_tower", broken)
+    assert encoder(deployment, "onnx").tower_kind == "module"
+
+
+def test_the_old_trace_setting_names_its_replacement() -> None:
+    with pytest.raises(ValueError, match=r"serve\.query_tower: onnx \(the default\), torchscript \(what true meant\)"):
+        ServeConfig(trace_query_tower=False)
+    assert ServeConfig().resolved(ProjectConfig()).query_tower == "onnx"
