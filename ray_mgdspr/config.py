@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import re
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -643,9 +644,16 @@ class ServeConfig(StrictModel):
     @model_validator(mode="before")
     @classmethod
     def _replaced(cls, data: Any) -> Any:
+        """``trace_query_tower`` (until 2026-12, and in every config a run wrote out) is read as ``query_tower``:
+        false as ``module``, true (a compiled graph, the old default) as the new default, with a warning."""
         if isinstance(data, dict) and "trace_query_tower" in data:
-            raise ValueError("serve.trace_query_tower was replaced by serve.query_tower: onnx (the default), "
-                             "torchscript (what true meant) or module (what false meant)")
+            data = dict(data)
+            traced = data.pop("trace_query_tower")
+            if traced is False and "query_tower" not in data:
+                data["query_tower"] = "module"
+            warnings.warn(f"serve.trace_query_tower ({traced}) is replaced by serve.query_tower: read as "
+                          f"query_tower {data.get('query_tower', 'onnx')!r}; set that instead (onnx, torchscript "
+                          "or module)", FutureWarning, stacklevel=2)
         return data
 
     @model_validator(mode="after")

@@ -58,7 +58,15 @@ def test_a_tower_that_cannot_be_exported_runs_as_the_next_kind(deployment: Any, 
     assert encoder(deployment, "onnx").tower_kind == "module"
 
 
-def test_the_old_trace_setting_names_its_replacement() -> None:
-    with pytest.raises(ValueError, match=r"serve\.query_tower: onnx \(the default\), torchscript \(what true meant\)"):
-        ServeConfig(trace_query_tower=False)
+def test_the_old_trace_setting_is_read_as_query_tower_with_a_warning() -> None:
+    """Configs written before serve.query_tower (every run's config.yaml holds the whole serve section) still load:
+    false is the module, true (a compiled graph, the old default) the new default."""
+    with pytest.warns(FutureWarning, match=r"serve\.trace_query_tower \(False\) is replaced by serve\.query_tower: "
+                      r"read as query_tower 'module'"):
+        assert ServeConfig(trace_query_tower=False).query_tower == "module"
+    with pytest.warns(FutureWarning, match=r"read as query_tower 'onnx'"):
+        assert ServeConfig.model_validate({"trace_query_tower": True}).query_tower == "onnx"
+    with pytest.warns(FutureWarning):
+        assert ServeConfig(trace_query_tower=False, query_tower="torchscript").query_tower == "torchscript"
     assert ServeConfig().resolved(ProjectConfig()).query_tower == "onnx"
+    assert "trace_query_tower" not in ServeConfig().model_dump()
