@@ -24,6 +24,8 @@ With ``--ab FIELD=VALUE ...`` it is an A/B of serve settings in this one process
 by the configuration as loaded (A) and with those fields changed (B), in ABBA order, the lexical channel's kept
 BM25 results dropped before each answer (so neither side reuses the other's); per side the latency, the stages,
 the process CPU per request (every thread's, the early-fallback thread's included) and whether the pages match.
+A field read when a version is opened (``Retriever.LOADED_WITH``: ``query_tower``, ``torch_threads``, ``nprobe``,
+...) makes B open the version a second time in this process, with B's settings.
 
 Results: ``benchmarks/results/core-<name>.{md,json}``.
 """
@@ -70,10 +72,9 @@ def measure(retriever: Any, requests: list[Any]) -> tuple[list[float], dict[str,
     return latencies, stages
 
 
-def measure_ab(retriever: Any, requests: list[Any], b_cfg: Any) -> dict[str, Any]:
-    """A (the loaded configuration) against B (``b_cfg``), request by request in ABBA order: latency, stages,
-    process CPU per request and identical pages."""
-    sides = {"A": retriever.cfg, "B": b_cfg}
+def measure_ab(sides: dict[str, Any], requests: list[Any]) -> dict[str, Any]:
+    """A against B (``sides``: a ``Retriever`` each, or one of the same version with B's request-time settings),
+    request by request in ABBA order: latency, stages, process CPU per request and identical pages."""
     latencies: dict[str, list[float]] = {"A": [], "B": []}
     stages: dict[str, dict[str, list[float]]] = {"A": {}, "B": {}}
     cpu: dict[str, list[float]] = {"A": [], "B": []}
@@ -81,7 +82,8 @@ def measure_ab(retriever: Any, requests: list[Any], b_cfg: Any) -> dict[str, Any
     for i, req in enumerate(requests):
         pages = {}
         for side in ("A", "B") if i % 2 == 0 else ("B", "A"):
-            retriever.cfg = sides[side]
+            retriever, cfg = sides[side]
+            retriever.cfg = cfg
             retriever.lexical._top.cache_clear()
             c, t = time.process_time(), time.perf_counter()
             body = retriever.request(req)
@@ -92,9 +94,19 @@ def measure_ab(retriever: Any, requests: list[Any], b_cfg: Any) -> dict[str, Any
                 stages[side].setdefault(stage, []).append(ms)
             pages[side] = [(d["item_id"], d["channels"]) for d in body["data"]]
         same += pages["A"] == pages["B"]
-    retriever.cfg = sides["A"]
+    retriever, cfg = sides["A"]
+    retriever.cfg = cfg
     return {side: {"stages": stage_table(latencies[side], stages[side]), "cpu_ms": float(np.mean(cpu[side]))}
             for side in ("A", "B")} | {"same_pages": same}
+
+
+def ab_sides(retriever: Any, b_settings: dict[str, Any]) -> dict[str, Any]:
+    """(retriever, config) of A and B: B shares A's ``Retriever`` unless a setting changes what a version is opened
+    with (``Retriever.LOADED_WITH``: the query tower, threads, nprobe, ...); then B opens its own."""
+    a_cfg = retriever.cfg
+    b_cfg = a_cfg.model_copy(update=b_settings)
+    b = type(retriever).open(b_cfg, retriever.release.version) if set(b_settings) & retriever.LOADED_WITH else retriever
+    return {"A": (retriever, a_cfg), "B": (b, b_cfg)}
 
 
 def profile(retriever: Any, requests: list[Any]) -> list[dict[str, Any]]:
@@ -130,6 +142,8 @@ def report(result: dict[str, Any]) -> str:
     if result.get("ab"):
         ab = result["ab"]
         lines += ["", f"## A/B: B is the same configuration with {result['ab_settings']}", "",
+                  ("B opened the version again with its settings (read at open). " if result.get("ab_reopened")
+                   else "") +
                   f"Each request answered by both, in ABBA order, in this process; the same pages for "
                   f"{ab['same_pages']} of {result['queries']} requests. Process CPU per request (all threads): "
                   f"A {ab['A']['cpu_ms']:.2f} ms, B {ab['B']['cpu_ms']:.2f} ms.", "",
@@ -181,7 +195,8 @@ def main() -> None:
     requests = [RetrieveRequest(**b) for b in bodies]
     measure(retriever, requests[:args.warmup])
     b_settings = record.serve_settings(args.ab)
-    ab = measure_ab(retriever, requests[args.warmup:], cfg.model_copy(update=b_settings)) if args.ab else None
+    sides = ab_sides(retriever, b_settings) if args.ab else None
+    ab = measure_ab(sides, requests[args.warmup:]) if sides else None
     latencies, stages = measure(retriever, requests[args.warmup:])
     result = {
         "name": args.name, "date": dt.date.today().isoformat(), "data": "SYNTHETIC",
@@ -196,6 +211,7 @@ def main() -> None:
         "stages": stage_table(latencies, stages),
         "profile": profile(retriever, requests[args.warmup:]) if args.profile else None,
         "ab": ab, "ab_settings": b_settings or None,
+        "ab_reopened": bool(sides) and sides["B"][0] is not retriever,
         "load_start": load_start, "load_end": os.getloadavg()[0],
     }
     record.save(f"core-{args.name}", result, report(result), args.results)

@@ -813,14 +813,23 @@ class Retriever:
         self.lexical = LexicalChannel(release.index_path, cfg.verdict_cache_mb)
         self.stages = LocalStages(self.encoder, self.shards, self.lexical, cfg.search_threads)
 
+    LOADED_WITH = frozenset({"index_root", "version", "world", "store", "backend", "nprobe", "ef_search",
+                             "faiss_threads", "torch_threads", "query_tower", "verdict_cache_mb"})
+    """Serve settings read when the version is opened (the encoder, the shards, the lexical channel)."""
+
     @property
     def cfg(self) -> ResolvedServeConfig:
         """The serve section this version answers with. Settable between requests (an A/B of serve settings in one
-        process, ``benchmarks/profile_core.py``); what the shards and the encoder loaded with stays as opened."""
+        process, ``benchmarks/profile_core.py``), except the settings in ``LOADED_WITH``: changing one raises
+        (they take effect only in a ``Retriever.open``)."""
         return self._cfg
 
     @cfg.setter
     def cfg(self, cfg: ResolvedServeConfig) -> None:
+        changed = sorted(f for f in self.LOADED_WITH if getattr(cfg, f) != getattr(self._cfg, f))
+        if changed:
+            raise ValueError(f"serve {', '.join(changed)}: read when a version is opened, not between requests; "
+                             "open another Retriever with them")
         self._cfg = cfg
         self.stages.search_threads = cfg.search_threads
 

@@ -13,7 +13,7 @@ import pytest
 import ray_mgdspr.model.trace as trace
 from ray_mgdspr.config import ProjectConfig, ServeConfig
 from ray_mgdspr.data.world import read_table
-from ray_mgdspr.serve.engine import QueryEncoder, verify_release
+from ray_mgdspr.serve.engine import QueryEncoder, Retriever, verify_release
 from ray_mgdspr.serve.store import SqliteStore
 
 
@@ -70,3 +70,17 @@ def test_the_old_trace_setting_is_read_as_query_tower_with_a_warning() -> None:
         assert ServeConfig(trace_query_tower=False, query_tower="torchscript").query_tower == "torchscript"
     assert ServeConfig().resolved(ProjectConfig()).query_tower == "onnx"
     assert "trace_query_tower" not in ServeConfig().model_dump()
+
+
+def test_a_setting_read_at_open_cannot_be_changed_between_requests(deployment: Any) -> None:
+    """``Retriever.cfg`` is settable for request-time settings (an A/B in one process) but refuses the ones its
+    encoder and shards were opened with, which would otherwise be silently ignored."""
+    cfg = ServeConfig(index_root=str(deployment.index_root), world=str(deployment.world),
+                      store=str(deployment.store)).resolved(ProjectConfig())
+    retriever = Retriever.open(cfg, "v1", SqliteStore(deployment.store, deployment.features))
+    retriever.cfg = cfg.model_copy(update={"early_fallback": 0.0, "search_threads": 2})
+    assert retriever.cfg.early_fallback == 0.0 and retriever.stages.search_threads == 2
+    for field, value in (("query_tower", "module"), ("nprobe", 3), ("torch_threads", 2)):
+        with pytest.raises(ValueError, match=rf"serve {field}: read when a version is opened"):
+            retriever.cfg = cfg.model_copy(update={field: value})
+    assert retriever.cfg.early_fallback == 0.0
