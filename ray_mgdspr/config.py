@@ -554,8 +554,8 @@ class ServeConfig(StrictModel):
     query_tower: Literal["onnx", "torchscript", "module"] = Field(
         "onnx", description="how the query tower runs, made at load and checked against the module (a graph that "
         "cannot be made or disagrees is logged and the next one runs): onnx, exported and run by ONNX Runtime "
-        "(a one-request batch of the large preset's tower in 3.7-4.6 ms against 6.2-7.8 for torchscript on a slow "
-        "day of 2 cores); torchscript, traced, frozen and optimised; module, the eager module "
+        "(a one-request batch of the large preset's tower in 5.5 ms p50 against 6.8 for torchscript and 10.8 for "
+        "the module on a slow day of 2 cores); torchscript, traced, frozen and optimised; module, the eager module "
         "(docs/serving.md, 'The query tower')")
     default_k: int = Field(50, ge=1)
     max_k: int = Field(1000, ge=1, description="largest k a request may ask for")

@@ -4,9 +4,9 @@ A served request is a batch of one: the tower's ~150 small ops then cost more in
 Two graphs of the same module, each made at load and checked against it:
 
 - ``onnx_tower``: exported to ONNX (torch's TorchScript-based exporter) and run by ONNX Runtime, whose per-op cost
-  is lower than torch's. On the large preset (d 128), one-request batches: 3.7-4.6 ms against 6.2-7.8 traced on a
-  slow day of this 2-core box, and 2.9 against 5.4 ms per request in batches of 4 (``docs/serving.md``, "The query
-  tower").
+  is lower than torch's. On the large preset (d 128), p50 per request: 5.5 ms against 6.8 traced (10.8 eager) in
+  one-request batches on a slow day of this 2-core box, 3.4 against 5.1 in batches of 4
+  (``benchmarks/query_tower.py``; ``docs/serving.md``, "The query tower").
 - ``trace_tower``: traced, frozen and optimised for inference by TorchScript: 2.7 ms against 4.1 eager on a
   normal day. TorchScript is deprecated in torch 2.13 in favour of ``torch.compile``, which does not yet win here
   (69 s to compile, then 3.3 ms).
