@@ -24,8 +24,8 @@ With ``--ab FIELD=VALUE ...`` it is an A/B of serve settings in this one process
 by the configuration as loaded (A) and with those fields changed (B), in ABBA order, the lexical channel's kept
 BM25 results dropped before each answer (so neither side reuses the other's); per side the latency, the stages,
 the process CPU per request (every thread's, the early-fallback thread's included) and whether the pages match.
-A field read when a version is opened (``Retriever.LOADED_WITH``: ``query_tower``, ``torch_threads``, ``nprobe``,
-...) makes B open the version a second time in this process, with B's settings.
+A field the request path does not read per request (any but ``Retriever.ANSWERED_WITH``: ``query_tower``,
+``torch_threads``, ``nprobe``, ...) makes B open the version a second time in this process, with B's settings.
 
 Results: ``benchmarks/results/core-<name>.{md,json}``.
 """
@@ -101,11 +101,12 @@ def measure_ab(sides: dict[str, Any], requests: list[Any]) -> dict[str, Any]:
 
 
 def ab_sides(retriever: Any, b_settings: dict[str, Any]) -> dict[str, Any]:
-    """(retriever, config) of A and B: B shares A's ``Retriever`` unless a setting changes what a version is opened
-    with (``Retriever.LOADED_WITH``: the query tower, threads, nprobe, ...); then B opens its own."""
+    """(retriever, config) of A and B: B shares A's ``Retriever`` when it changes only settings read per request
+    (``Retriever.ANSWERED_WITH``); else (the query tower, threads, nprobe, ...) B opens its own."""
     a_cfg = retriever.cfg
     b_cfg = a_cfg.model_copy(update=b_settings)
-    b = type(retriever).open(b_cfg, retriever.release.version) if set(b_settings) & retriever.LOADED_WITH else retriever
+    shared = set(b_settings) <= retriever.ANSWERED_WITH
+    b = retriever if shared else type(retriever).open(b_cfg, retriever.release.version)
     return {"A": (retriever, a_cfg), "B": (b, b_cfg)}
 
 

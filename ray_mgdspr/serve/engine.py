@@ -813,20 +813,22 @@ class Retriever:
         self.lexical = LexicalChannel(release.index_path, cfg.verdict_cache_mb)
         self.stages = LocalStages(self.encoder, self.shards, self.lexical, cfg.search_threads)
 
-    LOADED_WITH = frozenset({"index_root", "version", "world", "store", "backend", "nprobe", "ef_search",
-                             "faiss_threads", "torch_threads", "query_tower", "verdict_cache_mb"})
-    """Serve settings read when the version is opened (the encoder, the shards, the lexical channel)."""
+    ANSWERED_WITH = frozenset({"default_k", "max_k", "max_query_chars", "filter_fetch", "max_fetch", "filter_depth",
+                               "fallback", "early_fallback", "search_threads"})
+    """The serve settings the request path reads per request. The others are read when the version is opened (the
+    encoder, the shards, the lexical channel: ``query_tower``, ``nprobe``, threads, ...) or not by a ``Retriever``."""
 
     @property
     def cfg(self) -> ResolvedServeConfig:
         """The serve section this version answers with. Settable between requests (an A/B of serve settings in one
-        process, ``benchmarks/profile_core.py``), except the settings in ``LOADED_WITH``: changing one raises
-        (they take effect only in a ``Retriever.open``)."""
+        process, ``benchmarks/profile_core.py``) for the settings in ``ANSWERED_WITH``; changing any other raises
+        (it would take effect only in a ``Retriever.open``, and would otherwise be silently ignored)."""
         return self._cfg
 
     @cfg.setter
     def cfg(self, cfg: ResolvedServeConfig) -> None:
-        changed = sorted(f for f in self.LOADED_WITH if getattr(cfg, f) != getattr(self._cfg, f))
+        changed = sorted(f for f in type(cfg).model_fields
+                         if f not in self.ANSWERED_WITH and getattr(cfg, f) != getattr(self._cfg, f))
         if changed:
             raise ValueError(f"serve {', '.join(changed)}: read when a version is opened, not between requests; "
                              "open another Retriever with them")

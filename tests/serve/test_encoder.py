@@ -78,9 +78,10 @@ def test_a_setting_read_at_open_cannot_be_changed_between_requests(deployment: A
     cfg = ServeConfig(index_root=str(deployment.index_root), world=str(deployment.world),
                       store=str(deployment.store)).resolved(ProjectConfig())
     retriever = Retriever.open(cfg, "v1", SqliteStore(deployment.store, deployment.features))
-    retriever.cfg = cfg.model_copy(update={"early_fallback": 0.0, "search_threads": 2})
+    retriever.cfg = cfg.model_copy(update={"early_fallback": 0.0, "search_threads": 2, "filter_depth": 100,
+                                           "fallback": "none"})
     assert retriever.cfg.early_fallback == 0.0 and retriever.stages.search_threads == 2
-    for field, value in (("query_tower", "module"), ("nprobe", 3), ("torch_threads", 2)):
+    for field, value in (("query_tower", "module"), ("nprobe", 3), ("torch_threads", 2), ("verdict_cache_mb", 1)):
         with pytest.raises(ValueError, match=rf"serve {field}: read when a version is opened"):
             retriever.cfg = cfg.model_copy(update={field: value})
     assert retriever.cfg.early_fallback == 0.0
