@@ -149,7 +149,7 @@ def onnx_tower(tower: nn.Module, example: Batch, checks: Sequence[Batch] = (), a
     options.log_severity_level = 3  # errors only: its notes on unused initializers and fusions are not ours
     with tempfile.TemporaryDirectory(prefix="query-tower-") as tmp, torch.no_grad(), _no_fastpath(), \
             warnings.catch_warnings(), _native_stderr_without(_EXPORT_NOTES):
-        # the exporter's deprecation of itself (torch.export does not take the packed LSTM) and its notes on
+        # the exporter's deprecation of itself (the torch.export-based one fails on this tower) and its notes on
         # traced Python values: the check against the module below is what guards the graph
         warnings.simplefilter("ignore")
         path = Path(tmp) / "query_tower.onnx"
